@@ -1,0 +1,95 @@
+"""Stage 2 of HCNR: restoration and OBS-style compensation of one matrix (DESIGN.md §2).
+
+Notation: `w_base` = W_o, `w_ft` = W_s (both `out × in`), `columns` = F (restored input
+columns), T = the other columns, `hessian` = H = (2/N) Σ x xᵀ over the matrix's inputs.
+All math runs in float32 or wider; callers cast the result back to the stored dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def complement(columns: torch.Tensor, n_in: int) -> torch.Tensor:
+    keep = torch.ones(n_in, dtype=torch.bool, device=columns.device)
+    keep[columns] = False
+    return torch.nonzero(keep).flatten()
+
+
+def damped_hessian(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Dead inputs (zero diagonal) get diagonal 1, then H += λ·mean(diag H)·I."""
+    h = hessian.clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0
+    diag += damping * diag.mean()
+    return h
+
+
+def restore(w_base: torch.Tensor, w_ft: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`compensation="none"`: W[:, F] = W_o[:, F], all other columns stay W_s."""
+    out = w_ft.clone()
+    out[:, columns] = w_base[:, columns].to(out.dtype)
+    return out
+
+
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(
+            "Hessian is not positive definite even after damping; increase damping"
+        )
+    return factor
+
+
+def compensate_paper(
+    w_base: torch.Tensor, w_ft: torch.Tensor, columns: torch.Tensor, hessian: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 9-10: W[:, F] = W_o[:, F] + Σ_{k∈T} (δ[:, k] / H⁻¹[k,k]) · H⁻¹[k, F]."""
+    compute = torch.promote_types(hessian.dtype, torch.float32)
+    w_base, w_ft = w_base.to(compute), w_ft.to(compute)
+    others = complement(columns, w_ft.shape[1])
+    h_inv = torch.cholesky_inverse(_cholesky(hessian.to(compute)))
+    delta_t = w_ft[:, others] - w_base[:, others]
+    scaled = delta_t / torch.diagonal(h_inv)[others]
+    out = w_ft.clone()
+    out[:, columns] = w_base[:, columns] + scaled @ h_inv[others][:, columns]
+    return out
+
+
+def compensate_exact(
+    w_base: torch.Tensor, w_ft: torch.Tensor, columns: torch.Tensor, hessian: torch.Tensor
+) -> torch.Tensor:
+    """Joint least squares of ‖(W − W_o) X‖² with W[:, T] = W_s[:, T] fixed:
+    W[:, F] = W_o[:, F] − δ[:, T] · H[T,F] · H[F,F]⁻¹ (Cholesky solve)."""
+    compute = torch.promote_types(hessian.dtype, torch.float32)
+    w_base, w_ft, h = w_base.to(compute), w_ft.to(compute), hessian.to(compute)
+    others = complement(columns, w_ft.shape[1])
+    delta_t = w_ft[:, others] - w_base[:, others]
+    h_ff = h[columns][:, columns]
+    h_ft = h[columns][:, others]
+    # H[F,F]⁻¹ H[F,T] δ_Tᵀ, transposed back: (out × |F|)
+    solved = torch.cholesky_solve(h_ft @ delta_t.T, _cholesky(h_ff))
+    out = w_ft.clone()
+    out[:, columns] = w_base[:, columns] - solved.T
+    return out
+
+
+def repair_matrix(
+    mode: str,
+    w_base: torch.Tensor,
+    w_ft: torch.Tensor,
+    columns: torch.Tensor,
+    hessian: torch.Tensor | None,
+    damping: float,
+) -> torch.Tensor:
+    """Restore `columns` and compensate per `mode` ("paper", "exact" or "none")."""
+    if mode == "none" or columns.numel() == 0:
+        return restore(w_base, w_ft, columns)
+    if hessian is None:
+        raise ValueError(f"compensation={mode!r} needs a Hessian")
+    h = damped_hessian(hessian, damping)
+    if mode == "paper":
+        return compensate_paper(w_base, w_ft, columns, h)
+    if mode == "exact":
+        return compensate_exact(w_base, w_ft, columns, h)
+    raise ValueError(f"unknown compensation mode {mode!r}")

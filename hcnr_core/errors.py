@@ -1,0 +1,52 @@
+"""Errors raised by hcnr_core. Each has a stable `code` that the service exposes."""
+
+from __future__ import annotations
+
+
+class HCNRError(Exception):
+    """Base class: a user-facing error with a stable machine-readable code."""
+
+    code = "hcnr_error"
+
+
+class DataValidationError(HCNRError):
+    """A JSONL file is invalid. `problems` holds (line number, message) pairs."""
+
+    code = "invalid_data"
+
+    def __init__(self, source: str, problems: list[tuple[int, str]]):
+        self.source = source
+        self.problems = problems
+        shown = "\n".join(
+            f"  line {line}: {msg}" if line else f"  {msg}" for line, msg in problems[:20]
+        )
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"{source}: invalid data\n{shown}{more}")
+
+
+class CheckpointError(HCNRError):
+    """A checkpoint is missing, malformed or unusable."""
+
+    code = "invalid_checkpoint"
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint needs pickle loading, remote code or reaches outside its directory."""
+
+    code = "unsafe_checkpoint"
+
+
+class IncompatibleCheckpointsError(CheckpointError):
+    """Base and fine-tuned (or adapter) checkpoints do not belong together."""
+
+    code = "incompatible_checkpoints"
+
+
+class OutputExistsError(HCNRError):
+    code = "output_exists"
+
+
+class RepairCancelled(HCNRError):  # noqa: N818 - it is a state, not a failure
+    """Raised between steps when the caller's cancellation check returns True."""
+
+    code = "cancelled"

@@ -1,0 +1,379 @@
+"""The HCNR repair as named stages, with a progress callback and cancellation checks.
+
+    pipeline = RepairPipeline(RepairConfig(), progress=print, should_cancel=lambda: False)
+    prepared = pipeline.prepare(base_dir, finetuned_dir, "honesty.jsonl", "task.jsonl")
+    report = pipeline.run(prepared, out_dir)
+
+`prepare` does every check that needs no weights (safety, compatibility, data); `run`
+loads one model at a time, scores, selects, compensates and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcnr_core import __version__
+from hcnr_core.checkpoint import (
+    TOKENIZER_FILES,
+    CheckpointInfo,
+    DictSource,
+    check_adapter_matches,
+    check_full_compatible,
+    inspect_checkpoint,
+    load_merged_adapter,
+    load_model,
+    load_tokenizer,
+)
+from hcnr_core.compensation import repair_matrix
+from hcnr_core.config import RepairConfig
+from hcnr_core.data import EncodedSample, Sample, encode_samples, load_jsonl
+from hcnr_core.errors import CheckpointError, HCNRError, RepairCancelled
+from hcnr_core.report import build_model_card, versions
+from hcnr_core.scoring import ColumnFisher, InputHessians, pad_batch
+from hcnr_core.selection import displacement, select_columns, select_matrices
+from hcnr_core.writer import REPORT_NAME, StagedOutput, check_output_dir, sha256_file
+
+# Stage name -> share of the overall progress bar.
+STAGES: dict[str, float] = {
+    "load_finetuned": 0.05,
+    "fisher_task": 0.3,
+    "load_base": 0.05,
+    "fisher_honesty": 0.3,
+    "select": 0.04,
+    "hessian": 0.12,
+    "compensate": 0.06,
+    "save": 0.08,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: str
+    done: int
+    total: int
+    fraction: float  # overall, 0-1
+    message: str = ""
+
+
+@dataclass
+class PreparedRepair:
+    """Everything validated before any weights are loaded."""
+
+    base: CheckpointInfo
+    finetuned: CheckpointInfo
+    tokenizer: Any
+    honesty: list[EncodedSample]
+    task: list[EncodedSample]
+    targets: list[str]  # module names of the target linears, in model order
+    inputs: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _samples(data: str | Path | Sequence[Sample], what: str) -> tuple[list[Sample], dict]:
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        samples = load_jsonl(path)
+        return samples, {"path": str(path), "sha256": sha256_file(path), "samples": len(samples)}
+    return list(data), {"path": None, "samples": len(data), "what": what}
+
+
+def target_linears(info: CheckpointInfo, pattern: str) -> list[str]:
+    """nn.Linear module names matching `pattern`, found on a weightless (meta) model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(
+            str(info.path), trust_remote_code=False, local_files_only=True
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{info.path}: unsupported model config: {exc}") from exc
+    regex = re.compile(pattern)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and regex.search(name)
+    ]
+    if not names:
+        raise CheckpointError(f"target_modules {pattern!r} matches no nn.Linear in the model")
+    missing = [n for n in names if f"{n}.weight" not in info.source()]
+    if missing:
+        raise CheckpointError(f"{info.path}: weights of {missing[:3]} not found in the checkpoint")
+    return names
+
+
+class RepairPipeline:
+    def __init__(
+        self,
+        config: RepairConfig,
+        progress: Callable[[ProgressEvent], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ):
+        self.config = config
+        self._progress = progress
+        self._should_cancel = should_cancel
+        self.stage_seconds: dict[str, float] = {}
+        self._stage = ""
+
+    # --- progress and cancellation -------------------------------------------------
+
+    def _tick(self, done: int, total: int, message: str = "") -> None:
+        if self._should_cancel is not None and self._should_cancel():
+            raise RepairCancelled(f"cancelled during {self._stage}")
+        if self._progress is None:
+            return
+        names = list(STAGES)
+        before = sum(STAGES[s] for s in names[: names.index(self._stage)])
+        share = STAGES[self._stage] * (done / total if total else 1.0)
+        self._progress(ProgressEvent(self._stage, done, total, min(1.0, before + share), message))
+
+    def _enter(self, stage: str) -> float:
+        self._stage = stage
+        self._tick(0, 1)
+        return time.perf_counter()
+
+    def _leave(self, started: float) -> None:
+        self.stage_seconds[self._stage] = round(time.perf_counter() - started, 4)
+        self._tick(1, 1)
+
+    # --- preparation -------------------------------------------------------------
+
+    def prepare(
+        self,
+        base: str | Path,
+        finetuned: str | Path,
+        honesty: str | Path | Sequence[Sample],
+        task: str | Path | Sequence[Sample],
+    ) -> PreparedRepair:
+        """All checks that need no weights: safety, compatibility, data, targets."""
+        base_info, ft_info = inspect_checkpoint(base), inspect_checkpoint(finetuned)
+        if base_info.kind != "full":
+            raise CheckpointError(f"{base}: the base must be a full model, not an adapter")
+        warnings: list[str] = []
+        if ft_info.kind == "adapter":
+            check_adapter_matches(
+                base_info, ft_info, check_name=self.config.check_adapter_base_name
+            )
+        else:
+            warnings += check_full_compatible(base_info, ft_info)
+        tokenizer = load_tokenizer(ft_info, base_info)
+        hon_samples, hon_meta = _samples(honesty, "honesty")
+        task_samples, task_meta = _samples(task, "task")
+        max_len = self.config.max_seq_len
+        hon = encode_samples(tokenizer, hon_samples, max_len, hon_meta.get("path") or "honesty")
+        tsk = encode_samples(tokenizer, task_samples, max_len, task_meta.get("path") or "task")
+        targets = target_linears(base_info, self.config.target_modules)
+        inputs = {
+            "base": str(base_info.path),
+            "finetuned": str(ft_info.path),
+            "finetuned_kind": ft_info.kind,
+            "honesty": hon_meta,
+            "task": task_meta,
+        }
+        return PreparedRepair(base_info, ft_info, tokenizer, hon, tsk, targets, inputs, warnings)
+
+    # --- the stages ----------------------------------------------------------------
+
+    def _fisher(self, model: Any, prep: PreparedRepair, data: list[EncodedSample]) -> dict:
+        fisher = ColumnFisher(model, prep.targets)
+        losses = []
+        for i, sample in enumerate(data):
+            losses.append(fisher.add_sample(sample))
+            self._tick(i + 1, len(data))
+        return {"scores": fisher.scores(), "mean_loss": sum(losses) / len(losses)}
+
+    def _hessians(self, model: Any, prep: PreparedRepair, modules: list[str]) -> InputHessians:
+        hessians = InputHessians(model, modules)
+        size = self.config.batch_size
+        pad_id = prep.tokenizer.pad_token_id
+        pad_id = prep.tokenizer.eos_token_id if pad_id is None else pad_id
+        device = next(model.parameters()).device
+        batches = [prep.honesty[i : i + size] for i in range(0, len(prep.honesty), size)]
+        for i, batch in enumerate(batches):
+            hessians.add_batch(*pad_batch(batch, pad_id, device))
+            self._tick(i + 1, len(batches))
+        return hessians
+
+    def run(self, prep: PreparedRepair, out: str | Path) -> dict[str, Any]:
+        """Run every stage and publish the checkpoint at `out`; returns the report."""
+        cfg, out = self.config, Path(out)
+        check_output_dir(out)
+        torch.manual_seed(cfg.seed)
+        dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+        weights = [f"{m}.weight" for m in prep.targets]
+
+        started = self._enter("load_finetuned")
+        if prep.finetuned.kind == "adapter":
+            merged = load_merged_adapter(prep.base, prep.finetuned)
+            state = merged.state_dict()
+            ft_source = DictSource({k: state[k] for k in prep.base.source().keys()})
+            model = merged.to(dtype=dtype, device=device)
+        else:
+            ft_source = prep.finetuned.source()
+            model = load_model(prep.finetuned, dtype, cfg.device)
+        self._leave(started)
+
+        started = self._enter("fisher_task")
+        task_fisher = self._fisher(model, prep, prep.task)
+        self._leave(started)
+        del model
+        gc.collect()
+
+        started = self._enter("load_base")
+        base_source = prep.base.source()
+        model = load_model(prep.base, dtype, cfg.device)
+        self._leave(started)
+
+        started = self._enter("fisher_honesty")
+        hon_fisher = self._fisher(model, prep, prep.honesty)
+        self._leave(started)
+
+        started = self._enter("select")
+        generator = torch.Generator().manual_seed(cfg.seed)
+        columns, displacements = {}, {}
+        for i, (module, weight) in enumerate(zip(prep.targets, weights, strict=True)):
+            columns[weight] = select_columns(
+                cfg.selection,
+                hon_fisher["scores"][module],
+                task_fisher["scores"][module],
+                cfg.r_iw,
+                generator,
+            )
+            displacements[weight] = displacement(
+                base_source.get(weight), ft_source.get(weight), columns[weight]
+            )
+            self._tick(i + 1, len(weights))
+        kept = select_matrices(displacements, cfg.r_cw)
+        self._leave(started)
+
+        started = self._enter("hessian")
+        hessians = None
+        if cfg.compensation != "none" and kept:
+            hessians = self._hessians(model, prep, [w.removesuffix(".weight") for w in kept])
+        self._leave(started)
+        del model
+        gc.collect()
+
+        started = self._enter("compensate")
+        repaired: dict[str, torch.Tensor] = {}
+        changed = 0
+        for i, weight in enumerate(kept):
+            w_ft = ft_source.get(weight)
+            h = hessians.hessian(weight.removesuffix(".weight")) if hessians else None
+            new = repair_matrix(
+                cfg.compensation,
+                base_source.get(weight).to(device),
+                w_ft.to(device),
+                columns[weight].to(device),
+                h,
+                cfg.damping,
+            )
+            if not torch.isfinite(new).all():
+                raise HCNRError(f"{weight}: compensation produced non-finite values")
+            repaired[weight] = new.to(dtype=w_ft.dtype, device="cpu")
+            changed += int((repaired[weight] != w_ft).sum())
+            self._tick(i + 1, len(kept))
+        del hessians
+        self._leave(started)
+
+        started = self._enter("save")
+        report = self._report(prep, columns, displacements, kept, changed, ft_source)
+        report["fisher_mean_loss"] = {
+            "honesty_on_base": hon_fisher["mean_loss"],
+            "task_on_finetuned": task_fisher["mean_loss"],
+        }
+        self._write(prep, out, ft_source, repaired, report, started)
+        self._leave(started)
+        return report
+
+    # --- output ------------------------------------------------------------------
+
+    def _report(
+        self,
+        prep: PreparedRepair,
+        columns: dict[str, torch.Tensor],
+        displacements: dict[str, float],
+        kept: list[str],
+        changed: int,
+        ft_source: Any,
+    ) -> dict[str, Any]:
+        target_params = sum(math.prod(ft_source.shape(w)) for w in displacements)
+        all_params = sum(math.prod(ft_source.shape(k)) for k in ft_source.keys())
+        restored = sum(ft_source.shape(w)[0] * columns[w].numel() for w in kept)
+        return {
+            "format_version": 1,
+            "hcnr_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs": prep.inputs,
+            "config": self.config.model_dump(),
+            "n_target_matrices": len(displacements),
+            "n_selected_matrices": len(kept),
+            "selected_matrices": [
+                {
+                    "name": w,
+                    "displacement": _finite(displacements[w]),
+                    "n_columns": columns[w].numel(),
+                    "columns": columns[w].tolist(),
+                }
+                for w in kept
+            ],
+            "target_params": target_params,
+            "restored_params": restored,
+            "changed_params": changed,
+            "fraction_target_params_restored": restored / target_params if target_params else 0,
+            "fraction_target_params_changed": changed / target_params if target_params else 0,
+            "fraction_model_params_changed": changed / all_params if all_params else 0,
+            "warnings": prep.warnings,
+            "versions": versions(),
+        }
+
+    def _write(
+        self,
+        prep: PreparedRepair,
+        out: Path,
+        ft_source: Any,
+        repaired: dict[str, torch.Tensor],
+        report: dict[str, Any],
+        started: float,
+    ) -> None:
+        def tensor(name: str) -> torch.Tensor:
+            return repaired[name] if name in repaired else ft_source.get(name)
+
+        sizes = {
+            k: math.prod(ft_source.shape(k)) * ft_source.dtype(k).itemsize for k in ft_source.keys()
+        }
+        model_dir = prep.finetuned.path if prep.finetuned.kind == "full" else prep.base.path
+        token_dir = prep.finetuned.path if prep.finetuned.has_tokenizer else prep.base.path
+        with StagedOutput(out) as staged:
+            staged.write_tensors(sizes, tensor)
+            self._tick(1, 3, "tensors written")
+            staged.copy_files(model_dir, ["config.json"])
+            gen = staged.copy_files(prep.finetuned.path, ["generation_config.json"])
+            if not gen:
+                staged.copy_files(prep.base.path, ["generation_config.json"])
+            staged.copy_files(token_dir, TOKENIZER_FILES)
+            staged.write_text("README.md", build_model_card(report))
+            self._tick(2, 3, "metadata written")
+            report["files"] = staged.file_digests()
+            # The report cannot time its own writing: "save" stops before it.
+            self.stage_seconds["save"] = round(time.perf_counter() - started, 4)
+            report["stage_seconds"] = dict(self.stage_seconds)
+            staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+            staged.publish()
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: a matrix whose base columns are all zero reports null."""
+    return value if math.isfinite(value) else None

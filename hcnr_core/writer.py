@@ -1,0 +1,122 @@
+"""Output checkpoint writer: staged in a sibling directory, published by one rename.
+
+A failed or cancelled repair therefore never leaves a half-written `--out`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from hcnr_core.errors import OutputExistsError
+
+SHARD_BYTES = 2 * 1024**3
+REPORT_NAME = "hcnr_report.json"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output_dir(out: Path) -> None:
+    """`out` may not exist yet, or be an empty directory; anything else is refused."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputExistsError(f"{out} is not empty; choose a new output directory")
+
+
+def plan_shards(sizes: dict[str, int], max_bytes: int = SHARD_BYTES) -> list[list[str]]:
+    """Greedy, order-preserving split of tensor names into shards of at most `max_bytes`."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+class StagedOutput:
+    """A staging directory next to `out`; `publish` renames it into place atomically."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        check_output_dir(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:12]}"
+        self.dir.mkdir()
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write_tensors(
+        self,
+        names_and_sizes: dict[str, int],
+        get_tensor: Callable[[str], torch.Tensor],
+        max_shard_bytes: int = SHARD_BYTES,
+    ) -> None:
+        """Sharded safetensors plus the index that `from_pretrained` reads."""
+        shards = plan_shards(names_and_sizes, max_shard_bytes)
+        weight_map = {}
+        for number, names in enumerate(shards, start=1):
+            file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {name: get_tensor(name).contiguous() for name in names}
+            save_file(tensors, str(self.dir / file_name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, file_name))
+        index = {"metadata": {"total_size": sum(names_and_sizes.values())}, "weight_map": weight_map}
+        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def copy_files(self, source_dir: Path, names: Iterable[str]) -> list[str]:
+        """Copy regular files (never links) that exist in `source_dir`; returns their names."""
+        copied = []
+        for name in names:
+            src = source_dir / name
+            if src.is_file() and not src.is_symlink():
+                shutil.copyfile(src, self.dir / name)
+                copied.append(name)
+        return copied
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.dir / name).write_text(text, encoding="utf-8")
+
+    def file_digests(self) -> dict[str, dict[str, Any]]:
+        return {
+            path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for path in sorted(self.dir.iterdir())
+            if path.is_file()
+        }
+
+    def publish(self) -> Path:
+        """fsync the files, then rename the staging directory onto `out`."""
+        for path in self.dir.iterdir():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        check_output_dir(self.out)
+        if self.out.is_dir():
+            self.out.rmdir()  # empty, checked above
+        os.rename(self.dir, self.out)
+        return self.out
