@@ -1,0 +1,165 @@
+"""The `hcnr` command line. Sub-commands register themselves on `app`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+app = typer.Typer(
+    name="hcnr",
+    help="Repair the honesty of fine-tuned LLMs (HCNR): library CLI and service client.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """transformers' per-load progress bars and advisories drown our own output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def fail(exc: Exception, code: int = 2) -> None:
+    """Print `error [code]: message` on stderr and exit non-zero."""
+    label = escape(f"[{getattr(exc, 'code', 'invalid_argument')}]")
+    err.print(f"[bold red]error[/] {label}: {escape(str(exc))}", highlight=False)
+    raise typer.Exit(code)
+
+
+class ProgressPrinter:
+    """A rich progress bar fed by the pipeline's ProgressEvents."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("starting", total=1.0)
+
+    def __enter__(self) -> ProgressPrinter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: Any) -> None:
+        self.progress.update(self.task, completed=event.fraction, description=event.stage)
+
+
+@app.command()
+def repair(
+    base: Annotated[Path, typer.Option(help="Base (pre-trained/aligned) model directory")],
+    finetuned: Annotated[
+        Path, typer.Option(help="Fine-tuned model directory or PEFT LoRA adapter directory")
+    ],
+    honesty: Annotated[Path, typer.Option(help="Honesty set D_hon (JSONL)")],
+    task: Annotated[Path, typer.Option(help="Task set D_task (JSONL)")],
+    out: Annotated[Path, typer.Option(help="Output directory (must not exist or be empty)")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML/JSON RepairConfig; flags override it")
+    ] = None,
+    r_iw: Annotated[float | None, typer.Option(help="Fraction of columns per matrix [0.5]")] = None,
+    r_cw: Annotated[float | None, typer.Option(help="Fraction of matrices restored [0.4]")] = None,
+    compensation: Annotated[
+        str | None, typer.Option(help="paper | exact | none [paper]")
+    ] = None,
+    selection: Annotated[
+        str | None, typer.Option(help="hcnr | random | honesty_only [hcnr]")
+    ] = None,
+    damping: Annotated[float | None, typer.Option(help="Hessian damping λ [0.01]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [0]")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N [cpu]")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 [float32]")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="Max tokens per sample [512]")] = None,
+    target_modules: Annotated[
+        str | None, typer.Option(help="Regex over nn.Linear names [decoder layers]")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
+) -> None:
+    """Repair a fine-tuned model's honesty and write the repaired checkpoint to OUT."""
+    from pydantic import ValidationError
+
+    from hcnr_core import HCNRError, RepairConfig
+    from hcnr_core.pipeline import RepairPipeline
+
+    quiet_libraries()
+    flags = {
+        "r_iw": r_iw,
+        "r_cw": r_cw,
+        "compensation": compensation,
+        "selection": selection,
+        "damping": damping,
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "max_seq_len": max_seq_len,
+        "target_modules": target_modules,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    try:
+        cfg = RepairConfig.from_file(config, **overrides) if config else RepairConfig(**overrides)
+    except (ValidationError, ValueError, OSError) as exc:
+        fail(exc)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(ValueError(f"--device {cfg.device} requested but CUDA is not available"))
+    try:
+        with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
+            pipeline = RepairPipeline(cfg, progress=bar)
+            prepared = pipeline.prepare(base, finetuned, honesty, task)
+            report = pipeline.run(prepared, out)
+    except HCNRError as exc:
+        fail(exc)
+    summary = {
+        "out": str(out),
+        "selected_matrices": report["n_selected_matrices"],
+        "target_matrices": report["n_target_matrices"],
+        "fraction_target_params_changed": round(report["fraction_target_params_changed"], 6),
+        "seconds": round(sum(report["stage_seconds"].values()), 3),
+    }
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def toy(
+    out: Annotated[Path, typer.Option(help="Directory for the toy checkpoints and data")],
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write tiny random checkpoints (base, LoRA adapter, merged) and data, for smoke tests."""
+    quiet_libraries()
+    from hcnr_core.toy import build_toy
+
+    paths = build_toy(out, seed=seed)
+    typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
