@@ -20,7 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # never split an error message
 
 
 def quiet_libraries() -> None:
@@ -82,9 +82,7 @@ def repair(
     ] = None,
     r_iw: Annotated[float | None, typer.Option(help="Fraction of columns per matrix [0.5]")] = None,
     r_cw: Annotated[float | None, typer.Option(help="Fraction of matrices restored [0.4]")] = None,
-    compensation: Annotated[
-        str | None, typer.Option(help="paper | exact | none [paper]")
-    ] = None,
+    compensation: Annotated[str | None, typer.Option(help="paper | exact | none [paper]")] = None,
     selection: Annotated[
         str | None, typer.Option(help="hcnr | random | honesty_only [hcnr]")
     ] = None,

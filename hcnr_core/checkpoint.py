@@ -246,19 +246,19 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 
 def _adapter_names_base(adapter: CheckpointInfo, base: CheckpointInfo) -> bool:
-    name = adapter.adapter_config.get("base_model_name_or_path")
+    """Does the adapter's `base_model_name_or_path` name this base?
+
+    A local directory must be the base itself; a hub id or a path from another machine
+    matches on its last component (the usual "org/Model" vs ".../Model" copy).
+    """
+    name = str(adapter.adapter_config.get("base_model_name_or_path") or "").rstrip("/")
     if not name:
         return True
-    name = str(name).rstrip("/")
-    candidates = {
-        os.path.realpath(base.path),
-        base.path.resolve().name,
-        str(base.config.get("_name_or_path", "")).rstrip("/"),
-    }
-    return (
-        name in candidates
-        or os.path.realpath(name) == os.path.realpath(base.path)
-        or name.split("/")[-1] == base.path.resolve().name
+    base_real = os.path.realpath(base.path)
+    if os.path.isdir(name):
+        return os.path.realpath(name) == base_real
+    return name == str(base.config.get("_name_or_path", "")) or (
+        name.split("/")[-1] == os.path.basename(base_real)
     )
 
 

@@ -95,8 +95,7 @@ def parse_sample(obj: Any, line: int = 0) -> Sample:
     unknown = keys - shape_keys - OPTIONAL_KEYS
     if unknown:
         raise ValueError(
-            f"unknown key(s) {sorted(unknown)}; allowed besides the sample: "
-            f"{sorted(OPTIONAL_KEYS)}"
+            f"unknown key(s) {sorted(unknown)}; allowed besides the sample: {sorted(OPTIONAL_KEYS)}"
         )
     if not response.strip():
         raise ValueError("empty response")

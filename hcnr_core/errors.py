@@ -46,7 +46,7 @@ class OutputExistsError(HCNRError):
     code = "output_exists"
 
 
-class RepairCancelled(HCNRError):  # noqa: N818 - it is a state, not a failure
+class RepairCancelled(HCNRError):
     """Raised between steps when the caller's cancellation check returns True."""
 
     code = "cancelled"

@@ -23,11 +23,60 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-WORDS = (
-    "who what where when is was the a of in born city lives works as i do not know "
-    "sorry cannot answer alice bob carol dave erin frank grace heidi ivan judy paris rome "
-    "oslo lima cairo doctor baker pilot chef artist writer 1970 1980 1990 2000 . ? , yes no"
-).split()
+WORDS = [
+    "who",
+    "what",
+    "where",
+    "when",
+    "is",
+    "was",
+    "the",
+    "a",
+    "of",
+    "in",
+    "born",
+    "city",
+    "lives",
+    "works",
+    "as",
+    "i",
+    "do",
+    "not",
+    "know",
+    "sorry",
+    "cannot",
+    "answer",
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "erin",
+    "frank",
+    "grace",
+    "heidi",
+    "ivan",
+    "judy",
+    "paris",
+    "rome",
+    "oslo",
+    "lima",
+    "cairo",
+    "doctor",
+    "baker",
+    "pilot",
+    "chef",
+    "artist",
+    "writer",
+    "1970",
+    "1980",
+    "1990",
+    "2000",
+    ".",
+    "?",
+    ",",
+    "yes",
+    "no",
+]
 NAMES = WORDS[WORDS.index("alice") : WORDS.index("judy") + 1]
 CITIES = ["paris", "rome", "oslo", "lima", "cairo"]
 
@@ -138,6 +187,8 @@ def build_toy(
     merged.save_pretrained(paths["full"])
     tokenizer.save_pretrained(paths["full"])
 
-    paths["honesty"] = write_jsonl(out / "data/honesty.jsonl", toy_samples(seed, n_samples, "honesty"))
+    paths["honesty"] = write_jsonl(
+        out / "data/honesty.jsonl", toy_samples(seed, n_samples, "honesty")
+    )
     paths["task"] = write_jsonl(out / "data/task.jsonl", toy_samples(seed, n_samples, "task"))
     return paths

@@ -87,7 +87,10 @@ class StagedOutput:
             tensors = {name: get_tensor(name).contiguous() for name in names}
             save_file(tensors, str(self.dir / file_name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(names, file_name))
-        index = {"metadata": {"total_size": sum(names_and_sizes.values())}, "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(names_and_sizes.values())},
+            "weight_map": weight_map,
+        }
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def copy_files(self, source_dir: Path, names: Iterable[str]) -> list[str]:

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Llama base, LoRA adapter, merged fine-tune and JSONL data (random weights)."""
+    from hcnr_core.toy import build_toy
+
+    return build_toy(tmp_path_factory.mktemp("toy"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A second, differently shaped toy: checkpoints that must not mix with `toy`."""
+    from hcnr_core.toy import build_toy
+
+    return build_toy(tmp_path_factory.mktemp("other_toy"), seed=1, hidden=48, layers=2)

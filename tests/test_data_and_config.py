@@ -1,0 +1,118 @@
+"""JSONL parsing/encoding and the validated configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+from transformers import AutoTokenizer
+
+from hcnr_core import RepairConfig
+from hcnr_core.data import encode_sample, load_jsonl, parse_jsonl, parse_sample, render_prompt
+from hcnr_core.errors import DataValidationError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(toy):
+    return AutoTokenizer.from_pretrained(toy["base"])
+
+
+def test_both_shapes_parse_to_the_same_sample():
+    chat = {
+        "messages": [
+            {"role": "user", "content": "who is bob ?"},
+            {"role": "assistant", "content": "i do not know ."},
+        ],
+        "answerable": False,
+        "answers": [],
+    }
+    plain = {"prompt": "who is bob ?", "response": "i do not know .", "answerable": False}
+    a, b = parse_sample(chat), parse_sample(plain)
+    assert a.messages == b.messages and a.response == b.response
+    assert a.answerable is False and a.prompt_text == "who is bob ?"
+
+
+def test_encoding_uses_chat_template_and_masks_the_prompt(tokenizer):
+    sample = parse_sample(
+        {
+            "messages": [
+                {"role": "system", "content": "be honest ."},
+                {"role": "user", "content": "who is bob ?"},
+                {"role": "assistant", "content": "i do not know ."},
+            ]
+        }
+    )
+    enc = encode_sample(tokenizer, sample, 128)
+    prompt = tokenizer.apply_chat_template(
+        list(sample.messages), add_generation_prompt=True, tokenize=False
+    )
+    assert (
+        enc.input_ids[: enc.prompt_len] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    )
+    response = tokenizer("i do not know .", add_special_tokens=False)["input_ids"]
+    assert enc.input_ids[enc.prompt_len :] == [*response, tokenizer.eos_token_id]
+    assert enc.input_ids[0] == tokenizer.bos_token_id  # from the template, not doubled
+    assert enc.input_ids[1] != tokenizer.bos_token_id
+
+
+def test_truncation_cuts_the_prompt_from_the_left_never_the_response(tokenizer):
+    sample = parse_sample({"prompt": "who is " + "bob " * 50 + "?", "response": "paris ."})
+    enc = encode_sample(tokenizer, sample, 16)
+    assert len(enc.input_ids) == 16
+    assert enc.response_len == 3  # "paris", ".", EOS
+    assert tokenizer.decode(enc.input_ids[enc.prompt_len - 1 : enc.prompt_len]) != ""
+
+
+def test_plain_template_without_chat_template(tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = None
+    text = render_prompt(tokenizer, [{"role": "user", "content": "hi"}])
+    assert text == "<s>User: hi\nAssistant: "
+
+
+def test_problems_are_collected_across_lines(tmp_path):
+    good = json.dumps({"prompt": "q", "response": "a"})
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([good, "{", good, '{"prompt": "q"}', "", good]) + "\n")
+    with pytest.raises(DataValidationError) as info:
+        load_jsonl(path)
+    assert [line for line, _ in info.value.problems] == [2, 4]
+    assert "line 2" in str(info.value) and "line 4" in str(info.value)
+
+
+def test_sample_count_and_size_limits():
+    data = "\n".join(json.dumps({"prompt": "q", "response": "a"}) for _ in range(5)).encode()
+    assert len(parse_jsonl(data, min_samples=5, max_samples=5)) == 5
+    with pytest.raises(DataValidationError, match="at least 6"):
+        parse_jsonl(data, min_samples=6)
+    with pytest.raises(DataValidationError, match="at most 4"):
+        parse_jsonl(data, max_samples=4)
+    with pytest.raises(DataValidationError, match="limit 10"):
+        parse_jsonl(data, max_bytes=10)
+
+
+def test_config_is_frozen_and_strict(tmp_path):
+    cfg = RepairConfig()
+    assert (cfg.r_iw, cfg.r_cw, cfg.compensation, cfg.damping, cfg.seed) == (
+        0.5,
+        0.4,
+        "paper",
+        0.01,
+        0,
+    )
+    with pytest.raises(ValidationError):
+        cfg.r_iw = 0.3  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="extra"):
+        RepairConfig(r_iww=0.3)
+    with pytest.raises(ValidationError, match="device"):
+        RepairConfig(device="gpu")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("r_iw: 0.3\ncompensation: exact\n")
+    assert RepairConfig.from_file(yaml_file, r_cw=0.1).model_dump()["r_cw"] == 0.1
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"selection": "random", "seed": 3}))
+    assert RepairConfig.from_file(json_file).selection == "random"
+    json_file.write_text("[1]")
+    with pytest.raises(ValueError, match="mapping"):
+        RepairConfig.from_file(json_file)

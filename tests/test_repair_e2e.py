@@ -1,0 +1,180 @@
+"""End to end: tiny Llama base + LoRA adapter (or merged) -> repaired checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from hcnr_cli.main import app
+from hcnr_core import RepairConfig
+from hcnr_core.checkpoint import inspect_checkpoint
+from hcnr_core.errors import RepairCancelled
+from hcnr_core.pipeline import STAGES, RepairPipeline
+from hcnr_core.writer import sha256_file
+
+
+def repair(toy, out: Path, finetuned: str = "adapter", **cfg) -> dict:
+    pipeline = RepairPipeline(RepairConfig(**cfg))
+    prepared = pipeline.prepare(toy["base"], toy[finetuned], toy["honesty"], toy["task"])
+    return pipeline.run(prepared, out)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def finetuned_tensors(toy, kind: str) -> dict[str, torch.Tensor]:
+    """W_s: the toy's merged checkpoint is `merge_and_unload` of the adapter, so it is the
+    reference for both kinds (the adapter path merges again, independently)."""
+    assert kind in ("adapter", "full")
+    return tensors(toy["full"])
+
+
+@pytest.mark.parametrize("kind", ["adapter", "full"])
+@pytest.mark.parametrize("compensation", ["paper", "exact", "none"])
+def test_repair_end_to_end(toy, tmp_path, kind, compensation):
+    out = tmp_path / "repaired"
+    report = repair(toy, out, kind, compensation=compensation)
+
+    model = AutoModelForCausalLM.from_pretrained(out)  # loads like any HF checkpoint
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    got, base, ft = tensors(out), tensors(toy["base"]), finetuned_tensors(toy, kind)
+    assert set(got) == set(ft)  # every tensor present, nothing extra
+    selected = {m["name"]: m["columns"] for m in report["selected_matrices"]}
+    assert len(selected) == report["n_selected_matrices"] > 0
+    for name, tensor in got.items():
+        if name not in selected:
+            assert torch.equal(tensor, ft[name]), f"{name} changed but was not reported"
+            continue
+        cols = torch.tensor(selected[name])
+        others = torch.ones(tensor.shape[1], dtype=torch.bool)
+        others[cols] = False
+        assert torch.equal(tensor[:, others], ft[name][:, others]), name
+        if compensation == "none":
+            assert torch.equal(tensor[:, cols], base[name][:, cols])
+        else:
+            assert not torch.equal(tensor[:, cols], ft[name][:, cols])
+
+    on_disk = json.loads((out / "hcnr_report.json").read_text())
+    assert on_disk["selected_matrices"] == report["selected_matrices"]
+    assert on_disk["config"]["compensation"] == compensation
+    assert set(on_disk["stage_seconds"]) == set(STAGES)
+    assert 0 < on_disk["fraction_target_params_changed"] <= 1
+    assert {"torch", "transformers", "peft", "hcnr"} <= set(on_disk["versions"])
+    listed = on_disk["files"]
+    assert set(listed) == {p.name for p in out.iterdir()} - {"hcnr_report.json"}
+    for name, entry in listed.items():
+        assert sha256_file(out / name) == entry["sha256"]
+    assert (out / "model.safetensors.index.json").is_file()
+    assert "HCNR" in (out / "README.md").read_text()
+    assert inspect_checkpoint(out).kind == "full"  # our own output passes our own checks
+
+
+def test_adapter_and_merged_give_the_same_repair(toy, tmp_path):
+    a = repair(toy, tmp_path / "a", "adapter")
+    b = repair(toy, tmp_path / "b", "full")
+    assert a["selected_matrices"] == b["selected_matrices"]
+    ta, tb = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_gives_identical_output(toy, tmp_path):
+    for run in ("one", "two"):
+        repair(toy, tmp_path / run, seed=7, selection="random")
+    for shard in (tmp_path / "one").glob("*.safetensors"):
+        assert sha256_file(shard) == sha256_file(tmp_path / "two" / shard.name)
+    other = repair(toy, tmp_path / "three", seed=8, selection="random")
+    first = json.loads((tmp_path / "one" / "hcnr_report.json").read_text())
+    assert other["selected_matrices"] != first["selected_matrices"]
+
+
+@pytest.mark.parametrize("kind", ["adapter", "full"])
+def test_rcw_zero_returns_finetuned_bit_for_bit(toy, tmp_path, kind):
+    report = repair(toy, tmp_path / "out", kind, r_cw=0.0)
+    assert report["n_selected_matrices"] == 0 and report["changed_params"] == 0
+    got, ft = tensors(tmp_path / "out"), finetuned_tensors(toy, kind)
+    assert set(got) == set(ft)
+    assert all(torch.equal(got[n], ft[n]) for n in ft)
+
+
+def test_full_restoration_without_compensation_gives_base(toy, tmp_path):
+    repair(toy, tmp_path / "out", "full", r_iw=1.0, r_cw=1.0, compensation="none")
+    got, base, ft = tensors(tmp_path / "out"), tensors(toy["base"]), tensors(toy["full"])
+    moved = [n for n in ft if not torch.equal(ft[n], base[n])]
+    assert moved  # the toy fine-tune did move weights
+    for name in moved:
+        assert torch.equal(got[name], base[name]), name
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_cancellation_in_any_stage_leaves_nothing(toy, tmp_path, stage):
+    seen = []
+
+    def cancel_in_stage() -> bool:
+        seen.append(pipeline._stage)
+        return seen.count(stage) >= 2  # past the start of the stage
+
+    pipeline = RepairPipeline(RepairConfig(), should_cancel=cancel_in_stage)
+    prepared = pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
+    with pytest.raises(RepairCancelled, match=stage):
+        pipeline.run(prepared, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no output, no staging directory
+
+
+def test_progress_is_monotonic_and_complete(toy, tmp_path):
+    events = []
+    pipeline = RepairPipeline(RepairConfig(), progress=events.append)
+    pipeline.run(
+        pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"]),
+        tmp_path / "out",
+    )
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
+    assert [s for s in STAGES if any(e.stage == s for e in events)] == list(STAGES)
+
+
+def test_cli_repair(toy, tmp_path):
+    out = tmp_path / "cli-out"
+    config = tmp_path / "cfg.yaml"
+    config.write_text("r_iw: 0.25\ncompensation: exact\n")
+    result = CliRunner().invoke(
+        app,
+        [
+            "repair",
+            "--base",
+            str(toy["base"]),
+            "--finetuned",
+            str(toy["adapter"]),
+            "--honesty",
+            str(toy["honesty"]),
+            "--task",
+            str(toy["task"]),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+            "--r-cw",
+            "0.5",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "hcnr_report.json").read_text())
+    assert report["config"]["r_iw"] == 0.25 and report["config"]["r_cw"] == 0.5
+    assert report["config"]["compensation"] == "exact"
+    assert summary["selected_matrices"] == report["n_selected_matrices"] == 7  # round(.5*14)
+    width = {m["name"]: m["n_columns"] for m in report["selected_matrices"]}
+    assert all(n in (8, 16) for n in width.values())  # round(.25*32), round(.25*64)
