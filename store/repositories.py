@@ -1,0 +1,213 @@
+"""Queries. Everything a tenant can reach is looked up *with* its tenant id, so another
+tenant's id simply is not found."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from store.models import (
+    ACTIVE_STATES,
+    ApiKey,
+    Artifact,
+    File,
+    Job,
+    JobEvent,
+    JobLabel,
+    Tenant,
+    utcnow,
+)
+
+KEY_PREFIX = "hcnr"
+
+# --- tenants and API keys ------------------------------------------------------------
+
+
+def _hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(session: Session, tenant_name: str, name: str = "") -> tuple[ApiKey, str]:
+    """A new key for `tenant_name` (created if needed); the plaintext is returned once."""
+    tenant = get_or_create_tenant(session, tenant_name)
+    lookup, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    key = ApiKey(tenant_id=tenant.id, lookup=lookup, secret_hash=_hash_secret(secret), name=name)
+    session.add(key)
+    session.flush()
+    return key, f"{KEY_PREFIX}_{lookup}_{secret}"
+
+
+def authenticate(session: Session, token: str) -> Tenant | None:
+    """The tenant of a valid, unrevoked key; None otherwise (constant-time compare)."""
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        return None
+    key = session.scalar(select(ApiKey).where(ApiKey.lookup == parts[1]))
+    if key is None or key.revoked_at is not None:
+        return None
+    if not hmac.compare_digest(key.secret_hash, _hash_secret(parts[2])):
+        return None
+    return key.tenant
+
+
+def revoke_api_key(session: Session, key_id: str) -> bool:
+    key = session.scalar(select(ApiKey).where((ApiKey.id == key_id) | (ApiKey.lookup == key_id)))
+    if key is None or key.revoked_at is not None:
+        return False
+    key.revoked_at = utcnow()
+    return True
+
+
+def list_api_keys(session: Session) -> Sequence[ApiKey]:
+    return session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+def get_file(session: Session, tenant_id: str, file_id: str) -> File | None:
+    return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+
+
+# --- jobs ----------------------------------------------------------------------------
+
+
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def get_job_by_id(session: Session, job_id: str, lock: bool = False) -> Job | None:
+    """For the worker and reconciler only: they act on ids, not on behalf of a tenant."""
+    query = select(Job).where(Job.id == job_id)
+    return session.scalar(query.with_for_update() if lock else query)
+
+
+def find_idempotent_job(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    limit: int,
+    after: tuple[datetime, str] | None = None,
+    status: str | None = None,
+    labels: dict[str, str] | None = None,
+) -> list[Job]:
+    """Newest first; `after` is the (created_at, id) of the last job of the previous page."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        query = query.where(Job.status == status)
+    for key, value in (labels or {}).items():
+        query = query.where(Job.labels.any((JobLabel.key == key) & (JobLabel.value == value)))
+    if after is not None:
+        created, job_id = after
+        query = query.where(
+            (Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    return list(session.scalars(query).all())
+
+
+def add_event(
+    session: Session,
+    job: Job,
+    type_: str,
+    message: str = "",
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(
+        job_id=job.id,
+        type=type_,
+        stage=job.stage,
+        progress=job.progress,
+        message=message,
+        data=data,
+    )
+    session.add(event)
+    return event
+
+
+def list_events(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    query = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query).all())
+
+
+def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: int) -> bool:
+    """Atomically move a queued job to running for `worker_id` (False if someone else,
+    or nobody, may run it)."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="running",
+            worker_id=worker_id,
+            attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: int) -> str | None:
+    """Extend the lease if `worker_id` still holds it; returns the job's status."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(ACTIVE_STATES))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def expired_jobs(session: Session, now: datetime) -> list[Job]:
+    query = (
+        select(Job)
+        .where(Job.status.in_(ACTIVE_STATES), Job.lease_expires_at < now)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(query).all())
+
+
+def count_jobs_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {status: count for status, count in rows}
+
+
+# --- artifacts -------------------------------------------------------------------------
+
+
+def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
+    query = select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)
+    return list(session.scalars(query).all())
+
+
+def get_artifact(session: Session, job_id: str, name: str) -> Artifact | None:
+    return session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))

@@ -1,0 +1,85 @@
+"""The one settings class of the service (environment variables prefixed `HCNR_`)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "hcnr-insecure-development-secret"
+
+
+class Settings(BaseSettings):
+    """Everything the API, the worker and the CLI need; defaults give the embedded mode."""
+
+    model_config = SettingsConfigDict(env_prefix="HCNR_", env_file=None, extra="ignore")
+
+    env: Literal["development", "test", "production"] = "development"
+    data_dir: Path = Field(Path("hcnr-data"), description="Root of embedded-mode state")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; SQLite in data_dir")
+    broker_url: str | None = Field(None, description="Celery broker; kombu SQLAlchemy default")
+    models_root: Path | None = Field(None, description="`path:` references resolve under it")
+    artifacts_url: str | None = Field(
+        None, description="Local directory or fsspec URL (s3://bucket/prefix) for artifacts"
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO...)")
+    secret_key: str = Field(DEFAULT_SECRET, description="Signs webhooks (HMAC-SHA256)")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    min_samples: int = Field(8, ge=1, description="Fewest samples an honesty/task file may have")
+    max_samples: int = Field(100_000, ge=1)
+    worker_device: str = Field("cpu", description="Device repairs run on: cpu, cuda, cuda:N")
+    lease_seconds: int = Field(120, ge=5, description="A running job's lease on its worker")
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    reconcile_seconds: float = Field(30.0, gt=0, description="Period of the lease reconciler")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed")
+    visibility_timeout: int = Field(24 * 3600, description="Broker redelivery delay (seconds)")
+    webhook_attempts: int = Field(4, ge=1)
+    webhook_backoff_seconds: float = Field(2.0, ge=0)
+    webhook_allow_private: bool = Field(True, description="Allow webhooks to private addresses")
+    progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = []
+        if self.db_url.startswith("sqlite"):
+            problems.append("HCNR_DATABASE_URL must not be SQLite in production")
+        if self.secret_key == DEFAULT_SECRET or len(self.secret_key) < 32:
+            problems.append("HCNR_SECRET_KEY must be set to a random value of 32+ characters")
+        if self.models_root is None or os.path.realpath(self.models_root) == "/":
+            problems.append("HCNR_MODELS_ROOT must be set to a dedicated directory, not /")
+        if self.celery_broker_url.startswith(("sqla+", "filesystem")):
+            problems.append("HCNR_BROKER_URL must be a real broker (redis://) in production")
+        if problems:
+            raise ValueError("unsafe production settings: " + "; ".join(problems))
+        return self
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'hcnr.db'}"
+
+    @cached_property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'broker.db'}"
+
+    @cached_property
+    def models_dir(self) -> Path:
+        return (self.models_root or self.data_dir / "models").resolve()
+
+    @cached_property
+    def artifacts_location(self) -> str:
+        return self.artifacts_url or str((self.data_dir / "artifacts").resolve())
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.data_dir.resolve() / "scratch"
+
+    def ensure_dirs(self) -> None:
+        """Create the local directories the embedded mode writes to."""
+        for path in (self.data_dir, self.scratch_dir, self.models_dir):
+            path.mkdir(parents=True, exist_ok=True)
