@@ -178,3 +178,29 @@ def test_cli_repair(toy, tmp_path):
     assert summary["selected_matrices"] == report["n_selected_matrices"] == 7  # round(.5*14)
     width = {m["name"]: m["n_columns"] for m in report["selected_matrices"]}
     assert all(n in (8, 16) for n in width.values())  # round(.25*32), round(.25*64)
+
+
+def test_bfloat16_compute_keeps_the_stored_dtype(toy, tmp_path):
+    bf16 = repair(toy, tmp_path / "bf16", dtype="bfloat16")
+    fp32 = repair(toy, tmp_path / "fp32", dtype="float32")
+    got, ft = tensors(tmp_path / "bf16"), finetuned_tensors(toy, "adapter")
+    assert all(got[n].dtype == ft[n].dtype == torch.float32 for n in ft)
+    selected = {m["name"] for m in bf16["selected_matrices"]}
+    assert all(torch.equal(got[n], ft[n]) for n in ft if n not in selected)
+    # bf16 scores perturb the ranking a little, not wholesale.
+    overlap = selected & {m["name"] for m in fp32["selected_matrices"]}
+    assert len(overlap) >= len(selected) // 2
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(toy, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cpu = repair(toy, tmp_path / "cpu", device="cpu", compensation="exact")
+    gpu = repair(toy, tmp_path / "gpu", device="cuda", compensation="exact")
+    assert [m["name"] for m in cpu["selected_matrices"]] == [
+        m["name"] for m in gpu["selected_matrices"]
+    ]
+    a, b = tensors(tmp_path / "cpu"), tensors(tmp_path / "gpu")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
