@@ -186,23 +186,31 @@ class RepairPipeline:
 
     # --- the stages ----------------------------------------------------------------
 
+    def _pad_id(self, prep: PreparedRepair) -> int:
+        pad_id = prep.tokenizer.pad_token_id
+        return prep.tokenizer.eos_token_id if pad_id is None else pad_id
+
+    def _batches(self, data: list[EncodedSample]) -> list[list[EncodedSample]]:
+        """Batches of similar length (less padding); same order on every run."""
+        ordered = sorted(data, key=lambda s: (len(s.input_ids), s.line))
+        size = self.config.batch_size
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
     def _fisher(self, model: Any, prep: PreparedRepair, data: list[EncodedSample]) -> dict:
-        fisher = ColumnFisher(model, prep.targets)
-        losses = []
-        for i, sample in enumerate(data):
-            losses.append(fisher.add_sample(sample))
-            self._tick(i + 1, len(data))
+        fisher = ColumnFisher(model, prep.targets, self._pad_id(prep))
+        losses: list[float] = []
+        batches = self._batches(data)
+        for i, batch in enumerate(batches):
+            losses += fisher.add_batch(batch)
+            self._tick(i + 1, len(batches))
         return {"scores": fisher.scores(), "mean_loss": sum(losses) / len(losses)}
 
     def _hessians(self, model: Any, prep: PreparedRepair, modules: list[str]) -> InputHessians:
         hessians = InputHessians(model, modules)
-        size = self.config.batch_size
-        pad_id = prep.tokenizer.pad_token_id
-        pad_id = prep.tokenizer.eos_token_id if pad_id is None else pad_id
         device = next(model.parameters()).device
-        batches = [prep.honesty[i : i + size] for i in range(0, len(prep.honesty), size)]
+        batches = self._batches(prep.honesty)
         for i, batch in enumerate(batches):
-            hessians.add_batch(*pad_batch(batch, pad_id, device))
+            hessians.add_batch(*pad_batch(batch, self._pad_id(prep), device))
             self._tick(i + 1, len(batches))
         return hessians
 

@@ -1,10 +1,20 @@
 """Statistics gathered by running a model: per-sample column Fisher and input Hessians.
 
-`ColumnFisher` follows the GPTQ pattern (`add_sample` then `scores`): a post-accumulate-
-grad hook reduces each weight gradient to its column sums of squares at once, so no full
-gradient outlives its backward step. `InputHessians` captures the inputs of target
-linears on forward passes and accumulates H = (2/N_tok) Σ x xᵀ over non-padding tokens,
-one H per group of matrices that read the same input tensor (q/k/v, gate/up).
+`ColumnFisher` (GPTQ-style `add_batch` then `scores`) computes, for every target linear,
+the per-sample column sums of squared weight gradients without ever forming a weight
+gradient. For one sample with module inputs X (T × in) and output gradients G (T × out),
+∂ℓ/∂W = Gᵀ X, and its column sums of squares are
+
+    s[k] = Σ_r (Σ_t G[t,r] X[t,k])² = Σ_{t,t'} X[t,k] (G Gᵀ)[t,t'] X[t',k],
+
+which costs T²·(in+out) instead of T·in·out (the "ghost norm" trick of DP-SGD), is exact,
+and batches: the rows of a padded batch are independent samples. Weights stay frozen, so
+backward computes activation gradients only. Long sequences (T ≥ in·out/(in+out)) use
+the explicit per-sample gradient instead, which is then the cheaper of the two.
+
+`InputHessians` captures the inputs of target linears on forward passes and accumulates
+H = (2/N_tok) Σ x xᵀ over non-padding tokens, one H per group of matrices that read the
+same input tensor (q/k/v, gate/up).
 """
 
 from __future__ import annotations
@@ -18,65 +28,90 @@ from torch import nn
 from hcnr_core.data import EncodedSample
 
 
-def response_loss(model: nn.Module, sample: EncodedSample, device: torch.device) -> torch.Tensor:
-    """Mean token NLL of the response tokens only (prompt tokens masked)."""
-    ids = torch.tensor([sample.input_ids], device=device)
-    keep = sample.response_len + 1  # logits of the last prompt token predict the response
+def response_losses(
+    model: nn.Module, samples: Sequence[EncodedSample], pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """Per-sample mean token NLL of the response tokens only (prompt and padding masked)."""
+    ids, mask = pad_batch(samples, pad_id, device)
+    labels = torch.full_like(ids, -100)
+    for row, sample in enumerate(samples):
+        labels[row, sample.prompt_len : len(sample.input_ids)] = ids[
+            row, sample.prompt_len : len(sample.input_ids)
+        ]
+    # Only positions from the earliest last-prompt token on predict response tokens.
+    keep = ids.shape[1] - min(s.prompt_len for s in samples) + 1
     try:
-        logits = model(input_ids=ids, logits_to_keep=keep).logits[0, :-1]
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     except TypeError:  # architectures without logits_to_keep
-        logits = model(input_ids=ids).logits[0, -keep:-1]
-    targets = ids[0, sample.prompt_len :]
-    return nn.functional.cross_entropy(logits.float(), targets)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -keep:]
+    targets = labels[:, -keep + 1 :]
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    nll = nn.functional.cross_entropy(
+        logits[:, :-1].to(compute).transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    counts = (targets != -100).sum(dim=1)
+    return nll.sum(dim=1) / counts
+
+
+def column_grad_sq(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Σ_n Σ_r (∂ℓ_n/∂W[r,k])² from inputs (B, T, in) and output grads (B, T, out)."""
+    compute = torch.promote_types(inputs.dtype, torch.float32)
+    x, g = inputs.to(compute), grads.to(compute)
+    t, n_in, n_out = x.shape[1], x.shape[2], g.shape[2]
+    if t * (n_in + n_out) < n_in * n_out:
+        gram = g @ g.transpose(1, 2)  # (B, T, T)
+        return ((gram @ x) * x).sum(dim=(0, 1))
+    return (g.transpose(1, 2) @ x).pow(2).sum(dim=(0, 1))  # explicit (B, out, in)
 
 
 class ColumnFisher:
     """s[k] = (1/N) Σ_n Σ_r (∂ℓ_n/∂W[r,k])² for every target weight, in float32."""
 
-    def __init__(self, model: nn.Module, target_modules: Sequence[str]):
+    def __init__(self, model: nn.Module, target_modules: Sequence[str], pad_id: int = 0):
         self.model = model
         modules = dict(model.named_modules())
-        self.weights = {name: modules[name].weight for name in target_modules}
+        self.modules = {name: modules[name] for name in target_modules}
         self.sums = {
-            name: torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
-            for name, w in self.weights.items()
+            name: torch.zeros(m.weight.shape[1], dtype=torch.float32, device=m.weight.device)
+            for name, m in self.modules.items()
         }
         self.n_samples = 0
+        self.pad_id = pad_id
         self.device = next(model.parameters()).device
-        self._handles: list[Any] = []
 
-    def _attach(self) -> None:
+    def _capture(self, name: str) -> Any:
+        def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            inputs = args[0].detach()
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                self.sums[name] += column_grad_sq(inputs, grad)
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    def add_batch(self, samples: Sequence[EncodedSample]) -> list[float]:
+        """One forward/backward over a padded batch; returns the per-sample losses."""
         for param in self.model.parameters():
             param.requires_grad_(False)
-        for name, weight in self.weights.items():
-            weight.requires_grad_(True)
-            self._handles.append(weight.register_post_accumulate_grad_hook(self._reducer(name)))
-
-    def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for weight in self.weights.values():
-            weight.requires_grad_(False)
-            weight.grad = None
-
-    def _reducer(self, name: str) -> Any:
-        def hook(param: torch.Tensor) -> None:
-            self.sums[name] += param.grad.float().pow(2).sum(dim=0)
-            param.grad = None
-
-        return hook
+        # Gradients must flow to activations, not weights: start them at the embeddings.
+        handles = [
+            self.model.get_input_embeddings().register_forward_hook(
+                lambda _m, _a, out: out.requires_grad_(True)
+            )
+        ]
+        handles += [m.register_forward_hook(self._capture(n)) for n, m in self.modules.items()]
+        try:
+            losses = response_losses(self.model, samples, self.pad_id, self.device)
+            losses.sum().backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.n_samples += len(samples)
+        return losses.detach().cpu().tolist()
 
     def add_sample(self, sample: EncodedSample) -> float:
-        """One forward/backward on one sample; returns its loss."""
-        self._attach()
-        try:
-            loss = response_loss(self.model, sample, self.device)
-            loss.backward()
-        finally:
-            self._detach()
-        self.n_samples += 1
-        return loss.item()
+        return self.add_batch([sample])[0]
 
     def scores(self) -> dict[str, torch.Tensor]:
         if self.n_samples == 0:

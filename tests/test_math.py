@@ -16,7 +16,7 @@ from hcnr_core.compensation import (
 )
 from hcnr_core.data import encode_samples, load_jsonl
 from hcnr_core.pipeline import target_linears
-from hcnr_core.scoring import ColumnFisher, InputHessians, pad_batch
+from hcnr_core.scoring import ColumnFisher, InputHessians, column_grad_sq, pad_batch
 from hcnr_core.selection import (
     displacement,
     priority,
@@ -44,12 +44,16 @@ def brute_force_loss(model, sample):
     return -torch.stack(picked).mean()
 
 
-def test_fisher_equals_per_sample_brute_force(base_model_and_data):
-    model, _, samples, targets = base_model_and_data
-    fisher = ColumnFisher(model, targets)
-    for sample in samples:
-        fisher.add_sample(sample)
+@pytest.mark.parametrize("batch_size", [1, 4, 6])
+def test_fisher_equals_per_sample_brute_force(base_model_and_data, batch_size):
+    model, tokenizer, samples, targets = base_model_and_data
+    fisher = ColumnFisher(model, targets, tokenizer.pad_token_id)
+    losses = []
+    for i in range(0, len(samples), batch_size):  # padded batches of unequal lengths
+        losses += fisher.add_batch(samples[i : i + batch_size])
     scores = fisher.scores()
+    for loss, sample in zip(losses, samples, strict=True):
+        assert loss == pytest.approx(brute_force_loss(model, sample).item(), rel=1e-9)
 
     modules = dict(model.named_modules())
     weights = [modules[t].weight for t in targets]
@@ -71,6 +75,16 @@ def test_fisher_equals_per_sample_brute_force(base_model_and_data):
         )
         assert scores[t].dtype == torch.float32
         assert scores[t].sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 40, 30), (2, 50, 8, 6), (1, 1, 1, 1)])
+def test_column_grad_sq_both_branches_equal_explicit_gradients(shape):
+    batch, tokens, n_in, n_out = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, tokens, n_in, generator=g, dtype=torch.float64)
+    grads = torch.randn(batch, tokens, n_out, generator=g, dtype=torch.float64)
+    explicit = sum((grads[b].T @ x[b]).pow(2).sum(dim=0) for b in range(batch))
+    torch.testing.assert_close(column_grad_sq(x, grads), explicit)
 
 
 def test_fisher_leaves_no_gradients_behind(base_model_and_data):
