@@ -154,6 +154,13 @@ def toy(
     paths = build_toy(out, seed=seed)
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 
+# --- the repair-job service (issue 4) ---
+from hcnr_cli import keys_cmd, serve_cmd  # noqa: E402
+
+app.command()(serve_cmd.serve)
+app.command()(serve_cmd.migrate)
+app.add_typer(keys_cmd.app, name="keys")
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

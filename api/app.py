@@ -1,0 +1,55 @@
+"""`create_app(settings)`: the HCNR repair-job API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.limits import UploadSizeLimit
+from api.metrics import Metrics, MetricsMiddleware
+from api.routes import artifacts, files, health, jobs
+from store.db import make_engine, make_session_factory, migrate
+from store.settings import Settings
+from store.storage import make_storage
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    enqueue: Callable[[str], None] | None = None,
+    run_migrations: bool = True,
+) -> FastAPI:
+    settings = settings or Settings()
+    settings.ensure_dirs()
+    if run_migrations:
+        migrate(settings.db_url)
+    app = FastAPI(
+        title="HCNR repair-job service",
+        version="1.0.0",
+        description="Repair the honesty of fine-tuned LLMs (HCNR) as asynchronous jobs.",
+    )
+    engine = make_engine(settings.db_url)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.storage = make_storage(settings)
+    app.state.enqueue, app.state.broker_check = _broker(settings, enqueue)
+    app.state.metrics = Metrics(app.state.session_factory)
+    for module in (files, jobs, artifacts, health):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def _broker(settings: Settings, enqueue: Callable[[str], None] | None):
+    """The Celery producer, unless a test gives its own `enqueue`."""
+    from worker.celery_app import broker_check_with, enqueue_with, make_celery
+
+    celery = make_celery(settings)
+    if enqueue is not None:
+        return enqueue, lambda: None
+    return enqueue_with(celery), broker_check_with(celery)

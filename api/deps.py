@@ -1,0 +1,57 @@
+"""FastAPI dependencies, as `Annotated` aliases used by every route."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.errors import APIError
+from store import repositories
+from store.models import Tenant
+from store.settings import Settings
+from store.storage import Storage
+
+bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer hcnr_...`")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_enqueue(request: Request) -> Callable[[str], None]:
+    return request.app.state.enqueue
+
+
+def get_tenant(
+    session: Annotated[Session, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Tenant:
+    if credentials is None:
+        raise APIError(401, "unauthorized", "missing bearer API key")
+    tenant = repositories.authenticate(session, credentials.credentials)
+    if tenant is None:
+        raise APIError(401, "unauthorized", "invalid or revoked API key")
+    return tenant
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

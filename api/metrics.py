@@ -1,0 +1,76 @@
+"""Prometheus metrics of one app instance (its own registry)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from store import repositories
+from store.db import session_scope
+from store.models import JOB_STATES
+
+
+class JobsCollector:
+    """`hcnr_jobs{status}` read from the database at scrape time."""
+
+    def __init__(self, session_factory):
+        self.session_factory = session_factory
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily("hcnr_jobs", "Repair jobs by status", labels=["status"])
+        try:
+            with session_scope(self.session_factory) as session:
+                counts = repositories.count_jobs_by_status(session)
+        except Exception:
+            return
+        for status in JOB_STATES:
+            gauge.add_metric([status], counts.get(status, 0))
+        yield gauge
+
+
+class Metrics:
+    def __init__(self, session_factory):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hcnr_http_requests",
+            "HTTP requests",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "hcnr_http_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+        )
+        self.registry.register(JobsCollector(session_factory))
+
+
+class MetricsMiddleware:
+    """Counts requests by route template (never by raw path: ids would explode labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status["code"])).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)

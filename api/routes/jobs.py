@@ -1,0 +1,210 @@
+"""/v1/repair-jobs: create, list, get, cancel, events (paginated and a live stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from api import services
+from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import ERROR_RESPONSES, APIError
+from api.schemas import (
+    EventList,
+    EventPublic,
+    JobStatus,
+    RepairJobCreate,
+    RepairJobList,
+    RepairJobPublic,
+)
+from store import repositories
+from store.db import session_scope
+from store.models import TERMINAL_STATES, Job
+
+POLL_SECONDS = 0.5
+KEEPALIVE_POLLS = 30
+
+router = APIRouter(prefix="/v1/repair-jobs", tags=["repair-jobs"], responses=ERROR_RESPONSES)
+
+
+def job_public(job: Job) -> RepairJobPublic:
+    error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
+    return RepairJobPublic(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress,
+        eta_seconds=job.eta_seconds,
+        base=job.base_ref,
+        finetuned=job.finetuned_ref,
+        honesty_file=job.honesty_file_id,
+        task_file=job.task_file_id,
+        eval_file=job.eval_file_id,
+        hyperparameters=job.config,
+        metadata=job.metadata_dict,
+        webhook_url=job.webhook_url,
+        stage_seconds=job.stage_seconds or {},
+        metrics=job.metrics,
+        error=error,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def event_public(event) -> EventPublic:
+    return EventPublic.model_validate(event, from_attributes=True)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=RepairJobPublic,
+    responses={200: {"model": RepairJobPublic, "description": "Idempotent replay"}},
+)
+def create_job(
+    body: RepairJobCreate,
+    response: Response,
+    tenant: TenantDep,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    enqueue: EnqueueDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> RepairJobPublic:
+    """Validate (references, compatibility, files) and queue a repair job."""
+    job, created = services.create_job(
+        session, storage, settings, enqueue, tenant, body, idempotency_key
+    )
+    if not created:
+        response.status_code = 200
+    return job_public(job)
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(422, "invalid_cursor", "malformed cursor") from exc
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def _labels(metadata: list[str]) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in metadata]
+    if any(len(pair) != 2 for pair in pairs):
+        raise APIError(422, "invalid_request", "metadata filters are key=value")
+    return dict(pairs)
+
+
+@router.get("", response_model=RepairJobList)
+def list_jobs(
+    tenant: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    status: JobStatus | None = None,
+    metadata: Annotated[list[str], Query(description="key=value, repeatable")] = [],  # noqa: B006
+) -> RepairJobList:
+    """Newest first, cursor-paginated; filter by status and metadata."""
+    after = _decode_cursor(cursor) if cursor else None
+    jobs = repositories.list_jobs(
+        session, tenant.id, limit=limit + 1, after=after, status=status, labels=_labels(metadata)
+    )
+    page = jobs[:limit]
+    next_cursor = _encode_cursor(page[-1]) if len(jobs) > limit else None
+    return RepairJobList(
+        data=[job_public(j) for j in page], has_more=len(jobs) > limit, next_cursor=next_cursor
+    )
+
+
+@router.get("/{job_id}", response_model=RepairJobPublic)
+def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> RepairJobPublic:
+    return job_public(services.get_job(session, tenant, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=RepairJobPublic,
+    responses={409: {"description": "The job already finished"}},
+)
+def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> RepairJobPublic:
+    """Queued jobs are cancelled at once; running ones go to `cancelling` first."""
+    return job_public(services.cancel_job(session, tenant, job_id))
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def list_events(
+    job_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0, description="Events with an id above this")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventList:
+    job = services.get_job(session, tenant, job_id)
+    events = repositories.list_events(session, job.id, after, limit + 1)
+    page = events[:limit]
+    more = len(events) > limit
+    return EventList(
+        data=[event_public(e) for e in page],
+        has_more=more,
+        next_cursor=page[-1].id if more else None,
+    )
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+)
+def stream_events(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    last_event_id: Annotated[int, Header(ge=0)] = 0,
+) -> StreamingResponse:
+    """Live events as server-sent events; the stream ends when the job is finished."""
+    job = services.get_job(session, tenant, job_id)
+    factory = request.app.state.session_factory
+    return StreamingResponse(
+        _event_source(factory, job.id, last_event_id, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _poll(factory, job_id: str, after: int) -> tuple[list[EventPublic], str]:
+    with session_scope(factory) as session:
+        events = repositories.list_events(session, job_id, after, 500)
+        status = repositories.get_job_by_id(session, job_id).status
+        return [event_public(e) for e in events], status
+
+
+async def _event_source(factory, job_id: str, after: int, request: Request) -> AsyncIterator[str]:
+    idle_polls = 0
+    while not await request.is_disconnected():
+        events, status = await run_in_threadpool(_poll, factory, job_id, after)
+        for event in events:
+            after = event.id
+            yield f"id: {event.id}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+        if status in TERMINAL_STATES and not events:
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        idle_polls = 0 if events else idle_polls + 1
+        if idle_polls and idle_polls % KEEPALIVE_POLLS == 0:
+            yield ": keep-alive\n\n"
+        if not events:
+            await asyncio.sleep(POLL_SECONDS)

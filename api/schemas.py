@@ -1,0 +1,142 @@
+"""Request and response bodies: the contract published in the OpenAPI document.
+
+Create* are what clients send, *Public what they get back; the tables live in store.models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+
+from hcnr_core.config import Compensation, DType, Selection
+
+FilePurpose = Literal["honesty", "task", "eval"]
+JobStatus = Literal[
+    "validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
+]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_data")
+    message: str
+    details: Any | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class FilePublic(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    purpose: FilePurpose
+    filename: str
+    bytes: int
+    sha256: str
+    samples: int
+    created_at: datetime
+
+
+class Hyperparameters(BaseModel):
+    """RepairConfig fields a client may set; the device is the worker's business."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r_iw: float = Field(0.5, ge=0.0, le=1.0)
+    r_cw: float = Field(0.4, ge=0.0, le=1.0)
+    compensation: Compensation = "paper"
+    selection: Selection = "hcnr"
+    damping: float = Field(0.01, ge=0.0)
+    seed: int = Field(0, ge=0)
+    dtype: DType = "float32"
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    batch_size: int = Field(8, ge=1, le=1024)
+    target_modules: str | None = None
+
+
+class RepairJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="'path:<dir under the models root>' or 'hf:org/name@rev'")
+    finetuned: str = Field(description="Full fine-tuned model or PEFT LoRA adapter reference")
+    honesty_file: str = Field(description="Id of an uploaded file with purpose honesty")
+    task_file: str = Field(description="Id of an uploaded file with purpose task")
+    eval_file: str | None = Field(None, description="Optional eval set (purpose eval)")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
+    webhook_url: AnyHttpUrl | None = Field(None, description="POSTed on terminal states")
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class RepairJobPublic(BaseModel):
+    object: Literal["repair_job"] = "repair_job"
+    id: str
+    status: JobStatus
+    stage: str | None
+    progress: float = Field(ge=0.0, le=1.0)
+    eta_seconds: float | None
+    base: str
+    finetuned: str
+    honesty_file: str
+    task_file: str
+    eval_file: str | None
+    hyperparameters: dict[str, Any]
+    metadata: dict[str, str]
+    webhook_url: str | None
+    stage_seconds: dict[str, float]
+    metrics: dict[str, Any] | None
+    error: JobError | None
+    attempts: int
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RepairJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RepairJobPublic]
+    has_more: bool
+    next_cursor: str | None
+
+
+class EventPublic(BaseModel):
+    object: Literal["event"] = "event"
+    id: int
+    created_at: datetime
+    type: str
+    stage: str | None
+    progress: float | None
+    message: str
+    data: dict[str, Any] | None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventPublic]
+    has_more: bool
+    next_cursor: int | None
+
+
+class ArtifactPublic(BaseModel):
+    object: Literal["artifact"] = "artifact"
+    name: str
+    bytes: int
+    sha256: str
+    url: str
+
+
+class ArtifactList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ArtifactPublic]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

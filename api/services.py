@@ -1,0 +1,307 @@
+"""What the routes do: uploads, job creation with validation, cancellation, artifacts.
+
+Routes stay thin and call these; every lookup here is scoped by the caller's tenant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from fastapi import UploadFile
+from pydantic import ValidationError
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import APIError, not_found
+from api.schemas import FilePurpose, RepairJobCreate
+from hcnr_core.config import RepairConfig
+from hcnr_core.data import parse_jsonl
+from hcnr_core.pipeline import RepairPipeline
+from store import repositories
+from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
+from store.references import resolve_reference
+from store.settings import Settings
+from store.storage import Storage
+
+log = logging.getLogger("hcnr.api")
+CHUNK = 1 << 20
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def _spool_upload(upload: UploadFile, target: IO[bytes], limit: int) -> tuple[int, str]:
+    size, digest = 0, hashlib.sha256()
+    while block := upload.file.read(CHUNK):
+        size += len(block)
+        if size > limit:
+            raise APIError(413, "payload_too_large", f"file exceeds the {limit}-byte limit")
+        digest.update(block)
+        target.write(block)
+    return size, digest.hexdigest()
+
+
+def store_upload(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant: Tenant,
+    upload: UploadFile,
+    purpose: FilePurpose,
+) -> File:
+    """Stream the upload to disk, validate it as JSONL samples, keep it in storage."""
+    filename = Path(upload.filename or "upload.jsonl").name[:255]
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=settings.scratch_dir, suffix=".jsonl") as spooled:
+        size, sha256 = _spool_upload(upload, spooled, settings.max_upload_bytes)
+        spooled.flush()
+        data = Path(spooled.name).read_bytes()
+        minimum = 1 if purpose == "eval" else settings.min_samples
+        samples = parse_jsonl(
+            data,
+            filename,
+            min_samples=minimum,
+            max_samples=settings.max_samples,
+            max_bytes=settings.max_upload_bytes,
+        )
+        file = File(
+            id=new_id("file"),
+            tenant_id=tenant.id,
+            purpose=purpose,
+            filename=filename,
+            bytes=size,
+            sha256=sha256,
+            samples=len(samples),
+            storage_key="",
+        )
+        file.storage_key = f"files/{tenant.id}/{file.id}.jsonl"
+        storage.put_file(Path(spooled.name), file.storage_key)
+    session.add(file)
+    session.commit()
+    return file
+
+
+def get_file(session: Session, tenant: Tenant, file_id: str) -> File:
+    file = repositories.get_file(session, tenant.id, file_id)
+    if file is None:
+        raise not_found("file", file_id)
+    return file
+
+
+def local_file(storage: Storage, settings: Settings, file: File, scratch: Path) -> Path:
+    """A local path of an uploaded file (downloaded when storage is remote)."""
+    local = storage.local_path(file.storage_key)
+    return (
+        local
+        if local is not None
+        else storage.get_file(file.storage_key, scratch / f"{file.id}.jsonl")
+    )
+
+
+# --- job creation ------------------------------------------------------------------------
+
+
+def repair_config(body: RepairJobCreate, settings: Settings) -> RepairConfig:
+    values = body.hyperparameters.model_dump(exclude_none=True)
+    try:
+        return RepairConfig(**values, device=settings.worker_device)
+    except ValidationError as exc:
+        raise APIError(422, "invalid_hyperparameters", str(exc)) from exc
+
+
+def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) -> File:
+    file = get_file(session, tenant, file_id)
+    if file.purpose != purpose:
+        raise APIError(
+            422,
+            "invalid_file_purpose",
+            f"file {file_id!r} has purpose {file.purpose!r}, expected {purpose!r}",
+        )
+    return file
+
+
+def validate_job(
+    session: Session, storage: Storage, settings: Settings, tenant: Tenant, body: RepairJobCreate
+) -> RepairConfig:
+    """Every check that needs no GPU: files, hyper-parameters, references, compatibility."""
+    honesty = _input_file(session, tenant, body.honesty_file, "honesty")
+    task = _input_file(session, tenant, body.task_file, "task")
+    if body.eval_file:
+        _input_file(session, tenant, body.eval_file, "eval")
+    config = repair_config(body, settings)
+    base = resolve_reference(body.base, settings.models_dir)
+    finetuned = resolve_reference(body.finetuned, settings.models_dir)
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
+        paths = [local_file(storage, settings, f, Path(scratch)) for f in (honesty, task)]
+        RepairPipeline(config).prepare(base, finetuned, *paths)
+    return config
+
+
+def _request_hash(body: RepairJobCreate) -> str:
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+
+def _idempotent_replay(
+    session: Session, tenant: Tenant, key: str | None, request_hash: str
+) -> Job | None:
+    if not key:
+        return None
+    job = repositories.find_idempotent_job(session, tenant.id, key)
+    if job is not None and job.request_hash != request_hash:
+        raise APIError(
+            409, "idempotency_conflict", "this Idempotency-Key was used with a different body"
+        )
+    return job
+
+
+def create_job(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    enqueue: Callable[[str], None],
+    tenant: Tenant,
+    body: RepairJobCreate,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Validate, record and enqueue a job; returns (job, created). Replays return the
+    job an earlier request with the same Idempotency-Key created."""
+    request_hash = _request_hash(body)
+    existing = _idempotent_replay(session, tenant, idempotency_key, request_hash)
+    if existing is not None:
+        return existing, False
+    config = validate_job(session, storage, settings, tenant, body)
+    job = _new_job(tenant, body, config, idempotency_key, request_hash)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same key won the race
+        session.rollback()
+        return _idempotent_replay(session, tenant, idempotency_key, request_hash), False
+    repositories.add_event(session, job, "created", "job created")
+    job.status, job.queued_at = "queued", utcnow()
+    repositories.add_event(session, job, "queued", "validated; waiting for a worker")
+    session.commit()
+    _send(enqueue, job.id)
+    return job, True
+
+
+def _new_job(
+    tenant: Tenant,
+    body: RepairJobCreate,
+    config: RepairConfig,
+    idempotency_key: str | None,
+    request_hash: str,
+) -> Job:
+    return Job(
+        id=new_id("job"),
+        tenant_id=tenant.id,
+        status="validating",
+        base_ref=body.base,
+        finetuned_ref=body.finetuned,
+        honesty_file_id=body.honesty_file,
+        task_file_id=body.task_file,
+        eval_file_id=body.eval_file,
+        config=config.model_dump(exclude={"device"}),
+        webhook_url=str(body.webhook_url) if body.webhook_url else None,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        labels=[JobLabel(key=k, value=v) for k, v in body.metadata.items()],
+    )
+
+
+def _send(enqueue: Callable[[str], None], job_id: str) -> None:
+    try:
+        enqueue(job_id)
+    except Exception:  # the row is queued; the reconciler re-sends stale queued jobs
+        log.exception("could not enqueue job %s; the reconciler will retry", job_id)
+
+
+# --- reading and cancelling jobs -------------------------------------------------------------
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = repositories.get_job(session, tenant.id, job_id)
+    if job is None:
+        raise not_found("repair job", job_id)
+    return job
+
+
+def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    """queued → cancelled at once; running → cancelling (the worker stops between steps)."""
+    job = get_job(session, tenant, job_id)
+    now = utcnow()
+    done = _transition(
+        session, job_id, ("validating", "queued"), status="cancelled", finished_at=now
+    )
+    if not done:
+        done = _transition(session, job_id, ("running",), status="cancelling")
+    session.refresh(job)
+    if not done and job.status != "cancelling":
+        raise APIError(409, "job_not_cancellable", f"job is already {job.status}")
+    if done:
+        repositories.add_event(session, job, job.status, "cancellation requested")
+        session.commit()
+    return job
+
+
+def _transition(session: Session, job_id: str, from_states: tuple[str, ...], **values) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(from_states))
+        .values(updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+# --- artifacts -------------------------------------------------------------------------------
+
+
+def succeeded_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = get_job(session, tenant, job_id)
+    if job.status != "succeeded":
+        raise APIError(409, "artifacts_not_ready", f"job is {job.status}; no artifacts yet")
+    return job
+
+
+def get_artifact(session: Session, tenant: Tenant, job_id: str, name: str) -> Artifact:
+    job = succeeded_job(session, tenant, job_id)
+    artifact = repositories.get_artifact(session, job.id, name)
+    if artifact is None:
+        raise not_found("artifact", name)
+    return artifact
+
+
+def read_range(storage: Storage, key: str, start: int, end: int) -> Iterator[bytes]:
+    """Bytes start..end (inclusive) of a stored file, in chunks."""
+    with storage.open(key) as handle:
+        handle.seek(start)
+        remaining = end - start + 1
+        while remaining > 0:
+            block = handle.read(min(CHUNK, remaining))
+            if not block:
+                break
+            remaining -= len(block)
+            yield block
+
+
+def tar_stream(storage: Storage, prefix: str, artifacts: list[Artifact]) -> Iterator[bytes]:
+    """A POSIX tar of the artifacts, generated block by block (never held in memory)."""
+    for artifact in artifacts:
+        info = tarfile.TarInfo(f"{prefix}/{artifact.name}")
+        info.size, info.mode = artifact.bytes, 0o644
+        info.mtime = int(artifact.created_at.timestamp())
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        yield from read_range(storage, artifact.storage_key, 0, artifact.bytes - 1)
+        padding = -artifact.bytes % tarfile.BLOCKSIZE
+        if padding:
+            yield b"\0" * padding
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)

@@ -1,0 +1,51 @@
+"""The Celery app: one worker process per GPU, `acks_late`, prefetch 1.
+
+celery -A worker.celery_app worker --concurrency 1 --pool prefork -Q hcnr
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from store.settings import Settings
+
+TASK_NAME = "hcnr.run_repair_job"
+QUEUE = "hcnr"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("hcnr", broker=settings.celery_broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,  # a job whose worker died is redelivered...
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # ...and one worker never hoards jobs
+        task_ignore_result=True,  # the database is the source of truth
+        task_default_queue=QUEUE,
+        task_routes={TASK_NAME: {"queue": QUEUE}},
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    app.conf.hcnr_settings = settings
+    return app
+
+
+def enqueue_with(celery: Celery):
+    def enqueue(job_id: str) -> None:
+        celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
+
+    return enqueue
+
+
+def broker_check_with(celery: Celery):
+    def check() -> None:
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+
+    return check
+
+
+app = make_celery(Settings())

@@ -1,0 +1,67 @@
+"""Re-queues jobs whose worker died (expired lease), up to `max_attempts` runs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from store import repositories
+from store.db import session_scope
+from store.models import Job, utcnow
+from store.settings import Settings
+
+log = logging.getLogger("hcnr.reconciler")
+
+
+def reconcile_once(
+    session_factory: sessionmaker[Session], settings: Settings, enqueue: Callable[[str], None]
+) -> dict[str, str]:
+    """One pass; returns {job_id: new status} for every job it touched."""
+    changed: dict[str, str] = {}
+    with session_scope(session_factory) as session:
+        for job in repositories.expired_jobs(session, utcnow()):
+            changed[job.id] = _recover(session, job, settings.max_attempts)
+    for job_id, status in changed.items():
+        if status == "queued":
+            enqueue(job_id)
+    return changed
+
+
+def _recover(session: Session, job: Job, max_attempts: int) -> str:
+    lost = job.worker_id
+    job.worker_id, job.lease_expires_at = None, None
+    if job.status == "cancelling":
+        job.status, job.finished_at = "cancelled", utcnow()
+        repositories.add_event(session, job, "cancelled", f"worker {lost} lost while cancelling")
+    elif job.attempts >= max_attempts:
+        job.status, job.finished_at = "failed", utcnow()
+        job.error_code = "worker_lost"
+        job.error_message = f"the worker died {job.attempts} times (limit {max_attempts})"
+        repositories.add_event(session, job, "failed", job.error_message, {"code": "worker_lost"})
+    else:
+        job.status, job.stage, job.progress, job.eta_seconds = "queued", None, 0.0, None
+        job.queued_at = utcnow()
+        repositories.add_event(session, job, "requeued", f"worker {lost} lost its lease")
+    return job.status
+
+
+class ReconcilerThread(threading.Thread):
+    """Runs `reconcile_once` every `settings.reconcile_seconds` until stopped."""
+
+    def __init__(self, session_factory, settings: Settings, enqueue: Callable[[str], None]):
+        super().__init__(daemon=True, name="hcnr-reconciler")
+        self.args_ = (session_factory, settings, enqueue)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        settings = self.args_[1]
+        while not self.stopped.wait(settings.reconcile_seconds):
+            try:
+                changed = reconcile_once(*self.args_)
+                if changed:
+                    log.warning("reconciled jobs: %s", changed)
+            except Exception:
+                log.exception("reconciler pass failed")

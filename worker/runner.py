@@ -1,0 +1,318 @@
+"""One job run: claim the row, run the pipeline with progress -> database, publish.
+
+Called by the Celery task with a job id; it opens its own sessions and records every
+state change, progress step and error on the job row.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from hcnr_core.config import RepairConfig
+from hcnr_core.errors import HCNRError, RepairCancelled
+from hcnr_core.pipeline import ProgressEvent, RepairPipeline
+from hcnr_core.writer import REPORT_NAME, sha256_file
+from store import repositories
+from store.db import session_scope
+from store.models import ACTIVE_STATES, Artifact, File, Job, utcnow
+from store.references import resolve_reference
+from store.settings import Settings
+from store.storage import Storage
+from worker import webhooks
+
+log = logging.getLogger("hcnr.worker")
+
+
+def worker_id() -> str:
+    import os
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Context:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    storage: Storage
+    worker: str = field(default_factory=worker_id)
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoint"
+
+
+# --- lease and cancellation ------------------------------------------------------------
+
+
+class Lease:
+    """Renews the job's lease in a thread and notices cancellation requests."""
+
+    def __init__(self, ctx: Context, job_id: str):
+        self.ctx, self.job_id = ctx, job_id
+        self.cancelled, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"lease-{job_id}")
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
+            try:
+                self.renew()
+            except Exception:
+                log.exception("lease renewal of %s failed", self.job_id)
+
+    def renew(self) -> None:
+        with session_scope(self.ctx.session_factory) as session:
+            status = repositories.renew_lease(
+                session, self.job_id, self.ctx.worker, self.ctx.settings.lease_seconds
+            )
+        if status != "running":
+            self.cancelled.set()
+
+
+class ProgressRecorder:
+    """Pipeline progress -> the job row (throttled) and one event per stage."""
+
+    def __init__(self, ctx: Context, job_id: str, lease: Lease):
+        self.ctx, self.job_id, self.lease = ctx, job_id, lease
+        self.started = time.monotonic()
+        self.stage: str | None = None
+        self.last_write = 0.0
+        self.pipeline: RepairPipeline | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        now = time.monotonic()
+        new_stage = event.stage != self.stage
+        if not new_stage and now - self.last_write < self.ctx.settings.progress_interval_seconds:
+            return
+        self.stage, self.last_write = event.stage, now
+        elapsed = now - self.started
+        eta = elapsed * (1 - event.fraction) / event.fraction if event.fraction > 0.02 else None
+        with session_scope(self.ctx.session_factory) as session:
+            job = repositories.get_job_by_id(session, self.job_id)
+            job.stage, job.progress = event.stage, round(event.fraction, 4)
+            job.eta_seconds = round(eta, 1) if eta is not None else None
+            if self.pipeline is not None:
+                job.stage_seconds = dict(self.pipeline.stage_seconds)
+            if new_stage:
+                repositories.add_event(session, job, "stage", f"stage {event.stage} started")
+            if job.status != "running":
+                self.lease.cancelled.set()
+
+    def should_cancel(self) -> bool:
+        return self.lease.cancelled.is_set()
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def run_job(job_id: str, ctx: Context) -> str:
+    """Run one job if it can be claimed; returns its final (or current) status."""
+    with session_scope(ctx.session_factory) as session:
+        if not repositories.claim_job(session, job_id, ctx.worker, ctx.settings.lease_seconds):
+            job = repositories.get_job_by_id(session, job_id)
+            return job.status if job else "missing"
+        job = repositories.get_job_by_id(session, job_id)
+        repositories.add_event(session, job, "running", f"attempt {job.attempts} on {ctx.worker}")
+    scratch = ctx.settings.scratch_dir / f"{job_id}-{ctx.worker.replace(':', '-')}"
+    try:
+        with Lease(ctx, job_id) as lease:
+            status, outcome = _execute(ctx, job_id, lease, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _finish(ctx, job_id, status, outcome)
+    return status
+
+
+def _execute(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[str, dict]:
+    try:
+        report, out = _repair(ctx, job_id, lease, scratch)
+        return "succeeded", {"report": report, "out": out}
+    except RepairCancelled:
+        return "cancelled", {}
+    except HCNRError as exc:
+        return "failed", {"code": exc.code, "message": str(exc)}
+    except Exception as exc:  # recorded on the row: the user sees what went wrong
+        log.exception("job %s failed", job_id)
+        return "failed", {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def _inputs(ctx: Context, job: Job, scratch: Path) -> dict[str, Any]:
+    def local(file_id: str | None) -> Path | None:
+        if file_id is None:
+            return None
+        with session_scope(ctx.session_factory) as session:
+            file = session.get(File, file_id)
+        path = ctx.storage.local_path(file.storage_key)
+        return path or ctx.storage.get_file(file.storage_key, scratch / f"{file.id}.jsonl")
+
+    root = ctx.settings.models_dir
+    return {
+        "base": resolve_reference(job.base_ref, root),
+        "finetuned": resolve_reference(job.finetuned_ref, root),
+        "honesty": local(job.honesty_file_id),
+        "task": local(job.task_file_id),
+        "eval": local(job.eval_file_id),
+    }
+
+
+def _output_dir(ctx: Context, job_id: str, scratch: Path) -> Path:
+    local = ctx.storage.local_path(checkpoint_prefix(job_id))
+    if local is None:
+        return scratch / "checkpoint"
+    if local.exists():  # left by an attempt that died after publishing, before recording
+        shutil.rmtree(local)
+    return local
+
+
+def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dict, Path]:
+    with session_scope(ctx.session_factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+    scratch.mkdir(parents=True, exist_ok=True)
+    inputs = _inputs(ctx, job, scratch)
+    config = RepairConfig(**job.config, device=ctx.settings.worker_device)
+    recorder = ProgressRecorder(ctx, job_id, lease)
+    pipeline = RepairPipeline(config, progress=recorder, should_cancel=recorder.should_cancel)
+    recorder.pipeline = pipeline
+    prepared = pipeline.prepare(
+        inputs["base"], inputs["finetuned"], inputs["honesty"], inputs["task"]
+    )
+    out = _output_dir(ctx, job_id, scratch)
+    report = pipeline.run(prepared, out)
+    if lease.cancelled.is_set():
+        _discard(ctx, job_id, out)
+        raise RepairCancelled("cancelled after the last step")
+    if inputs["eval"] is not None:
+        report["metrics"] = evaluate(config, inputs, out)
+    if not ctx.storage.is_local:
+        ctx.storage.put_dir(out, checkpoint_prefix(job_id))
+    return report, out
+
+
+def _discard(ctx: Context, job_id: str, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    if not ctx.storage.is_local:
+        ctx.storage.delete_prefix(checkpoint_prefix(job_id))
+
+
+def evaluate(config: RepairConfig, inputs: dict[str, Any], repaired: Path) -> dict[str, Any]:
+    """Before/after honesty metrics on the eval set, when the library ships an evaluator."""
+    try:
+        from hcnr_core.evaluation import compare_honesty  # type: ignore[import-not-found]
+    except ImportError:
+        return {"status": "skipped", "reason": "this build has no hcnr_core.evaluation"}
+    return compare_honesty(
+        base=inputs["base"],
+        finetuned=inputs["finetuned"],
+        repaired=repaired,
+        eval_path=inputs["eval"],
+        device=config.device,
+    )
+
+
+# --- recording the outcome -------------------------------------------------------------
+
+
+def _artifacts(job_id: str, report: dict, out: Path) -> list[Artifact]:
+    digests = dict(report.get("files", {}))
+    report_path = out / REPORT_NAME
+    digests[REPORT_NAME] = {"sha256": sha256_file(report_path), "bytes": report_path.stat().st_size}
+    prefix = checkpoint_prefix(job_id)
+    return [
+        Artifact(
+            job_id=job_id,
+            name=name,
+            bytes=info["bytes"],
+            sha256=info["sha256"],
+            storage_key=f"{prefix}/{name}",
+        )
+        for name, info in sorted(digests.items())
+    ]
+
+
+def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> None:
+    """Record the terminal state, only if this worker still holds the job."""
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "eta_seconds": None}
+    if status == "succeeded":
+        report = outcome["report"]
+        values.update(
+            progress=1.0,
+            report=report,
+            stage_seconds=report.get("stage_seconds", {}),
+            metrics=report.get("metrics"),
+        )
+    elif status == "failed":
+        values.update(error_code=outcome["code"], error_message=outcome["message"][:4000])
+    with session_scope(ctx.session_factory) as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.worker_id == ctx.worker, Job.status.in_(ACTIVE_STATES))
+            .values(updated_at=utcnow(), **values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            log.warning("job %s: lease lost before recording %s", job_id, status)
+            if status == "succeeded":
+                _discard(ctx, job_id, outcome["out"])
+            return
+        if status == "succeeded":
+            session.add_all(_artifacts(job_id, outcome["report"], outcome["out"]))
+        job = repositories.get_job_by_id(session, job_id)
+        message = outcome.get("message", f"job {status}")
+        repositories.add_event(session, job, status, message, _event_data(outcome))
+    notify(ctx, job_id)
+
+
+def _event_data(outcome: dict) -> dict | None:
+    return {"code": outcome["code"]} if "code" in outcome else None
+
+
+def notify(ctx: Context, job_id: str) -> None:
+    """The signed webhook of a terminal state, if the job asked for one."""
+    with session_scope(ctx.session_factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+        if not job.webhook_url:
+            return
+        url, payload = job.webhook_url, webhook_payload(job)
+    settings = ctx.settings
+    outcome = webhooks.deliver(
+        url,
+        f"repair_job.{payload['status']}",
+        payload,
+        settings.secret_key,
+        settings.webhook_attempts,
+        settings.webhook_backoff_seconds,
+    )
+    with session_scope(ctx.session_factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+        job.webhook_status = outcome
+        repositories.add_event(session, job, "webhook", f"webhook {outcome}")
+
+
+def webhook_payload(job: Job) -> dict[str, Any]:
+    error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
+    return {
+        "id": job.id,
+        "object": "repair_job",
+        "status": job.status,
+        "metadata": job.metadata_dict,
+        "error": error,
+        "metrics": job.metrics,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

@@ -1,0 +1,61 @@
+"""Signed webhooks on terminal job states, with retries.
+
+Signature header: `X-HCNR-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>` of
+`"<t>.<raw body>"` keyed by the service secret; receivers should check `t` is recent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+
+log = logging.getLogger("hcnr.webhooks")
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify(secret: str, header: str, body: bytes, tolerance_seconds: int = 300) -> bool:
+    """For receivers (and tests): check a signature header against the raw body."""
+    try:
+        fields = dict(part.split("=", 1) for part in header.split(","))
+        timestamp = int(fields["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs(time.time() - timestamp) > tolerance_seconds:
+        return False
+    return hmac.compare_digest(sign(secret, timestamp, body), header)
+
+
+def deliver(
+    url: str, event: str, payload: dict[str, Any], secret: str, attempts: int, backoff: float
+) -> str:
+    """POST until a 2xx (retrying network errors, 429 and 5xx); returns the outcome."""
+    body = json.dumps({"type": event, "data": payload}, default=str).encode()
+    for attempt in range(1, attempts + 1):
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "hcnr-webhooks/1",
+            "X-HCNR-Event": event,
+            "X-HCNR-Signature": sign(secret, timestamp, body),
+        }
+        try:
+            response = httpx.post(url, content=body, headers=headers, timeout=10)
+            if response.is_success:
+                return "delivered"
+            if response.status_code < 500 and response.status_code != 429:
+                return f"rejected_{response.status_code}"
+        except httpx.HTTPError as exc:
+            log.warning("webhook %s attempt %d failed: %s", url, attempt, exc)
+        if attempt < attempts:
+            time.sleep(backoff * 2 ** (attempt - 1))
+    return "failed"
