@@ -36,6 +36,9 @@ class RepairConfig(BaseModel):
     device: str = "cpu"
     max_seq_len: int = Field(512, ge=8, le=131072)
     batch_size: int = Field(8, ge=1, le=1024, description="Batch size of forward-only passes")
+    hessian_budget_mb: int = Field(
+        4096, ge=1, description="Max memory of Hessians held at once; more means fewer passes"
+    )
     target_modules: str = Field(
         DEFAULT_TARGET_MODULES, description="Regex searched in nn.Linear module names"
     )

@@ -50,10 +50,11 @@ STAGES: dict[str, float] = {
     "load_base": 0.05,
     "fisher_honesty": 0.3,
     "select": 0.04,
-    "hessian": 0.12,
-    "compensate": 0.06,
+    "compensate": 0.18,  # Hessians and compensation, chunk by chunk
     "save": 0.08,
 }
+# Stages timed in the report: the progress stages plus the Hessians' share of "compensate".
+TIMED_STAGES = (*STAGES, "hessian")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -129,9 +130,12 @@ class RepairPipeline:
 
     # --- progress and cancellation -------------------------------------------------
 
-    def _tick(self, done: int, total: int, message: str = "") -> None:
+    def _check_cancel(self) -> None:
         if self._should_cancel is not None and self._should_cancel():
             raise RepairCancelled(f"cancelled during {self._stage}")
+
+    def _tick(self, done: int, total: int, message: str = "") -> None:
+        self._check_cancel()
         if self._progress is None:
             return
         names = list(STAGES)
@@ -208,11 +212,87 @@ class RepairPipeline:
     def _hessians(self, model: Any, prep: PreparedRepair, modules: list[str]) -> InputHessians:
         hessians = InputHessians(model, modules)
         device = next(model.parameters()).device
-        batches = self._batches(prep.honesty)
-        for i, batch in enumerate(batches):
+        for batch in self._batches(prep.honesty):
+            self._check_cancel()
             hessians.add_batch(*pad_batch(batch, self._pad_id(prep), device))
-            self._tick(i + 1, len(batches))
         return hessians
+
+    def _hessian_chunks(self, model: Any, modules: list[str]) -> list[list[str]]:
+        """Modules in model order, split so each chunk's Hessians fit the memory budget.
+
+        Each chunk costs one (early-stopped) forward pass over D_hon; the budget trades
+        passes for peak memory. Shared-input groups are counted once per member, which
+        over-estimates and so stays within the budget.
+        """
+        budget = self.config.hessian_budget_mb * 2**20
+        named = dict(model.named_modules())
+        chunks: list[list[str]] = [[]]
+        used = 0
+        for name in modules:
+            cost = named[name].weight.shape[1] ** 2 * 4
+            if chunks[-1] and used + cost > budget:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(name)
+            used += cost
+        return chunks
+
+    def _select(
+        self, prep: PreparedRepair, hon: dict, task: dict, base_source: Any, ft_source: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], list[str]]:
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        columns, displacements = {}, {}
+        for i, module in enumerate(prep.targets):
+            weight = f"{module}.weight"
+            columns[weight] = select_columns(
+                cfg.selection, hon["scores"][module], task["scores"][module], cfg.r_iw, generator
+            )
+            displacements[weight] = displacement(
+                base_source.get(weight), ft_source.get(weight), columns[weight]
+            )
+            self._tick(i + 1, len(prep.targets))
+        return columns, displacements, select_matrices(displacements, cfg.r_cw)
+
+    def _compensate(
+        self,
+        model: Any,
+        prep: PreparedRepair,
+        kept: list[str],
+        columns: dict[str, torch.Tensor],
+        base_source: Any,
+        ft_source: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Repaired matrices (stored dtype, CPU), Hessians built chunk by chunk."""
+        cfg, device = self.config, torch.device(self.config.device)
+        order = {f"{m}.weight": i for i, m in enumerate(prep.targets)}
+        modules = [w.removesuffix(".weight") for w in sorted(kept, key=order.__getitem__)]
+        needs_h = cfg.compensation != "none"
+        chunks = self._hessian_chunks(model, modules) if needs_h and modules else [modules]
+        repaired: dict[str, torch.Tensor] = {}
+        hessian_seconds = 0.0
+        for chunk in chunks:
+            started = time.perf_counter()
+            hessians = self._hessians(model, prep, chunk) if needs_h else None
+            hessian_seconds += time.perf_counter() - started
+            for module in chunk:
+                weight = f"{module}.weight"
+                w_ft = ft_source.get(weight)
+                new = repair_matrix(
+                    cfg.compensation,
+                    base_source.get(weight).to(device),
+                    w_ft.to(device),
+                    columns[weight].to(device),
+                    hessians.hessian(module) if hessians else None,
+                    cfg.damping,
+                )
+                if not torch.isfinite(new).all():
+                    raise HCNRError(f"{weight}: compensation produced non-finite values")
+                repaired[weight] = new.to(dtype=w_ft.dtype, device="cpu")
+                self._tick(len(repaired), len(kept))
+            del hessians
+        self.stage_seconds["hessian"] = round(hessian_seconds, 4)
+        return repaired
 
     def run(self, prep: PreparedRepair, out: str | Path) -> dict[str, Any]:
         """Run every stage and publish the checkpoint at `out`; returns the report."""
@@ -220,7 +300,6 @@ class RepairPipeline:
         check_output_dir(out)
         torch.manual_seed(cfg.seed)
         dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
-        weights = [f"{m}.weight" for m in prep.targets]
 
         started = self._enter("load_finetuned")
         if prep.finetuned.kind == "adapter":
@@ -249,52 +328,20 @@ class RepairPipeline:
         self._leave(started)
 
         started = self._enter("select")
-        generator = torch.Generator().manual_seed(cfg.seed)
-        columns, displacements = {}, {}
-        for i, (module, weight) in enumerate(zip(prep.targets, weights, strict=True)):
-            columns[weight] = select_columns(
-                cfg.selection,
-                hon_fisher["scores"][module],
-                task_fisher["scores"][module],
-                cfg.r_iw,
-                generator,
-            )
-            displacements[weight] = displacement(
-                base_source.get(weight), ft_source.get(weight), columns[weight]
-            )
-            self._tick(i + 1, len(weights))
-        kept = select_matrices(displacements, cfg.r_cw)
+        columns, displacements, kept = self._select(
+            prep, hon_fisher, task_fisher, base_source, ft_source
+        )
         self._leave(started)
-
-        started = self._enter("hessian")
-        hessians = None
-        if cfg.compensation != "none" and kept:
-            hessians = self._hessians(model, prep, [w.removesuffix(".weight") for w in kept])
-        self._leave(started)
-        del model
-        gc.collect()
 
         started = self._enter("compensate")
-        repaired: dict[str, torch.Tensor] = {}
-        changed = 0
-        for i, weight in enumerate(kept):
-            w_ft = ft_source.get(weight)
-            h = hessians.hessian(weight.removesuffix(".weight")) if hessians else None
-            new = repair_matrix(
-                cfg.compensation,
-                base_source.get(weight).to(device),
-                w_ft.to(device),
-                columns[weight].to(device),
-                h,
-                cfg.damping,
-            )
-            if not torch.isfinite(new).all():
-                raise HCNRError(f"{weight}: compensation produced non-finite values")
-            repaired[weight] = new.to(dtype=w_ft.dtype, device="cpu")
-            changed += int((repaired[weight] != w_ft).sum())
-            self._tick(i + 1, len(kept))
-        del hessians
+        repaired = self._compensate(model, prep, kept, columns, base_source, ft_source)
+        del model
+        gc.collect()
+        changed = sum(int((w != ft_source.get(n)).sum()) for n, w in repaired.items())
         self._leave(started)
+        self.stage_seconds["compensate"] = round(
+            self.stage_seconds["compensate"] - self.stage_seconds["hessian"], 4
+        )
 
         started = self._enter("save")
         report = self._report(prep, columns, displacements, kept, changed, ft_source)

@@ -132,8 +132,16 @@ def pad_batch(
     return ids.to(device), mask.to(device)
 
 
+class _StopForward(Exception):
+    """Raised once every hooked module has seen its input: the rest of the pass is waste."""
+
+
 class InputHessians:
-    """H per input group of the target linears, from forward passes of a model."""
+    """H per input group of the target linears, from forward passes of a model.
+
+    A pass stops as soon as the last hooked module has seen its input, so Hessians of
+    early layers cost a fraction of a forward pass.
+    """
 
     def __init__(self, model: nn.Module, target_modules: Sequence[str]):
         self.model = model
@@ -146,6 +154,7 @@ class InputHessians:
         # During the discovery pass, inputs are kept alive so that no later tensor can
         # reuse their memory and be mistaken for a shared input.
         self._seen: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]] = {}
+        self._pending: set[str] = set()
 
     def _hook(self, name: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -153,14 +162,16 @@ class InputHessians:
             key = (x.data_ptr(), tuple(x.shape))
             if name not in self.group_of:  # first pass: discover shared inputs
                 self.group_of[name] = self._seen.setdefault(key, (name, x))[0]
-            if self.group_of[name] != name:
-                return
-            tokens = x[self._mask].float()  # (n_tok, in), padding excluded
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(
-                    x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device
-                )
-            self.sums[name].addmm_(tokens.T, tokens, alpha=2.0)
+            if self.group_of[name] == name:
+                tokens = x[self._mask].float()  # (n_tok, in), padding excluded
+                if name not in self.sums:
+                    self.sums[name] = torch.zeros(
+                        x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device
+                    )
+                self.sums[name].addmm_(tokens.T, tokens, alpha=2.0)
+            self._pending.discard(name)
+            if not self._pending:
+                raise _StopForward
 
         return hook
 
@@ -168,9 +179,12 @@ class InputHessians:
     def add_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self._mask = attention_mask.bool()
         self._seen = {}
+        self._pending = set(self.modules)
         handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
         finally:
             for handle in handles:
                 handle.remove()

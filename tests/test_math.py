@@ -127,6 +127,20 @@ def test_hessians_match_captured_inputs_and_share_groups(base_model_and_data):
     assert len(hessians.sums) == 4 * 2  # one H per group per layer, not per matrix
 
 
+def test_hessians_of_early_layers_stop_the_pass_early(base_model_and_data):
+    model, tokenizer, samples, targets = base_model_and_data
+    batch = pad_batch(samples, tokenizer.pad_token_id, torch.device("cpu"))
+    every, first = InputHessians(model, targets), InputHessians(model, targets[:3])
+    every.add_batch(*batch)
+    calls = []
+    handle = model.lm_head.register_forward_pre_hook(lambda *_: calls.append(1))
+    first.add_batch(*batch)
+    handle.remove()
+    assert calls == []  # the pass ended before the head
+    for name in targets[:3]:
+        assert torch.equal(first.hessian(name), every.hessian(name))
+
+
 def _problem(out=6, n_in=10, n_tok=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     w_base = torch.randn(out, n_in, generator=g, dtype=torch.float64)
