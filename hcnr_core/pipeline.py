@@ -190,6 +190,18 @@ class RepairPipeline:
 
     # --- the stages ----------------------------------------------------------------
 
+    def _load_finetuned(
+        self, prep: PreparedRepair, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Any, Any]:
+        """The fine-tuned model for the forward passes, and W_s at its stored dtype."""
+        if prep.finetuned.kind == "full":
+            return load_model(prep.finetuned, dtype, str(device)), prep.finetuned.source()
+        merged = load_merged_adapter(prep.base, prep.finetuned)
+        state = merged.state_dict()
+        # Only the names the base stores (tied weights appear once), kept on the CPU.
+        ft_source = DictSource({k: state[k] for k in prep.base.source().keys()})
+        return merged.to(dtype=dtype, device=device), ft_source
+
     def _pad_id(self, prep: PreparedRepair) -> int:
         pad_id = prep.tokenizer.pad_token_id
         return prep.tokenizer.eos_token_id if pad_id is None else pad_id
@@ -302,21 +314,14 @@ class RepairPipeline:
         dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
 
         started = self._enter("load_finetuned")
-        if prep.finetuned.kind == "adapter":
-            merged = load_merged_adapter(prep.base, prep.finetuned)
-            state = merged.state_dict()
-            ft_source = DictSource({k: state[k] for k in prep.base.source().keys()})
-            model = merged.to(dtype=dtype, device=device)
-        else:
-            ft_source = prep.finetuned.source()
-            model = load_model(prep.finetuned, dtype, cfg.device)
+        model, ft_source = self._load_finetuned(prep, dtype, device)
         self._leave(started)
 
         started = self._enter("fisher_task")
         task_fisher = self._fisher(model, prep, prep.task)
         self._leave(started)
         del model
-        gc.collect()
+        _release_memory()
 
         started = self._enter("load_base")
         base_source = prep.base.source()
@@ -336,7 +341,7 @@ class RepairPipeline:
         started = self._enter("compensate")
         repaired = self._compensate(model, prep, kept, columns, base_source, ft_source)
         del model
-        gc.collect()
+        _release_memory()
         changed = sum(int((w != ft_source.get(n)).sum()) for n, w in repaired.items())
         self._leave(started)
         self.stage_seconds["compensate"] = round(
@@ -427,6 +432,12 @@ class RepairPipeline:
             report["stage_seconds"] = dict(self.stage_seconds)
             staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             staged.publish()
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _finite(value: float) -> float | None:
