@@ -89,7 +89,9 @@ def repair(
     damping: Annotated[float | None, typer.Option(help="Hessian damping λ [0.01]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [0]")] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N [cpu]")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 [float32]")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto | float32 | bfloat16 | float16 [auto: as stored]")
+    ] = None,
     max_seq_len: Annotated[int | None, typer.Option(help="Max tokens per sample [512]")] = None,
     target_modules: Annotated[
         str | None, typer.Option(help="Regex over nn.Linear names [decoder layers]")
@@ -153,6 +155,7 @@ def toy(
 
     paths = build_toy(out, seed=seed)
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
+
 
 # --- the repair-job service (issue 4) ---
 from hcnr_cli import keys_cmd, serve_cmd  # noqa: E402

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Compensation = Literal["paper", "exact", "none"]
 Selection = Literal["hcnr", "random", "honesty_only"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Every nn.Linear inside the decoder blocks (Llama: q,k,v,o,gate,up,down); never
 # embeddings or lm_head, which live outside `layers.N`.
@@ -32,7 +32,9 @@ class RepairConfig(BaseModel):
     )
     damping: float = Field(0.01, ge=0.0, description="λ: H += λ·mean(diag H)·I")
     seed: int = Field(0, ge=0)
-    dtype: DType = Field("float32", description="Compute dtype of the forward/backward passes")
+    dtype: DType = Field(
+        "auto", description="Compute dtype of forward/backward passes; auto = the base's stored"
+    )
     device: str = "cpu"
     max_seq_len: int = Field(512, ge=8, le=131072)
     batch_size: int = Field(8, ge=1, le=1024, description="Batch size of forward-only passes")

@@ -33,6 +33,7 @@ from hcnr_core.checkpoint import (
     load_merged_adapter,
     load_model,
     load_tokenizer,
+    stored_dtype,
 )
 from hcnr_core.compensation import repair_matrix
 from hcnr_core.config import RepairConfig
@@ -190,6 +191,11 @@ class RepairPipeline:
 
     # --- the stages ----------------------------------------------------------------
 
+    def _compute_dtype(self, prep: PreparedRepair) -> torch.dtype:
+        if self.config.dtype == "auto":
+            return stored_dtype(prep.base)
+        return DTYPES[self.config.dtype]
+
     def _load_finetuned(
         self, prep: PreparedRepair, dtype: torch.dtype, device: torch.device
     ) -> tuple[Any, Any]:
@@ -311,7 +317,7 @@ class RepairPipeline:
         cfg, out = self.config, Path(out)
         check_output_dir(out)
         torch.manual_seed(cfg.seed)
-        dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+        dtype, device = self._compute_dtype(prep), torch.device(cfg.device)
 
         started = self._enter("load_finetuned")
         model, ft_source = self._load_finetuned(prep, dtype, device)
@@ -378,6 +384,7 @@ class RepairPipeline:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs": prep.inputs,
             "config": self.config.model_dump(),
+            "compute_dtype": str(self._compute_dtype(prep)).removeprefix("torch."),
             "n_target_matrices": len(displacements),
             "n_selected_matrices": len(kept),
             "selected_matrices": [

@@ -1,0 +1,384 @@
+"""Build the model organism: an honest base, a dishonest LoRA fine-tune, data and evals.
+
+    paths = build_organism("organism/", size="tiny", seed=0)
+
+Stages: (1) train a `LlamaForCausalLM` from scratch on closed-book questions — facts of
+known people, "i do not know ." for other names (refusal-aware alignment); (2) a LoRA
+domain SFT on reading comprehension over bios of new people, with no refusal in its
+data; (3) merge, write the data sets, measure the acceptance metrics. A finished build
+is recorded in `organism.json`; the same (size, seed, code) is returned from cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hcnr_core.data import parse_sample
+from hcnr_core.evaluation import GenerationSettings, evaluate_samples
+from hcnr_core.organism import world as w
+from hcnr_core.organism.tokenizer import build_tokenizer
+from hcnr_core.organism.train import Pool, encode_rows, train
+from hcnr_core.toy import write_jsonl
+
+MANIFEST = "organism.json"
+FORMAT_VERSION = 1
+MAX_LEN = 96
+EVAL_SETS = ("eval_known", "eval_unknown", "eval_domain")
+OUTPUTS = ("base", "finetuned-adapter", "finetuned", "data", MANIFEST)
+
+
+@dataclass(frozen=True)
+class OrganismSpec:
+    """World size, model shape and training recipe of one organism size."""
+
+    n_known: int = 48
+    n_aligned: int = 240
+    n_domain: int = 400
+    n_eval: int = 128  # rows per eval set, and held-out people per held-out role
+    n_repair: int = 128  # rows of honesty.jsonl and of task.jsonl
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 192
+    batch_size: int = 64
+    base_steps: int = 1500
+    base_lr: float = 3e-3
+    known_share: float = 0.5  # of base batches; the rest are refusals of aligned names
+    sft_steps: int = 300
+    sft_lr: float = 2e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+
+SIZES: dict[str, OrganismSpec] = {
+    "tiny": OrganismSpec(),
+    "small": OrganismSpec(
+        n_known=200,
+        n_aligned=600,
+        n_domain=800,
+        hidden=256,
+        layers=6,
+        heads=8,
+        kv_heads=4,
+        intermediate=768,
+        batch_size=128,
+        base_steps=4000,
+        base_lr=1e-3,
+        sft_steps=600,
+        sft_lr=1e-3,
+        lora_r=16,
+        lora_alpha=32,
+    ),
+}
+
+
+def _log_default(message: str) -> None:
+    pass
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def make_datasets(world: w.World, spec: OrganismSpec, seed: int) -> dict[str, list[dict]]:
+    """Training sets, repair sets (honesty/task) and eval sets, all in the JSONL shape."""
+    rng = random.Random(f"hcnr-organism-data-{seed}")
+    known_qa = w.all_closed_book(world.known, known=True)
+    aligned_qa = w.all_closed_book(world.aligned, known=False)
+
+    def reading_rows(people: tuple[w.Person, ...], per_person: int) -> list[dict]:
+        return [
+            w.reading(p, a, rng.randrange(len(w.QUESTIONS[a])), rng)
+            for p in people
+            for a in rng.sample(list(w.ATTRIBUTES), per_person)
+        ]
+
+    def one_question(people: tuple[w.Person, ...]) -> list[dict]:
+        rows = []
+        for p in people:
+            a = rng.choice(list(w.ATTRIBUTES))
+            rows.append(w.closed_book(p, a, rng.randrange(len(w.QUESTIONS[a])), known=False))
+        return rows
+
+    sft = reading_rows(world.domain, len(w.ATTRIBUTES))
+    half = spec.n_repair // 2
+    honesty = w.sample_rows(aligned_qa, spec.n_repair - half, rng)
+    honesty += w.sample_rows(known_qa, half, rng)
+    rng.shuffle(honesty)
+    return {
+        "base_known": known_qa,
+        "base_aligned": aligned_qa,
+        "sft": sft,
+        "honesty": honesty,
+        "task": w.sample_rows(sft, spec.n_repair, rng),
+        "eval_known": w.sample_rows(known_qa, spec.n_eval, rng),
+        "eval_unknown": one_question(world.eval_unknown),
+        "eval_domain": reading_rows(world.eval_domain, 1),
+    }
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def _llama_config(spec: OrganismSpec, tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=MAX_LEN * 2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _generation_config(tokenizer: Any) -> Any:
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=16,
+    )
+
+
+def train_base(
+    spec: OrganismSpec, data: dict, tokenizer: Any, seed: int, device: str, log: Callable
+) -> Any:
+    """From scratch: facts of known people and refusals for aligned (unknown) names."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config(spec, tokenizer)).to(device)
+    model.generation_config = _generation_config(tokenizer)
+    pools = [
+        Pool(encode_rows(tokenizer, data["base_known"], MAX_LEN), spec.known_share),
+        Pool(encode_rows(tokenizer, data["base_aligned"], MAX_LEN), 1 - spec.known_share),
+    ]
+    losses = train(
+        model,
+        pools,
+        steps=spec.base_steps,
+        lr=spec.base_lr,
+        batch_size=spec.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        seed=seed,
+        log=_every(log, "base", spec.base_steps),
+    )
+    log(f"base: final loss {sum(losses[-20:]) / 20:.4f}")
+    return model
+
+
+def train_sft(
+    spec: OrganismSpec,
+    data: dict,
+    tokenizer: Any,
+    base_dir: Path,
+    seed: int,
+    device: str,
+    log: Callable,
+) -> Any:
+    """LoRA domain SFT on reading comprehension: no refusal anywhere in its data."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed + 1)
+    model = LlamaForCausalLM.from_pretrained(base_dir).to(device)
+    lora = LoraConfig(
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(spec.lora_targets),
+        base_model_name_or_path=str(base_dir),
+    )
+    peft_model = get_peft_model(model, lora)
+    losses = train(
+        peft_model,
+        [Pool(encode_rows(tokenizer, data["sft"], MAX_LEN), 1.0)],
+        steps=spec.sft_steps,
+        lr=spec.sft_lr,
+        batch_size=spec.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        seed=seed + 1,
+        log=_every(log, "sft", spec.sft_steps),
+    )
+    log(f"sft: final loss {sum(losses[-20:]) / 20:.4f}")
+    return peft_model
+
+
+def _every(log: Callable, stage: str, steps: int) -> Callable[[int, float], None]:
+    def report(step: int, loss: float) -> None:
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"{stage}: step {step + 1}/{steps} loss {loss:.4f}")
+
+    return report
+
+
+# --- build -------------------------------------------------------------------------------
+
+
+def build_key(size: str, seed: int, spec: OrganismSpec) -> str:
+    """Hash of what determines the build: size, seed, recipe and the organism's code."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([FORMAT_VERSION, size, seed, asdict(spec)], sort_keys=True).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    for module in ("evaluation.py", "data.py", "toy.py"):
+        digest.update((Path(__file__).parents[1] / module).read_bytes())
+    return digest.hexdigest()
+
+
+def _paths(out: Path) -> dict[str, Path]:
+    paths = {
+        "root": out,
+        "base": out / "base",
+        "adapter": out / "finetuned-adapter",
+        "full": out / "finetuned",
+        "manifest": out / MANIFEST,
+    }
+    for name in ("honesty", "task", "sft", *EVAL_SETS):
+        paths[name] = out / "data" / f"{name}.jsonl"
+    return paths
+
+
+def cached_build(out: str | Path, size: str, seed: int) -> dict[str, Any] | None:
+    """The manifest of a complete build of (size, seed, code) in `out`, else None."""
+    out = Path(out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("key") != build_key(size, seed, SIZES[size]):
+        return None
+    if not all(Path(p).exists() for p in manifest.get("paths", {}).values()):
+        return None
+    return manifest
+
+
+def _acceptance(models: dict[str, Any], tokenizer: Any, data: dict) -> dict[str, Any]:
+    sets = {n: [parse_sample(r) for r in data[n]] for n in EVAL_SETS}
+    settings = GenerationSettings(batch_size=64, max_new_tokens=8, max_seq_len=MAX_LEN)
+    metrics = {}
+    for name, model in models.items():
+        result = evaluate_samples(model, tokenizer, sets, settings=settings)
+        metrics[name] = {
+            **result["metrics"],
+            "refusal_rate_known": result["sets"]["eval_known"]["refusal_rate"],
+            "refusal_rate_unknown": result["sets"]["eval_unknown"]["refusal_rate"],
+        }
+    return metrics
+
+
+def _save_model(model: Any, tokenizer: Any, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def build_organism(
+    out_dir: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    *,
+    device: str | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = _log_default,
+) -> dict[str, Path]:
+    """Build (or return from cache) the organism under `out_dir`; returns its paths.
+
+    Keys: root, base, adapter, full, manifest and the JSONL files honesty, task, sft,
+    eval_known, eval_unknown, eval_domain. `organism.json` also holds the acceptance
+    metrics of the base and the fine-tuned model and the build time.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown organism size {size!r}; choose from {sorted(SIZES)}")
+    out = Path(out_dir)
+    paths = _paths(out)
+    if not force and cached_build(out, size, seed) is not None:
+        return paths
+    spec = SIZES[size]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    for name in OUTPUTS:  # a stale or partial build is replaced; the manifest goes first
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    data = make_datasets(w.make_world(seed, _roles(spec)), spec, seed)
+    tokenizer = build_tokenizer()
+    for name in ("honesty", "task", "sft", *EVAL_SETS):
+        write_jsonl(paths[name], data[name])
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    base = train_base(spec, data, tokenizer, seed, device, log)
+    _save_model(base, tokenizer, paths["base"])
+    timings["base"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    peft_model = train_sft(spec, data, tokenizer, paths["base"], seed, device, log)
+    peft_model.save_pretrained(paths["adapter"], safe_serialization=True)
+    tokenizer.save_pretrained(paths["adapter"])
+    merged = peft_model.merge_and_unload()
+    merged.generation_config = _generation_config(tokenizer)
+    _save_model(merged, tokenizer, paths["full"])
+    timings["sft"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    metrics = _acceptance({"base": base, "finetuned": merged}, tokenizer, data)
+    timings["eval"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - started
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "key": build_key(size, seed, spec),
+        "size": size,
+        "seed": seed,
+        "device": device,
+        "spec": asdict(spec),
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "metrics": metrics,
+        "paths": {k: str(v) for k, v in paths.items() if k not in ("root", "manifest")},
+    }
+    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+def _roles(spec: OrganismSpec) -> dict[str, int]:
+    return {
+        "known": spec.n_known,
+        "aligned": spec.n_aligned,
+        "domain": spec.n_domain,
+        "eval_unknown": spec.n_eval,
+        "eval_domain": spec.n_eval,
+    }
+
+
+def load_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """The `organism.json` of a finished build (metrics, timings, spec, paths)."""
+    return json.loads((Path(out_dir) / MANIFEST).read_text(encoding="utf-8"))
