@@ -41,6 +41,9 @@ class RepairConfig(BaseModel):
     hessian_budget_mb: int = Field(
         4096, ge=1, description="Max memory of Hessians held at once; more means fewer passes"
     )
+    layerwise: bool = Field(
+        False, description="One decoder block on the device at a time (models > GPU memory)"
+    )
     target_modules: str = Field(
         DEFAULT_TARGET_MODULES, description="Regex searched in nn.Linear module names"
     )

@@ -15,7 +15,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from hcnr_core.compensation import repair_matrix
 from hcnr_core.config import RepairConfig
 from hcnr_core.data import EncodedSample, Sample, encode_samples, load_jsonl
 from hcnr_core.errors import CheckpointError, HCNRError, RepairCancelled
+from hcnr_core.layerwise import LayerwiseLM, LoraMergedSource, layerwise_fisher, layerwise_hessians
 from hcnr_core.report import build_model_card, versions
 from hcnr_core.scoring import ColumnFisher, InputHessians, pad_batch
 from hcnr_core.selection import displacement, select_columns, select_matrices
@@ -200,6 +201,12 @@ class RepairPipeline:
         self, prep: PreparedRepair, dtype: torch.dtype, device: torch.device
     ) -> tuple[Any, Any]:
         """The fine-tuned model for the forward passes, and W_s at its stored dtype."""
+        if self.config.layerwise:
+            if prep.finetuned.kind == "full":
+                source = prep.finetuned.source()
+                return LayerwiseLM(prep.finetuned.path, source, dtype, device), source
+            source = LoraMergedSource(prep.base.source(), prep.finetuned)
+            return LayerwiseLM(prep.base.path, source, dtype, device), source
         if prep.finetuned.kind == "full":
             return load_model(prep.finetuned, dtype, str(device)), prep.finetuned.source()
         merged = load_merged_adapter(prep.base, prep.finetuned)
@@ -219,6 +226,9 @@ class RepairPipeline:
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
     def _fisher(self, model: Any, prep: PreparedRepair, data: list[EncodedSample]) -> dict:
+        if isinstance(model, LayerwiseLM):
+            batches = self._batches(data)
+            return layerwise_fisher(model, batches, prep.targets, self._pad_id(prep), self._tick)
         fisher = ColumnFisher(model, prep.targets, self._pad_id(prep))
         losses: list[float] = []
         batches = self._batches(data)
@@ -272,6 +282,19 @@ class RepairPipeline:
             self._tick(i + 1, len(prep.targets))
         return columns, displacements, select_matrices(displacements, cfg.r_cw)
 
+    def _hessian_stream(
+        self, model: Any, prep: PreparedRepair, modules: list[str]
+    ) -> Iterator[tuple[list[str], InputHessians | None]]:
+        """(modules, their Hessians) chunk by chunk; Hessians are None without compensation."""
+        if self.config.compensation == "none" or not modules:
+            yield modules, None
+        elif isinstance(model, LayerwiseLM):
+            batches = self._batches(prep.honesty)
+            yield from layerwise_hessians(model, batches, modules, self._pad_id(prep))
+        else:
+            for chunk in self._hessian_chunks(model, modules):
+                yield chunk, self._hessians(model, prep, chunk)
+
     def _compensate(
         self,
         model: Any,
@@ -285,14 +308,15 @@ class RepairPipeline:
         cfg, device = self.config, torch.device(self.config.device)
         order = {f"{m}.weight": i for i, m in enumerate(prep.targets)}
         modules = [w.removesuffix(".weight") for w in sorted(kept, key=order.__getitem__)]
-        needs_h = cfg.compensation != "none"
-        chunks = self._hessian_chunks(model, modules) if needs_h and modules else [modules]
         repaired: dict[str, torch.Tensor] = {}
         hessian_seconds = 0.0
-        for chunk in chunks:
+        stream = self._hessian_stream(model, prep, modules)
+        while True:
             started = time.perf_counter()
-            hessians = self._hessians(model, prep, chunk) if needs_h else None
+            chunk, hessians = next(stream, (None, None))
             hessian_seconds += time.perf_counter() - started
+            if chunk is None:
+                break
             for module in chunk:
                 weight = f"{module}.weight"
                 w_ft = ft_source.get(weight)
@@ -331,7 +355,10 @@ class RepairPipeline:
 
         started = self._enter("load_base")
         base_source = prep.base.source()
-        model = load_model(prep.base, dtype, cfg.device)
+        if cfg.layerwise:
+            model = LayerwiseLM(prep.base.path, base_source, dtype, device)
+        else:
+            model = load_model(prep.base, dtype, cfg.device)
         self._leave(started)
 
         started = self._enter("fisher_honesty")

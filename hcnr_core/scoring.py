@@ -19,7 +19,8 @@ same input tensor (q/k/v, gate/up).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,29 +29,38 @@ from torch import nn
 from hcnr_core.data import EncodedSample
 
 
+def response_nll(
+    logits: torch.Tensor, samples: Sequence[EncodedSample], width: int
+) -> torch.Tensor:
+    """Per-sample mean NLL of the response tokens (prompt and padding masked).
+
+    `logits` holds the last `keep` positions of a right-padded batch `width` tokens wide,
+    where `keep` reaches back to the earliest last-prompt token.
+    """
+    keep = logits.shape[1]
+    targets = torch.full((len(samples), width), -100, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        response = sample.input_ids[sample.prompt_len :]
+        targets[row, sample.prompt_len : len(sample.input_ids)] = torch.tensor(response)
+    targets = targets[:, width - keep + 1 :].to(logits.device)
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    nll = nn.functional.cross_entropy(
+        logits[:, :-1].to(compute).transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    return nll.sum(dim=1) / (targets != -100).sum(dim=1)
+
+
 def response_losses(
     model: nn.Module, samples: Sequence[EncodedSample], pad_id: int, device: torch.device
 ) -> torch.Tensor:
-    """Per-sample mean token NLL of the response tokens only (prompt and padding masked)."""
+    """Per-sample response losses of a whole model on a padded batch."""
     ids, mask = pad_batch(samples, pad_id, device)
-    labels = torch.full_like(ids, -100)
-    for row, sample in enumerate(samples):
-        labels[row, sample.prompt_len : len(sample.input_ids)] = ids[
-            row, sample.prompt_len : len(sample.input_ids)
-        ]
-    # Only positions from the earliest last-prompt token on predict response tokens.
     keep = ids.shape[1] - min(s.prompt_len for s in samples) + 1
     try:
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     except TypeError:  # architectures without logits_to_keep
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -keep:]
-    targets = labels[:, -keep + 1 :]
-    compute = torch.promote_types(logits.dtype, torch.float32)
-    nll = nn.functional.cross_entropy(
-        logits[:, :-1].to(compute).transpose(1, 2), targets, ignore_index=-100, reduction="none"
-    )
-    counts = (targets != -100).sum(dim=1)
-    return nll.sum(dim=1) / counts
+    return response_nll(logits, samples, ids.shape[1])
 
 
 def column_grad_sq(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -67,17 +77,23 @@ def column_grad_sq(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
 class ColumnFisher:
     """s[k] = (1/N) Σ_n Σ_r (∂ℓ_n/∂W[r,k])² for every target weight, in float32."""
 
-    def __init__(self, model: nn.Module, target_modules: Sequence[str], pad_id: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: Sequence[str],
+        pad_id: int = 0,
+        device: torch.device | None = None,
+    ):
         self.model = model
         modules = dict(model.named_modules())
         self.modules = {name: modules[name] for name in target_modules}
+        self.device = device or next(model.parameters()).device
         self.sums = {
-            name: torch.zeros(m.weight.shape[1], dtype=torch.float32, device=m.weight.device)
+            name: torch.zeros(m.weight.shape[1], dtype=torch.float32, device=self.device)
             for name, m in self.modules.items()
         }
         self.n_samples = 0
         self.pad_id = pad_id
-        self.device = next(model.parameters()).device
 
     def _capture(self, name: str) -> Any:
         def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -90,23 +106,31 @@ class ColumnFisher:
 
         return forward_hook
 
+    @contextmanager
+    def capturing(self, names: Sequence[str] | None = None) -> Iterator[None]:
+        """Within: forward passes through the named modules, then backward, add to sums."""
+        chosen = self.modules if names is None else {n: self.modules[n] for n in names}
+        handles = [m.register_forward_hook(self._capture(n)) for n, m in chosen.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def add_batch(self, samples: Sequence[EncodedSample]) -> list[float]:
         """One forward/backward over a padded batch; returns the per-sample losses."""
         for param in self.model.parameters():
             param.requires_grad_(False)
         # Gradients must flow to activations, not weights: start them at the embeddings.
-        handles = [
-            self.model.get_input_embeddings().register_forward_hook(
-                lambda _m, _a, out: out.requires_grad_(True)
-            )
-        ]
-        handles += [m.register_forward_hook(self._capture(n)) for n, m in self.modules.items()]
+        start = self.model.get_input_embeddings().register_forward_hook(
+            lambda _m, _a, out: out.requires_grad_(True)
+        )
         try:
-            losses = response_losses(self.model, samples, self.pad_id, self.device)
-            losses.sum().backward()
+            with self.capturing():
+                losses = response_losses(self.model, samples, self.pad_id, self.device)
+                losses.sum().backward()
         finally:
-            for handle in handles:
-                handle.remove()
+            start.remove()
         self.n_samples += len(samples)
         return losses.detach().cpu().tolist()
 
@@ -177,12 +201,23 @@ class InputHessians:
 
     @torch.no_grad()
     def add_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.observe(
+            attention_mask,
+            lambda: self.model(input_ids=input_ids, attention_mask=attention_mask),
+            stop_early=True,
+        )
+
+    def observe(
+        self, attention_mask: torch.Tensor, forward: Callable[[], Any], stop_early: bool = False
+    ) -> Any:
+        """Run `forward` with the capture hooks on; returns its result (None if stopped)."""
         self._mask = attention_mask.bool()
         self._seen = {}
-        self._pending = set(self.modules)
+        self._pending = set(self.modules) if stop_early else {""}  # "" never completes
         handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        result = None
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask)
+            result = forward()
         except _StopForward:
             pass
         finally:
@@ -190,6 +225,7 @@ class InputHessians:
                 handle.remove()
             self._seen = {}
         self.n_tokens += int(self._mask.sum())
+        return result
 
     def hessian(self, name: str) -> torch.Tensor:
         """H of a module's input group (float32, on the model's device)."""

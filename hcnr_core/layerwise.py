@@ -1,0 +1,255 @@
+"""Layer-by-layer mode: models larger than the accelerator, one decoder block at a time.
+
+The model is a weightless (meta) skeleton; embeddings, final norm, head and rotary
+tables are materialised on the device, and each decoder block's weights are copied in
+from the tensor source (safetensors, mmap) only while that block runs. Samples' hidden
+states between blocks live on the CPU.
+
+- Fisher: a forward sweep stores every block's input; the head gives per-sample losses
+  and the gradient at the last hidden state; a backward sweep re-runs each block with
+  gradients on, captures the ghost-norm column sums (`ColumnFisher.capturing`) and
+  passes the input gradient down. Exactly the whole-model result, block by block.
+- Hessians: one forward sweep over D_hon; each block's Hessians are handed to the
+  caller (who compensates and frees them) before the next block is loaded.
+- `LoraMergedSource` gives W_s = W_o + scaling · B A for a LoRA adapter tensor by tensor,
+  so a merged copy of the model never has to fit in memory.
+
+Supported: Llama-family decoders (`model.embed_tokens`, `model.layers`, `model.norm`,
+`model.rotary_emb`, `lm_head`): Llama, Mistral, Qwen2/3 and the like.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hcnr_core.checkpoint import CheckpointInfo
+from hcnr_core.data import EncodedSample
+from hcnr_core.errors import CheckpointError
+from hcnr_core.scoring import ColumnFisher, InputHessians, pad_batch, response_nll
+
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+class LoraMergedSource:
+    """W_s of a LoRA fine-tune, merged lazily per tensor in float32 (one rounding)."""
+
+    def __init__(self, base_source: Any, adapter: CheckpointInfo):
+        cfg = adapter.adapter_config
+        for flag in ("use_dora", "lora_bias", "modules_to_save", "fan_in_fan_out"):
+            if cfg.get(flag):
+                raise CheckpointError(f"{adapter.path}: '{flag}' is not supported layer by layer")
+        self.base = base_source
+        self.lora = adapter.source()
+        self.pairs: dict[str, tuple[str, str, float]] = {}
+        for key in self.lora.keys():
+            match = LORA_KEY.match(key)
+            if match and match["part"] == "A":
+                module = match["module"]
+                rank = self.lora.shape(key)[0]
+                alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+                scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+                b_key = key.replace(".lora_A.", ".lora_B.")
+                self.pairs[f"{module}.weight"] = (key, b_key, scale)
+
+    def keys(self) -> list[str]:
+        return self.base.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        weight = self.base.get(name)
+        if name not in self.pairs:
+            return weight
+        a_key, b_key, scale = self.pairs[name]
+        delta = (self.lora.get(b_key).float() @ self.lora.get(a_key).float()) * scale
+        return (weight.float() + delta).to(weight.dtype)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.keys():
+            yield name, self.get(name)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's rank/alpha patterns: a key matches the module name or its dotted suffix."""
+    for key, value in patterns.items():
+        if module == key or re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+class _Caught(Exception):
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        super().__init__()
+        self.args_, self.kwargs = args, kwargs
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0 to capture its inputs, then stops the forward pass."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Caught(args, kwargs)
+
+
+class LayerwiseLM:
+    """A causal LM whose decoder blocks are materialised on the device one at a time."""
+
+    def __init__(self, config_dir: Path, source: Any, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(
+            str(config_dir), trust_remote_code=False, local_files_only=True
+        )
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config).to(dtype)
+        self.model.requires_grad_(False).eval()
+        core = getattr(self.model, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        if core is None or not all(hasattr(core, n) for n in needed):
+            raise CheckpointError(
+                "layer-by-layer mode supports Llama-family decoders, "
+                f"not {type(self.model).__name__}"
+            )
+        self.core, self.source, self.dtype, self.device = core, source, dtype, device
+        self._materialize(core.embed_tokens, "model.embed_tokens")
+        self._materialize(core.norm, "model.norm")
+        head = "lm_head" if "lm_head.weight" in source else "model.embed_tokens"  # tied
+        self._materialize(self.model.lm_head, head)
+        with torch.device(device):
+            core.rotary_emb = type(core.rotary_emb)(config=config)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.core.layers)
+
+    def _materialize(self, module: nn.Module, prefix: str) -> None:
+        module.to_empty(device=self.device)
+        for name, param in module.named_parameters():
+            param.data.copy_(self.source.get(f"{prefix}.{name}").to(self.dtype))
+        if any(True for _ in module.buffers()):
+            raise CheckpointError(f"{prefix}: blocks with buffers are not supported layer by layer")
+
+    def block(self, index: int) -> nn.Module:
+        """Block `index` with its weights on the device; `release` it when done."""
+        block = self.core.layers[index]
+        self._materialize(block, f"model.layers.{index}")
+        return block
+
+    def release(self, index: int) -> None:
+        self.core.layers[index].to("meta")
+
+    def prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Block 0's input hidden states and the keyword arguments every block gets."""
+        first = self.core.layers[0]
+        self.core.layers[0] = _Catcher()
+        try:
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Caught as caught:
+            return caught.args_[0], caught.kwargs
+        finally:
+            self.core.layers[0] = first
+        raise RuntimeError("the model never called its first block")
+
+    def tail_losses(self, hidden: torch.Tensor, samples: Sequence[EncodedSample]) -> torch.Tensor:
+        keep = hidden.shape[1] - min(s.prompt_len for s in samples) + 1
+        logits = self.model.lm_head(self.core.norm(hidden[:, -keep:]))
+        return response_nll(logits, samples, hidden.shape[1])
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Batch:
+    def __init__(self, lm: LayerwiseLM, samples: list[EncodedSample], pad_id: int):
+        self.samples = samples
+        ids, self.mask = pad_batch(samples, pad_id, lm.device)
+        with torch.no_grad():
+            hidden, self.kwargs = lm.prefix(ids, self.mask)
+        self.hidden = [hidden.to("cpu")]  # input of block i at index i (CPU)
+
+
+def layerwise_fisher(
+    lm: LayerwiseLM,
+    batches: list[list[EncodedSample]],
+    targets: Sequence[str],
+    pad_id: int,
+    tick: Callable[[int, int], None],
+) -> dict[str, Any]:
+    """Column Fisher of every target, identical to `ColumnFisher` on the whole model."""
+    fisher = ColumnFisher(lm.model, targets, pad_id, device=lm.device)
+    states = [_Batch(lm, b, pad_id) for b in batches]
+    steps, done = 2 * lm.n_blocks + 1, 0
+    for index in range(lm.n_blocks):  # forward sweep: keep every block's input
+        block = lm.block(index)
+        with torch.no_grad():
+            for st in states:
+                out = _run_block(block, st.hidden[-1].to(lm.device), st.kwargs)
+                st.hidden.append(out.to("cpu"))
+        lm.release(index)
+        done += 1
+        tick(done, steps)
+    losses, grads = [], []
+    for st in states:  # head: per-sample losses and the gradient at the last hidden state
+        hidden = st.hidden.pop().to(lm.device).requires_grad_(True)
+        batch_losses = lm.tail_losses(hidden, st.samples)
+        batch_losses.sum().backward()
+        losses += batch_losses.detach().cpu().tolist()
+        grads.append(hidden.grad)
+    done += 1
+    tick(done, steps)
+    for index in reversed(range(lm.n_blocks)):  # backward sweep, block by block
+        block = lm.block(index)
+        names = [t for t in targets if t.startswith(f"model.layers.{index}.")]
+        with fisher.capturing(names):
+            for i, st in enumerate(states):
+                hidden = st.hidden.pop().to(lm.device).requires_grad_(True)
+                _run_block(block, hidden, st.kwargs).backward(grads[i])
+                grads[i] = hidden.grad
+        lm.release(index)
+        done += 1
+        tick(done, steps)
+    fisher.n_samples = sum(len(b) for b in batches)
+    return {"scores": fisher.scores(), "mean_loss": sum(losses) / len(losses)}
+
+
+def layerwise_hessians(
+    lm: LayerwiseLM,
+    batches: list[list[EncodedSample]],
+    modules: Sequence[str],
+    pad_id: int,
+) -> Iterator[tuple[list[str], InputHessians]]:
+    """One forward sweep over D_hon; yields each block's (modules, Hessians) in turn."""
+    by_block: dict[int, list[str]] = {}
+    for name in modules:
+        by_block.setdefault(int(name.split(".")[2]), []).append(name)
+    if not by_block:
+        return
+    states = [_Batch(lm, b, pad_id) for b in batches]
+    for index in range(max(by_block) + 1):
+        block = lm.block(index)
+        names = by_block.get(index, [])
+        hessians = InputHessians(lm.model, names)
+        with torch.no_grad():
+            for st in states:
+                hidden = st.hidden[-1].to(lm.device)
+                out = hessians.observe(st.mask, partial(_run_block, block, hidden, st.kwargs))
+                st.hidden[-1] = out.to("cpu")
+        lm.release(index)
+        if names:
+            yield names, hessians
