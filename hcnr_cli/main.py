@@ -96,6 +96,14 @@ def repair(
     target_modules: Annotated[
         str | None, typer.Option(help="Regex over nn.Linear names [decoder layers]")
     ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Samples per forward pass [8]")] = None,
+    hessian_budget_mb: Annotated[
+        int | None, typer.Option(help="Memory for Hessians held at once [4096]")
+    ] = None,
+    layerwise: Annotated[
+        bool | None,
+        typer.Option("--layerwise", help="One decoder block on the device at a time"),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
 ) -> None:
     """Repair a fine-tuned model's honesty and write the repaired checkpoint to OUT."""
@@ -116,6 +124,9 @@ def repair(
         "dtype": dtype,
         "max_seq_len": max_seq_len,
         "target_modules": target_modules,
+        "batch_size": batch_size,
+        "hessian_budget_mb": hessian_budget_mb,
+        "layerwise": layerwise,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     try:
