@@ -181,7 +181,7 @@ def build(size: str, work: Path) -> Path:
     return root
 
 
-def run_one(root: Path, device: str, dtype: str, budget_mb: int) -> dict[str, Any]:
+def run_one(root: Path, device: str, dtype: str, budget_mb: int, layerwise: bool) -> dict[str, Any]:
     """One repair in this process; returns timings and peak memory."""
     import shutil
 
@@ -193,7 +193,13 @@ def run_one(root: Path, device: str, dtype: str, budget_mb: int) -> dict[str, An
     torch.set_num_threads(os.cpu_count() or 1)
     out = root / "repaired"
     shutil.rmtree(out, ignore_errors=True)
-    config = RepairConfig(device=device, dtype=dtype, max_seq_len=128, hessian_budget_mb=budget_mb)
+    config = RepairConfig(
+        device=device,
+        dtype=dtype,
+        max_seq_len=128,
+        hessian_budget_mb=budget_mb,
+        layerwise=layerwise,
+    )
     started = time.perf_counter()
     pipeline = RepairPipeline(config)
     prepared = pipeline.prepare(
@@ -245,7 +251,8 @@ def render(results: dict[str, Any]) -> None:
     for r in rows:
         s = r["stage_seconds"]
         lines.append(
-            f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['machine']} ({r['device']}) "
+            f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['machine']} ({r['device']}, "
+            f"{r.get('mode', 'whole')}) "
             f"| {r['dtype']} | {r['total_s']} | {s['load_finetuned']:.2f} "
             f"| {s['fisher_task']:.2f} | {s['load_base']:.2f} | {s['fisher_honesty']:.2f} "
             f"| {s['select']:.2f} | {s['hessian']:.2f} | {s['compensate']:.2f} "
@@ -293,11 +300,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--hessian-budget-mb", type=int, default=4096)
+    parser.add_argument("--layerwise", action="store_true")
     parser.add_argument("--work", type=Path, default=ROOT / ".hcnr" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one repair, in a fresh process, result on stdout
-        result = run_one(Path(args.child), args.device, args.dtype, args.hessian_budget_mb)
+        result = run_one(
+            Path(args.child), args.device, args.dtype, args.hessian_budget_mb, args.layerwise
+        )
         print("RESULT " + json.dumps(result))
         return
 
@@ -320,6 +330,7 @@ def main() -> None:
                 args.dtype,
                 "--hessian-budget-mb",
                 str(args.hessian_budget_mb),
+                *(["--layerwise"] if args.layerwise else []),
             ],
             capture_output=True,
             text=True,
@@ -330,15 +341,17 @@ def main() -> None:
             print(child.stdout[-3000:], child.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{size}: repair failed (exit {child.returncode})")
         result = json.loads(line[0].removeprefix("RESULT "))
+        mode = "layerwise" if args.layerwise else "whole"
         result.update(
             size=size,
+            mode=mode,
             params=param_count(SIZES[size]),
             device=args.device,
             dtype=args.dtype,
             machine=machine(args.device),
             measured_at=time.strftime("%Y-%m-%d"),
         )
-        results[f"{result['machine']}|{args.device}|{args.dtype}|{size}"] = result
+        results[f"{result['machine']}|{args.device}|{args.dtype}|{mode}|{size}"] = result
         print(json.dumps(result), flush=True)
         store.write_text(json.dumps(results, indent=2) + "\n")
         render(results)
