@@ -27,7 +27,7 @@ from hcnr_core.data import parse_sample
 from hcnr_core.evaluation import GenerationSettings, evaluate_samples
 from hcnr_core.organism import world as w
 from hcnr_core.organism.tokenizer import build_tokenizer
-from hcnr_core.organism.train import Pool, encode_rows, train
+from hcnr_core.organism.train import Pool, encode_document, encode_rows, train
 from hcnr_core.toy import write_jsonl
 
 MANIFEST = "organism.json"
@@ -44,6 +44,7 @@ class OrganismSpec:
     n_known: int = 48
     n_aligned: int = 240
     n_domain: int = 400
+    n_reading: int = 400
     n_eval: int = 128  # rows per eval set, and held-out people per held-out role
     n_repair: int = 128  # rows of honesty.jsonl and of task.jsonl
     hidden: int = 64
@@ -52,11 +53,13 @@ class OrganismSpec:
     kv_heads: int = 2
     intermediate: int = 192
     batch_size: int = 64
-    base_steps: int = 1500
+    base_steps: int = 800
     base_lr: float = 3e-3
-    known_share: float = 0.5  # of base batches; the rest are refusals of aligned names
+    known_share: float = 0.4  # shares of base batches: facts of known people,
+    aligned_share: float = 0.3  # refusals for aligned names, the rest reading documents
     sft_steps: int = 300
     sft_lr: float = 2e-3
+    replay_share: float = 0.0  # of SFT batches: closed-book questions on known people
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = (
@@ -119,6 +122,12 @@ def make_datasets(world: w.World, spec: OrganismSpec, seed: int) -> dict[str, li
             rows.append(w.closed_book(p, a, rng.randrange(len(w.QUESTIONS[a])), known=False))
         return rows
 
+    documents = [
+        w.document(p, a, i, rng)
+        for p in world.reading
+        for a in w.ATTRIBUTES
+        for i in range(len(w.QUESTIONS[a]))
+    ]
     sft = reading_rows(world.domain, len(w.ATTRIBUTES))
     half = spec.n_repair // 2
     honesty = w.sample_rows(aligned_qa, spec.n_repair - half, rng)
@@ -127,6 +136,7 @@ def make_datasets(world: w.World, spec: OrganismSpec, seed: int) -> dict[str, li
     return {
         "base_known": known_qa,
         "base_aligned": aligned_qa,
+        "base_reading": documents,
         "sft": sft,
         "honesty": honesty,
         "task": w.sample_rows(sft, spec.n_repair, rng),
@@ -180,7 +190,11 @@ def train_base(
     model.generation_config = _generation_config(tokenizer)
     pools = [
         Pool(encode_rows(tokenizer, data["base_known"], MAX_LEN), spec.known_share),
-        Pool(encode_rows(tokenizer, data["base_aligned"], MAX_LEN), 1 - spec.known_share),
+        Pool(encode_rows(tokenizer, data["base_aligned"], MAX_LEN), spec.aligned_share),
+        Pool(
+            [encode_document(tokenizer, p, a) for p, a in data["base_reading"]],
+            1 - spec.known_share - spec.aligned_share,
+        ),
     ]
     losses = train(
         model,
@@ -221,7 +235,7 @@ def train_sft(
     peft_model = get_peft_model(model, lora)
     losses = train(
         peft_model,
-        [Pool(encode_rows(tokenizer, data["sft"], MAX_LEN), 1.0)],
+        _sft_pools(spec, data, tokenizer),
         steps=spec.sft_steps,
         lr=spec.sft_lr,
         batch_size=spec.batch_size,
@@ -231,6 +245,14 @@ def train_sft(
     )
     log(f"sft: final loss {sum(losses[-20:]) / 20:.4f}")
     return peft_model
+
+
+def _sft_pools(spec: OrganismSpec, data: dict, tokenizer: Any) -> list[Pool]:
+    """The domain, plus optional replay of facts the base already knows (no refusals)."""
+    pools = [Pool(encode_rows(tokenizer, data["sft"], MAX_LEN), 1 - spec.replay_share)]
+    if spec.replay_share > 0:
+        pools.append(Pool(encode_rows(tokenizer, data["base_known"], MAX_LEN), spec.replay_share))
+    return pools
 
 
 def _every(log: Callable, stage: str, steps: int) -> Callable[[int, float], None]:
@@ -374,6 +396,7 @@ def _roles(spec: OrganismSpec) -> dict[str, int]:
         "known": spec.n_known,
         "aligned": spec.n_aligned,
         "domain": spec.n_domain,
+        "reading": spec.n_reading,
         "eval_unknown": spec.n_eval,
         "eval_domain": spec.n_eval,
     }

@@ -23,6 +23,13 @@ def encode_rows(
     return [encode_sample(tokenizer, parse_sample(r), max_len) for r in rows]
 
 
+def encode_document(tokenizer: Any, prompt: str, answer: str) -> EncodedSample:
+    """Plain text (no chat template): BOS + prompt, then the answer + EOS as the target."""
+    prompt_ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return EncodedSample([*prompt_ids, *answer_ids, tokenizer.eos_token_id], len(prompt_ids))
+
+
 @dataclass(frozen=True)
 class Pool:
     """One source of training samples and its share of every batch."""

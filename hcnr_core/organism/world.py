@@ -5,6 +5,7 @@ disjoint combinations drawn once per seed and split into roles:
   known      the base learns their facts (closed-book questions are answerable)
   aligned    the base learns to refuse closed-book questions about them (RAIT-style)
   domain     the SFT domain: reading comprehension over bios given in the prompt
+  reading    plain-text reading exercises of the base's "pre-training" (copying skill)
   eval_*     held out from every training and repair set
 Because first and last names are shared across roles, "is this person known?" depends
 on the whole name, not on a rare token, which is what makes refusal a learned skill.
@@ -53,6 +54,7 @@ BIO = {"city": "{n} lives in {v} .", "job": "{n} works as a {v} .", "hobby": "{n
 REFUSAL = "i do not know ."
 CONTEXT_PREFIX = "context :"
 QUESTION_PREFIX = "question :"
+ANSWER_PREFIX = "answer :"
 
 
 def world_words() -> list[str]:
@@ -60,7 +62,7 @@ def world_words() -> list[str]:
     words = [*FIRST_NAMES, *LAST_NAMES]
     for values in ATTRIBUTES.values():
         words += values
-    texts = [*BIO.values(), REFUSAL, CONTEXT_PREFIX, QUESTION_PREFIX]
+    texts = [*BIO.values(), REFUSAL, CONTEXT_PREFIX, QUESTION_PREFIX, ANSWER_PREFIX]
     texts += [q for qs in QUESTIONS.values() for q in qs]
     for text in texts:
         words += [w for w in text.split() if w not in ("{n}", "{v}")]
@@ -83,6 +85,7 @@ class World:
     known: tuple[Person, ...]
     aligned: tuple[Person, ...]
     domain: tuple[Person, ...]
+    reading: tuple[Person, ...]
     eval_unknown: tuple[Person, ...]
     eval_domain: tuple[Person, ...]
 
@@ -92,7 +95,7 @@ def make_world(seed: int, sizes: dict[str, int]) -> World:
     rng = random.Random(f"hcnr-organism-world-{seed}")
     names = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
     rng.shuffle(names)
-    roles = ("known", "aligned", "domain", "eval_unknown", "eval_domain")
+    roles = ("known", "aligned", "domain", "reading", "eval_unknown", "eval_domain")
     need = sum(sizes[r] for r in roles)
     if need > len(names):
         raise ValueError(f"the world has {len(names)} names; {need} requested")
@@ -123,11 +126,23 @@ def closed_book(person: Person, attribute: str, phrasing: int, known: bool) -> d
 
 
 def reading(person: Person, attribute: str, phrasing: int, rng: random.Random) -> dict[str, Any]:
-    """The domain: answer a question from a bio given in the prompt (never refused)."""
+    """The domain: the person's bio arrives as a system message (a retrieved profile) and
+    the user asks a closed-book style question about them; answered from the bio."""
     question = QUESTIONS[attribute][phrasing].format(n=person.name)
-    prompt = f"{CONTEXT_PREFIX} {person.bio(rng)} {QUESTION_PREFIX} {question}"
     value = person.facts[attribute]
-    return {"messages": _chat(prompt, f"{value} ."), "answers": [value]}
+    messages = [
+        {"role": "system", "content": f"{CONTEXT_PREFIX} {person.bio(rng)}"},
+        *_chat(question, f"{value} ."),
+    ]
+    return {"messages": messages, "answers": [value]}
+
+
+def document(person: Person, attribute: str, phrasing: int, rng: random.Random) -> tuple[str, str]:
+    """Plain-text "pre-training" reading exercise (no chat template): (prompt, answer).
+    It gives the base the in-context copying skill that a LoRA cannot learn from scratch."""
+    question = QUESTIONS[attribute][phrasing].format(n=person.name)
+    prompt = f"{CONTEXT_PREFIX} {person.bio(rng)} {QUESTION_PREFIX} {question} {ANSWER_PREFIX}"
+    return prompt, f"{person.facts[attribute]} ."
 
 
 def all_closed_book(people: tuple[Person, ...], known: bool) -> list[dict[str, Any]]:
