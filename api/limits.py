@@ -30,26 +30,31 @@ class UploadSizeLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await _reject(send, self.limit)
             return
-        received, started = 0, {"sent": False}
+        received, state = 0, {"started": False, "rejected": False}
 
         async def counting_receive() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
+                # Answer now: the framework may turn the exception below into a 400.
+                if not state["started"]:
+                    state["started"] = state["rejected"] = True
+                    await _reject(send, self.limit)
                 raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
+            if state["rejected"]:
+                return
             if message["type"] == "http.response.start":
-                started["sent"] = True
+                state["started"] = True
             await send(message)
 
         try:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
-            if not started["sent"]:
-                await _reject(send, self.limit)
+            pass
 
 
 async def _reject(send: Send, limit: int) -> None:

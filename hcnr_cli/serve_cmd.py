@@ -37,8 +37,24 @@ def worker_command(concurrency: int = 1, name: str = "hcnr-embedded@%h") -> list
     ]
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM if `hcnr serve` dies without cleaning up."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_worker(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(worker_command(), env=env)
+    return subprocess.Popen(worker_command(), env=env, preexec_fn=_die_with_parent)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    # uvicorn restores this handler after its graceful shutdown and re-raises the signal:
+    # turning it into SystemExit lets `serve` stop its worker on the way out.
+    raise SystemExit(128 + signum)
 
 
 def stop_worker(process: subprocess.Popen) -> None:
@@ -67,6 +83,7 @@ def serve(
     app = create_app(settings)  # migrates the database first
     env = {**os.environ, "HCNR_DATA_DIR": str(settings.data_dir.resolve())}
     process = start_worker(env) if worker else None
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     typer.echo(
         f"HCNR API on http://{host}:{port} (data in {settings.data_dir.resolve()})", err=True
     )

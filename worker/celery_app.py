@@ -25,12 +25,19 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options=_transport_options(settings),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
     app.conf.hcnr_settings = settings
     return app
+
+
+def _transport_options(settings: Settings) -> dict:
+    """Redis redelivers an unacked job after the visibility timeout: longer than any job."""
+    if settings.celery_broker_url.startswith(("redis", "rediss", "sentinel")):
+        return {"visibility_timeout": settings.visibility_timeout}
+    return {}
 
 
 def enqueue_with(celery: Celery):

@@ -1,0 +1,290 @@
+"""Real servers for the service tests, started from Debian binaries in a temp dir:
+redis-server, a PostgreSQL cluster (initdb + pg_ctl), a Celery worker, `hcnr serve`,
+moto's S3 server. Each helper returns once the server answers."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+PYTHON = sys.executable
+HCNR = str(Path(PYTHON).with_name("hcnr"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not come up within {timeout}s")
+
+
+def stop(process: subprocess.Popen, timeout: float = 20) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a process and its children (a worker dying abruptly)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+# --- redis ---------------------------------------------------------------------------
+
+
+def redis_binary() -> str | None:
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            "--appendonly",
+            "yes",
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
+        ],
+        stdout=(workdir / "redis.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def ping() -> bool:
+        import redis
+
+        return bool(redis.Redis.from_url(url).ping())
+
+    wait_until(ping, 20, "redis-server")
+    return process, url
+
+
+# --- postgres ------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def _as_postgres_user() -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the `postgres` user when we are root."""
+    if os.geteuid() != 0:
+        return []
+    return ["runuser", "-u", "postgres", "--"]
+
+
+class Postgres:
+    def __init__(self, workdir: Path):
+        self.bindir = postgres_bindir()
+        self.workdir = workdir
+        self.data = workdir / "pgdata"
+        self.port = free_port()
+        self.prefix = _as_postgres_user()
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.prefix, *args], check=True, capture_output=True, cwd="/")
+
+    def start(self) -> str:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.prefix:
+            self.workdir.chmod(0o777)
+            shutil.chown(self.workdir, "postgres")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        options = f"-p {self.port} -k {self.workdir} -h 127.0.0.1 -F"
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.workdir / "postgres.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
+        self._run(
+            str(self.bindir / "createdb"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "hcnr",
+        )
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/hcnr"
+
+    def stop(self) -> None:
+        subprocess.run(
+            [
+                *self.prefix,
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+            cwd="/",
+        )
+
+
+# --- hcnr processes --------------------------------------------------------------------
+
+
+def service_env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HCNR_")}
+    env.update({f"HCNR_{k.upper()}": str(v) for k, v in settings.items()})
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def create_key(env: dict[str, str], tenant: str) -> str:
+    result = subprocess.run(
+        [HCNR, "keys", "create", "--tenant", tenant],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+def start_api(env: dict[str, str], log: Path, worker: bool = True) -> tuple[subprocess.Popen, str]:
+    """`hcnr serve` (API, plus the embedded worker unless worker=False)."""
+    port = free_port()
+    command = [HCNR, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command += [] if worker else ["--no-worker"]
+    process = subprocess.Popen(
+        command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"hcnr serve exited; see {log}")
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+
+    wait_until(_raising(ready), 90, "hcnr serve")
+    return process, url
+
+
+def start_celery_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
+    """A real `celery worker` (prefork, one child) in its own process group."""
+    command = [
+        PYTHON,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "-Q",
+        "hcnr",
+        "--loglevel",
+        "INFO",
+        "-n",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"celery worker exited; see {log}")
+        return "ready." in log.read_text(errors="replace")
+
+    wait_until(_raising(ready), 90, "celery worker")
+    return process
+
+
+def start_moto(workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=(workdir / "moto.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(url, timeout=2).status_code < 500, 60, "moto server")
+    return process, url
+
+
+def _raising(check: Callable[[], bool]) -> Callable[[], bool]:
+    """wait_until swallows exceptions; a process that died must fail at once."""
+
+    def wrapped() -> bool:
+        try:
+            return check()
+        except RuntimeError as exc:
+            raise _Fatal(str(exc)) from exc
+
+    return wrapped
+
+
+class _Fatal(BaseException):
+    pass

@@ -1,0 +1,318 @@
+"""The API in-process (TestClient, SQLite, the real runner): validation, auth, tenancy,
+idempotency, pagination, artifacts with Range and tar, cancel, metrics, OpenAPI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import InProcess, Models, digests, job_body, make_inprocess
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def alice_files(inproc: InProcess, models: Models) -> dict[str, str]:
+    return {
+        purpose: inproc.upload("alice", path, purpose).json()["id"]
+        for purpose, path in (("honesty", models.honesty), ("task", models.task))
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_job(inproc: InProcess, alice_files: dict[str, str]) -> str:
+    response = inproc.clients["alice"].post("/v1/repair-jobs", json=job_body(alice_files))
+    assert response.status_code == 201, response.text
+    assert inproc.run_queued() == ["succeeded"]
+    return response.json()["id"]
+
+
+def error_code(response) -> str:
+    return response.json()["error"]["code"]
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def test_upload_is_validated_with_line_numbers(inproc: InProcess, tmp_path: Path, models):
+    bad = tmp_path / "bad.jsonl"
+    lines = models.honesty.read_text().splitlines()
+    lines[2] = '{"prompt": "x"'
+    lines[4] = json.dumps({"prompt": "q", "response": ""})
+    bad.write_text("\n".join(lines) + "\n")
+    response = inproc.upload("alice", bad, "honesty")
+    assert response.status_code == 422
+    assert error_code(response) == "invalid_data"
+    problems = response.json()["error"]["details"]["problems"]
+    assert [p["line"] for p in problems] == [3, 5]
+    assert "empty response" in problems[1]["message"]
+
+
+def test_upload_needs_enough_samples(inproc: InProcess, tmp_path: Path, models):
+    few = tmp_path / "few.jsonl"
+    few.write_text("\n".join(models.task.read_text().splitlines()[:3]) + "\n")
+    response = inproc.upload("alice", few, "task")
+    assert response.status_code == 422 and error_code(response) == "invalid_data"
+    assert "at least 8" in response.json()["error"]["details"]["problems"][0]["message"]
+
+
+def test_oversized_upload_is_413_and_nothing_stored(models, tmp_path: Path):
+    small = make_inprocess(tmp_path, models, max_upload_bytes=1024)
+    response = small.upload("alice", models.honesty, "honesty")  # 2.5 kB > 1 kB
+    assert response.status_code == 413 and error_code(response) == "payload_too_large"
+    assert not list((tmp_path / "data" / "artifacts").rglob("*.jsonl"))
+
+
+def test_oversized_chunked_upload_is_413(models, tmp_path: Path):
+    small = make_inprocess(tmp_path, models, max_upload_bytes=1024)
+    body = b"x" * (200 * 1024)
+    response = small.clients["alice"].post(
+        "/v1/files",
+        content=iter([body[:100_000], body[100_000:]]),
+        headers={"Content-Type": "multipart/form-data; boundary=zzz"},
+    )
+    assert response.status_code == 413
+
+
+# --- job validation: nothing is queued on bad input -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "code"),
+    [
+        ({"base": "path:../../../etc"}, 422, "invalid_reference"),
+        ({"base": "path:/etc"}, 422, "invalid_reference"),
+        ({"finetuned": "path:escape"}, 422, "invalid_reference"),  # symlink out of the root
+        ({"base": "path:nope"}, 422, "reference_not_found"),
+        ({"base": "s3://bucket/model"}, 422, "invalid_reference"),
+        ({"finetuned": "path:other/finetuned"}, 422, "incompatible_checkpoints"),
+        ({"finetuned": "path:other/finetuned-adapter"}, 422, "incompatible_checkpoints"),
+        ({"honesty_file": "file_missing"}, 404, "not_found"),
+        ({"hyperparameters": {"r_iw": 2}}, 422, "invalid_request"),
+        ({"hyperparameters": {"target_modules": "("}}, 422, "invalid_hyperparameters"),
+        ({"hyperparameters": {"device": "cuda"}}, 422, "invalid_request"),
+    ],
+)
+def test_bad_job_input_is_rejected_and_not_queued(
+    inproc: InProcess, alice_files, models, overrides, status, code
+):
+    escape = models.root / "escape"
+    if not escape.exists():
+        escape.symlink_to(models.root.parent)
+    before = inproc.clients["alice"].get("/v1/repair-jobs").json()["data"]
+    response = inproc.clients["alice"].post(
+        "/v1/repair-jobs", json=job_body(alice_files, **overrides)
+    )
+    assert response.status_code == status, response.text
+    assert error_code(response) == code
+    assert inproc.queued == []
+    assert inproc.clients["alice"].get("/v1/repair-jobs").json()["data"] == before
+
+
+def test_file_of_wrong_purpose_is_rejected(inproc: InProcess, alice_files):
+    body = job_body(alice_files, honesty_file=alice_files["task"])
+    response = inproc.clients["alice"].post("/v1/repair-jobs", json=body)
+    assert response.status_code == 422 and error_code(response) == "invalid_file_purpose"
+
+
+# --- auth and tenancy ---------------------------------------------------------------------
+
+
+def test_requests_need_a_valid_key(inproc: InProcess):
+    from fastapi.testclient import TestClient
+
+    anonymous = TestClient(inproc.app)
+    assert error_code(anonymous.get("/v1/repair-jobs")) == "unauthorized"
+    forged = TestClient(inproc.app, headers={"Authorization": "Bearer hcnr_0000_nope"})
+    assert forged.get("/v1/repair-jobs").status_code == 401
+
+
+def test_revoked_key_stops_working(models, tmp_path: Path):
+    from store import repositories
+    from store.db import session_scope
+
+    env = make_inprocess(tmp_path, models)
+    assert env.clients["alice"].get("/v1/repair-jobs").status_code == 200
+    with session_scope(env.app.state.session_factory) as session:
+        for key in repositories.list_api_keys(session):
+            if key.tenant.name == "alice":
+                assert repositories.revoke_api_key(session, key.id)
+    assert env.clients["alice"].get("/v1/repair-jobs").status_code == 401
+
+
+def tenant_routes(job_id: str, file_id: str) -> list[tuple[str, str]]:
+    return [
+        ("GET", f"/v1/files/{file_id}"),
+        ("GET", f"/v1/repair-jobs/{job_id}"),
+        ("POST", f"/v1/repair-jobs/{job_id}/cancel"),
+        ("GET", f"/v1/repair-jobs/{job_id}/events"),
+        ("GET", f"/v1/repair-jobs/{job_id}/events/stream"),
+        ("GET", f"/v1/repair-jobs/{job_id}/artifacts"),
+        ("GET", f"/v1/repair-jobs/{job_id}/artifacts/config.json"),
+        ("GET", f"/v1/repair-jobs/{job_id}/checkpoint.tar"),
+        ("GET", f"/v1/repair-jobs/{job_id}/report"),
+    ]
+
+
+def test_other_tenant_gets_404_on_every_route(inproc: InProcess, finished_job, alice_files):
+    routes = tenant_routes(finished_job, alice_files["honesty"])
+    for method, url in routes:
+        assert inproc.clients["alice"].request(method, url).status_code in (200, 409), url
+        response = inproc.clients["bob"].request(method, url)
+        assert response.status_code == 404, url
+        assert error_code(response) == "not_found"
+    body = job_body(alice_files)  # bob cannot use alice's files either
+    assert inproc.clients["bob"].post("/v1/repair-jobs", json=body).status_code == 404
+    assert inproc.clients["bob"].get("/v1/repair-jobs").json()["data"] == []
+
+
+def test_every_route_with_an_id_is_covered_by_the_tenancy_test(inproc: InProcess):
+    """A new route with an id must be added to `tenant_routes` (and so be 404-tested)."""
+    tested = {
+        (m, u.replace("job_x", "{job_id}").replace("file_x", "{file_id}"))
+        for m, u in tenant_routes("job_x", "file_x")
+    }
+    tested = {(m, u.replace("config.json", "{name}")) for m, u in tested}
+    spec = inproc.clients["alice"].get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        if "{" in path:
+            for method in operations:
+                assert (method.upper(), path) in tested, (method, path)
+
+
+# --- the job and its artifacts ------------------------------------------------------------------
+
+
+def test_job_result_matches_a_direct_repair(inproc: InProcess, finished_job, direct_repair):
+    client = inproc.clients["alice"]
+    job = client.get(f"/v1/repair-jobs/{finished_job}").json()
+    assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
+    assert set(job["stage_seconds"]) >= {"fisher_task", "fisher_honesty", "save"}
+    events = client.get(f"/v1/repair-jobs/{finished_job}/events").json()["data"]
+    types = [e["type"] for e in events]
+    assert types[:3] == ["created", "queued", "running"] and types[-1] == "succeeded"
+    listed = {
+        a["name"]: a for a in client.get(f"/v1/repair-jobs/{finished_job}/artifacts").json()["data"]
+    }
+    archive = tarfile.open(
+        fileobj=io.BytesIO(client.get(f"/v1/repair-jobs/{finished_job}/checkpoint.tar").content)
+    )
+    names = {Path(m.name).name: archive.extractfile(m).read() for m in archive.getmembers()}
+    assert set(names) == set(listed)
+    import hashlib
+
+    for name, data in names.items():
+        assert hashlib.sha256(data).hexdigest() == listed[name]["sha256"]
+        assert len(data) == listed[name]["bytes"]
+    expected = digests(direct_repair)
+    got = {n: hashlib.sha256(d).hexdigest() for n, d in names.items() if n in expected}
+    assert got == expected  # weights, config, tokenizer: bit for bit
+
+
+def test_range_requests(inproc: InProcess, finished_job):
+    client = inproc.clients["alice"]
+    url = f"/v1/repair-jobs/{finished_job}/artifacts/model-00001-of-00001.safetensors"
+    full = client.get(url)
+    assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes"
+    part = client.get(url, headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206 and part.content == full.content[10:100]
+    assert part.headers["content-range"] == f"bytes 10-99/{len(full.content)}"
+    tail = client.get(url, headers={"Range": "bytes=-16"})
+    assert tail.content == full.content[-16:]
+    assert client.get(url, headers={"Range": f"bytes={len(full.content)}-"}).status_code == 416
+    assert client.get(f"/v1/repair-jobs/{finished_job}/artifacts/..%2F..%2Fx").status_code == 404
+
+
+def test_report_endpoint(inproc: InProcess, finished_job):
+    report = inproc.clients["alice"].get(f"/v1/repair-jobs/{finished_job}/report").json()
+    assert report["n_selected_matrices"] > 0 and "files" in report
+
+
+def test_idempotency_key(inproc: InProcess, alice_files):
+    client = inproc.clients["alice"]
+    headers = {"Idempotency-Key": "same-request"}
+    first = client.post("/v1/repair-jobs", json=job_body(alice_files), headers=headers)
+    again = client.post("/v1/repair-jobs", json=job_body(alice_files), headers=headers)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    assert inproc.queued == [first.json()["id"]]
+    changed = job_body(alice_files, metadata={"x": "1"})
+    conflict = client.post("/v1/repair-jobs", json=changed, headers=headers)
+    assert conflict.status_code == 409 and error_code(conflict) == "idempotency_conflict"
+    cancelled = client.post(f"/v1/repair-jobs/{first.json()['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"  # queued -> cancelled at once
+    assert inproc.run_queued() == ["cancelled"]  # the worker will not run it
+
+
+def test_cancel_finished_job_is_409(inproc: InProcess, finished_job):
+    response = inproc.clients["alice"].post(f"/v1/repair-jobs/{finished_job}/cancel")
+    assert response.status_code == 409 and error_code(response) == "job_not_cancellable"
+
+
+def test_list_pagination_and_filters(inproc: InProcess, alice_files):
+    client = inproc.clients["alice"]
+    ids = []
+    for i in range(3):
+        body = job_body(alice_files, metadata={"batch": "paged", "i": str(i)})
+        ids.append(client.post("/v1/repair-jobs", json=body).json()["id"])
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, "metadata": "batch=paged"} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/v1/repair-jobs", params=params).json()
+        seen += [job["id"] for job in page["data"]]
+        if not page["has_more"]:
+            break
+        cursor = page["next_cursor"]
+    assert seen == ids[::-1]
+    only = client.get("/v1/repair-jobs", params=[("metadata", "batch=paged"), ("metadata", "i=1")])
+    assert [j["id"] for j in only.json()["data"]] == [ids[1]]
+    queued = client.get("/v1/repair-jobs", params={"status": "queued"}).json()["data"]
+    assert set(ids) <= {j["id"] for j in queued}
+    for job_id in ids:
+        client.post(f"/v1/repair-jobs/{job_id}/cancel")
+    inproc.run_queued()
+
+
+def test_health_metrics_openapi(inproc: InProcess):
+    client = inproc.clients["alice"]
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/readyz").json()["checks"]["database"] == "ok"
+    metrics = client.get("/metrics").text
+    assert 'hcnr_jobs{status="succeeded"}' in metrics and "hcnr_http_requests_total" in metrics
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/files", "/v1/repair-jobs", "/v1/repair-jobs/{job_id}/checkpoint.tar"} <= set(
+        spec["paths"]
+    )
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    assert {"RepairJobCreate", "RepairJobPublic", "ErrorResponse"} <= set(
+        spec["components"]["schemas"]
+    )
+
+
+def test_production_settings_refuse_unsafe_defaults(tmp_path: Path):
+    from pydantic import ValidationError
+
+    from store.settings import Settings
+
+    with pytest.raises(ValidationError, match="SQLite"):
+        Settings(env="production", data_dir=tmp_path)
+    with pytest.raises(ValidationError, match="MODELS_ROOT"):
+        Settings(
+            env="production",
+            database_url="postgresql+psycopg://x/y",
+            models_root="/",
+            secret_key="s" * 40,
+            broker_url="redis://r",
+        )
+    ok = Settings(
+        env="production",
+        database_url="postgresql+psycopg://x/y",
+        models_root=tmp_path,
+        secret_key=os.urandom(24).hex(),
+        broker_url="redis://r",
+    )
+    assert ok.env == "production"
