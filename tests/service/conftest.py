@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-
 import service_procs as procs
+from fastapi.testclient import TestClient
 
 CHECKPOINT_FILES_COMPARED = "*.safetensors"
 

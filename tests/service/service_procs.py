@@ -4,6 +4,7 @@ moto's S3 server. Each helper returns once the server answers."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -52,10 +53,8 @@ def stop(process: subprocess.Popen, timeout: float = 20) -> None:
 
 def kill_group(process: subprocess.Popen) -> None:
     """SIGKILL a process and its children (a worker dying abruptly)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 

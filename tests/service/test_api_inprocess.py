@@ -198,10 +198,9 @@ def test_job_result_matches_a_direct_repair(inproc: InProcess, finished_job, dir
     listed = {
         a["name"]: a for a in client.get(f"/v1/repair-jobs/{finished_job}/artifacts").json()["data"]
     }
-    archive = tarfile.open(
-        fileobj=io.BytesIO(client.get(f"/v1/repair-jobs/{finished_job}/checkpoint.tar").content)
-    )
-    names = {Path(m.name).name: archive.extractfile(m).read() for m in archive.getmembers()}
+    tar_bytes = client.get(f"/v1/repair-jobs/{finished_job}/checkpoint.tar").content
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+        names = {Path(m.name).name: archive.extractfile(m).read() for m in archive.getmembers()}
     assert set(names) == set(listed)
     import hashlib
 
