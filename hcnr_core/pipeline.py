@@ -303,12 +303,15 @@ class RepairPipeline:
         columns: dict[str, torch.Tensor],
         base_source: Any,
         ft_source: Any,
-    ) -> dict[str, torch.Tensor]:
-        """Repaired matrices (stored dtype, CPU), Hessians built chunk by chunk."""
+        keep: bool = True,
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Repaired matrices (stored dtype, CPU; none kept if not `keep`) and the number
+        of weights that changed; Hessians built chunk by chunk."""
         cfg, device = self.config, torch.device(self.config.device)
         order = {f"{m}.weight": i for i, m in enumerate(prep.targets)}
         modules = [w.removesuffix(".weight") for w in sorted(kept, key=order.__getitem__)]
         repaired: dict[str, torch.Tensor] = {}
+        changed, done = 0, 0
         hessian_seconds = 0.0
         stream = self._hessian_stream(model, prep, modules)
         while True:
@@ -330,16 +333,25 @@ class RepairPipeline:
                 )
                 if not torch.isfinite(new).all():
                     raise HCNRError(f"{weight}: compensation produced non-finite values")
-                repaired[weight] = new.to(dtype=w_ft.dtype, device="cpu")
-                self._tick(len(repaired), len(kept))
+                new = new.to(dtype=w_ft.dtype, device="cpu")
+                changed += int((new != w_ft).sum())
+                if keep:
+                    repaired[weight] = new
+                done += 1
+                self._tick(done, len(kept))
             del hessians
         self.stage_seconds["hessian"] = round(hessian_seconds, 4)
-        return repaired
+        return repaired, changed
 
-    def run(self, prep: PreparedRepair, out: str | Path) -> dict[str, Any]:
-        """Run every stage and publish the checkpoint at `out`; returns the report."""
-        cfg, out = self.config, Path(out)
-        check_output_dir(out)
+    def run(self, prep: PreparedRepair, out: str | Path | None) -> dict[str, Any]:
+        """Run every stage and publish the checkpoint at `out`; returns the report.
+
+        `out=None` is a dry run: everything is computed and reported, nothing written.
+        """
+        cfg = self.config
+        out = None if out is None else Path(out)
+        if out is not None:
+            check_output_dir(out)
         torch.manual_seed(cfg.seed)
         dtype, device = self._compute_dtype(prep), torch.device(cfg.device)
 
@@ -372,10 +384,11 @@ class RepairPipeline:
         self._leave(started)
 
         started = self._enter("compensate")
-        repaired = self._compensate(model, prep, kept, columns, base_source, ft_source)
+        repaired, changed = self._compensate(
+            model, prep, kept, columns, base_source, ft_source, keep=out is not None
+        )
         del model
         _release_memory()
-        changed = sum(int((w != ft_source.get(n)).sum()) for n, w in repaired.items())
         self._leave(started)
         self.stage_seconds["compensate"] = round(
             self.stage_seconds["compensate"] - self.stage_seconds["hessian"], 4
@@ -387,8 +400,10 @@ class RepairPipeline:
             "honesty_on_base": hon_fisher["mean_loss"],
             "task_on_finetuned": task_fisher["mean_loss"],
         }
-        self._write(prep, out, ft_source, repaired, report, started)
+        if out is not None:
+            self._write(prep, out, ft_source, repaired, report, started)
         self._leave(started)
+        report["stage_seconds"] = dict(self.stage_seconds)
         return report
 
     # --- output ------------------------------------------------------------------

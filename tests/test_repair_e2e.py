@@ -212,3 +212,15 @@ def test_cuda_matches_cpu(toy, tmp_path):
     a, b = tensors(tmp_path / "cpu"), tensors(tmp_path / "gpu")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
+
+
+def test_dry_run_reports_without_writing(toy, tmp_path):
+    written = repair(toy, tmp_path / "out")
+    pipeline = RepairPipeline(RepairConfig())
+    dry = pipeline.run(
+        pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"]), None
+    )
+    assert dry["selected_matrices"] == written["selected_matrices"]
+    assert dry["changed_params"] == written["changed_params"] > 0
+    assert "files" not in dry and set(dry["stage_seconds"]) == set(TIMED_STAGES)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
