@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -158,11 +159,14 @@ def _write_samples(path: Path, words: list[str], seed: int) -> None:
             handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
 
 
-def build(size: str, work: Path) -> Path:
-    """Base, adapter and data for `size` under work/size (cached by a done-marker)."""
+def build(size: str, work: Path, weights: bool = True) -> Path:
+    """Base, adapter and data for `size` under work/size (cached by a done-marker).
+
+    Without `weights` only the config, tokenizer and data are written (synthetic runs).
+    """
     from hcnr_core.toy import build_word_tokenizer
 
-    root = work / size
+    root = work / (size if weights else f"{size}-synthetic")
     if (root / "done").exists():
         return root
     spec = SIZES[size]
@@ -172,8 +176,9 @@ def build(size: str, work: Path) -> Path:
     config.save_pretrained(base)
     words = [f"w{i}" for i in range(spec["vocab"] - 8)]
     build_word_tokenizer(words).save_pretrained(base)
-    _write_random_weights(config, base)
-    _write_random_adapter(config, base, root / "adapter")
+    if weights:
+        _write_random_weights(config, base)
+        _write_random_adapter(config, base, root / "adapter")
     (root / "data").mkdir(exist_ok=True)
     _write_samples(root / "data" / "honesty.jsonl", words[:5000], 0)
     _write_samples(root / "data" / "task.jsonl", words[:5000], 1)
@@ -215,6 +220,112 @@ def run_one(root: Path, device: str, dtype: str, budget_mb: int, layerwise: bool
     return {
         "total_s": round(total, 2),
         "prepare_s": round(prepare_s, 2),
+        "stage_seconds": report["stage_seconds"],
+        "fisher_tokens_per_s": round(tokens / fisher_s, 1),
+        "peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_gpu_gib": None if gpu_peak is None else round(gpu_peak, 2),
+        "selected_matrices": report["n_selected_matrices"],
+        "fraction_target_params_changed": round(report["fraction_target_params_changed"], 4),
+    }
+
+
+class RandomSource:
+    """A checkpoint that never touches disk: deterministic random bf16 weights, generated
+    on `device` per tensor. With `base`, it is that model plus dense noise on every
+    decoder linear (a full fine-tune)."""
+
+    def __init__(self, config: Any, device: str, seed: int, base: Any = None, delta: float = 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            state = AutoModelForCausalLM.from_config(config).state_dict()
+        self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if config.tie_word_embeddings:
+            self.shapes.pop("lm_head.weight", None)
+        self.device, self.seed, self.base, self.delta = device, seed, base, delta
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def dtype(self, name: str) -> Any:
+        import torch
+
+        return torch.bfloat16
+
+    def _noise(self, name: str, scale: float) -> Any:
+        import torch
+
+        generator = torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()) ^ self.seed)
+        shape = self.shapes[name]
+        return torch.randn(shape, generator=generator, device=self.device) * scale
+
+    def get(self, name: str) -> Any:
+        import torch
+
+        if self.base is not None:
+            weight = self.base.get(name)
+            if ".layers." in name and name.endswith("proj.weight"):
+                weight = (weight.float() + self._noise(name, self.delta)).to(torch.bfloat16)
+            return weight
+        if "norm" in name:
+            return torch.ones(self.shapes[name], dtype=torch.bfloat16, device=self.device)
+        return self._noise(name, 0.02).to(torch.bfloat16)
+
+
+def run_synthetic(root: Path, device: str, budget_mb: int) -> dict[str, Any]:
+    """A layer-by-layer dry run (no checkpoint I/O) on RandomSource weights."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from hcnr_core import RepairConfig
+    from hcnr_core.checkpoint import CheckpointInfo
+    from hcnr_core.data import encode_samples, load_jsonl
+    from hcnr_core.pipeline import PreparedRepair, RepairPipeline, target_linears
+
+    class Synthetic(CheckpointInfo):
+        def source(self) -> Any:
+            return self._source
+
+    config = AutoConfig.from_pretrained(root / "base")
+    config_dict = json.loads((root / "base" / "config.json").read_text())
+    base = Synthetic(root / "base", "full", config_dict)
+    base._source = RandomSource(config, device, 0)
+    finetuned = Synthetic(root / "base", "full", config_dict)
+    finetuned._source = RandomSource(config, device, 1, base=base._source, delta=0.002)
+    cfg = RepairConfig(
+        device=device,
+        dtype="bfloat16",
+        max_seq_len=128,
+        hessian_budget_mb=budget_mb,
+        layerwise=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    hon = encode_samples(tokenizer, load_jsonl(root / "data/honesty.jsonl"), 128)
+    task = encode_samples(tokenizer, load_jsonl(root / "data/task.jsonl"), 128)
+    inputs = {
+        "base": "synthetic",
+        "finetuned": "synthetic",
+        "finetuned_kind": "full",
+        "honesty": {"samples": len(hon)},
+        "task": {"samples": len(task)},
+    }
+    targets = target_linears(base, cfg.target_modules)
+    prepared = PreparedRepair(base, finetuned, tokenizer, hon, task, targets, inputs)
+    started = time.perf_counter()
+    report = RepairPipeline(cfg).run(prepared, None)
+    total = time.perf_counter() - started
+    tokens = sum(len(s.input_ids) for s in hon + task)
+    fisher_s = report["stage_seconds"]["fisher_task"] + report["stage_seconds"]["fisher_honesty"]
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return {
+        "total_s": round(total, 2),
         "stage_seconds": report["stage_seconds"],
         "fisher_tokens_per_s": round(tokens / fisher_s, 1),
         "peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -301,9 +412,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--hessian-budget-mb", type=int, default=4096)
     parser.add_argument("--layerwise", action="store_true")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="layer-by-layer dry run on weights generated on the device (no disk, no save)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".hcnr" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.synthetic:
+        result = run_synthetic(Path(args.child), args.device, args.hessian_budget_mb)
+        print("RESULT " + json.dumps(result))
+        return
     if args.child:  # one repair, in a fresh process, result on stdout
         result = run_one(
             Path(args.child), args.device, args.dtype, args.hessian_budget_mb, args.layerwise
@@ -316,7 +436,7 @@ def main() -> None:
     results = json.loads(store.read_text()) if store.exists() else {}
     for size in args.sizes:
         started = time.perf_counter()
-        root = build(size, args.work)
+        root = build(size, args.work, weights=not args.synthetic)
         print(f"{size}: checkpoint ready in {time.perf_counter() - started:.1f}s", flush=True)
         child = subprocess.run(
             [
@@ -331,6 +451,7 @@ def main() -> None:
                 "--hessian-budget-mb",
                 str(args.hessian_budget_mb),
                 *(["--layerwise"] if args.layerwise else []),
+                *(["--synthetic"] if args.synthetic else []),
             ],
             capture_output=True,
             text=True,
@@ -342,6 +463,7 @@ def main() -> None:
             raise SystemExit(f"{size}: repair failed (exit {child.returncode})")
         result = json.loads(line[0].removeprefix("RESULT "))
         mode = "layerwise" if args.layerwise else "whole"
+        mode = "synthetic-layerwise-dry-run" if args.synthetic else mode
         result.update(
             size=size,
             mode=mode,

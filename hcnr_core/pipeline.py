@@ -333,8 +333,9 @@ class RepairPipeline:
                 )
                 if not torch.isfinite(new).all():
                     raise HCNRError(f"{weight}: compensation produced non-finite values")
-                new = new.to(dtype=w_ft.dtype, device="cpu")
-                changed += int((new != w_ft).sum())
+                new = new.to(dtype=w_ft.dtype)
+                changed += int((new != w_ft.to(new.device)).sum())
+                new = new.cpu()
                 if keep:
                     repaired[weight] = new
                 done += 1
