@@ -52,7 +52,7 @@ def compensate_paper(
     delta_t = w_ft[:, others] - w_base[:, others]
     scaled = delta_t / torch.diagonal(h_inv)[others]
     out = w_ft.clone()
-    out[:, columns] = w_base[:, columns] + scaled @ h_inv[others][:, columns]
+    out[:, columns] = w_base[:, columns] + scaled @ h_inv[others[:, None], columns]
     return out
 
 
@@ -65,8 +65,8 @@ def compensate_exact(
     w_base, w_ft, h = w_base.to(compute), w_ft.to(compute), hessian.to(compute)
     others = complement(columns, w_ft.shape[1])
     delta_t = w_ft[:, others] - w_base[:, others]
-    h_ff = h[columns][:, columns]
-    h_ft = h[columns][:, others]
+    h_ff = h[columns[:, None], columns]  # direct sub-block gathers, no row-slab copies
+    h_ft = h[columns[:, None], others]
     # H[F,F]⁻¹ H[F,T] δ_Tᵀ, transposed back: (out × |F|)
     solved = torch.cholesky_solve(h_ft @ delta_t.T, _cholesky(h_ff))
     out = w_ft.clone()
