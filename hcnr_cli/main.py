@@ -169,11 +169,12 @@ def toy(
 
 
 # --- the repair-job service (issue 4) ---
-from hcnr_cli import keys_cmd, serve_cmd  # noqa: E402
+from hcnr_cli import jobs_cmd, keys_cmd, serve_cmd  # noqa: E402
 
 app.command()(serve_cmd.serve)
 app.command()(serve_cmd.migrate)
 app.add_typer(keys_cmd.app, name="keys")
+app.add_typer(jobs_cmd.app, name="jobs")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ class Deployment:
     alice: HCNRClient
     bob: HCNRClient
     data_dir: Path
+    url: str
+    keys: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,7 @@ def embedded(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     keys = {tenant: procs.create_key(env, tenant) for tenant in ("alice", "bob")}
     process, url = procs.start_api(env, data_dir / "serve.log")
     clients = {tenant: HCNRClient(url, key) for tenant, key in keys.items()}
-    yield Deployment(clients["alice"], clients["bob"], data_dir)
+    yield Deployment(clients["alice"], clients["bob"], data_dir, url, keys)
     for client in clients.values():
         client.close()
     procs.stop(process)
@@ -60,3 +63,64 @@ def _environ_has(pid: str, needle: str) -> bool:
         return needle.encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
+
+
+def test_jobs_cli_over_http(embedded: Deployment, models: Models, direct_repair, tmp_path):
+    """`hcnr jobs create --wait`, get, list, events, download, and a clear error code."""
+    from conftest import digests
+
+    env = {
+        **procs.service_env(),
+        "HCNR_API_URL": embedded.url,
+        "HCNR_API_KEY": embedded.keys["alice"],
+    }
+
+    def hcnr(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [procs.HCNR, "jobs", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    created = hcnr(
+        "create",
+        "--base",
+        "path:base",
+        "--finetuned",
+        "path:finetuned-adapter",
+        "--honesty",
+        str(models.honesty),
+        "--task",
+        str(models.task),
+        "--metadata",
+        "via=cli",
+        "--wait",
+    )
+    assert created.returncode == 0, created.stderr
+    job = json.loads(created.stdout)
+    assert job["status"] == "succeeded" and job["metadata"] == {"via": "cli"}
+    assert json.loads(hcnr("get", job["id"]).stdout)["id"] == job["id"]
+    listed = json.loads(hcnr("list", "--metadata", "via=cli").stdout)
+    assert [j["id"] for j in listed["data"]] == [job["id"]]
+    events = [json.loads(line) for line in hcnr("events", job["id"]).stdout.splitlines()]
+    assert events[-1]["type"] == "succeeded"
+    followed = hcnr("events", "--follow", job["id"]).stdout.splitlines()
+    assert len(followed) == len(events)
+    downloaded = hcnr("download", job["id"], "--out", str(tmp_path / "ckpt"))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert digests(tmp_path / "ckpt") == digests(direct_repair)
+    assert hcnr("wait", job["id"]).returncode == 0
+
+    bad = hcnr(
+        "create",
+        "--base",
+        "path:../outside",
+        "--finetuned",
+        "path:finetuned",
+        "--honesty",
+        str(models.honesty),
+        "--task",
+        str(models.task),
+    )
+    assert bad.returncode == 2 and "[invalid_reference]" in bad.stderr
+    env["HCNR_API_KEY"] = embedded.keys["bob"]
+    other = hcnr("get", job["id"])
+    assert other.returncode == 2 and "[not_found]" in other.stderr

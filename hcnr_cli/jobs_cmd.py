@@ -1,0 +1,183 @@
+"""`hcnr jobs ...`: drive the repair-job API from pipelines (HCNR_API_URL, HCNR_API_KEY)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="Repair jobs over HTTP (client of `hcnr serve` or a deployment).", no_args_is_help=True
+)
+
+ApiUrl = Annotated[str, typer.Option(envvar="HCNR_API_URL", help="Service base URL")]
+ApiKey = Annotated[str, typer.Option(envvar="HCNR_API_KEY", help="Bearer API key")]
+JobId = Annotated[str, typer.Argument(help="Repair job id (job_...)")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_BY_STATUS = {"succeeded": 0, "failed": 1, "cancelled": 3}
+
+
+def _client(url: str, key: str):
+    from hcnr_cli.client import HCNRClient
+
+    if not key:
+        _fail("unauthorized", "no API key: pass --api-key or set HCNR_API_KEY")
+    return HCNRClient(url, key)
+
+
+def _fail(code: str, message: str, exit_code: int = 2) -> None:
+    typer.echo(f"error [{code}]: {message}", err=True)
+    raise typer.Exit(exit_code)
+
+
+def _print(model: Any) -> None:
+    typer.echo(
+        model.model_dump_json(indent=2)
+        if hasattr(model, "model_dump_json")
+        else json.dumps(model, indent=2)
+    )
+
+
+def _call(function, *args: Any, **kwargs: Any) -> Any:
+    from hcnr_cli.client import APIError
+
+    try:
+        return function(*args, **kwargs)
+    except APIError as exc:
+        details = f"\n{json.dumps(exc.details, indent=2)}" if exc.details else ""
+        _fail(exc.code, exc.message + details)
+    except OSError as exc:
+        _fail("connection_error", str(exc))
+
+
+def _file_id(client, value: str, purpose: str) -> str:
+    """An uploaded file id as is, or a local JSONL path that is uploaded first."""
+    if value.startswith("file_") and not Path(value).exists():
+        return value
+    return _call(client.upload_file, Path(value), purpose).id
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in items]
+    if any(len(p) != 2 for p in pairs):
+        _fail("invalid_argument", "metadata must be KEY=VALUE")
+    return dict(pairs)
+
+
+@app.command()
+def create(
+    base: Annotated[str, typer.Option(help="Base reference: path:<dir> or hf:org/name@rev")],
+    finetuned: Annotated[str, typer.Option(help="Fine-tuned model or LoRA adapter reference")],
+    honesty: Annotated[str, typer.Option(help="Honesty JSONL path or file id")],
+    task: Annotated[str, typer.Option(help="Task JSONL path or file id")],
+    eval_set: Annotated[str | None, typer.Option("--eval", help="Eval JSONL or file id")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON hyper-parameters")] = None,
+    metadata: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable")] = [],  # noqa: B006
+    webhook_url: Annotated[str | None, typer.Option(help="Called on terminal states")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Safe retries of create")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job to finish")] = False,
+    api_url: ApiUrl = DEFAULT_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Upload the data (if paths are given) and create a repair job; prints the job."""
+    import yaml
+
+    client = _client(api_url, api_key)
+    body: dict[str, Any] = {
+        "base": base,
+        "finetuned": finetuned,
+        "honesty_file": _file_id(client, honesty, "honesty"),
+        "task_file": _file_id(client, task, "task"),
+        "metadata": _pairs(metadata),
+    }
+    if eval_set:
+        body["eval_file"] = _file_id(client, eval_set, "eval")
+    if config:
+        body["hyperparameters"] = yaml.safe_load(config.read_text()) or {}
+    if webhook_url:
+        body["webhook_url"] = webhook_url
+    job = _call(client.create_job, body, idempotency_key=idempotency_key)
+    if wait:
+        job = _call(client.wait, job.id)
+    _print(job)
+    if wait:
+        raise typer.Exit(EXIT_BY_STATUS.get(job.status, 1))
+
+
+@app.command()
+def get(job_id: JobId, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Status, stage, progress, ETA, timings, metrics and error of a job."""
+    _print(_call(_client(api_url, api_key).get_job, job_id))
+
+
+@app.command("list")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this state")] = None,
+    metadata: Annotated[list[str], typer.Option(help="KEY=VALUE filter")] = [],  # noqa: B006
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
+    api_url: ApiUrl = DEFAULT_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Jobs, newest first."""
+    client = _client(api_url, api_key)
+    _print(_call(client.list_jobs, limit, cursor, status, _pairs(metadata)))
+
+
+@app.command()
+def events(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until done")] = False,
+    api_url: ApiUrl = DEFAULT_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Events of a job as JSON lines (`--follow` streams them live)."""
+    client = _client(api_url, api_key)
+    source = client.stream_events if follow else client.all_events
+    _call(lambda: _echo_events(source(job_id)))
+
+
+def _echo_events(events: Any) -> None:
+    for event in events:
+        typer.echo(event.model_dump_json())
+        sys.stdout.flush()
+
+
+@app.command()
+def cancel(job_id: JobId, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKey = "") -> None:
+    """Cancel a job (queued: at once; running: between two steps)."""
+    _print(_call(_client(api_url, api_key).cancel_job, job_id))
+
+
+@app.command("wait")
+def wait_for(
+    job_id: JobId,
+    timeout: Annotated[float, typer.Option(help="Seconds before giving up")] = 3600,
+    api_url: ApiUrl = DEFAULT_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Wait until the job finishes; exit 0 succeeded, 1 failed, 3 cancelled."""
+    job = _call(_client(api_url, api_key).wait, job_id, timeout)
+    _print(job)
+    raise typer.Exit(EXIT_BY_STATUS.get(job.status, 1))
+
+
+@app.command()
+def download(
+    job_id: JobId,
+    out: Annotated[Path, typer.Option(help="Directory for the repaired checkpoint")],
+    api_url: ApiUrl = DEFAULT_URL,
+    api_key: ApiKey = "",
+) -> None:
+    """Download the repaired checkpoint (streamed tar, unpacked) and verify every sha256."""
+    from hcnr_core.writer import sha256_file
+
+    client = _client(api_url, api_key)
+    _call(client.download_checkpoint, job_id, out)
+    for artifact in _call(client.artifacts, job_id).data:
+        if sha256_file(out / artifact.name) != artifact.sha256:
+            _fail("checksum_mismatch", f"{artifact.name}: sha256 differs from the server's")
+    typer.echo(json.dumps({"job": job_id, "out": str(out)}))
