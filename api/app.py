@@ -19,11 +19,11 @@ def create_app(
     settings: Settings | None = None,
     *,
     enqueue: Callable[[str], None] | None = None,
-    run_migrations: bool = True,
+    run_migrations: bool | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
     settings.ensure_dirs()
-    if run_migrations:
+    if settings.auto_migrate if run_migrations is None else run_migrations:
         migrate(settings.db_url)
     app = FastAPI(
         title="HCNR repair-job service",

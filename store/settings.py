@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(4, ge=1)
     webhook_backoff_seconds: float = Field(2.0, ge=0)
     webhook_allow_private: bool = Field(True, description="Allow webhooks to private addresses")
+    auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
 
     @model_validator(mode="after")

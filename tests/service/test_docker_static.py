@@ -1,0 +1,115 @@
+"""docker-compose.yml and the Dockerfiles, checked statically (no Docker engine here; the
+same services run natively in test_redis_postgres_celery.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def substitute(value: str) -> str:
+    """${VAR:?msg} / ${VAR:-default} as compose would, with required values filled in."""
+    required = {"POSTGRES_PASSWORD": "pw", "HCNR_SECRET_KEY": "k" * 40}
+
+    def replace(match: re.Match) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3) or ""
+        if op == ":?":
+            return required[name]
+        return arg if op == ":-" else ""
+
+    return re.sub(r"\$\{(\w+)(:\?|:-)?([^}]*)\}", replace, value)
+
+
+def test_services_and_healthchecks(compose: dict):
+    services = compose["services"]
+    assert {"redis", "postgres", "api", "worker", "minio", "migrate"} <= set(services)
+    for name in ("redis", "postgres", "api", "worker", "minio"):
+        assert "healthcheck" in services[name], name
+        assert services[name]["healthcheck"]["test"], name
+    assert services["minio"]["profiles"] == ["s3"]  # optional S3-compatible storage
+
+
+def test_redis_is_durable_and_never_evicts(compose: dict):
+    command = " ".join(compose["services"]["redis"]["command"])
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert any(v.endswith(":/data") for v in compose["services"]["redis"]["volumes"])
+
+
+def test_worker_reserves_a_gpu_and_runs_one_process(compose: dict):
+    worker = compose["services"]["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert worker["environment"]["HCNR_WORKER_DEVICE"] == "cuda"
+    dockerfile = (ROOT / worker["build"]["dockerfile"]).read_text()
+    assert '"--concurrency", "1"' in dockerfile and '"--pool", "prefork"' in dockerfile
+    assert "worker.celery_app" in dockerfile
+
+
+def test_dependencies_wait_for_health(compose: dict):
+    for name in ("api", "worker"):
+        depends = compose["services"][name]["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy"
+        assert depends["postgres"]["condition"] == "service_healthy"
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+
+
+def test_volumes_are_declared_and_shared(compose: dict):
+    declared = set(compose["volumes"])
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith(("$", ".", "/")):
+                assert source in declared, (name, volume)
+    api, worker = compose["services"]["api"]["volumes"], compose["services"]["worker"]["volumes"]
+    assert "hcnr-data:/data" in api and "hcnr-data:/data" in worker  # local artifacts
+    assert all(v.endswith(":ro") for v in api + worker if "/models" in v)
+
+
+@pytest.mark.parametrize("service", ["api", "worker", "migrate"])
+def test_environment_is_valid_production_settings(compose: dict, service: str):
+    """Every HCNR_* variable is a Settings field and together they pass the production
+    checks (PostgreSQL, real broker, secret, models root)."""
+    from store.settings import Settings
+
+    env = {k: substitute(str(v)) for k, v in compose["services"][service]["environment"].items()}
+    fields = set(Settings.model_fields)
+    for key in env:
+        if key.startswith("HCNR_"):
+            assert key.removeprefix("HCNR_").lower() in fields, key
+    settings = Settings(
+        **{k.removeprefix("HCNR_").lower(): v for k, v in env.items() if k.startswith("HCNR_")}
+    )
+    assert settings.env == "production"
+    assert settings.db_url.startswith("postgresql+psycopg://")
+    assert settings.celery_broker_url == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.worker"])
+def test_dockerfiles(name: str, compose: dict):
+    text = (ROOT / "docker" / name).read_text()
+    assert re.search(r"^FROM \S+", text, re.M)
+    assert re.search(r"^USER (?!root)\w+", text, re.M)  # never runs as root
+    assert "HEALTHCHECK" in text and "HF_HUB_OFFLINE=1" in text
+    assert "trust_remote_code" not in text
+    for copied in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (ROOT / copied).exists(), copied
+    builds = {s["build"]["dockerfile"] for s in compose["services"].values() if "build" in s}
+    assert f"docker/{name}" in builds
+
+
+def test_api_image_command_is_importable():
+    text = (ROOT / "docker" / "Dockerfile.api").read_text()
+    target = re.search(r'"--factory", "([\w.]+):(\w+)"', text)
+    module = __import__(target.group(1), fromlist=[target.group(2)])
+    assert callable(getattr(module, target.group(2)))
