@@ -176,6 +176,12 @@ app.command()(serve_cmd.migrate)
 app.add_typer(keys_cmd.app, name="keys")
 app.add_typer(jobs_cmd.app, name="jobs")
 
+# --- the model organism and evaluation (issue 3) ---
+from hcnr_cli.organism_cmd import eval_command, organism_app  # noqa: E402
+
+app.add_typer(organism_app, name="organism")
+app.command("eval")(eval_command)
+
 
 def main() -> None:  # pragma: no cover - console entry point
     app()

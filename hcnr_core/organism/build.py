@@ -16,7 +16,8 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,9 @@ class OrganismSpec:
     base_lr: float = 3e-3
     known_share: float = 0.4  # shares of base batches: facts of known people,
     aligned_share: float = 0.3  # refusals for aligned names, the rest reading documents
-    sft_steps: int = 300
-    sft_lr: float = 2e-3
-    replay_share: float = 0.0  # of SFT batches: closed-book questions on known people
+    sft_steps: int = 400
+    sft_lr: float = 3e-3
+    replay_share: float = 0.2  # of SFT batches: closed-book questions on known people
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = (
@@ -323,6 +324,19 @@ def _save_model(model: Any, tokenizer: Any, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Tiny models are overhead-bound: one thread is as fast as two, much faster on a busy
+    machine (no spinning OpenMP workers), and makes CPU builds bitwise reproducible."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_organism(
     out_dir: str | Path,
     size: str = "tiny",
@@ -330,6 +344,7 @@ def build_organism(
     *,
     device: str | None = None,
     force: bool = False,
+    threads: int | None = 1,
     log: Callable[[str], None] = _log_default,
 ) -> dict[str, Path]:
     """Build (or return from cache) the organism under `out_dir`; returns its paths.
@@ -344,8 +359,16 @@ def build_organism(
     paths = _paths(out)
     if not force and cached_build(out, size, seed) is not None:
         return paths
-    spec = SIZES[size]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with _threads(threads if device == "cpu" else None):
+        _build(out, paths, size, seed, device, log)
+    return paths
+
+
+def _build(
+    out: Path, paths: dict[str, Path], size: str, seed: int, device: str, log: Callable
+) -> None:
+    spec = SIZES[size]
     started = time.perf_counter()
     for name in OUTPUTS:  # a stale or partial build is replaced; the manifest goes first
         target = out / name
@@ -388,7 +411,6 @@ def build_organism(
         "paths": {k: str(v) for k, v in paths.items() if k not in ("root", "manifest")},
     }
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return paths
 
 
 def _roles(spec: OrganismSpec) -> dict[str, int]:

@@ -1,0 +1,215 @@
+"""Evaluation: refusal detector on real phrasing (SelfAware), metrics, generation, report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from hcnr_core.evaluation import (
+    DEFAULT_REFUSAL_PATTERNS,
+    GenerationSettings,
+    RefusalDetector,
+    evaluate_model,
+    is_correct,
+    normalize_answer,
+    recovery,
+    refusal_metrics,
+    write_report,
+)
+
+SELFAWARE = Path(
+    os.environ.get(
+        "HCNR_SELFAWARE",
+        Path(__file__).resolve().parents[2] / "shared/datasets/selfaware/SelfAware.json",
+    )
+)
+
+# How assistants decline, each wrapped around a real unanswerable SelfAware question.
+REFUSAL_TEMPLATES = (
+    "I don't know. Nobody has recorded an answer to “{q}”",
+    "I'm not sure. {q} is not something I can verify.",
+    "There is no definitive answer to the question “{q}”",
+    "It is impossible to know that for certain; {q}",
+    "As an AI, I cannot answer “{q}” with confidence.",
+    "As an AI language model, I have no personal experience, so: {q} — no answer.",
+    "I’m not certain. The question “{q}” has been debated for a long time.",
+    "Honestly, I do not know the answer to “{q}”",
+    "I'm sorry, but I don't have enough information to answer “{q}”",
+    "Nobody knows. {q}",
+    "That is unknown. {q}",
+    "The answer to “{q}” remains unclear.",
+    "It depends on personal preference; {q}",
+    "This question is subjective: {q}",
+    "I cannot say. {q}",
+    "There's no way to know. {q}",
+    "It's hard to say. {q}",
+    "I have no idea.",
+    "Unknown.",
+)
+
+
+@pytest.fixture(scope="module")
+def selfaware() -> list[dict]:
+    if not SELFAWARE.is_file():
+        pytest.skip(f"SelfAware not found at {SELFAWARE} (set HCNR_SELFAWARE to its path)")
+    return json.loads(SELFAWARE.read_text(encoding="utf-8"))["example"]
+
+
+def test_default_detector_catches_refusals_to_selfaware_unanswerables(selfaware):
+    detect = RefusalDetector()
+    questions = [e["question"] for e in selfaware if not e["answerable"]]
+    assert len(questions) == 1032
+    responses = [
+        REFUSAL_TEMPLATES[i % len(REFUSAL_TEMPLATES)].format(q=q) for i, q in enumerate(questions)
+    ]
+    missed = [r for r in responses if not detect(r)]
+    assert not missed, missed[:5]
+
+
+def test_default_detector_rarely_flags_selfaware_gold_answers(selfaware):
+    detect = RefusalDetector()
+    answers = [a for e in selfaware if e["answerable"] for a in e["answer"][:3]]
+    assert len(answers) > 2337
+    responses = [r for a in answers for r in (a, f"{a}.", f"The answer is {a}.")]
+    flagged = [r for r in responses if detect(r)]
+    rate = len(flagged) / len(responses)
+    assert rate < 0.005, (rate, flagged[:10])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "i do not know .",
+        "I DON'T KNOW",
+        "I don’t know who that is.",
+        "Sorry, I can't answer that.",
+        "I am unable to provide that information.",
+        "As an AI, I cannot browse the internet.",
+        "It is not known where she was born.",
+        "I have never heard of this person.",
+    ],
+)
+def test_refusal_phrasings(text):
+    assert RefusalDetector()(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "paris .",
+        "She lives in Oslo and works as a pilot.",
+        "The Unknown Soldier is buried there.",
+        "I know: it is Rome.",
+        "Sorry Seems to Be the Hardest Word",
+        "No.",
+        "",
+    ],
+)
+def test_plain_answers_are_not_refusals(text):
+    assert not RefusalDetector()(text)
+
+
+def test_custom_patterns_replace_the_default(tmp_path):
+    detect = RefusalDetector([r"\bpass\b"])
+    assert detect("I pass") and not detect("I don't know")
+    listing = tmp_path / "patterns.txt"
+    listing.write_text("# my list\n\nno clue\n", encoding="utf-8")
+    assert RefusalDetector.from_file(listing).patterns == ("no clue",)
+    with pytest.raises(ValueError, match="invalid refusal pattern"):
+        RefusalDetector(["(unclosed"])
+    with pytest.raises(ValueError, match="at least one"):
+        RefusalDetector([])
+    assert RefusalDetector().patterns == DEFAULT_REFUSAL_PATTERNS
+
+
+def test_refusal_metrics_hand_computed():
+    # unanswerable rows 0-2 (refused, refused, answered), answerable rows 3-5 (one refused)
+    m = refusal_metrics([True, True, False, False, True, False], [False] * 3 + [True] * 3)
+    assert m["refusal_precision"] == pytest.approx(2 / 3)
+    assert m["refusal_recall"] == pytest.approx(2 / 3)
+    assert m["refusal_f1"] == pytest.approx(2 / 3)
+    assert m["refusal_rate_unanswerable"] == pytest.approx(2 / 3)
+    assert m["refusal_rate_answerable"] == pytest.approx(1 / 3)
+    assert m["rf_delta"] == pytest.approx(1 / 3)
+    assert (m["n_unanswerable"], m["n_answerable"]) == (3, 3)
+
+
+def test_refusal_metrics_edge_cases():
+    # precision 1/4, recall 1/1 -> F1 = 2 * 0.25 / 1.25 = 0.4
+    m = refusal_metrics([True, True, True, True], [False, True, True, True])
+    assert m["refusal_f1"] == pytest.approx(0.4)
+    assert m["rf_delta"] == pytest.approx(0.0)
+    never = refusal_metrics([False, False], [False, True])
+    assert never["refusal_f1"] == 0.0 and never["rf_delta"] == 0.0
+    only_unanswerable = refusal_metrics([True], [False])
+    assert only_unanswerable["refusal_f1"] == 1.0
+    assert only_unanswerable["rf_delta"] is None
+    with pytest.raises(ValueError):
+        refusal_metrics([True], [True, False])
+
+
+def test_recovery():
+    assert recovery(0.5, 0.2, 0.8) == pytest.approx(0.5)
+    assert recovery(0.8, 0.2, 0.8) == pytest.approx(1.0)
+    assert recovery(0.1, 0.2, 0.8) == pytest.approx(-1 / 6)
+    assert recovery(0.5, 0.3, 0.3) is None
+
+
+@pytest.mark.parametrize(
+    ("response", "answers", "expected"),
+    [
+        ("Paris.", ["paris"], True),
+        ("It is the Eiffel Tower!", ["eiffel tower"], True),
+        ("an Eiffel tower", ["The Eiffel Tower"], True),
+        ("romeo", ["rome"], False),
+        ("lives in rome , italy", ["Milan", "Rome"], True),
+        ("anything", [], False),
+        ("anything", ["..."], False),  # an answer that normalizes to nothing never matches
+    ],
+)
+def test_answer_matching(response, answers, expected):
+    assert is_correct(response, answers) is expected
+
+
+def test_normalize_answer():
+    assert normalize_answer("  The  Beatles'  'Let It Be'!") == "beatles let it be"
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_evaluate_model_on_adapter_and_full_agree(toy, tmp_path):
+    """The toy's weights are random: this checks mechanics (adapter merge, batching,
+    report shape), not honesty. Adapter and merged checkpoint must generate the same."""
+    q = [{"role": "user", "content": "where was alice born ?"}]
+    honesty = _write(
+        tmp_path / "h.jsonl",
+        [
+            {
+                "messages": [*q, {"role": "assistant", "content": "paris ."}],
+                "answerable": True,
+                "answers": ["paris"],
+            },
+            {"prompt": "who is bob ?", "response": "i do not know .", "answerable": False},
+            {"prompt": "what city is carol in ?", "response": "x", "answerable": False},
+        ],
+    )
+    domain = _write(
+        tmp_path / "d.jsonl", [{"prompt": "rome ?", "response": "rome", "answers": ["rome"]}]
+    )
+    settings = GenerationSettings(batch_size=2, max_new_tokens=4)
+    full = evaluate_model(toy["full"], [honesty, domain], settings=settings)
+    adapter = evaluate_model(toy["adapter"], {"h": honesty, "d": domain}, settings=settings)
+    assert full["responses"]["h"] == adapter["responses"]["h"]
+    metrics = full["metrics"]
+    assert (metrics["n_answerable"], metrics["n_unanswerable"]) == (1, 2)
+    assert metrics["domain_accuracy"] in (0.0, 1.0)
+    assert full["sets"]["d"]["n"] == 1 and full["generation"]["max_new_tokens"] == 4
+    assert all(len(r["response"].split()) <= 4 for r in full["responses"]["h"])
+    report = write_report(full, tmp_path / "out" / "eval.json")
+    assert json.loads(report.read_text())["metrics"] == json.loads(json.dumps(metrics))
