@@ -30,7 +30,8 @@ class Storage:
 
     def local_path(self, key: str) -> Path | None:
         """Where a key lives on this machine's disk, for local storage only."""
-        return Path(self._path(key)) if self.is_local else None
+        path = self._path(key)
+        return Path(path) if self.is_local else None
 
     def put_file(self, local: Path, key: str) -> None:
         if self.is_local:
@@ -59,6 +60,14 @@ class Storage:
 
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._path(key)))
+
+    def check(self) -> None:
+        """Raise unless the storage root (local) or its bucket (remote) is reachable."""
+        if self.is_local:
+            if not os.access(self.root, os.W_OK):
+                raise OSError(f"{self.root} is not writable")
+        elif not self.fs.exists(self.root.split("/", 1)[0]):
+            raise FileNotFoundError(f"bucket of {self.url} not found")
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)

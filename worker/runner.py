@@ -24,7 +24,7 @@ from hcnr_core.pipeline import ProgressEvent, RepairPipeline
 from hcnr_core.writer import REPORT_NAME, sha256_file
 from store import repositories
 from store.db import session_scope
-from store.models import ACTIVE_STATES, Artifact, File, Job, utcnow
+from store.models import ACTIVE_STATES, TERMINAL_STATES, Artifact, File, Job, utcnow
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage
@@ -134,9 +134,10 @@ def run_job(job_id: str, ctx: Context) -> str:
     try:
         with Lease(ctx, job_id) as lease:
             status, outcome = _execute(ctx, job_id, lease, scratch)
+            _finish(ctx, job_id, status, outcome)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    _finish(ctx, job_id, status, outcome)
+    notify(ctx, job_id)
     return status
 
 
@@ -276,7 +277,6 @@ def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> None:
         job = repositories.get_job_by_id(session, job_id)
         message = outcome.get("message", f"job {status}")
         repositories.add_event(session, job, status, message, _event_data(outcome))
-    notify(ctx, job_id)
 
 
 def _event_data(outcome: dict) -> dict | None:
@@ -287,7 +287,7 @@ def notify(ctx: Context, job_id: str) -> None:
     """The signed webhook of a terminal state, if the job asked for one."""
     with session_scope(ctx.session_factory) as session:
         job = repositories.get_job_by_id(session, job_id)
-        if not job.webhook_url:
+        if not job.webhook_url or job.status not in TERMINAL_STATES:
             return
         url, payload = job.webhook_url, webhook_payload(job)
     settings = ctx.settings

@@ -35,13 +35,10 @@ def readyz(request: Request) -> Response:
         with state.session_factory() as session:
             session.execute(text("SELECT 1"))
 
-    def storage() -> None:
-        state.storage.fs.ls(state.storage.root)
-
     checks = dict(
         [
             _check("database", database),
-            _check("storage", storage),
+            _check("storage", state.storage.check),
             _check("broker", state.broker_check),
         ]
     )

@@ -221,7 +221,7 @@ def start_api(env: dict[str, str], log: Path, worker: bool = True) -> tuple[subp
             raise RuntimeError(f"hcnr serve exited; see {log}")
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
 
-    wait_until(_raising(ready), 90, "hcnr serve")
+    _start_or_stop(process, lambda: wait_until(_raising(ready), 90, "hcnr serve"))
     return process, url
 
 
@@ -256,7 +256,7 @@ def start_celery_worker(env: dict[str, str], log: Path, name: str) -> subprocess
             raise RuntimeError(f"celery worker exited; see {log}")
         return "ready." in log.read_text(errors="replace")
 
-    wait_until(_raising(ready), 90, "celery worker")
+    _start_or_stop(process, lambda: wait_until(_raising(ready), 90, "celery worker"))
     return process
 
 
@@ -271,6 +271,15 @@ def start_moto(workdir: Path) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(url, timeout=2).status_code < 500, 60, "moto server")
     return process, url
+
+
+def _start_or_stop(process: subprocess.Popen, wait: Callable[[], None]) -> None:
+    """Never leak a server whose start failed."""
+    try:
+        wait()
+    except BaseException:
+        stop(process)
+        raise
 
 
 def _raising(check: Callable[[], bool]) -> Callable[[], bool]:
