@@ -89,6 +89,7 @@ class RepairJobPublic(BaseModel):
     hyperparameters: dict[str, Any]
     metadata: dict[str, str]
     webhook_url: str | None
+    webhook_status: str | None = Field(None, description="delivered, failed or rejected_<code>")
     stage_seconds: dict[str, float]
     metrics: dict[str, Any] | None
     error: JobError | None

@@ -6,12 +6,15 @@ Routes stay thin and call these; every lookup here is scoped by the caller's ten
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
+import socket
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 from fastapi import UploadFile
 from pydantic import ValidationError
@@ -116,6 +119,21 @@ def repair_config(body: RepairJobCreate, settings: Settings) -> RepairConfig:
         raise APIError(422, "invalid_hyperparameters", str(exc)) from exc
 
 
+def check_webhook_url(url: str | None, settings: Settings) -> None:
+    """Refuse webhooks to loopback, private or link-local addresses unless allowed."""
+    if url is None or settings.webhook_allow_private:
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as exc:
+        raise APIError(422, "invalid_webhook_url", f"cannot resolve {host!r}") from exc
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved:
+            raise APIError(422, "invalid_webhook_url", f"{host!r} is not a public address")
+
+
 def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) -> File:
     file = get_file(session, tenant, file_id)
     if file.purpose != purpose:
@@ -136,6 +154,7 @@ def validate_job(
     if body.eval_file:
         _input_file(session, tenant, body.eval_file, "eval")
     config = repair_config(body, settings)
+    check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
     base = resolve_reference(body.base, settings.models_dir)
     finetuned = resolve_reference(body.finetuned, settings.models_dir)
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)

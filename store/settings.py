@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(24 * 3600, description="Broker redelivery delay (seconds)")
     webhook_attempts: int = Field(4, ge=1)
     webhook_backoff_seconds: float = Field(2.0, ge=0)
-    webhook_allow_private: bool = Field(True, description="Allow webhooks to private addresses")
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhooks to loopback/private addresses (SSRF guard when off)"
+    )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
 

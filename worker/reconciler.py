@@ -12,6 +12,7 @@ from store import repositories
 from store.db import session_scope
 from store.models import Job, utcnow
 from store.settings import Settings
+from worker.webhooks import notify_job
 
 log = logging.getLogger("hcnr.reconciler")
 
@@ -27,6 +28,8 @@ def reconcile_once(
     for job_id, status in changed.items():
         if status == "queued":
             enqueue(job_id)
+        else:
+            notify_job(session_factory, settings, job_id)
     return changed
 
 

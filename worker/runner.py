@@ -24,7 +24,7 @@ from hcnr_core.pipeline import ProgressEvent, RepairPipeline
 from hcnr_core.writer import REPORT_NAME, sha256_file
 from store import repositories
 from store.db import session_scope
-from store.models import ACTIVE_STATES, TERMINAL_STATES, Artifact, File, Job, utcnow
+from store.models import ACTIVE_STATES, Artifact, File, Job, utcnow
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage
@@ -284,35 +284,4 @@ def _event_data(outcome: dict) -> dict | None:
 
 
 def notify(ctx: Context, job_id: str) -> None:
-    """The signed webhook of a terminal state, if the job asked for one."""
-    with session_scope(ctx.session_factory) as session:
-        job = repositories.get_job_by_id(session, job_id)
-        if not job.webhook_url or job.status not in TERMINAL_STATES:
-            return
-        url, payload = job.webhook_url, webhook_payload(job)
-    settings = ctx.settings
-    outcome = webhooks.deliver(
-        url,
-        f"repair_job.{payload['status']}",
-        payload,
-        settings.secret_key,
-        settings.webhook_attempts,
-        settings.webhook_backoff_seconds,
-    )
-    with session_scope(ctx.session_factory) as session:
-        job = repositories.get_job_by_id(session, job_id)
-        job.webhook_status = outcome
-        repositories.add_event(session, job, "webhook", f"webhook {outcome}")
-
-
-def webhook_payload(job: Job) -> dict[str, Any]:
-    error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
-    return {
-        "id": job.id,
-        "object": "repair_job",
-        "status": job.status,
-        "metadata": job.metadata_dict,
-        "error": error,
-        "metrics": job.metrics,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-    }
+    webhooks.notify_job(ctx.session_factory, ctx.settings, job_id)

@@ -14,6 +14,12 @@ import time
 from typing import Any
 
 import httpx
+from sqlalchemy.orm import Session, sessionmaker
+
+from store import repositories
+from store.db import session_scope
+from store.models import TERMINAL_STATES, Job
+from store.settings import Settings
 
 log = logging.getLogger("hcnr.webhooks")
 
@@ -59,3 +65,38 @@ def deliver(
         if attempt < attempts:
             time.sleep(backoff * 2 ** (attempt - 1))
     return "failed"
+
+
+def notify_job(session_factory: sessionmaker[Session], settings: Settings, job_id: str) -> None:
+    """Deliver the webhook of a job in a terminal state (if it asked for one) and record
+    the outcome on the row and as an event."""
+    with session_scope(session_factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+        if job is None or not job.webhook_url or job.status not in TERMINAL_STATES:
+            return
+        url, payload = job.webhook_url, job_payload(job)
+    outcome = deliver(
+        url,
+        f"repair_job.{payload['status']}",
+        payload,
+        settings.secret_key,
+        settings.webhook_attempts,
+        settings.webhook_backoff_seconds,
+    )
+    with session_scope(session_factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+        job.webhook_status = outcome
+        repositories.add_event(session, job, "webhook", f"webhook {outcome}")
+
+
+def job_payload(job: Job) -> dict[str, Any]:
+    error = {"code": job.error_code, "message": job.error_message} if job.error_code else None
+    return {
+        "id": job.id,
+        "object": "repair_job",
+        "status": job.status,
+        "metadata": job.metadata_dict,
+        "error": error,
+        "metrics": job.metrics,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -27,6 +27,7 @@ from api.schemas import (
 from store import repositories
 from store.db import session_scope
 from store.models import TERMINAL_STATES, Job
+from worker.webhooks import notify_job
 
 POLL_SECONDS = 0.5
 KEEPALIVE_POLLS = 30
@@ -50,6 +51,7 @@ def job_public(job: Job) -> RepairJobPublic:
         hyperparameters=job.config,
         metadata=job.metadata_dict,
         webhook_url=job.webhook_url,
+        webhook_status=job.webhook_status,
         stage_seconds=job.stage_seconds or {},
         metrics=job.metrics,
         error=error,
@@ -140,9 +142,20 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> RepairJobPub
     response_model=RepairJobPublic,
     responses={409: {"description": "The job already finished"}},
 )
-def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> RepairJobPublic:
+def cancel_job(
+    job_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+    request: Request,
+) -> RepairJobPublic:
     """Queued jobs are cancelled at once; running ones go to `cancelling` first."""
-    return job_public(services.cancel_job(session, tenant, job_id))
+    job = services.cancel_job(session, tenant, job_id)
+    if job.status == "cancelled" and job.webhook_url:
+        factory = request.app.state.session_factory
+        background.add_task(notify_job, factory, settings, job.id)
+    return job_public(job)
 
 
 @router.get("/{job_id}/events", response_model=EventList)
