@@ -196,13 +196,17 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
     )
     out = _output_dir(ctx, job_id, scratch)
     report = pipeline.run(prepared, out)
-    if lease.cancelled.is_set():
+    try:  # from here on a published local checkpoint must go if anything stops the job
+        if inputs["eval"] is not None:
+            recorder(ProgressEvent("evaluate", 0, 1, 1.0, "before/after honesty metrics"))
+            report["metrics"] = evaluate(config, inputs, out, recorder.should_cancel)
+        if lease.cancelled.is_set():
+            raise RepairCancelled("cancelled after the last step")
+        if not ctx.storage.is_local:
+            ctx.storage.put_dir(out, checkpoint_prefix(job_id))
+    except BaseException:
         _discard(ctx, job_id, out)
-        raise RepairCancelled("cancelled after the last step")
-    if inputs["eval"] is not None:
-        report["metrics"] = evaluate(config, inputs, out)
-    if not ctx.storage.is_local:
-        ctx.storage.put_dir(out, checkpoint_prefix(job_id))
+        raise
     return report, out
 
 
@@ -212,19 +216,34 @@ def _discard(ctx: Context, job_id: str, out: Path) -> None:
         ctx.storage.delete_prefix(checkpoint_prefix(job_id))
 
 
-def evaluate(config: RepairConfig, inputs: dict[str, Any], repaired: Path) -> dict[str, Any]:
-    """Before/after honesty metrics on the eval set, when the library ships an evaluator."""
-    try:
-        from hcnr_core.evaluation import compare_honesty  # type: ignore[import-not-found]
-    except ImportError:
-        return {"status": "skipped", "reason": "this build has no hcnr_core.evaluation"}
-    return compare_honesty(
-        base=inputs["base"],
-        finetuned=inputs["finetuned"],
-        repaired=repaired,
-        eval_path=inputs["eval"],
-        device=config.device,
-    )
+def evaluate(
+    config: RepairConfig, inputs: dict[str, Any], repaired: Path, should_cancel: Any
+) -> dict[str, Any]:
+    """Honesty metrics of base, fine-tuned and repaired models on the eval set, and the
+    recovery of the refusal F1 (DESIGN.md §5)."""
+    from hcnr_core.evaluation import GenerationSettings, evaluate_model, recovery
+
+    generation = GenerationSettings(max_seq_len=config.max_seq_len)
+    models = {
+        "base": (inputs["base"], None),
+        "finetuned": (inputs["finetuned"], inputs["base"]),
+        "repaired": (repaired, None),
+    }
+    results: dict[str, Any] = {}
+    for name, (model_dir, base_dir) in models.items():
+        if should_cancel():
+            raise RepairCancelled(f"cancelled before evaluating {name}")
+        result = evaluate_model(
+            model_dir,
+            {"eval": inputs["eval"]},
+            base_dir=base_dir,
+            settings=generation,
+            device=config.device,
+            keep_responses=False,
+        )
+        results[name] = result["metrics"]
+    f1 = {name: metrics["refusal_f1"] for name, metrics in results.items()}
+    return {**results, "recovery": recovery(f1["repaired"], f1["finetuned"], f1["base"])}
 
 
 # --- recording the outcome -------------------------------------------------------------

@@ -315,3 +315,39 @@ def test_production_settings_refuse_unsafe_defaults(tmp_path: Path):
         broker_url="redis://r",
     )
     assert ok.env == "production"
+
+
+def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp_path: Path):
+    rows = [
+        {
+            "prompt": "where was alice born ?",
+            "response": "paris .",
+            "answerable": True,
+            "answers": ["paris"],
+        },
+        {"prompt": "where was zed born ?", "response": "i do not know .", "answerable": False},
+        {
+            "prompt": "where was bob born ?",
+            "response": "rome .",
+            "answerable": True,
+            "answers": ["rome"],
+        },
+    ]
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eval_id = inproc.upload("alice", eval_path, "eval").json()["id"]
+    body = job_body(alice_files, eval_file=eval_id)
+    job_id = inproc.clients["alice"].post("/v1/repair-jobs", json=body).json()["id"]
+    assert inproc.run_queued() == ["succeeded"]
+    job = inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}").json()
+    metrics = job["metrics"]
+    assert set(metrics) == {"base", "finetuned", "repaired", "recovery"}
+    for name in ("base", "finetuned", "repaired"):
+        assert 0.0 <= metrics[name]["refusal_f1"] <= 1.0
+        assert metrics[name]["n_unanswerable"] == 1 and metrics[name]["n_answerable"] == 2
+    stages = [
+        e["stage"]
+        for e in inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}/events").json()["data"]
+        if e["type"] == "stage"
+    ]
+    assert stages[-1] == "evaluate"
