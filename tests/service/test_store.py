@@ -1,0 +1,145 @@
+"""Persistence and worker plumbing without servers: migrations, references, keys, the
+reconciler and the import discipline of the worker parent process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from hcnr_core.errors import HCNRError
+from store.references import resolve_reference
+
+
+def test_sqlite_schema_matches_models_after_migrations(tmp_path: Path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from store.db import make_engine, migrate
+    from store.models import Base
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    migrate(url)  # idempotent
+    with make_engine(url).connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+@pytest.mark.parametrize(
+    ("reference", "code"),
+    [
+        ("path:../outside", "invalid_reference"),
+        ("path:/etc", "invalid_reference"),
+        ("path:", "invalid_reference"),
+        ("path:.", "invalid_reference"),  # the root itself is not a model
+        ("path:a/../../outside", "invalid_reference"),
+        ("path:link", "invalid_reference"),  # symlink leaving the root
+        ("path:x\x00y", "invalid_reference"),
+        ("path:missing", "reference_not_found"),
+        ("hf:org/name", "invalid_reference"),  # a hub id needs a pinned revision
+        ("hf:org/name@0123abc", "reference_not_found"),  # offline, not cached
+        ("/abs/dir", "invalid_reference"),
+    ],
+)
+def test_references_are_confined_to_the_models_root(tmp_path: Path, reference: str, code: str):
+    root = tmp_path / "models"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(HCNRError) as excinfo:
+        resolve_reference(reference, root)
+    assert excinfo.value.code == code
+
+
+def test_reference_inside_root_resolves(tmp_path: Path):
+    root = tmp_path / "models"
+    (root / "org" / "model").mkdir(parents=True)
+    (root / "alias").symlink_to(root / "org" / "model")  # links inside the root are fine
+    assert resolve_reference("path:org/model", root) == (root / "org" / "model").resolve()
+    assert resolve_reference("path:alias", root) == (root / "org" / "model").resolve()
+
+
+def test_api_keys_are_stored_hashed(tmp_path: Path):
+    from sqlalchemy import select
+
+    from store import repositories
+    from store.db import make_engine, make_session_factory, migrate, session_scope
+    from store.models import ApiKey
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    factory = make_session_factory(make_engine(url))
+    with session_scope(factory) as session:
+        key, plaintext = repositories.create_api_key(session, "acme")
+    with session_scope(factory) as session:
+        stored = session.scalars(select(ApiKey)).one()
+        assert plaintext.split("_", 2)[2] not in (stored.secret_hash, stored.lookup)
+        assert repositories.authenticate(session, plaintext).name == "acme"
+        assert repositories.authenticate(session, plaintext + "x") is None
+        assert repositories.revoke_api_key(session, key.id)
+    with session_scope(factory) as session:
+        assert repositories.authenticate(session, plaintext) is None
+
+
+def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
+    from store.db import make_engine, make_session_factory, migrate, session_scope
+    from store.models import File, Job, Tenant, utcnow
+    from store.settings import Settings
+    from worker.reconciler import reconcile_once
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    factory = make_session_factory(make_engine(url))
+    now = utcnow()
+    with session_scope(factory) as session:
+        session.add(Tenant(id="ten_1", name="t"))
+        session.add(
+            File(
+                id="file_1",
+                tenant_id="ten_1",
+                purpose="honesty",
+                filename="h",
+                bytes=1,
+                sha256="0",
+                samples=1,
+                storage_key="k",
+            )
+        )
+        session.flush()
+        for job_id, status, lease in [
+            ("job_dead", "running", now - timedelta(seconds=5)),
+            ("job_alive", "running", now + timedelta(seconds=60)),
+            ("job_stopping", "cancelling", now - timedelta(seconds=5)),
+        ]:
+            session.add(
+                Job(
+                    id=job_id,
+                    tenant_id="ten_1",
+                    status=status,
+                    base_ref="path:b",
+                    finetuned_ref="path:f",
+                    honesty_file_id="file_1",
+                    task_file_id="file_1",
+                    attempts=1,
+                    worker_id="w:1",
+                    lease_expires_at=lease,
+                )
+            )
+    sent: list[str] = []
+    changed = reconcile_once(factory, Settings(database_url=url), sent.append)
+    assert changed == {"job_dead": "queued", "job_stopping": "cancelled"}
+    assert sent == ["job_dead"]
+    with session_scope(factory) as session:
+        assert session.get(Job, "job_alive").status == "running"
+
+
+def test_worker_parent_never_imports_torch():
+    """CUDA must be initialised in the pool child: the parent does not even import torch."""
+    code = "import sys, worker.tasks, worker.celery_app; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
