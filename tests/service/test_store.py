@@ -96,6 +96,7 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
     now = utcnow()
     with session_scope(factory) as session:
         session.add(Tenant(id="ten_1", name="t"))
+        session.flush()
         session.add(
             File(
                 id="file_1",
