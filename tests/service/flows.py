@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Models, digests
+from service_support import Models, digests
 
 from hcnr_cli.client import APIError, HCNRClient
 

@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import InProcess, Models, digests, job_body, make_inprocess
+from service_support import InProcess, Models, digests, job_body, make_inprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import flows
 import pytest
 import service_procs as procs
-from conftest import Models
+from service_support import Models
 
 from hcnr_cli.client import HCNRClient
 
@@ -67,7 +67,7 @@ def _environ_has(pid: str, needle: str) -> bool:
 
 def test_jobs_cli_over_http(embedded: Deployment, models: Models, direct_repair, tmp_path):
     """`hcnr jobs create --wait`, get, list, events, download, and a clear error code."""
-    from conftest import digests
+    from service_support import digests
 
     env = {
         **procs.service_env(),

@@ -11,7 +11,7 @@ from pathlib import Path
 import flows
 import pytest
 import service_procs as procs
-from conftest import Models
+from service_support import Models
 
 from hcnr_cli.client import HCNRClient
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import InProcess, Models, job_body, make_inprocess
+from service_support import InProcess, Models, job_body, make_inprocess
 
 from worker.webhooks import sign, verify
 

@@ -1,0 +1,78 @@
+"""Helpers shared by the service tests (the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+
+@dataclass
+class Models:
+    root: Path
+    honesty: Path
+    task: Path
+    slow_honesty: Path
+    slow_task: Path
+
+
+def digests(directory: Path, pattern: str = "*") -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.glob(pattern))
+        if path.is_file() and path.name != "hcnr_report.json" and path.name != "README.md"
+    }
+
+
+def job_body(files: dict[str, str], **overrides) -> dict:
+    body = {
+        "base": "path:base",
+        "finetuned": "path:finetuned-adapter",
+        "honesty_file": files["honesty"],
+        "task_file": files["task"],
+    }
+    return {**body, **overrides}
+
+
+# --- in-process app (TestClient) ----------------------------------------------------------
+
+
+@dataclass
+class InProcess:
+    app: object
+    settings: object
+    queued: list[str]
+    clients: dict[str, TestClient] = field(default_factory=dict)
+
+    def upload(self, tenant: str, path: Path, purpose: str):
+        files = {"file": (path.name, path.read_bytes(), "application/jsonl")}
+        return self.clients[tenant].post("/v1/files", files=files, data={"purpose": purpose})
+
+    def run_queued(self) -> list[str]:
+        """What the Celery task does, in this process: runner.run_job per queued id."""
+        from store.storage import make_storage
+        from worker.runner import Context, run_job
+
+        ctx = Context(self.settings, self.app.state.session_factory, make_storage(self.settings))
+        statuses = [run_job(job_id, ctx) for job_id in self.queued]
+        self.queued.clear()
+        return statuses
+
+
+def make_inprocess(tmp: Path, models: Models, **settings) -> InProcess:
+    from api.app import create_app
+    from store import repositories
+    from store.db import session_scope
+    from store.settings import Settings
+
+    config = Settings(env="test", data_dir=tmp / "data", models_root=models.root, **settings)
+    queued: list[str] = []
+    app = create_app(config, enqueue=queued.append)
+    env = InProcess(app, config, queued)
+    with session_scope(app.state.session_factory) as session:
+        for tenant in ("alice", "bob"):
+            _, key = repositories.create_api_key(session, tenant)
+            env.clients[tenant] = TestClient(app, headers={"Authorization": f"Bearer {key}"})
+    return env
