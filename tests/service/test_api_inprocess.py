@@ -351,3 +351,29 @@ def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp
         if e["type"] == "stage"
     ]
     assert stages[-1] == "evaluate"
+
+
+def contract(document: dict) -> dict:
+    """What clients rely on: operations, parameters, status codes and schema fields
+    (not the cosmetic details that differ between FastAPI versions)."""
+    operations = {
+        f"{method.upper()} {path}": (
+            sorted(p["name"] for p in op.get("parameters", [])),
+            sorted(op.get("responses", {})),
+        )
+        for path, methods in document["paths"].items()
+        for method, op in methods.items()
+    }
+    schemas = {
+        name: (sorted(schema.get("properties", {})), sorted(schema.get("required", [])))
+        for name, schema in document["components"]["schemas"].items()
+    }
+    return {"operations": operations, "schemas": schemas}
+
+
+def test_committed_openapi_document_is_current():
+    """api/openapi.json is the contract: regenerate with `python -m api.openapi`."""
+    from api.openapi import openapi_document
+
+    committed = json.loads((Path(__file__).parents[2] / "api" / "openapi.json").read_text())
+    assert contract(committed) == contract(json.loads(json.dumps(openapi_document())))
