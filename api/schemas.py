@@ -53,7 +53,10 @@ class Hyperparameters(BaseModel):
     dtype: DType = "float32"
     max_seq_len: int = Field(512, ge=8, le=131072)
     batch_size: int = Field(8, ge=1, le=1024)
-    target_modules: str | None = None
+    target_modules: str | None = Field(None, description="Regex over nn.Linear module names")
+    check_adapter_base_name: bool = Field(
+        True, description="Require a LoRA adapter's base_model_name_or_path to name the base"
+    )
 
 
 class RepairJobCreate(BaseModel):

@@ -10,11 +10,12 @@ from api import services
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import ERROR_RESPONSES
 from api.schemas import ErrorResponse, FilePublic, FilePurpose
+from store.models import File
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
 
 
-def file_public(file) -> FilePublic:
+def file_public(file: File) -> FilePublic:
     return FilePublic.model_validate(file, from_attributes=True)
 
 

@@ -26,7 +26,7 @@ from api.schemas import (
 )
 from store import repositories
 from store.db import session_scope
-from store.models import TERMINAL_STATES, Job
+from store.models import TERMINAL_STATES, Job, JobEvent
 from worker.webhooks import notify_job
 
 POLL_SECONDS = 0.5
@@ -63,7 +63,7 @@ def job_public(job: Job) -> RepairJobPublic:
     )
 
 
-def event_public(event) -> EventPublic:
+def event_public(event: JobEvent) -> EventPublic:
     return EventPublic.model_validate(event, from_attributes=True)
 
 
