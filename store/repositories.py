@@ -196,6 +196,15 @@ def expired_jobs(session: Session, now: datetime) -> list[Job]:
     return list(session.scalars(query).all())
 
 
+def stale_queued_jobs(session: Session, before: datetime) -> list[Job]:
+    query = (
+        select(Job)
+        .where(Job.status == "queued", Job.queued_at < before)
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(query).all())
+
+
 def count_jobs_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
     return {status: count for status, count in rows}

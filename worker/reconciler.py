@@ -1,10 +1,12 @@
-"""Re-queues jobs whose worker died (expired lease), up to `max_attempts` runs."""
+"""Reconciler: re-queues jobs whose worker died (expired lease), up to `max_attempts` runs,
+and re-sends jobs queued for too long (a lost message)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,9 +24,16 @@ def reconcile_once(
 ) -> dict[str, str]:
     """One pass; returns {job_id: new status} for every job it touched."""
     changed: dict[str, str] = {}
+    now = utcnow()
     with session_scope(session_factory) as session:
-        for job in repositories.expired_jobs(session, utcnow()):
+        for job in repositories.expired_jobs(session, now):
             changed[job.id] = _recover(session, job, settings.max_attempts)
+        stale = now - timedelta(seconds=settings.requeue_queued_seconds)
+        for job in repositories.stale_queued_jobs(session, stale):
+            # The message may be lost (broker down at create time, broker data lost): send
+            # it again. A duplicate is harmless: only one worker can claim a queued job.
+            job.queued_at = now
+            changed[job.id] = "queued"
     for job_id, status in changed.items():
         if status == "queued":
             enqueue(job_id)

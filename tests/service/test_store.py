@@ -114,6 +114,8 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
             ("job_dead", "running", now - timedelta(seconds=5)),
             ("job_alive", "running", now + timedelta(seconds=60)),
             ("job_stopping", "cancelling", now - timedelta(seconds=5)),
+            ("job_waiting", "queued", None),
+            ("job_lost", "queued", None),
         ]:
             session.add(
                 Job(
@@ -127,14 +129,18 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
                     attempts=1,
                     worker_id="w:1",
                     lease_expires_at=lease,
+                    queued_at=now - timedelta(seconds=3600 if job_id == "job_lost" else 1),
                 )
             )
     sent: list[str] = []
-    changed = reconcile_once(factory, Settings(database_url=url), sent.append)
-    assert changed == {"job_dead": "queued", "job_stopping": "cancelled"}
-    assert sent == ["job_dead"]
+    settings = Settings(database_url=url, requeue_queued_seconds=600)
+    changed = reconcile_once(factory, settings, sent.append)
+    assert changed == {"job_dead": "queued", "job_stopping": "cancelled", "job_lost": "queued"}
+    assert sorted(sent) == ["job_dead", "job_lost"]
     with session_scope(factory) as session:
         assert session.get(Job, "job_alive").status == "running"
+        assert session.get(Job, "job_waiting").status == "queued"
+    assert reconcile_once(factory, settings, sent.append) == {}  # re-sent once per interval
 
 
 def test_worker_parent_never_imports_torch():
