@@ -124,3 +124,30 @@ def test_jobs_cli_over_http(embedded: Deployment, models: Models, direct_repair,
     env["HCNR_API_KEY"] = embedded.keys["bob"]
     other = hcnr("get", job["id"])
     assert other.returncode == 2 and "[not_found]" in other.stderr
+
+
+@pytest.mark.gpu
+def test_embedded_job_on_cuda(models: Models, tmp_path: Path):
+    """HCNR_WORKER_DEVICE=cuda: the pool child initialises CUDA and repairs on the GPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    env = procs.service_env(
+        env="test", data_dir=tmp_path, models_root=models.root, worker_device="cuda"
+    )
+    key = procs.create_key(env, "gpu")
+    process, url = procs.start_api(env, tmp_path / "serve.log")
+    try:
+        with HCNRClient(url, key) as client:
+            files = flows.upload_inputs(client, models.honesty, models.task)
+            body = {
+                "base": "path:base",
+                "finetuned": "path:finetuned-adapter",
+                "honesty_file": files["honesty"],
+                "task_file": files["task"],
+            }
+            job = client.wait(client.create_job(body).id, timeout=300)
+            assert job.status == "succeeded", job.error
+            assert client.report(job.id)["config"]["device"] == "cuda"
+    finally:
+        procs.stop(process)
