@@ -98,7 +98,7 @@ def get_file(session: Session, tenant: Tenant, file_id: str) -> File:
     return file
 
 
-def local_file(storage: Storage, settings: Settings, file: File, scratch: Path) -> Path:
+def local_file(storage: Storage, file: File, scratch: Path) -> Path:
     """A local path of an uploaded file (downloaded when storage is remote)."""
     local = storage.local_path(file.storage_key)
     return (
@@ -159,7 +159,7 @@ def validate_job(
     finetuned = resolve_reference(body.finetuned, settings.models_dir)
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
-        paths = [local_file(storage, settings, f, Path(scratch)) for f in (honesty, task)]
+        paths = [local_file(storage, f, Path(scratch)) for f in (honesty, task)]
         RepairPipeline(config).prepare(base, finetuned, *paths)
     return config
 
