@@ -1,7 +1,10 @@
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup services
 
 setup:
 	bash scripts/bootstrap.sh
+
+services:
+	bash scripts/install-services.sh
 
 demo:
 	bash scripts/demo.sh
@@ -10,5 +13,5 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
-test: setup lint
+test: setup services lint
 	.venv/bin/python -m pytest

@@ -17,6 +17,6 @@ fi
 # Re-install only when the dependency list changed since the last successful install.
 stamp=.venv/.hcnr-installed
 if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
-  .venv/bin/pip install --quiet -e ".[dev]"
+  .venv/bin/pip install --quiet -e ".[dev,test]"
   cp pyproject.toml "$stamp"
 fi
