@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
 
     @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be at most half of lease_seconds")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":
             return self
