@@ -377,3 +377,20 @@ def test_committed_openapi_document_is_current():
 
     committed = json.loads((Path(__file__).parents[2] / "api" / "openapi.json").read_text())
     assert contract(committed) == contract(json.loads(json.dumps(openapi_document())))
+
+
+def test_event_pages_and_stream_resume(inproc: InProcess, finished_job):
+    client = inproc.clients["alice"]
+    url = f"/v1/repair-jobs/{finished_job}/events"
+    events = client.get(url).json()["data"]
+    first = client.get(url, params={"limit": 2}).json()
+    assert first["has_more"] and [e["id"] for e in first["data"]] == [e["id"] for e in events[:2]]
+    rest = client.get(url, params={"after": first["next_cursor"]}).json()["data"]
+    assert [e["id"] for e in rest] == [e["id"] for e in events[2:]]
+    headers = {"Last-Event-ID": str(events[2]["id"])}
+    with client.stream("GET", f"{url}/stream", headers=headers) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = "".join(response.iter_text())
+    ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+    assert ids == [e["id"] for e in events[3:]]
+    assert body.rstrip().endswith('data: {"status": "succeeded"}')
