@@ -150,3 +150,30 @@ def test_worker_parent_never_imports_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_keys_cli_create_list_revoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from hcnr_cli.main import app
+    from store import repositories
+    from store.db import make_engine, make_session_factory, session_scope
+
+    monkeypatch.setenv("HCNR_DATA_DIR", str(tmp_path))
+    runner = CliRunner()
+    created = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--name", "ci"])
+    assert created.exit_code == 0, created.output
+    plaintext = created.stdout.strip().splitlines()[0]
+    assert plaintext.startswith("hcnr_")
+    listed = json.loads(runner.invoke(app, ["keys", "list"]).stdout)
+    assert [(k["tenant"], k["name"], k["revoked"]) for k in listed] == [("acme", "ci", False)]
+    assert plaintext not in json.dumps(listed)
+    factory = make_session_factory(make_engine(f"sqlite:///{tmp_path.resolve() / 'hcnr.db'}"))
+    with session_scope(factory) as session:
+        assert repositories.authenticate(session, plaintext).name == "acme"
+    assert runner.invoke(app, ["keys", "revoke", listed[0]["id"]]).exit_code == 0
+    assert runner.invoke(app, ["keys", "revoke", listed[0]["id"]]).exit_code == 1
+    with session_scope(factory) as session:
+        assert repositories.authenticate(session, plaintext) is None
