@@ -203,7 +203,10 @@ def create_job(
         session.flush()
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
-        return _idempotent_replay(session, tenant, idempotency_key, request_hash), False
+        winner = _idempotent_replay(session, tenant, idempotency_key, request_hash)
+        if winner is None:
+            raise
+        return winner, False
     repositories.add_event(session, job, "created", "job created")
     job.status, job.queued_at = "queued", utcnow()
     repositories.add_event(session, job, "queued", "validated; waiting for a worker")
