@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     min_samples: int = Field(8, ge=1, description="Fewest samples an honesty/task file may have")
     max_samples: int = Field(100_000, ge=1)
     worker_device: str = Field("cpu", description="Device repairs run on: cpu, cuda, cuda:N")
+    worker_max_tasks_per_child: int | None = Field(
+        None, ge=1, description="Replace the pool child after N jobs (1: fresh CUDA context)"
+    )
     lease_seconds: int = Field(120, ge=5, description="A running job's lease on its worker")
     heartbeat_seconds: float = Field(10.0, gt=0)
     reconcile_seconds: float = Field(30.0, gt=0, description="Period of the lease reconciler")

@@ -19,6 +19,7 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,  # a job whose worker died is redelivered...
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # ...and one worker never hoards jobs
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         task_ignore_result=True,  # the database is the source of truth
         task_default_queue=QUEUE,
         task_routes={TASK_NAME: {"queue": QUEUE}},
