@@ -177,3 +177,21 @@ def test_keys_cli_create_list_revoke(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert runner.invoke(app, ["keys", "revoke", listed[0]["id"]]).exit_code == 1
     with session_scope(factory) as session:
         assert repositories.authenticate(session, plaintext) is None
+
+
+def test_celery_configuration():
+    from store.settings import Settings
+    from worker.celery_app import TASK_NAME, make_celery
+
+    redis_app = make_celery(Settings(broker_url="redis://127.0.0.1:1/0", visibility_timeout=99))
+    conf = redis_app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options == {"visibility_timeout": 99}
+    embedded = make_celery(Settings())
+    assert embedded.conf.broker_url.startswith("sqla+sqlite:///")
+    assert embedded.conf.broker_transport_options == {}  # kombu SQLAlchemy takes none
+    import worker.tasks
+
+    task = worker.tasks.app.tasks[TASK_NAME]
+    assert task.acks_late and task.reject_on_worker_lost
