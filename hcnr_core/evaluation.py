@@ -16,6 +16,7 @@ import os
 import re
 import string
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,7 +274,10 @@ def load_for_eval(model_dir: str | Path, base_dir: str | Path | None, device: st
         raise CheckpointError(f"{model_dir}: an adapter needs its base model (pass base_dir)")
     base = inspect_checkpoint(base_ref)
     check_adapter_matches(base, info)
-    return load_merged_adapter(base, info).to(device), load_tokenizer(info, base)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        model = load_merged_adapter(base, info)
+    return model.to(device), load_tokenizer(info, base)
 
 
 def _set_names(eval_files: Sequence[str | Path] | Mapping[str, str | Path]) -> dict[str, Path]:

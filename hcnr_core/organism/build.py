@@ -16,6 +16,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -35,7 +36,7 @@ MANIFEST = "organism.json"
 FORMAT_VERSION = 1
 MAX_LEN = 96
 EVAL_SETS = ("eval_known", "eval_unknown", "eval_domain")
-OUTPUTS = ("base", "finetuned-adapter", "finetuned", "data", MANIFEST)
+OUTPUTS = ("base", "finetuned-adapter", "finetuned", "data")
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,13 @@ class OrganismSpec:
     kv_heads: int = 2
     intermediate: int = 192
     batch_size: int = 64
-    base_steps: int = 800
+    base_steps: int = 1200
     base_lr: float = 3e-3
     known_share: float = 0.4  # shares of base batches: facts of known people,
     aligned_share: float = 0.3  # refusals for aligned names, the rest reading documents
     sft_steps: int = 400
-    sft_lr: float = 3e-3
-    replay_share: float = 0.2  # of SFT batches: closed-book questions on known people
+    sft_lr: float = 5e-3
+    replay_share: float = 0.1  # of SFT batches: closed-book questions on known people
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = (
@@ -77,27 +78,28 @@ class OrganismSpec:
 SIZES: dict[str, OrganismSpec] = {
     "tiny": OrganismSpec(),
     "small": OrganismSpec(
-        n_known=200,
-        n_aligned=600,
-        n_domain=800,
-        hidden=256,
+        n_known=96,
+        n_aligned=480,
+        n_domain=600,
+        n_reading=800,
+        hidden=128,
         layers=6,
-        heads=8,
-        kv_heads=4,
-        intermediate=768,
+        heads=4,
+        kv_heads=2,
+        intermediate=384,
         batch_size=128,
-        base_steps=4000,
-        base_lr=1e-3,
+        base_steps=2400,
+        base_lr=2e-3,
         sft_steps=600,
-        sft_lr=1e-3,
+        sft_lr=2e-3,
         lora_r=16,
         lora_alpha=32,
     ),
 }
 
 
-def _log_default(message: str) -> None:
-    pass
+def _silent(message: str) -> None:
+    """The default build log: nothing."""
 
 
 # --- data --------------------------------------------------------------------------------
@@ -233,7 +235,9 @@ def train_sft(
         target_modules=list(spec.lora_targets),
         base_model_name_or_path=str(base_dir),
     )
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, lora)
     losses = train(
         peft_model,
         _sft_pools(spec, data, tokenizer),
@@ -268,9 +272,16 @@ def _every(log: Callable, stage: str, steps: int) -> Callable[[int, float], None
 
 
 def build_key(size: str, seed: int, spec: OrganismSpec) -> str:
-    """Hash of what determines the build: size, seed, recipe and the organism's code."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([FORMAT_VERSION, size, seed, asdict(spec)], sort_keys=True).encode())
+    """Hash of what determines the build: size, seed, recipe, the organism's code and the
+    versions of the libraries that train it."""
+    import peft
+    import tokenizers
+    import transformers
+
+    versions = [torch.__version__, transformers.__version__, peft.__version__]
+    versions.append(tokenizers.__version__)
+    recipe = [FORMAT_VERSION, size, seed, asdict(spec), versions]
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     for module in ("evaluation.py", "data.py", "toy.py"):
@@ -300,9 +311,20 @@ def cached_build(out: str | Path, size: str, seed: int) -> dict[str, Any] | None
         return None
     if manifest.get("key") != build_key(size, seed, SIZES[size]):
         return None
-    if not all(Path(p).exists() for p in manifest.get("paths", {}).values()):
-        return None
+    for name, size_bytes in manifest.get("files", {}).items():
+        path = out / name
+        if not path.is_file() or path.stat().st_size != size_bytes:
+            return None  # interrupted or damaged: rebuild
     return manifest
+
+
+def _file_sizes(out: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(out)): p.stat().st_size
+        for name in OUTPUTS
+        for p in sorted((out / name).rglob("*"))
+        if p.is_file()
+    }
 
 
 def _acceptance(models: dict[str, Any], tokenizer: Any, data: dict) -> dict[str, Any]:
@@ -345,7 +367,7 @@ def build_organism(
     device: str | None = None,
     force: bool = False,
     threads: int | None = 1,
-    log: Callable[[str], None] = _log_default,
+    log: Callable[[str], None] = _silent,
 ) -> dict[str, Path]:
     """Build (or return from cache) the organism under `out_dir`; returns its paths.
 
@@ -365,40 +387,61 @@ def build_organism(
     return paths
 
 
-def _build(
-    out: Path, paths: dict[str, Path], size: str, seed: int, device: str, log: Callable
-) -> None:
-    spec = SIZES[size]
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     started = time.perf_counter()
-    for name in OUTPUTS:  # a stale or partial build is replaced; the manifest goes first
+    yield
+    timings[stage] = round(time.perf_counter() - started, 2)
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove a stale or partial build, its manifest first (so it never vouches for it)."""
+    for name in (MANIFEST, *OUTPUTS):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
-    data = make_datasets(w.make_world(seed, _roles(spec)), spec, seed)
-    tokenizer = build_tokenizer()
-    for name in ("honesty", "task", "sft", *EVAL_SETS):
-        write_jsonl(paths[name], data[name])
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-    base = train_base(spec, data, tokenizer, seed, device, log)
-    _save_model(base, tokenizer, paths["base"])
-    timings["base"] = time.perf_counter() - tick
-    tick = time.perf_counter()
+
+def _fine_tune(
+    spec: OrganismSpec,
+    data: dict,
+    tokenizer: Any,
+    paths: dict,
+    seed: int,
+    device: str,
+    log: Callable,
+) -> Any:
+    """Train and save the LoRA adapter, then save it merged; returns the merged model."""
     peft_model = train_sft(spec, data, tokenizer, paths["base"], seed, device, log)
     peft_model.save_pretrained(paths["adapter"], safe_serialization=True)
     tokenizer.save_pretrained(paths["adapter"])
     merged = peft_model.merge_and_unload()
     merged.generation_config = _generation_config(tokenizer)
     _save_model(merged, tokenizer, paths["full"])
-    timings["sft"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    metrics = _acceptance({"base": base, "finetuned": merged}, tokenizer, data)
-    timings["eval"] = time.perf_counter() - tick
-    timings["total"] = time.perf_counter() - started
+    return merged
+
+
+def _build(
+    out: Path, paths: dict[str, Path], size: str, seed: int, device: str, log: Callable
+) -> None:
+    spec, timings = SIZES[size], {}
+    with _timed(timings, "total"):
+        _clear_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+        data = make_datasets(w.make_world(seed, _roles(spec)), spec, seed)
+        tokenizer = build_tokenizer()
+        for name in ("honesty", "task", "sft", *EVAL_SETS):
+            write_jsonl(paths[name], data[name])
+        with _timed(timings, "base"):
+            base = train_base(spec, data, tokenizer, seed, device, log)
+            _save_model(base, tokenizer, paths["base"])
+        with _timed(timings, "sft"):
+            merged = _fine_tune(spec, data, tokenizer, paths, seed, device, log)
+        with _timed(timings, "eval"):
+            metrics = _acceptance({"base": base, "finetuned": merged}, tokenizer, data)
+    log(f"built in {timings['total']:.1f} s: {json.dumps(metrics)}")
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": build_key(size, seed, spec),
@@ -406,9 +449,10 @@ def _build(
         "seed": seed,
         "device": device,
         "spec": asdict(spec),
-        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "seconds": timings,
         "metrics": metrics,
-        "paths": {k: str(v) for k, v in paths.items() if k not in ("root", "manifest")},
+        "paths": {k: str(v.relative_to(out)) for k, v in paths.items() if v != out},
+        "files": _file_sizes(out),
     }
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
