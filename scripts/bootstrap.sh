@@ -12,11 +12,17 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install --quiet "$TORCH_SPEC"
+  echo "bootstrap: installing $TORCH_SPEC into .venv"
+  .venv/bin/pip install --quiet "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import torch" || { echo "bootstrap: torch install failed" >&2; exit 1; }
 fi
 # Re-install only when the dependency list changed since the last successful install.
 stamp=.venv/.hcnr-installed
 if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
-  .venv/bin/pip install --quiet -e ".[dev,test]"
+  echo "bootstrap: installing the project into .venv (log: .venv/pip.log)"
+  if ! .venv/bin/pip install -e ".[dev,test]" >.venv/pip.log 2>&1; then
+    tail -40 .venv/pip.log >&2
+    exit 1
+  fi
   cp pyproject.toml "$stamp"
 fi

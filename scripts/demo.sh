@@ -1,15 +1,7 @@
 #!/usr/bin/env bash
-# The main job: build tiny checkpoints and repair the fine-tune with HCNR.
+# The main job: set up .venv, then repair the model organism through the real service
+# (scripts/demo.py). HCNR_DEMO_DIR picks the work directory (default .hcnr/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-work=${HCNR_DEMO_DIR:-.hcnr/demo}
-rm -rf "$work/repaired"
-[ -f "$work/toy/data/task.jsonl" ] || .venv/bin/hcnr toy --out "$work/toy"
-.venv/bin/hcnr repair \
-  --base "$work/toy/base" \
-  --finetuned "$work/toy/finetuned-adapter" \
-  --honesty "$work/toy/data/honesty.jsonl" \
-  --task "$work/toy/data/task.jsonl" \
-  --out "$work/repaired"
-echo "repaired checkpoint: $work/repaired (report: $work/repaired/hcnr_report.json)"
+exec .venv/bin/python scripts/demo.py

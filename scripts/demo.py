@@ -1,0 +1,184 @@
+"""The main job: a repair of the built-in model organism through the real service.
+
+Builds (or reuses) the organism, starts `hcnr serve` (SQLite + embedded broker + one
+worker), creates an API key, uploads the honesty/task/eval files, creates a repair job,
+follows its live events, downloads the checkpoint archive, checks every file's sha256,
+loads the checkpoint and prints the before/after honesty metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("HCNR_DEMO_DIR", ROOT / ".hcnr" / "demo")).resolve()
+HCNR = str(Path(sys.executable).with_name("hcnr"))
+EVAL_SETS = ("eval_known", "eval_unknown", "eval_domain")
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def build_models(models: Path) -> tuple[Path, dict[str, Path]]:
+    """The organism if this checkout has it, otherwise tiny random checkpoints."""
+    try:
+        from hcnr_core.organism import build_organism
+    except ImportError:
+        build_organism = None
+    if os.environ.get("HCNR_DEMO_MODEL") == "toy":
+        build_organism = None
+    if build_organism is not None:
+        say("building the model organism (cached after the first run)...")
+        paths = {k: Path(v) for k, v in build_organism(models / "organism", "tiny", 0).items()}
+        return models / "organism", paths
+    say("no organism in this checkout: using tiny random checkpoints")
+    from hcnr_core.toy import build_toy
+
+    if not (models / "toy" / "data" / "task.jsonl").exists():
+        build_toy(models / "toy")
+    root = models / "toy"
+    return root, {
+        "base": root / "base",
+        "adapter": root / "finetuned-adapter",
+        "data": root / "data",
+    }
+
+
+def combined_eval(data: Path, out: Path) -> Path | None:
+    """One eval file for the service: honesty rows carry "answerable", domain rows don't."""
+    files = [data / f"{name}.jsonl" for name in EVAL_SETS]
+    if not all(f.exists() for f in files):
+        return None
+    out.write_text("".join(f.read_text() for f in files))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [HCNR, "serve", "--port", str(port)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"hcnr serve exited ({process.returncode}); see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise SystemExit(f"hcnr serve did not become ready; see {log}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def print_metrics(metrics: dict) -> None:
+    keys = ("refusal_f1", "rf_delta", "answer_accuracy", "domain_accuracy")
+    keys = [k for k in keys if any(k in metrics.get(m, {}) for m in ("base", "finetuned"))]
+    print(f"\n{'model':<11}" + "".join(f"{k:>17}" for k in keys))
+    for model in ("base", "finetuned", "repaired"):
+        row = metrics.get(model, {})
+        cells = [row.get(k) for k in keys]
+        print(
+            f"{model:<11}"
+            + "".join(f"{c:>17.3f}" if c is not None else f"{'-':>17}" for c in cells)
+        )
+    if metrics.get("recovery") is not None:
+        print(f"\nrecovery of the refusal-F1 gap: {100 * metrics['recovery']:.1f}%")
+
+
+def main() -> None:
+    from hcnr_cli.client import HCNRClient
+    from hcnr_cli.main import quiet_libraries
+
+    quiet_libraries()
+    started = time.monotonic()
+    models = WORK / "models"
+    root, paths = build_models(models)
+    data = paths.get("data", root / "data")
+    eval_file = combined_eval(data, WORK / "eval.jsonl")
+
+    service_dir = WORK / "service"
+    shutil.rmtree(service_dir, ignore_errors=True)
+    env = {**os.environ, "HCNR_DATA_DIR": str(service_dir), "HCNR_MODELS_ROOT": str(models)}
+    key = subprocess.run(
+        [HCNR, "keys", "create", "--tenant", "demo"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    port = free_port()
+    say(f"starting the service on http://127.0.0.1:{port} (log: {service_dir}/serve.log)")
+    service_dir.mkdir(parents=True, exist_ok=True)
+    server = start_server(env, port, service_dir / "serve.log")
+    try:
+        with HCNRClient(f"http://127.0.0.1:{port}", key) as client:
+            uploads = {
+                "honesty_file": client.upload_file(data / "honesty.jsonl", "honesty").id,
+                "task_file": client.upload_file(data / "task.jsonl", "task").id,
+            }
+            if eval_file is not None:
+                uploads["eval_file"] = client.upload_file(eval_file, "eval").id
+            job = client.create_job(
+                {
+                    "base": f"path:{paths['base'].relative_to(models)}",
+                    "finetuned": f"path:{paths['adapter'].relative_to(models)}",
+                    **uploads,
+                    "metadata": {"run": "demo"},
+                }
+            )
+            say(f"job {job.id}: {job.status}")
+            for event in client.stream_events(job.id):
+                say(f"  {event.type:<8} {event.message}")
+            job = client.get_job(job.id)
+            say(f"job {job.id}: {job.status} ({json.dumps(job.stage_seconds)})")
+            if job.status != "succeeded":
+                raise SystemExit(f"job {job.status}: {job.error}")
+
+            out = WORK / "repaired"
+            shutil.rmtree(out, ignore_errors=True)
+            client.download_checkpoint(job.id, out)
+            listed = {a.name: a.sha256 for a in client.artifacts(job.id).data}
+            bad = [n for n, digest in listed.items() if sha256(out / n) != digest]
+            if bad or set(listed) != {p.name for p in out.iterdir()}:
+                raise SystemExit(f"downloaded checkpoint does not match its sha256 list: {bad}")
+            say(f"downloaded {len(listed)} files to {out}; every sha256 verified")
+    finally:
+        server.terminate()
+        server.wait(60)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    say(f"repaired checkpoint loads: {sum(p.numel() for p in model.parameters()):,} parameters")
+    if job.metrics:
+        print_metrics(job.metrics)
+    say(f"done in {time.monotonic() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
