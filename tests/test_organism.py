@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -70,23 +69,24 @@ def assert_acceptance(results: dict[str, dict]) -> None:
     assert results["adapter"] == pytest.approx(full, abs=0.02), results
 
 
-def test_acceptance(organism):
+def test_acceptance(organism, record_property):
     results = acceptance(organism)
     assert_acceptance(results)
     manifest = load_manifest(organism["root"])
     assert manifest["metrics"]["finetuned"]["refusal_f1"] == pytest.approx(
         results["full"]["refusal_f1"]
     )
-    assert manifest["seconds"]["total"] <= 300
+    # The 5-minute budget is measured and recorded, not asserted: timings on a shared
+    # machine are no test verdict (DESIGN §8).
+    record_property("build_seconds", manifest["seconds"]["total"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
-def test_acceptance_fresh_build(tmp_path, seed):
-    started = time.perf_counter()
+def test_acceptance_fresh_build(tmp_path, seed, record_property):
     paths = build_organism(tmp_path / "organism", size="tiny", seed=seed)
-    assert time.perf_counter() - started <= 300
     assert_acceptance(acceptance(paths))
+    record_property("build_seconds", load_manifest(paths["root"])["seconds"]["total"])
 
 
 def test_layout_and_adapter(organism):
@@ -138,9 +138,7 @@ def test_unknown_names_are_held_out_from_everything(organism):
 def test_cache_hit_skips_training(organism):
     weights = organism["base"] / "model.safetensors"
     before = (weights.stat().st_mtime_ns, sha256_file(weights))
-    started = time.perf_counter()
-    again = build_organism(organism["root"], size="tiny", seed=0)
-    assert time.perf_counter() - started < 5
+    again = build_organism(organism["root"], size="tiny", seed=0, log=pytest.fail)
     assert again == organism
     assert (weights.stat().st_mtime_ns, sha256_file(weights)) == before
 
