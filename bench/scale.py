@@ -1,6 +1,6 @@
 """Scaling benchmark: full HCNR repairs of random-weight Llama-shaped checkpoints.
 
-    .venv/bin/python bench/scale.py --sizes llama-25m llama-110m --device cpu
+    .venv/bin/python bench/scale.py --sizes llama-20m llama-64m llama-290m --dtype float32
     .venv/bin/python bench/scale.py --sizes llama-3.1-8b --device cuda --dtype bfloat16
 
 For each size it writes (once, cached under --work) a base checkpoint with Llama's real
@@ -35,10 +35,10 @@ RESULTS = ROOT / "bench" / "results"
 # Llama-3 proportions; the small ones use a 32k vocabulary so that the embedding does
 # not dominate. 8B and 70B are the real Llama-3.1 shapes.
 SIZES: dict[str, dict[str, Any]] = {
-    "llama-25m": dict(hidden=256, inter=1024, layers=4, heads=4, kv=2, vocab=32000),
-    "llama-110m": dict(hidden=512, inter=2048, layers=8, heads=8, kv=4, vocab=32000),
-    "llama-400m": dict(hidden=1024, inter=3584, layers=16, heads=8, kv=4, vocab=32000),
-    "llama-3.2-1b": dict(hidden=2048, inter=8192, layers=16, heads=32, kv=8, vocab=128256),
+    "llama-20m": dict(hidden=256, inter=1024, layers=4, heads=4, kv=2, vocab=32000),
+    "llama-64m": dict(hidden=512, inter=2048, layers=8, heads=8, kv=4, vocab=32000),
+    "llama-290m": dict(hidden=1024, inter=3584, layers=16, heads=8, kv=4, vocab=32000),
+    "llama-1.5b": dict(hidden=2048, inter=8192, layers=16, heads=32, kv=8, vocab=128256),
     "llama-3.1-8b": dict(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=128256),
     "llama-3.1-70b": dict(hidden=8192, inter=28672, layers=80, heads=64, kv=8, vocab=128256),
 }
@@ -406,7 +406,7 @@ def _plot(rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--sizes", nargs="+", default=["llama-25m", "llama-110m"], choices=list(SIZES)
+        "--sizes", nargs="+", default=["llama-20m", "llama-64m"], choices=list(SIZES)
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
