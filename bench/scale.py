@@ -213,13 +213,19 @@ def run_one(root: Path, device: str, dtype: str, budget_mb: int, layerwise: bool
     prepare_s = time.perf_counter() - started
     report = pipeline.run(prepared, out)
     total = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
+    return {"prepare_s": round(prepare_s, 2), **_figures(report, prepared, total, device)}
+
+
+def _figures(report: dict, prepared: Any, total: float, device: str) -> dict[str, Any]:
+    """Timings, throughput and peak memory of one repair (this process)."""
+    import torch
+
     tokens = sum(len(s.input_ids) for s in prepared.honesty + prepared.task)
     fisher_s = report["stage_seconds"]["fisher_task"] + report["stage_seconds"]["fisher_honesty"]
     gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    shutil.rmtree(out, ignore_errors=True)
     return {
         "total_s": round(total, 2),
-        "prepare_s": round(prepare_s, 2),
         "stage_seconds": report["stage_seconds"],
         "fisher_tokens_per_s": round(tokens / fisher_s, 1),
         "peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -281,7 +287,6 @@ class RandomSource:
 
 def run_synthetic(root: Path, device: str, budget_mb: int) -> dict[str, Any]:
     """A layer-by-layer dry run (no checkpoint I/O) on RandomSource weights."""
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from hcnr_core import RepairConfig
@@ -320,19 +325,7 @@ def run_synthetic(root: Path, device: str, budget_mb: int) -> dict[str, Any]:
     prepared = PreparedRepair(base, finetuned, tokenizer, hon, task, targets, inputs)
     started = time.perf_counter()
     report = RepairPipeline(cfg).run(prepared, None)
-    total = time.perf_counter() - started
-    tokens = sum(len(s.input_ids) for s in hon + task)
-    fisher_s = report["stage_seconds"]["fisher_task"] + report["stage_seconds"]["fisher_honesty"]
-    gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {
-        "total_s": round(total, 2),
-        "stage_seconds": report["stage_seconds"],
-        "fisher_tokens_per_s": round(tokens / fisher_s, 1),
-        "peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "peak_gpu_gib": None if gpu_peak is None else round(gpu_peak, 2),
-        "selected_matrices": report["n_selected_matrices"],
-        "fraction_target_params_changed": round(report["fraction_target_params_changed"], 4),
-    }
+    return _figures(report, prepared, time.perf_counter() - started, device)
 
 
 def machine(device: str) -> str:

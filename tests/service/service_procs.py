@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from hcnr_cli.serve_cmd import worker_command
+
 PYTHON = sys.executable
 HCNR = str(Path(PYTHON).with_name("hcnr"))
 
@@ -227,26 +229,7 @@ def start_api(env: dict[str, str], log: Path, worker: bool = True) -> tuple[subp
 
 def start_celery_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
     """A real `celery worker` (prefork, one child) in its own process group."""
-    command = [
-        PYTHON,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "-Q",
-        "hcnr",
-        "--loglevel",
-        "INFO",
-        "-n",
-        f"{name}@%h",
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    command = worker_command(name=f"{name}@%h")  # exactly what `hcnr serve` runs
     process = subprocess.Popen(
         command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
