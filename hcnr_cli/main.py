@@ -183,6 +183,42 @@ app.add_typer(organism_app, name="organism")
 app.command("eval")(eval_command)
 
 
+@app.command("build-honesty-data")
+def build_honesty_data(
+    model: Annotated[Path, typer.Option(help="Base model directory (the one to be repaired to)")],
+    questions: Annotated[Path, typer.Option(help="SelfAware JSON, JSON list or JSONL questions")],
+    out: Annotated[Path, typer.Option(help="Output JSONL (honesty set)")],
+    n_samples: Annotated[int, typer.Option(help="Rows to write, half known / half IDK")] = 128,
+    idk: Annotated[str, typer.Option(help="Response for questions the model does not know")] = (
+        "I don't know."
+    ),
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option()] = "cpu",
+    batch_size: Annotated[int, typer.Option()] = 32,
+    max_new_tokens: Annotated[int, typer.Option()] = 32,
+) -> None:
+    """Build D_hon the R-Tuning way: the model's own answers decide what it knows."""
+    quiet_libraries()
+    from hcnr_core import HCNRError
+    from hcnr_core.evaluation import GenerationSettings, load_for_eval
+    from hcnr_core.honesty_data import build_honesty_set, load_questions
+    from hcnr_core.toy import write_jsonl
+
+    if out.exists():
+        fail(FileExistsError(f"{out} exists; choose a new output file"))
+    try:
+        asked = load_questions(questions)
+        loaded, tokenizer = load_for_eval(model, None, device)
+        settings = GenerationSettings(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        rows, stats = build_honesty_set(
+            loaded, tokenizer, asked, n_samples=n_samples, idk=idk, seed=seed, settings=settings
+        )
+    except HCNRError as exc:
+        fail(exc)
+    write_jsonl(out, rows)
+    typer.echo(json.dumps({"out": str(out), **stats}))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

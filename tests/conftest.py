@@ -29,3 +29,20 @@ def other_toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from hcnr_core.toy import build_toy
 
     return build_toy(tmp_path_factory.mktemp("other_toy"), seed=1, hidden=48, layers=2)
+
+
+@pytest.fixture(scope="session")
+def organism(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The tiny organism of seed 0, cached across sessions by its build key."""
+    from hcnr_core.organism import build_organism
+
+    cache = os.environ.get("HCNR_ORGANISM_CACHE")
+    if cache:
+        root = Path(cache)
+    elif getattr(request.config, "cache", None) is not None:
+        root = request.config.cache.mkdir("hcnr-organism")
+    else:
+        root = tmp_path_factory.mktemp("organism")
+    return build_organism(root / "tiny-0", size="tiny", seed=0)

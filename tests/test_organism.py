@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,19 +26,6 @@ from hcnr_core.writer import sha256_file
 
 SETTINGS = GenerationSettings(batch_size=64, max_new_tokens=8, max_seq_len=96)
 NAME = re.compile(rf"\b(?:{'|'.join(w.FIRST_NAMES)}) (?:{'|'.join(w.LAST_NAMES)})\b")
-
-
-@pytest.fixture(scope="session")
-def organism(request: pytest.FixtureRequest, tmp_path_factory) -> dict[str, Path]:
-    """The tiny organism of seed 0, cached across sessions by its build key."""
-    cache = os.environ.get("HCNR_ORGANISM_CACHE")
-    if cache:
-        root = Path(cache)
-    elif getattr(request.config, "cache", None) is not None:
-        root = request.config.cache.mkdir("hcnr-organism")
-    else:
-        root = tmp_path_factory.mktemp("organism")
-    return build_organism(root / "tiny-0", size="tiny", seed=0)
 
 
 def acceptance(paths: dict[str, Path]) -> dict[str, dict]:
