@@ -219,6 +219,51 @@ def build_honesty_data(
     typer.echo(json.dumps({"out": str(out), **stats}))
 
 
+@app.command()
+def probe(
+    base: Annotated[Path, typer.Option(help="Base model directory")],
+    finetuned: Annotated[Path, typer.Option(help="Fine-tuned model or LoRA adapter directory")],
+    eval_files: Annotated[
+        list[Path], typer.Option("--eval", help="JSONL with `answerable`; repeat per file")
+    ],
+    out: Annotated[Path, typer.Option(help="Report JSON")],
+    plot_to: Annotated[Path | None, typer.Option("--plot", help="PNG of AUROC per layer")] = None,
+    seed: Annotated[int, typer.Option(help="Train/test split seed")] = 0,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Per-layer probes: does the fine-tuned model still know what it doesn't know?"""
+    quiet_libraries()
+    import torch
+
+    from hcnr_core import HCNRError
+    from hcnr_core.data import load_jsonl
+    from hcnr_core.evaluation import load_for_eval, write_report
+    from hcnr_core.probe import last_token_states, plot, probe_layers
+
+    try:
+        samples = [s for f in eval_files for s in load_jsonl(f) if s.answerable is not None]
+        labels = torch.tensor([not s.answerable for s in samples])
+        if labels.all() or not labels.any():
+            raise ValueError("the eval files need answerable and unanswerable questions")
+        states = {}
+        for name, directory, base_dir in (("base", base, None), ("ft", finetuned, base)):
+            model, tokenizer = load_for_eval(directory, base_dir, device)
+            states[name] = last_token_states(model, tokenizer, samples)
+            del model
+    except (HCNRError, ValueError) as exc:
+        fail(exc)
+    result = probe_layers(states["base"], states["ft"], labels, seed)
+    report = {"samples": len(samples), "unanswerable": int(labels.sum()), "auroc": result}
+    write_report(report, out)
+    if plot_to is not None:
+        try:
+            plot(result, str(plot_to))
+        except ImportError:
+            fail(ImportError("--plot needs matplotlib: pip install matplotlib"))
+    best = {k: round(max(v), 3) for k, v in result.items()}
+    typer.echo(json.dumps({"out": str(out), "best_auroc": best}))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
