@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import repair_argv
 from typer.testing import CliRunner
 
 from hcnr_cli.main import app
@@ -19,17 +20,7 @@ from hcnr_core.pipeline import RepairPipeline
 
 
 def run_cli(toy, out: Path, **paths: Path) -> tuple[int, str]:
-    args = {
-        "base": toy["base"],
-        "finetuned": toy["adapter"],
-        "honesty": toy["honesty"],
-        "task": toy["task"],
-        **paths,
-    }
-    argv = ["repair", "--out", str(out), "--no-progress"]
-    for key, value in args.items():
-        argv += [f"--{key}", str(value)]
-    result = CliRunner().invoke(app, argv)
+    result = CliRunner().invoke(app, repair_argv(toy, out, **paths))
     return result.exit_code, result.output
 
 
@@ -236,21 +227,7 @@ def test_existing_output_is_never_overwritten(toy, tmp_path):
     ],
 )
 def test_bad_options_are_refused(toy, tmp_path, flags, message):
-    argv = [
-        "repair",
-        "--base",
-        str(toy["base"]),
-        "--finetuned",
-        str(toy["adapter"]),
-        "--honesty",
-        str(toy["honesty"]),
-        "--task",
-        str(toy["task"]),
-        "--out",
-        str(tmp_path / "out"),
-        "--no-progress",
-        *flags,
-    ]
+    argv = repair_argv(toy, tmp_path / "out", *flags)
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import repair_argv
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -157,27 +158,8 @@ def test_cli_repair(toy, tmp_path):
     out = tmp_path / "cli-out"
     config = tmp_path / "cfg.yaml"
     config.write_text("r_iw: 0.25\ncompensation: exact\n")
-    result = CliRunner().invoke(
-        app,
-        [
-            "repair",
-            "--base",
-            str(toy["base"]),
-            "--finetuned",
-            str(toy["adapter"]),
-            "--honesty",
-            str(toy["honesty"]),
-            "--task",
-            str(toy["task"]),
-            "--out",
-            str(out),
-            "--config",
-            str(config),
-            "--r-cw",
-            "0.5",
-            "--no-progress",
-        ],
-    )
+    argv = repair_argv(toy, out, "--config", str(config), "--r-cw", "0.5")
+    result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     report = json.loads((out / "hcnr_report.json").read_text())
