@@ -15,21 +15,6 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def repair_argv(toy: dict[str, Path], out: Path, *flags: str, **paths: Path) -> list[str]:
-    """`hcnr repair` arguments on the toy (adapter fine-tune); `paths` replace its inputs."""
-    inputs = {
-        "base": toy["base"],
-        "finetuned": toy["adapter"],
-        "honesty": toy["honesty"],
-        "task": toy["task"],
-        **paths,
-    }
-    argv = ["repair", "--out", str(out), "--no-progress"]
-    for key, value in inputs.items():
-        argv += [f"--{key}", str(value)]
-    return [*argv, *flags]
-
-
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny Llama base, LoRA adapter, merged fine-tune and JSONL data (random weights)."""

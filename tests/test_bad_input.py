@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import repair_argv
+from toy_cli import repair_argv
 from typer.testing import CliRunner
 
 from hcnr_cli.main import app

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import repair_argv
 from safetensors.torch import load_file
+from toy_cli import repair_argv
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 

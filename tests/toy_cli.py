@@ -1,0 +1,23 @@
+"""Shared by the CLI tests: `hcnr repair` arguments on the toy checkpoints.
+
+A plain module, not conftest: `tests/service/conftest.py` shadows that name on sys.path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def repair_argv(toy: dict[str, Path], out: Path, *flags: str, **paths: Path) -> list[str]:
+    """`hcnr repair` arguments on the toy (adapter fine-tune); `paths` replace its inputs."""
+    inputs = {
+        "base": toy["base"],
+        "finetuned": toy["adapter"],
+        "honesty": toy["honesty"],
+        "task": toy["task"],
+        **paths,
+    }
+    argv = ["repair", "--out", str(out), "--no-progress"]
+    for key, value in inputs.items():
+        argv += [f"--{key}", str(value)]
+    return [*argv, *flags]
