@@ -17,6 +17,7 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from fastapi import UploadFile
+from jinja2.exceptions import SecurityError, TemplateError
 from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -160,7 +161,11 @@ def validate_job(
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
         paths = [local_file(storage, f, Path(scratch)) for f in (honesty, task)]
-        RepairPipeline(config).prepare(base, finetuned, *paths)
+        try:
+            RepairPipeline(config).prepare(base, finetuned, *paths)
+        except TemplateError as exc:  # the model's chat template refuses these samples
+            code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
+            raise APIError(422, code, f"the chat template refused a sample: {exc}") from exc
     return config
 
 

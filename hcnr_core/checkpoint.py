@@ -165,9 +165,19 @@ def _index_weight_files(root: Path) -> dict[str, Path]:
                 f"{index_path}: tensor {tensor!r} maps to {name!r}, not a .safetensors file"
             )
         files[tensor] = _confined_file(root, name, "weight file")
-    for path in set(files.values()):
+    for path in sorted(set(files.values())):
         if not path.is_file():
             raise CheckpointError(f"{index_path}: weight file {path.name} is missing")
+        # Every shard's header is validated now (offsets, sizes, dtypes) and must hold the
+        # tensors the index sends to it: a lying shard is a checkpoint error, not a crash
+        # in the middle of the compatibility checks.
+        stored = set(_single_weight_files(root, path.name))
+        missing = sorted(t for t, p in files.items() if p == path and t not in stored)
+        if missing:
+            raise CheckpointError(
+                f"{index_path}: {path.name} does not hold {missing[:3]} "
+                f"({len(missing)} tensor(s) the index maps to it)"
+            )
     return files
 
 
@@ -220,6 +230,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         if candidate.exists():
             _confined_file(root, name, "file")
             _refuse_remote_code(candidate, _read_json(candidate))
+    for name in TOKENIZER_FILES:  # refused here even when the tokenizer is never loaded
+        if os.path.lexists(root / name):
+            _confined_file(root, name, "tokenizer file")
 
     if (root / ADAPTER_CONFIG).is_file():
         adapter_config = _read_json(root / ADAPTER_CONFIG)
@@ -363,9 +376,38 @@ def load_tokenizer(*infos: CheckpointInfo) -> Any:
     for info in infos:
         if info.has_tokenizer:
             for name in TOKENIZER_FILES:
-                if (info.path / name).exists():
+                if os.path.lexists(info.path / name):
                     _confined_file(info.path, name, "tokenizer file")
-            return AutoTokenizer.from_pretrained(
-                str(info.path), trust_remote_code=False, local_files_only=True
-            )
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    str(info.path), trust_remote_code=False, local_files_only=True
+                )
+            except Exception as exc:  # tokenizers/transformers raise many (even bare) types
+                raise CheckpointError(
+                    f"{info.path}: the tokenizer cannot be loaded: {type(exc).__name__}: {exc}"
+                ) from exc
+            _check_chat_template(info.path, tokenizer)
+            return tokenizer
     raise CheckpointError(f"no tokenizer in {', '.join(str(i.path) for i in infos)}")
+
+
+def _check_chat_template(path: Path, tokenizer: Any) -> None:
+    """Render the chat template once on the simplest conversation. transformers renders it
+    in Jinja's sandbox: an escape attempt is a SecurityError (unsafe), any other failure
+    means the template cannot encode samples (invalid)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    from jinja2.exceptions import SecurityError
+
+    try:
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hello"}], add_generation_prompt=True, tokenize=False
+        )
+    except SecurityError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: the chat template tries to escape its sandbox: {exc}"
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: the chat template cannot be rendered: {type(exc).__name__}: {exc}"
+        ) from exc

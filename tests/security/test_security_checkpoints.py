@@ -1,0 +1,150 @@
+"""Figure 5: malicious checkpoints under the models root, referenced by a job through the
+HTTP API. Each is refused with a stable code before anything is queued; no pickle payload
+or remote code ever runs (a sentinel file would appear); nothing outside the models root
+is read (audit hook)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+from hostile import AppEnv, CheckpointCase, FileAudit, error_code, python_roots, violations
+
+pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+def post_case(env: AppEnv, case: CheckpointCase, role: str):
+    if role == "base":  # with the adapter (it has no tokenizer: the base's is used)
+        hyper = {"check_adapter_base_name": False}  # it names models/base, not this copy
+        body = env.job_body(base=case.ref, hyperparameters=hyper)
+    else:
+        body = env.job_body(finetuned=case.ref)
+    return env.alice.post("/v1/repair-jobs", json=body)
+
+
+def checkpoint_results(env: AppEnv) -> list[dict]:
+    """Every case in every role it applies to, with what the API answered and what the
+    process touched meanwhile."""
+    results = []
+    roots = [str(env.world.models), str(env.data_dir), *python_roots()]
+    audit = FileAudit.get()
+    for case in env.world.checkpoint_cases:
+        for role in case.roles:
+            before = env.job_ids()
+            with audit.recording() as records:
+                response = post_case(env, case, role)
+            queued = list(env.inproc.queued)
+            if response.status_code in (200, 201):  # accepted: never run it here
+                env.alice.post(f"/v1/repair-jobs/{response.json()['id']}/cancel")
+                env.inproc.queued.clear()
+            results.append(
+                {
+                    "case": case.name,
+                    "role": role,
+                    "expected": case.code,
+                    "status": response.status_code,
+                    "code": error_code(response),
+                    "message": response.json().get("error", {}).get("message", "")
+                    if response.status_code >= 400
+                    else "",
+                    "queued": queued if case.code else [],
+                    "jobs_added": len(env.job_ids()) - len(before) if case.code else 0,
+                    "outside_reads": violations(list(records), roots),
+                    "sentinel": env.world.sentinel.exists(),
+                }
+            )
+    return results
+
+
+@pytest.fixture(scope="module")
+def results(app_env: AppEnv) -> list[dict]:
+    return checkpoint_results(app_env)
+
+
+def test_every_malicious_checkpoint_is_refused_with_its_code(results):
+    wrong = [
+        (r["case"], r["role"], r["status"], r["code"], r["message"][:200])
+        for r in results
+        if r["expected"] and (r["status"] != 422 or r["code"] != r["expected"])
+    ]
+    assert not wrong
+    assert len([r for r in results if r["expected"]]) >= 40
+
+
+def test_nothing_is_queued_for_a_refused_checkpoint(results):
+    assert not [r["case"] for r in results if r["queued"] or r["jobs_added"]]
+
+
+def test_harmless_oddities_are_accepted(results):
+    accepted = {(r["case"], r["role"]): r["status"] for r in results if r["expected"] is None}
+    assert accepted and set(accepted.values()) == {201}, accepted
+
+
+def test_no_payload_ever_runs_and_the_bait_is_live(results, app_env: AppEnv):
+    sentinel = app_env.world.sentinel
+    assert not [r["case"] for r in results if r["sentinel"]]
+    assert not sentinel.exists()
+    # Positive control: the payload is real; unpickling it does create the sentinel.
+    payload = app_env.world.models / "hostile" / "pickle-only" / "pytorch_model.bin"
+    with payload.open("rb") as handle:
+        pickle.load(handle)  # the point: it runs
+    assert sentinel.exists()
+    sentinel.unlink()
+
+
+def test_no_read_outside_the_models_root(results):
+    """Python-level opens/listings (audit hook) while each case was validated."""
+    assert not [
+        (r["case"], r["role"], r["outside_reads"][:3]) for r in results if r["outside_reads"]
+    ]
+
+
+def test_audit_hook_sees_checkpoint_reads(app_env: AppEnv):
+    """The instrument works: a valid job's validation shows reads of base/config.json."""
+    with FileAudit.get().recording() as records:
+        response = app_env.alice.post("/v1/repair-jobs", json=app_env.job_body())
+    assert response.status_code == 201
+    app_env.alice.post(f"/v1/repair-jobs/{response.json()['id']}/cancel")
+    app_env.inproc.queued.clear()
+    opened = {path for event, path in records if event == "open"}
+    assert str(app_env.world.models / "base" / "config.json") in opened
+
+
+def test_pickle_beside_safetensors_runs_without_unpickling(app_env: AppEnv):
+    """Accepted (the safetensors are used); the whole repair runs; the pickle never loads."""
+    body = app_env.job_body(
+        base="path:hostile/pickle-beside-safetensors", finetuned="path:finetuned"
+    )
+    response = app_env.alice.post("/v1/repair-jobs", json=body)
+    assert response.status_code == 201, response.text
+    assert app_env.inproc.run_queued() == ["succeeded"]
+    assert not app_env.world.sentinel.exists()
+    assert os.path.exists(app_env.world.models / "hostile" / "pickle-beside-safetensors")
+
+
+def test_template_refusing_a_sample_is_invalid_data(app_env: AppEnv, tmp_path):
+    """A valid template may still refuse some samples (here: a system message): 422."""
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "i do not know ."},
+            ]
+        }
+    ] * 8
+    path = tmp_path / "system.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    honesty = app_env.inproc.upload("alice", path, "honesty").json()["id"]
+    body = app_env.job_body(
+        base="path:hostile/chat-template-strict",
+        honesty_file=honesty,
+        hyperparameters={"check_adapter_base_name": False},
+    )
+    response = app_env.alice.post("/v1/repair-jobs", json=body)
+    assert response.status_code == 422, response.text
+    assert error_code(response) == "invalid_data"
+    assert "only user and assistant roles" in response.json()["error"]["message"]
+    assert app_env.inproc.queued == []
