@@ -14,6 +14,7 @@ from store import repositories
 from store.db import session_scope
 from store.models import Job, utcnow
 from store.settings import Settings
+from worker.cleanup import remove_leftovers
 from worker.webhooks import notify_job
 
 log = logging.getLogger("hcnr.reconciler")
@@ -37,9 +38,17 @@ def reconcile_once(
     for job_id, status in changed.items():
         if status == "queued":
             enqueue(job_id)
-        else:
+        else:  # failed or cancelled for good: what its dead attempts left must go
+            _remove_leftovers(settings, job_id)
             notify_job(session_factory, settings, job_id)
     return changed
+
+
+def _remove_leftovers(settings: Settings, job_id: str) -> None:
+    try:
+        remove_leftovers(settings, job_id)
+    except Exception:
+        log.exception("could not remove the leftovers of job %s", job_id)
 
 
 def _recover(session: Session, job: Job, max_attempts: int) -> str:
