@@ -182,6 +182,11 @@ from hcnr_cli.organism_cmd import eval_command, organism_app  # noqa: E402
 app.add_typer(organism_app, name="organism")
 app.command("eval")(eval_command)
 
+# --- the baselines HCNR is compared against (issue 3) ---
+from hcnr_cli.baseline_cmd import baseline_app  # noqa: E402
+
+app.add_typer(baseline_app, name="baseline")
+
 
 @app.command("build-honesty-data")
 def build_honesty_data(

@@ -339,8 +339,13 @@ def _prepare(
         raise CheckpointError(f"{base}: the base must be a full model, not an adapter")
     notes: list[str] = []
     if ft_info.kind == "adapter":
-        if base_info is None:
-            raise CheckpointError(f"{finetuned}: a LoRA adapter fine-tune needs --base")
+        if base_info is None:  # like `hcnr eval`: the base the adapter names, if local
+            named = ft_info.adapter_config.get("base_model_name_or_path")
+            if not named or not Path(named).is_dir():
+                raise CheckpointError(
+                    f"{finetuned}: a LoRA adapter fine-tune needs its base model (--base)"
+                )
+            base_info = inspect_checkpoint(named)
         check_adapter_matches(base_info, ft_info, check_name=config.check_adapter_base_name)
     elif base_info is not None:
         notes += check_full_compatible(base_info, ft_info)

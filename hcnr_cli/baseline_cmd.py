@@ -1,0 +1,153 @@
+"""`hcnr baseline rait|dpo`: the methods HCNR is compared against (hcnr_core.baselines)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+baseline_app = typer.Typer(
+    help="Baselines to compare HCNR with: RAIT (SFT on IDK data) and DPO on IDK pairs.",
+    no_args_is_help=True,
+)
+
+Base = Annotated[
+    Path | None, typer.Option(help="Base model directory (required for an adapter fine-tune)")
+]
+Finetuned = Annotated[
+    Path, typer.Option(help="Fine-tuned model directory or PEFT LoRA adapter directory")
+]
+Honesty = Annotated[Path, typer.Option(help="Honesty set (JSONL; refusals + gold answers)")]
+Out = Annotated[Path, typer.Option(help="Output directory (must not exist or be empty)")]
+Config = Annotated[Path | None, typer.Option(help="YAML/JSON config; flags override it")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate of the LoRA")]
+Steps = Annotated[int | None, typer.Option(help="Optimizer steps [60]")]
+Epochs = Annotated[float | None, typer.Option(help="Passes over the data (instead of steps)")]
+BatchSize = Annotated[int | None, typer.Option(help="Samples (DPO: pairs) per step [16]")]
+LoraR = Annotated[int | None, typer.Option(help="LoRA rank [8]")]
+LoraAlpha = Annotated[float | None, typer.Option(help="LoRA alpha [16]")]
+LoraTargets = Annotated[
+    str | None, typer.Option(help="Comma-separated module names [q,k,v,o,gate,up,down _proj]")
+]
+Seed = Annotated[int | None, typer.Option(help="Random seed [0]")]
+MaxSeqLen = Annotated[int | None, typer.Option(help="Max tokens per sample [512]")]
+Device = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N [cpu]")]
+Dtype = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto [float32]")]
+NSamples = Annotated[int | None, typer.Option(help="Seeded subset of the honesty set")]
+Threads = Annotated[int | None, typer.Option(help="torch CPU threads [torch's default]")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar")]
+
+
+def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: Any) -> None:
+    from pydantic import ValidationError
+
+    from hcnr_cli.main import ProgressPrinter, fail, quiet_libraries
+
+    quiet_libraries()
+    from hcnr_core import HCNRError
+    from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait
+
+    cls, train = (RaitConfig, train_rait) if method == "rait" else (DpoConfig, train_dpo)
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if isinstance(overrides.get("lora_targets"), str):
+        overrides["lora_targets"] = [t.strip() for t in overrides["lora_targets"].split(",")]
+    try:
+        cfg = cls.from_file(config_file, **overrides) if config_file else cls(**overrides)
+    except (ValidationError, ValueError, OSError) as exc:
+        fail(exc)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(ValueError(f"--device {cfg.device} requested but CUDA is not available"))
+    try:
+        with ProgressPrinter(enabled=not paths.pop("no_progress") and sys.stderr.isatty()) as bar:
+
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.progress.update(bar.task, completed=done / total, description=stage)
+
+            report = train(config=cfg, progress=progress, **paths)
+    except HCNRError as exc:
+        fail(exc)
+    summary = {
+        "out": str(paths["out"]),
+        "method": method,
+        "samples_used": report["samples_used"],
+        "steps": report["steps"],
+        "final_loss": report["losses"][-1],
+        "trainable_params": report["trainable_params"],
+        "fraction_model_params_changed": round(report["fraction_model_params_changed"], 6),
+        "seconds": report["seconds_total"],
+    }
+    if method == "dpo":
+        summary["pairs"] = report["pairs"]
+    typer.echo(json.dumps(summary))
+
+
+@baseline_app.command("rait")
+def rait(
+    finetuned: Finetuned,
+    honesty: Honesty,
+    out: Out,
+    base: Base = None,
+    config: Config = None,
+    lr: Lr = None,
+    steps: Steps = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lora_r: LoraR = None,
+    lora_alpha: LoraAlpha = None,
+    lora_targets: LoraTargets = None,
+    seed: Seed = None,
+    max_seq_len: MaxSeqLen = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    n_samples: NSamples = None,
+    threads: Threads = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """RAIT: fine-tune a LoRA on the honesty set (refusals + gold answers), merge, save."""
+    flags = dict(locals())
+    paths = {k: flags.pop(k) for k in ("base", "finetuned", "honesty", "out", "no_progress")}
+    _run("rait", flags.pop("config"), flags, **paths)
+
+
+@baseline_app.command("dpo")
+def dpo(
+    finetuned: Finetuned,
+    honesty: Honesty,
+    out: Out,
+    base: Base = None,
+    config: Config = None,
+    lr: Lr = None,
+    steps: Steps = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    beta: Annotated[float | None, typer.Option(help="DPO temperature β [0.1]")] = None,
+    rpo_alpha: Annotated[
+        float | None, typer.Option(help="NLL weight on chosen; 0 = pure DPO [1.0]")
+    ] = None,
+    refusal: Annotated[
+        str | None, typer.Option(help="Rejected answer of answerable prompts [data's IDK]")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens generated per rejected answer [32]")
+    ] = None,
+    lora_r: LoraR = None,
+    lora_alpha: LoraAlpha = None,
+    lora_targets: LoraTargets = None,
+    seed: Seed = None,
+    max_seq_len: MaxSeqLen = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    n_samples: NSamples = None,
+    threads: Threads = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """DPO on IDK pairs (refusal vs the model's own answer), the fine-tune as reference."""
+    flags = dict(locals())
+    paths = {k: flags.pop(k) for k in ("base", "finetuned", "honesty", "out", "no_progress")}
+    _run("dpo", flags.pop("config"), flags, **paths)
