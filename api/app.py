@@ -23,6 +23,7 @@ def create_app(
 ) -> FastAPI:
     settings = settings or Settings()
     settings.ensure_dirs()
+    _preload_transformers()
     if settings.auto_migrate if run_migrations is None else run_migrations:
         migrate(settings.db_url)
     app = FastAPI(
@@ -43,6 +44,13 @@ def create_app(
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
+
+
+def _preload_transformers() -> None:
+    """transformers resolves its classes lazily and that is not thread-safe: the first
+    concurrent job validations (threadpool) failed with `ImportError: cannot import name
+    'AutoTokenizer'` (tests/reliability/test_load.py). Resolve them once, up front."""
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
 
 def _broker(settings: Settings, enqueue: Callable[[str], None] | None):

@@ -33,7 +33,9 @@ def reconcile_once(
         for job in repositories.stale_queued_jobs(session, stale):
             # The message may be lost (broker down at create time, broker data lost): send
             # it again. A duplicate is harmless: only one worker can claim a queued job.
+            waited = (now - job.queued_at).total_seconds()
             job.queued_at = now
+            repositories.add_event(session, job, "resent", f"re-sent after {waited:.0f}s queued")
             changed[job.id] = "queued"
     for job_id, status in changed.items():
         if status == "queued":

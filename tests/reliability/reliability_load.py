@@ -1,0 +1,166 @@
+"""Load: `users` concurrent async httpx users against the API for `seconds`.
+
+Each user uploads its honesty and task files once, then loops: create a repair job (a
+fresh Idempotency-Key), poll it three times, list the tenant's jobs, read the job's
+events, with `think` seconds between requests. Every request is timed per route; any
+status >= 400 or transport error is an error. Afterwards the jobs the users were told
+were created (201) are compared with the rows in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from reliability_cluster import Cluster, Inputs
+
+ROUTES = (
+    "POST /v1/files",
+    "POST /v1/repair-jobs",
+    "GET /v1/repair-jobs/{id}",
+    "GET /v1/repair-jobs",
+    "GET /v1/repair-jobs/{id}/events",
+)
+
+
+@dataclass
+class Tally:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    error_samples: list[str] = field(default_factory=list)
+    created: set[str] = field(default_factory=set)
+
+    async def call(self, route: str, send) -> httpx.Response | None:
+        started = time.perf_counter()
+        try:
+            response = await send()
+        except httpx.HTTPError as exc:
+            self._error(route, f"{route}: {type(exc).__name__}: {exc}")
+            return None
+        self.latencies[route].append(time.perf_counter() - started)
+        if response.status_code >= 400:
+            self._error(route, f"{route}: {response.status_code} {response.text[:200]}")
+            return None
+        return response
+
+    def _error(self, route: str, sample: str) -> None:
+        self.errors[route] += 1
+        if len(self.error_samples) < 10:
+            self.error_samples.append(sample)
+
+
+async def _user(
+    http: httpx.AsyncClient, key: str, inputs: Inputs, deadline: float, think: float, tally: Tally
+) -> None:
+    auth = {"Authorization": f"Bearer {key}"}
+    files = {}
+    for purpose, path in (("honesty", inputs.honesty), ("task", inputs.task)):
+        upload = {"file": (path.name, path.read_bytes(), "application/jsonl")}
+        response = await tally.call(
+            "POST /v1/files",
+            lambda u=upload, p=purpose: http.post(
+                "/v1/files", files=u, data={"purpose": p}, headers=auth
+            ),
+        )
+        if response is None:
+            return
+        files[purpose] = response.json()["id"]
+    body = {
+        "base": inputs.base,
+        "finetuned": inputs.finetuned,
+        "honesty_file": files["honesty"],
+        "task_file": files["task"],
+        "metadata": {"load": "yes"},
+    }
+    while time.monotonic() < deadline:
+        headers = {**auth, "Idempotency-Key": str(uuid.uuid4())}
+        response = await tally.call(
+            "POST /v1/repair-jobs",
+            lambda h=headers: http.post("/v1/repair-jobs", json=body, headers=h),
+        )
+        if response is None:
+            await asyncio.sleep(think)
+            continue
+        if response.status_code == 201:
+            tally.created.add(response.json()["id"])
+        job_id = response.json()["id"]
+        requests = [("GET /v1/repair-jobs/{id}", f"/v1/repair-jobs/{job_id}")] * 3
+        requests += [("GET /v1/repair-jobs", "/v1/repair-jobs?limit=10")]
+        requests += [("GET /v1/repair-jobs/{id}/events", f"/v1/repair-jobs/{job_id}/events")]
+        for route, url in requests:
+            await asyncio.sleep(think)
+            await tally.call(route, lambda u=url: http.get(u, headers=auth))
+        await asyncio.sleep(think)
+
+
+async def _run(
+    url: str, keys: list[str], inputs: Inputs, seconds: float, think: float
+) -> tuple[Tally, float]:
+    tally = Tally()
+    limits = httpx.Limits(max_connections=len(keys) + 10, max_keepalive_connections=len(keys))
+    timeout = httpx.Timeout(300.0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as http:
+        started = time.monotonic()
+        deadline = started + seconds
+        await asyncio.gather(*(_user(http, k, inputs, deadline, think, tally) for k in keys))
+        return tally, time.monotonic() - started
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]  # nearest rank
+
+
+def load(
+    cluster: Cluster,
+    users: int,
+    seconds: float,
+    think: float = 0.5,
+    tenants: int = 10,
+    inputs: Inputs | None = None,
+) -> dict[str, Any]:
+    """Run the load with no worker consuming (jobs stay queued); returns the figures."""
+    from sqlalchemy import func, select
+
+    from store.models import Job, Tenant
+
+    names = [f"load-{uuid.uuid4().hex[:6]}-{i}" for i in range(tenants)]
+    tenant_keys = [cluster.create_key(name) for name in names]
+    keys = [tenant_keys[i % tenants] for i in range(users)]
+    tally, wall = asyncio.run(_run(cluster.api.url, keys, inputs or cluster.inputs, seconds, think))
+    with cluster.session_factory() as session:
+        rows = session.scalar(
+            select(func.count()).select_from(Job).join(Tenant).where(Tenant.name.in_(names))
+        )
+    requests = sum(len(v) for v in tally.latencies.values()) + sum(tally.errors.values())
+    routes = {}
+    for route in ROUTES:
+        values = tally.latencies.get(route, [])
+        routes[route] = {
+            "requests": len(values) + tally.errors.get(route, 0),
+            "errors": tally.errors.get(route, 0),
+            **{
+                f"p{q}_ms": round(1000 * _percentile(values, q), 1) if values else None
+                for q in (50, 95, 99)
+            },
+        }
+    return {
+        "users": users,
+        "seconds": seconds,
+        "think_seconds": think,
+        "wall_seconds": round(wall, 1),
+        "requests": requests,
+        "requests_per_second": round(requests / wall, 1),
+        "errors": sum(tally.errors.values()),
+        "error_rate": round(sum(tally.errors.values()) / max(1, requests), 6),
+        "error_samples": tally.error_samples,
+        "submitted": len(tally.created),
+        "rows": rows,
+        "routes": routes,
+    }

@@ -1,0 +1,17 @@
+"""A short load run (the bench runs 200 users for 60 s): no errors, and every job a user
+was told was created is a row in PostgreSQL, and nothing more. No latency thresholds."""
+
+from __future__ import annotations
+
+import pytest
+import reliability_load
+from reliability_cluster import Cluster
+
+pytestmark = pytest.mark.reliability
+
+
+def test_concurrent_users_get_no_errors_and_every_job_is_a_row(fresh: Cluster):
+    result = reliability_load.load(fresh, users=50, seconds=10, think=0.2)
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["submitted"] > 0
+    assert result["submitted"] == result["rows"], result
