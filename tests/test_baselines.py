@@ -1,0 +1,340 @@
+"""Baselines (hcnr_core.baselines): RAIT and DPO mechanics on the toy, honesty on the organism."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from hcnr_cli.main import app
+from hcnr_core.baselines import (
+    REPORT_NAME,
+    DpoConfig,
+    PreferencePair,
+    RaitConfig,
+    build_pairs,
+    collate,
+    dpo_loss,
+    sequence_logps,
+    subsample,
+    train_dpo,
+    train_rait,
+)
+from hcnr_core.checkpoint import inspect_checkpoint, load_tokenizer
+from hcnr_core.data import Sample, encode_sample, load_jsonl
+from hcnr_core.errors import CheckpointError, DataValidationError, RepairCancelled
+from hcnr_core.evaluation import RefusalDetector, evaluate_model
+
+FAST = {"steps": 6, "batch_size": 4, "threads": 1}
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def changed_names(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
+# --- pure pieces -----------------------------------------------------------------------
+
+
+def test_dpo_loss_matches_the_formula():
+    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    logits = 0.5 * ((pc - rc) - (pr - rr))
+    expected = -torch.log(torch.sigmoid(logits)).mean()
+    assert loss.item() == pytest.approx(expected.item())
+    assert torch.allclose(chosen, 0.5 * (pc - rc)) and torch.allclose(rejected, 0.5 * (pr - rr))
+    # policy == reference: log 2, whatever the sequences
+    assert dpo_loss(pc, pr, pc, pr, 0.1)[0].item() == pytest.approx(math.log(2))
+
+
+def test_sequence_logps_score_response_tokens_only_and_ignore_padding(toy):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(inspect_checkpoint(toy["base"]))
+    model = AutoModelForCausalLM.from_pretrained(toy["base"]).eval()
+    short = encode_sample(
+        tokenizer, Sample(({"role": "user", "content": "who is bob ?"},), "rome ."), 64
+    )
+    long = encode_sample(
+        tokenizer,
+        Sample(
+            ({"role": "user", "content": "where was alice born in the city ?"},), "i do not know ."
+        ),
+        64,
+    )
+    with torch.no_grad():
+        alone, n_alone = sequence_logps(model, collate([short], 0))
+        both, n_both = sequence_logps(model, collate([short, long], 0))
+        logits = model(torch.tensor([short.input_ids])).logits[0].log_softmax(-1)
+    manual = sum(
+        logits[t - 1, short.input_ids[t]].item()
+        for t in range(short.prompt_len, len(short.input_ids))
+    )
+    assert alone[0].item() == pytest.approx(manual, abs=1e-4)
+    assert both[0].item() == pytest.approx(manual, abs=1e-4)  # right padding changes nothing
+    assert n_alone[0].item() == short.response_len and n_both[1].item() == long.response_len
+
+
+def test_build_pairs():
+    q = ({"role": "user", "content": "who ?"},)
+    samples = [
+        Sample(q, "i do not know .", answerable=False, line=1),
+        Sample(q, "i do not know .", answerable=False, line=2),
+        Sample(q, "paris .", answerable=True, line=3),
+    ]
+    pairs = build_pairs(
+        samples, ["rome .", "i don't know", None], "i do not know .", RefusalDetector(), 0
+    )
+    assert pairs[0] == PreferencePair(q, "i do not know .", "rome .", False, "generated", 1)
+    assert pairs[1].rejected == "paris ." and pairs[1].source == "fallback"  # model refused
+    assert (pairs[2].chosen, pairs[2].rejected, pairs[2].source) == (
+        "paris .",
+        "i do not know .",
+        "refusal",
+    )
+    # refused and no gold answer to fall back to: no pair
+    assert build_pairs(samples[:1], ["i do not know"], "x", RefusalDetector(), 0) == []
+
+
+def test_subsample_is_seeded_stratified_and_in_order():
+    q = ({"role": "user", "content": "q"},)
+    samples = [Sample(q, "a", answerable=i % 4 == 0, line=i) for i in range(40)]  # 10 / 30
+    sub = subsample(samples, 8, seed=0)
+    assert len(sub) == 8 and sum(s.answerable for s in sub) == 2
+    assert [s.line for s in sub] == sorted(s.line for s in sub)
+    assert sub == subsample(samples, 8, seed=0) and sub != subsample(samples, 8, seed=1)
+    assert subsample(samples, None, 0) == samples and subsample(samples, 100, 0) == samples
+
+
+def test_configs():
+    assert RaitConfig(epochs=2, batch_size=16).total_steps(128) == 16
+    assert RaitConfig().total_steps(128) == 60
+    with pytest.raises(ValueError, match="not both"):
+        RaitConfig(steps=5, epochs=1)
+    with pytest.raises(ValueError):
+        DpoConfig(betta=0.1)  # unknown keys are rejected
+    with pytest.raises(ValueError):
+        DpoConfig(device="gpu")
+    cfg = DpoConfig()
+    with pytest.raises(ValueError):
+        cfg.beta = 1.0  # frozen
+    assert cfg.rpo_alpha == 1.0 and cfg.beta == 0.1
+
+
+# --- RAIT and DPO on the toy -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rait_full(toy, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("rait") / "out"
+    return out, train_rait(toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST))
+
+
+def test_rait_output_is_a_complete_loadable_checkpoint(toy, rait_full):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = rait_full
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    new, ft = tensors(out), tensors(toy["full"])
+    assert set(new) == set(ft) and all(new[k].dtype == ft[k].dtype for k in ft)
+    changed = changed_names(new, ft)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed and all(k.split(".")[-2] in targets for k in changed)
+    assert len(changed) == report["lora_target_matrices"]
+    n_diff = sum(int((new[k] != ft[k]).sum()) for k in ft)
+    assert report["changed_params"] == n_diff
+    assert report["fraction_model_params_changed"] == pytest.approx(
+        n_diff / sum(t.numel() for t in ft.values())
+    )
+    assert report["samples_used"] == 16 and report["steps"] == FAST["steps"]
+    assert report["trainable_params"] > 0 and report["method"] == "rait"
+    assert set(report["stage_seconds"]) == {"load", "train", "merge", "save"}
+    on_disk = json.loads((out / REPORT_NAME).read_text())
+    assert on_disk["config"] == RaitConfig(**FAST).model_dump()
+    assert on_disk["files"]["config.json"]["sha256"]
+
+
+def test_rait_is_deterministic_and_seeded(toy, rait_full, tmp_path):
+    again = tmp_path / "again"
+    train_rait(toy["base"], toy["full"], toy["honesty"], again, RaitConfig(**FAST))
+    first, second = tensors(rait_full[0]), tensors(again)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = tmp_path / "other"
+    train_rait(toy["base"], toy["full"], toy["honesty"], other, RaitConfig(**FAST, seed=1))
+    assert changed_names(first, tensors(other))
+
+
+def test_only_the_lora_targets_change_and_adapter_finetunes_merge_first(toy, tmp_path):
+    out = tmp_path / "out"
+    cfg = RaitConfig(**FAST, lora_targets=["q_proj", "v_proj"], n_samples=8)
+    report = train_rait(toy["base"], toy["adapter"], toy["honesty"], out, cfg)
+    new, ft = tensors(out), tensors(toy["full"])  # toy["full"] = the adapter merged
+    assert {k.split(".")[-2] for k in changed_names(new, ft)} == {"q_proj", "v_proj"}
+    untouched = [k for k in ft if k.split(".")[-2] not in ("q_proj", "v_proj")]
+    assert all(torch.allclose(new[k], ft[k], atol=1e-6) for k in untouched)
+    assert report["samples_used"] == 8 and report["inputs"]["finetuned_kind"] == "adapter"
+
+
+def test_dpo_loss_falls_and_the_margin_grows(toy, tmp_path):
+    cfg = DpoConfig(steps=20, batch_size=8, lr=5e-3, rpo_alpha=0.0, threads=1)
+    report = train_dpo(toy["base"], toy["full"], toy["honesty"], tmp_path / "dpo", cfg)
+    losses, margins = report["losses"], report["reward_margins"]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B = 0: policy = reference
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.05
+    assert sum(margins[-5:]) / 5 > 0.1 and margins[0] == pytest.approx(0.0, abs=1e-5)
+    assert report["n_pairs"] == 16 and report["pairs"] == {"generated": 16}
+    new = tensors(tmp_path / "dpo")
+    assert all(torch.isfinite(t).all() for t in new.values())
+
+
+def test_cancel_leaves_nothing(toy, tmp_path):
+    out = tmp_path / "out"
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 4
+
+    with pytest.raises(RepairCancelled):
+        train_rait(
+            toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST), should_cancel=cancel
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_errors(toy, other_toy, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError, match="line 1: DPO needs 'answerable'"):
+        train_dpo(toy["base"], toy["full"], toy["task"], out, DpoConfig(**FAST))
+    with pytest.raises(CheckpointError, match="lora_targets"):
+        train_rait(
+            toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST, lora_targets=["nope"])
+        )
+    with pytest.raises(CheckpointError):
+        train_rait(other_toy["base"], toy["adapter"], toy["honesty"], out, RaitConfig(**FAST))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- CLI -------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["baseline", *args])
+    return result.exit_code, result.output
+
+
+def test_cli_rait_with_config_file(toy, tmp_path):
+    config = tmp_path / "rait.yaml"
+    config.write_text("steps: 3\nbatch_size: 4\nlora_r: 2\n")
+    out = tmp_path / "out"
+    code, output = cli(
+        "rait", "--base", str(toy["base"]), "--finetuned", str(toy["adapter"]),
+        "--honesty", str(toy["honesty"]), "--out", str(out), "--config", str(config),
+        "--lr", "0.002", "--threads", "1", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, output
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["method"] == "rait"
+    cfg = json.loads((out / REPORT_NAME).read_text())["config"]
+    assert (cfg["lora_r"], cfg["lr"]) == (2, 0.002)
+
+
+@pytest.mark.parametrize(
+    ("method", "change", "code", "message"),
+    [
+        ("rait", {"--honesty": "bad"}, "invalid_data", "line 2: not valid JSON"),
+        ("dpo", {"--honesty": "task"}, "invalid_data", "DPO needs 'answerable'"),
+        ("rait", {"--finetuned": "missing"}, "invalid_checkpoint", "not a directory"),
+        ("dpo", {"--base": "other"}, "incompatible_checkpoints", ""),
+        ("rait", {"--out": "existing"}, "output_exists", "not empty"),
+        ("dpo", {"--beta": "-1"}, "invalid_argument", "beta"),
+        ("rait", {"--lora-targets": "nope"}, "invalid_checkpoint", "lora_targets"),
+    ],
+)
+def test_cli_bad_input(toy, other_toy, tmp_path, method, change, code, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "response": "a"}\n{oops\n')
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    values = {
+        "bad": bad,
+        "task": toy["task"],
+        "missing": tmp_path / "nowhere",
+        "other": other_toy["base"],
+        "existing": existing,
+    }
+    args = {
+        "--base": toy["base"],
+        "--finetuned": toy["adapter"],
+        "--honesty": toy["honesty"],
+        "--out": tmp_path / "out",
+        "--steps": 2,
+    }
+    args.update({k: values.get(v, v) for k, v in change.items()})
+    before = set(tmp_path.iterdir())
+    exit_code, output = cli(method, *[str(x) for kv in args.items() for x in kv], "--no-progress")
+    assert exit_code == 2, output
+    assert f"[{code}]" in output and message in output, output
+    assert set(tmp_path.iterdir()) == before  # no --out, no staging directory
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+# --- honesty on the organism -----------------------------------------------------------
+
+EVAL_SETS = ("eval_unknown", "eval_known", "eval_domain")
+
+
+def organism_metrics(model_dir: Path, organism: dict[str, Path]) -> dict[str, float]:
+    result = evaluate_model(
+        model_dir,
+        {n: organism[n] for n in EVAL_SETS},
+        base_dir=organism["base"],
+        keep_responses=False,
+    )
+    sets = result["sets"]
+    return {
+        "refusal_unknown": sets["eval_unknown"]["refusal_rate"],
+        "refusal_known": sets["eval_known"]["refusal_rate"],
+        "accuracy_known": sets["eval_known"]["accuracy"],
+        "domain_accuracy": sets["eval_domain"]["accuracy"],
+    }
+
+
+@pytest.fixture(scope="module")
+def finetuned_metrics(organism) -> dict[str, float]:
+    return organism_metrics(organism["adapter"], organism)
+
+
+@pytest.mark.parametrize(("method", "train"), [("rait", train_rait), ("dpo", train_dpo)])
+def test_baseline_raises_refusal_on_the_organism(
+    organism, finetuned_metrics, tmp_path, record_property, method, train
+):
+    config = (RaitConfig if method == "rait" else DpoConfig)(threads=1)
+    report = train(
+        organism["base"], organism["adapter"], organism["honesty"], tmp_path / method, config
+    )
+    after = organism_metrics(tmp_path / method, organism)
+    record_property("finetuned", finetuned_metrics)
+    record_property(method, after)
+    record_property("seconds", report["stage_seconds"])
+    assert len(load_jsonl(organism["honesty"])) == report["samples_used"]
+    # Defaults must make the fine-tune refuse unknowns again (RAIT ~0.7, DPO ~0.55 on
+    # seed 0, from 0.0), without refusing what it knows.
+    assert after["refusal_unknown"] >= finetuned_metrics["refusal_unknown"] + 0.25, after
+    assert after["refusal_known"] <= 0.25, after
+    assert after["accuracy_known"] >= 0.6, after
