@@ -201,6 +201,17 @@ def test_dpo_loss_falls_and_the_margin_grows(toy, tmp_path):
     assert all(torch.isfinite(t).all() for t in new.values())
 
 
+def test_dpo_is_deterministic(toy, tmp_path):
+    cfg = DpoConfig(steps=3, batch_size=8, threads=1)
+    reports = [
+        train_dpo(toy["base"], toy["full"], toy["honesty"], tmp_path / name, cfg)
+        for name in ("a", "b")
+    ]
+    assert reports[0]["losses"] == reports[1]["losses"]
+    first, second = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_cancel_leaves_nothing(toy, tmp_path):
     out = tmp_path / "out"
     calls = []
