@@ -6,9 +6,9 @@ Create* are what clients send, *Public what they get back; the tables live in st
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from hcnr_core.config import Compensation, DType, Selection
 
@@ -16,6 +16,26 @@ FilePurpose = Literal["honesty", "task", "eval"]
 JobStatus = Literal[
     "validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
 ]
+
+
+def _storable(text: str) -> str:
+    """Text a database can hold and JSON can carry: no NUL (PostgreSQL refuses it in text
+    columns), no lone surrogates (not encodable as UTF-8)."""
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+# Widths of the columns these land in (store.models).
+Reference = Annotated[Text, Field(max_length=1000)]
+FileId = Annotated[Text, Field(max_length=40)]
+LabelKey = Annotated[Text, Field(min_length=1, max_length=64)]
+LabelValue = Annotated[Text, Field(max_length=512)]
 
 
 class ErrorDetail(BaseModel):
@@ -53,7 +73,9 @@ class Hyperparameters(BaseModel):
     dtype: DType = "float32"
     max_seq_len: int = Field(512, ge=8, le=131072)
     batch_size: int = Field(8, ge=1, le=1024)
-    target_modules: str | None = Field(None, description="Regex over nn.Linear module names")
+    target_modules: Text | None = Field(
+        None, max_length=1000, description="Regex over nn.Linear module names"
+    )
     check_adapter_base_name: bool = Field(
         True, description="Require a LoRA adapter's base_model_name_or_path to name the base"
     )
@@ -62,14 +84,16 @@ class Hyperparameters(BaseModel):
 class RepairJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base: str = Field(description="'path:<dir under the models root>' or 'hf:org/name@rev'")
-    finetuned: str = Field(description="Full fine-tuned model or PEFT LoRA adapter reference")
-    honesty_file: str = Field(description="Id of an uploaded file with purpose honesty")
-    task_file: str = Field(description="Id of an uploaded file with purpose task")
-    eval_file: str | None = Field(None, description="Optional eval set (purpose eval)")
+    base: Reference = Field(description="'path:<dir under the models root>' or 'hf:org/name@rev'")
+    finetuned: Reference = Field(description="Full fine-tuned model or PEFT LoRA adapter reference")
+    honesty_file: FileId = Field(description="Id of an uploaded file with purpose honesty")
+    task_file: FileId = Field(description="Id of an uploaded file with purpose task")
+    eval_file: FileId | None = Field(None, description="Optional eval set (purpose eval)")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=16)
-    webhook_url: AnyHttpUrl | None = Field(None, description="POSTed on terminal states")
+    metadata: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16)
+    webhook_url: AnyHttpUrl | None = Field(
+        None, max_length=2000, description="POSTed on terminal states"
+    )
 
 
 class JobError(BaseModel):

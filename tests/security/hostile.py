@@ -490,6 +490,14 @@ class AppEnv:
         }
         return {**body, **overrides}
 
+    def post_job(self, body: dict[str, Any], tenant: str = "alice"):
+        """POST the body as ASCII JSON: lone surrogates travel as `\\udXXX` escapes."""
+        return self.inproc.clients[tenant].post(
+            "/v1/repair-jobs",
+            content=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+
     def job_ids(self, tenant: str = "alice") -> list[str]:
         return [j["id"] for j in self.inproc.clients[tenant].get("/v1/repair-jobs").json()["data"]]
 
@@ -672,6 +680,8 @@ def parse_strace(log: Path, cwd: Path) -> list[SyscallRecord]:
         if not found:
             continue
         path = _unescape(found.group(1))
+        if not path:  # fstat-like calls on a descriptor (AT_EMPTY_PATH): no lookup
+            continue
         dirfd_relative = not path.startswith("/") and not rest.startswith(("AT_FDCWD", '"'))
         if dirfd_relative:  # relative to another directory fd: cannot place it; flag it
             path = f"<dirfd>/{path}"
@@ -689,7 +699,9 @@ class TracedServer:
     process: subprocess.Popen
 
     def records(self, start: float, end: float) -> list[SyscallRecord]:
-        return [r for r in parse_strace(self.log, self.cwd) if start <= r.time <= end]
+        if not hasattr(self, "_parsed"):
+            self._parsed = parse_strace(self.log, self.cwd)
+        return [r for r in self._parsed if start <= r.time <= end]
 
 
 @contextlib.contextmanager
@@ -749,8 +761,23 @@ def strace_server(env: dict[str, str], workdir: Path) -> Iterator[TracedServer]:
             time.sleep(0.3)
         yield TracedServer(url, log, cwd, process)
     finally:
-        procs.stop(process)
+        _stop_traced(process)
         output.close()
+
+
+def _stop_traced(process: subprocess.Popen) -> None:
+    """SIGTERM the traced server (strace's child); strace exits with it."""
+    import signal
+
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    with contextlib.suppress(OSError, ValueError):
+        for pid in children.read_text().split():
+            os.kill(int(pid), signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 # --- reference fuzz (figure 6) ---------------------------------------------------------------
