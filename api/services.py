@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import logging
 import socket
 import tarfile
@@ -26,7 +27,8 @@ from sqlalchemy.orm import Session
 from api.errors import APIError, not_found
 from api.schemas import FilePurpose, RepairJobCreate
 from hcnr_core.config import RepairConfig
-from hcnr_core.data import parse_jsonl
+from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
+from hcnr_core.errors import DataValidationError
 from hcnr_core.pipeline import RepairPipeline
 from store import repositories
 from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
@@ -66,14 +68,13 @@ def store_upload(
     with tempfile.NamedTemporaryFile(dir=settings.scratch_dir, suffix=".jsonl") as spooled:
         size, sha256 = _spool_upload(upload, spooled, settings.max_upload_bytes)
         spooled.flush()
-        data = Path(spooled.name).read_bytes()
-        minimum = 1 if purpose == "eval" else settings.min_samples
-        samples = parse_jsonl(
-            data,
+        spooled.seek(0)
+        n_samples = validate_jsonl_stream(
+            spooled,
             filename,
-            min_samples=minimum,
+            min_samples=1 if purpose == "eval" else settings.min_samples,
             max_samples=settings.max_samples,
-            max_bytes=settings.max_upload_bytes,
+            max_line_bytes=settings.max_line_bytes,
         )
         file = File(
             id=new_id("file"),
@@ -82,7 +83,7 @@ def store_upload(
             filename=filename,
             bytes=size,
             sha256=sha256,
-            samples=len(samples),
+            samples=n_samples,
             storage_key="",
         )
         file.storage_key = f"files/{tenant.id}/{file.id}.jsonl"
@@ -90,6 +91,71 @@ def store_upload(
     session.add(file)
     session.commit()
     return file
+
+
+def validate_jsonl_stream(
+    handle: IO[bytes],
+    source: str,
+    *,
+    min_samples: int,
+    max_samples: int,
+    max_line_bytes: int,
+) -> int:
+    """`hcnr_core.data.parse_jsonl`'s checks, line by line: memory stays at one line (at
+    most `max_line_bytes`) whatever the file size. Returns the number of samples; raises
+    DataValidationError with line numbers. Also refuses what would break later stages:
+    over-long lines, nesting too deep for the JSON decoder, lone surrogates."""
+    problems: list[tuple[int, str]] = []
+    count, number = 0, 0
+    while len(problems) < MAX_REPORTED_PROBLEMS:
+        raw = handle.readline(max_line_bytes + 1)
+        if not raw:
+            break
+        number += 1
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            problems.append((number, f"line longer than {max_line_bytes} bytes"))
+            while (rest := handle.readline(CHUNK)) and not rest.endswith(b"\n"):
+                pass  # skip the rest of the line without holding it
+            continue
+        problem = _line_problem(raw)
+        if problem is None:
+            count += 1 if raw.strip() else 0
+        else:
+            problems.append((number, problem))
+    if not problems:
+        if count < min_samples:
+            problems.append((0, f"{count} samples; at least {min_samples} required"))
+        elif count > max_samples:
+            problems.append((0, f"{count} samples; at most {max_samples} allowed"))
+    if problems:
+        raise DataValidationError(source, problems)
+    return count
+
+
+def _line_problem(raw: bytes) -> str | None:
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not valid UTF-8 (byte {exc.start})"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return "not valid JSON: nested too deeply"
+    try:
+        sample = parse_sample(obj)
+    except ValueError as exc:
+        return str(exc)
+    texts = [sample.response, *sample.answers, *(m["content"] for m in sample.messages)]
+    try:
+        for text_ in texts:
+            text_.encode("utf-8")
+    except UnicodeEncodeError:
+        return "text with a lone surrogate (\\ud800-\\udfff escape): not valid Unicode"
+    return None
 
 
 def get_file(session: Session, tenant: Tenant, file_id: str) -> File:

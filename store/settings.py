@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     min_samples: int = Field(8, ge=1, description="Fewest samples an honesty/task file may have")
     max_samples: int = Field(100_000, ge=1)
+    max_line_bytes: int = Field(
+        1024 * 1024, ge=256, description="Longest JSONL line (one sample) an upload may have"
+    )
     worker_device: str = Field("cpu", description="Device repairs run on: cpu, cuda, cuda:N")
     worker_max_tasks_per_child: int | None = Field(
         None, ge=1, description="Replace the pool child after N jobs (1: fresh CUDA context)"

@@ -1039,8 +1039,8 @@ BAD_LINES: dict[str, bytes] = {
     "trailing comma": b'{"prompt": "q", "response": "a",}',
     "two objects": b'{"prompt": "q", "response": "a"} {"prompt": "q", "response": "a"}',
     "nan value": b'{"prompt": NaN, "response": "a"}',
-    "deeply nested": b"[" * 100_000 + b"]" * 100_000,
-    "deeply nested object": b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    "deeply nested": b"[" * 1900 + b"]" * 1900,  # past the JSON decoder's recursion limit
+    "deeply nested object": b'{"a":' * 700 + b"1" + b"}" * 700,
     "array": b"[1, 2, 3]",
     "string": b'"just a string"',
     "number": b"42",
@@ -1112,14 +1112,16 @@ def jsonl_variants(max_line_bytes: int) -> list[tuple[str, bytes, int]]:
 
 
 def exact_size_jsonl(size: int, rows: int = 10) -> bytes:
-    """Valid JSONL of exactly `size` bytes (the last response is padded)."""
-    lines = [json.dumps(GOOD_ROW) for _ in range(rows - 1)]
-    head = "\n".join(lines) + "\n"
-    skeleton = json.dumps({"prompt": "pad", "response": ""}) + "\n"
-    pad = size - len(head.encode()) - len(skeleton.encode())
+    """Valid JSONL of exactly `size` bytes: `rows` lines of about equal length."""
+    skeleton = len((json.dumps({"prompt": "pad", "response": ""}) + "\n").encode())
+    pad, extra = divmod(size - rows * skeleton, rows)
     if pad < 1:
         raise ValueError(f"{size} bytes is too small for {rows} rows")
-    data = (head + json.dumps({"prompt": "pad", "response": "y" * pad}) + "\n").encode()
+    lines = [
+        json.dumps({"prompt": "pad", "response": "y" * (pad + (extra if i == 0 else 0))}) + "\n"
+        for i in range(rows)
+    ]
+    data = "".join(lines).encode()
     assert len(data) == size
     return data
 
@@ -1139,23 +1141,16 @@ def multipart_stream(
 
 def jsonl_chunks(total: int, line_bytes: int = 1000, chunk: int = 1 << 20) -> Iterator[bytes]:
     """Valid JSONL of exactly `total` bytes, generated chunk by chunk (never held whole)."""
-    pad = line_bytes - len(json.dumps({"prompt": "q", "response": ""}).encode()) - 1
-    line = (json.dumps({"prompt": "q", "response": "z" * pad}) + "\n").encode()
+    skeleton = len((json.dumps({"prompt": "q", "response": ""}) + "\n").encode())
+    line = (json.dumps({"prompt": "q", "response": "z" * (line_bytes - skeleton)}) + "\n").encode()
+    full = max(0, (total - line_bytes) // len(line))  # then one last line of the rest
+    rest = total - full * len(line)
     per_chunk = max(1, chunk // len(line))
     block = line * per_chunk
-    sent = 0
-    while total - sent >= len(block):
+    for _ in range(full // per_chunk):
         yield block
-        sent += len(block)
-    while total - sent >= len(line):
-        yield line
-        sent += len(line)
-    if total - sent:
-        rest = total - sent
-        last = (json.dumps({"prompt": "q", "response": "z" * (rest - 31)}) + "\n").encode()
-        if len(last) != rest:
-            raise ValueError("total does not fit a final line")
-        yield last
+    yield line * (full % per_chunk)
+    yield (json.dumps({"prompt": "q", "response": "z" * (rest - skeleton)}) + "\n").encode()
 
 
 def zero_chunks(total: int, chunk: int = 1 << 20) -> Iterator[bytes]:
