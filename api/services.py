@@ -9,6 +9,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import re
 import socket
 import tarfile
 import tempfile
@@ -158,7 +159,19 @@ def _line_problem(raw: bytes) -> str | None:
     return None
 
 
+# Ids are `<prefix>_<hex>` (store.models.new_id) in 40-character columns: anything else
+# (NUL bytes, which PostgreSQL refuses in text, over-long strings) is "not found" without
+# a query, exactly like an id that does not exist.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _well_formed(ident: str) -> bool:
+    return ID_PATTERN.fullmatch(ident) is not None
+
+
 def get_file(session: Session, tenant: Tenant, file_id: str) -> File:
+    if not _well_formed(file_id):
+        raise not_found("file", file_id)
     file = repositories.get_file(session, tenant.id, file_id)
     if file is None:
         raise not_found("file", file_id)
@@ -321,6 +334,8 @@ def _send(enqueue: Callable[[str], None], job_id: str) -> None:
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    if not _well_formed(job_id):
+        raise not_found("repair job", job_id)
     job = repositories.get_job(session, tenant.id, job_id)
     if job is None:
         raise not_found("repair job", job_id)
@@ -367,6 +382,8 @@ def succeeded_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 
 def get_artifact(session: Session, tenant: Tenant, job_id: str, name: str) -> Artifact:
     job = succeeded_job(session, tenant, job_id)
+    if len(name) > 255 or any(ord(c) < 32 for c in name):
+        raise not_found("artifact", name)
     artifact = repositories.get_artifact(session, job.id, name)
     if artifact is None:
         raise not_found("artifact", name)
