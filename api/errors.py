@@ -90,6 +90,7 @@ def install_error_handlers(app: FastAPI) -> None:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
+        400: "Malformed request body (code bad_request)",
         401: "Missing or invalid API key",
         404: "Not found (or owned by another tenant)",
         422: "Invalid request or input (see error.code)",
