@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -165,7 +166,10 @@ def strace_fuzz(world: World, workdir: Path) -> dict:
         statuses = [post(base=ref).status_code for ref in refs]
         end = time.time()
         time.sleep(0.5)  # let strace flush
-    print(f"strace: started in {control_start - began:.1f}s, fuzz took {end - start:.1f}s")
+    print(
+        f"strace: started in {control_start - began:.1f}s, fuzz took {end - start:.1f}s",
+        file=sys.stderr,
+    )
     roots = [str(world.models), str(data_dir.resolve()), *python_roots(), hub_cache()]
     records = server.records(start, end)
     control_records = server.records(control_start, control_end)
