@@ -3,9 +3,15 @@
 Notation: `w_base` = W_o, `w_ft` = W_s (both `out × in`), `columns` = F (restored input
 columns), T = the other columns, `hessian` = H = (2/N) Σ x xᵀ over the matrix's inputs.
 All math runs in float32 or wider; callers cast the result back to the stored dtype.
+
+Matrices that read the same input (q/k/v; gate/up) share one H: `prepare_hessian` damps it
+(and, for "paper", inverts it) once per group, and `repair_prepared` repairs each member
+with it — the same operations as `repair_matrix` on each matrix, so bit-identical results.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -41,14 +47,30 @@ def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
     return factor
 
 
-def compensate_paper(
-    w_base: torch.Tensor, w_ft: torch.Tensor, columns: torch.Tensor, hessian: torch.Tensor
-) -> torch.Tensor:
-    """Eq. 9-10: W[:, F] = W_o[:, F] + Σ_{k∈T} (δ[:, k] / H⁻¹[k,k]) · H⁻¹[k, F]."""
+def inverse_hessian(hessian: torch.Tensor) -> torch.Tensor:
+    """H⁻¹ through its Cholesky factor, in float32 or wider."""
     compute = torch.promote_types(hessian.dtype, torch.float32)
+    return torch.cholesky_inverse(_cholesky(hessian.to(compute)))
+
+
+def compensate_paper(
+    w_base: torch.Tensor,
+    w_ft: torch.Tensor,
+    columns: torch.Tensor,
+    hessian: torch.Tensor | None,
+    h_inv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eq. 9-10: W[:, F] = W_o[:, F] + Σ_{k∈T} (δ[:, k] / H⁻¹[k,k]) · H⁻¹[k, F].
+
+    `h_inv` = `inverse_hessian(hessian)` when the caller already has it (shared input).
+    """
+    if h_inv is None:
+        if hessian is None:
+            raise ValueError("compensate_paper needs the Hessian or its inverse")
+        h_inv = inverse_hessian(hessian)
+    compute = h_inv.dtype
     w_base, w_ft = w_base.to(compute), w_ft.to(compute)
     others = complement(columns, w_ft.shape[1])
-    h_inv = torch.cholesky_inverse(_cholesky(hessian.to(compute)))
     delta_t = w_ft[:, others] - w_base[:, others]
     scaled = delta_t / torch.diagonal(h_inv)[others]
     out = w_ft.clone()
@@ -74,6 +96,47 @@ def compensate_exact(
     return out
 
 
+MODES = ("paper", "exact", "none")
+
+
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What every matrix of one shared-input group needs: damped H, and H⁻¹ for "paper"."""
+
+    mode: str
+    damped: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+
+
+RESTORE_ONLY = PreparedHessian("none")
+
+
+def prepare_hessian(mode: str, hessian: torch.Tensor | None, damping: float) -> PreparedHessian:
+    """Damp (and for "paper" invert) a group's H once, for `repair_prepared`."""
+    if mode not in MODES:
+        raise ValueError(f"unknown compensation mode {mode!r}")
+    if mode == "none":
+        return PreparedHessian(mode)
+    if hessian is None:
+        raise ValueError(f"compensation={mode!r} needs a Hessian")
+    damped = damped_hessian(hessian, damping)
+    if mode == "paper":  # only H⁻¹ is used: the damped H is not kept
+        return PreparedHessian(mode, inverse=inverse_hessian(damped))
+    return PreparedHessian(mode, damped=damped)
+
+
+def repair_prepared(
+    prepared: PreparedHessian, w_base: torch.Tensor, w_ft: torch.Tensor, columns: torch.Tensor
+) -> torch.Tensor:
+    """Restore `columns` and compensate with a group's `prepare_hessian` result."""
+    if prepared.mode == "none" or columns.numel() == 0:
+        return restore(w_base, w_ft, columns)
+    if prepared.mode == "paper":
+        return compensate_paper(w_base, w_ft, columns, None, h_inv=prepared.inverse)
+    assert prepared.damped is not None
+    return compensate_exact(w_base, w_ft, columns, prepared.damped)
+
+
 def repair_matrix(
     mode: str,
     w_base: torch.Tensor,
@@ -83,13 +146,8 @@ def repair_matrix(
     damping: float,
 ) -> torch.Tensor:
     """Restore `columns` and compensate per `mode` ("paper", "exact" or "none")."""
+    if mode not in MODES:
+        raise ValueError(f"unknown compensation mode {mode!r}")
     if mode == "none" or columns.numel() == 0:
         return restore(w_base, w_ft, columns)
-    if hessian is None:
-        raise ValueError(f"compensation={mode!r} needs a Hessian")
-    h = damped_hessian(hessian, damping)
-    if mode == "paper":
-        return compensate_paper(w_base, w_ft, columns, h)
-    if mode == "exact":
-        return compensate_exact(w_base, w_ft, columns, h)
-    raise ValueError(f"unknown compensation mode {mode!r}")
+    return repair_prepared(prepare_hessian(mode, hessian, damping), w_base, w_ft, columns)

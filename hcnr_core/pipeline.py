@@ -15,6 +15,7 @@ import json
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,12 @@ from hcnr_core.checkpoint import (
     load_tokenizer,
     stored_dtype,
 )
-from hcnr_core.compensation import repair_matrix
+from hcnr_core.compensation import (
+    RESTORE_ONLY,
+    PreparedHessian,
+    prepare_hessian,
+    repair_prepared,
+)
 from hcnr_core.config import RepairConfig
 from hcnr_core.data import EncodedSample, Sample, encode_samples, load_jsonl
 from hcnr_core.errors import CheckpointError, HCNRError, RepairCancelled
@@ -320,17 +326,25 @@ class RepairPipeline:
             hessian_seconds += time.perf_counter() - started
             if chunk is None:
                 break
-            for module in chunk:
+            group = _shared_input_groups(chunk, hessians)
+            left = Counter(group)  # members of each shared-input group still to repair
+            prepared: dict[str, PreparedHessian] = {}
+            for module, leader in zip(chunk, group, strict=True):
                 weight = f"{module}.weight"
                 w_ft = ft_source.get(weight)
-                new = repair_matrix(
-                    cfg.compensation,
+                if leader not in prepared and columns[weight].numel():
+                    # damped H (and for "paper" H⁻¹) once per shared input, not per matrix
+                    hessian = hessians.hessian(module) if hessians else None
+                    prepared[leader] = prepare_hessian(cfg.compensation, hessian, cfg.damping)
+                new = repair_prepared(
+                    prepared.get(leader, RESTORE_ONLY),
                     base_source.get(weight).to(device),
                     w_ft.to(device),
                     columns[weight].to(device),
-                    hessians.hessian(module) if hessians else None,
-                    cfg.damping,
                 )
+                left[leader] -= 1
+                if not left[leader]:
+                    prepared.pop(leader, None)  # one group's H⁻¹ resident at a time
                 if not torch.isfinite(new).all():
                     raise HCNRError(f"{weight}: compensation produced non-finite values")
                 new = new.to(dtype=w_ft.dtype)
@@ -482,6 +496,13 @@ class RepairPipeline:
             report["stage_seconds"] = dict(self.stage_seconds)
             staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             staged.publish()
+
+
+def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> list[str]:
+    """Per module of `chunk`, the leader of its shared-input group (itself without H)."""
+    if hessians is None:
+        return list(chunk)
+    return [hessians.group_of.get(module, module) for module in chunk]
 
 
 def _release_memory() -> None:

@@ -11,7 +11,9 @@ from hcnr_core.compensation import (
     compensate_exact,
     compensate_paper,
     damped_hessian,
+    prepare_hessian,
     repair_matrix,
+    repair_prepared,
     restore,
 )
 from hcnr_core.data import encode_samples, load_jsonl
@@ -200,6 +202,40 @@ def test_repair_matrix_only_touches_restored_columns(mode):
         assert torch.equal(out[:, cols], w_base[:, cols])
     else:
         assert not torch.equal(out[:, cols], w_base[:, cols])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["paper", "exact", "none"])
+def test_shared_input_group_prepared_once_is_bit_identical(mode, dtype):
+    """q/k/v-like matrices (one input, one H, different shapes and columns): the H damped
+    and inverted once per group gives exactly what `repair_matrix` gives per matrix."""
+    _, _, _, h, _ = _problem(n_in=12, seed=4)
+    h = h.to(dtype)
+    g = torch.Generator().manual_seed(5)
+    prepared = prepare_hessian(mode, h, 0.01)
+    if mode == "paper":  # only H⁻¹ is kept, and it is H_damped⁻¹
+        assert prepared.damped is None
+        torch.testing.assert_close(
+            prepared.inverse @ damped_hessian(h, 0.01).to(prepared.inverse.dtype),
+            torch.eye(12, dtype=prepared.inverse.dtype),
+            rtol=0,
+            atol=1e-4 if dtype == torch.float32 else 1e-10,
+        )
+    for out, cols in ((12, [0, 3, 7]), (4, [1, 2, 10, 11]), (4, [5]), (6, [])):
+        w_base = torch.randn(out, 12, generator=g, dtype=dtype)
+        w_ft = w_base + 0.1 * torch.randn(out, 12, generator=g, dtype=dtype)
+        cols = torch.tensor(cols, dtype=torch.long)
+        expected = repair_matrix(mode, w_base, w_ft, cols, h, 0.01)
+        assert torch.equal(repair_prepared(prepared, w_base, w_ft, cols), expected)
+
+
+def test_prepare_hessian_rejects_bad_input():
+    _, _, _, h, _ = _problem()
+    with pytest.raises(ValueError, match="unknown compensation"):
+        prepare_hessian("obs", h, 0.01)
+    with pytest.raises(ValueError, match="needs a Hessian"):
+        prepare_hessian("paper", None, 0.01)
+    assert prepare_hessian("none", None, 0.01).inverse is None
 
 
 @pytest.mark.parametrize("mode", ["paper", "exact"])

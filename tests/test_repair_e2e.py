@@ -98,6 +98,37 @@ def test_hessian_budget_changes_passes_not_results(toy, tmp_path, compensation):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_shared_hessian_inverted_once_per_group_same_output(toy, tmp_path, monkeypatch, layerwise):
+    """Paper mode inverts each shared-input group's H once (q/k/v, gate/up), and gets the
+    same bits as inverting it for every matrix."""
+    import hcnr_core.compensation as compensation
+    import hcnr_core.pipeline as pipeline
+
+    calls: list[int] = []
+    inverse = compensation.inverse_hessian
+
+    def counted(hessian):
+        calls.append(hessian.shape[0])
+        return inverse(hessian)
+
+    monkeypatch.setattr(compensation, "inverse_hessian", counted)
+    # R_CW = 1: every matrix the adapter moved (q, v, up, down) is kept.
+    shared = repair(toy, tmp_path / "shared", layerwise=layerwise, r_cw=1.0)
+    n_shared = len(calls)
+    monkeypatch.setattr(pipeline, "_shared_input_groups", lambda chunk, _h: list(chunk))
+    calls.clear()
+    repair(toy, tmp_path / "per-matrix", layerwise=layerwise, r_cw=1.0)
+    names = [m["name"] for m in shared["selected_matrices"]]
+    inputs = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "up_proj": "mlp"}
+    inputs["gate_proj"] = "mlp"
+    groups = {(n.split(".")[2], inputs.get(n.split(".")[-2], n)) for n in names}
+    assert len(calls) == len(names) == 8  # per matrix: 2 layers x {q, v, up, down}
+    assert n_shared == len(groups) == 6  # per group: 2 layers x {q+v, up, down}
+    a, b = tensors(tmp_path / "shared"), tensors(tmp_path / "per-matrix")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_same_seed_gives_identical_output(toy, tmp_path):
     for run in ("one", "two"):
         repair(toy, tmp_path / run, seed=7, selection="random")
