@@ -301,14 +301,26 @@ class Cluster:
         for worker in self.workers:
             procs.stop(worker.process)
 
-    def running_job(self, ids: list[str]) -> Any | None:
-        """A job of `ids` running on a live worker and past its first progress step."""
+    def running_job(self, ids: list[str], progressing: bool = True) -> Any | None:
+        """A job of `ids` running on a live worker (and past its first progress step)."""
         for row in self.jobs(ids).values():
-            if row.status != "running" or not row.worker_id or row.progress <= 0:
+            if row.status != "running" or not row.worker_id:
+                continue
+            if progressing and row.progress <= 0:
                 continue
             if int(row.worker_id.rsplit(":", 1)[1]) not in self.dead_pids:
                 return row
         return None
+
+    def diagnose(self, ids: list[str]) -> str:
+        """For assertion messages: the jobs' states and the last worker's log tail."""
+        rows = self.jobs(ids)
+        states = {i: (r.status, r.attempts, r.progress, r.worker_id) for i, r in rows.items()}
+        tail = ""
+        if self.workers:
+            lines = self.workers[-1].log.read_text(errors="replace").splitlines()
+            tail = "\n".join(line for line in lines[-40:] if "it/s]" not in line)
+        return f"jobs: {states}\nredis queue: {self.redis.queue_length()}\nworker log:\n{tail}"
 
     # --- storage ---------------------------------------------------------------------------
 

@@ -111,6 +111,25 @@ async def _run(
         return tally, time.monotonic() - started
 
 
+def _retire(cluster: Cluster, tenants: list[str]) -> None:
+    """No worker ran during the load: cancel its queued jobs and drop their messages, so
+    that a worker started later on this cluster does not repair hundreds of them."""
+    import redis
+    from sqlalchemy import select, update
+
+    from store.models import Job, Tenant
+
+    with cluster.session_factory() as session:
+        owners = select(Tenant.id).where(Tenant.name.in_(tenants))
+        session.execute(
+            update(Job)
+            .where(Job.tenant_id.in_(owners), Job.status == "queued")
+            .values(status="cancelled")
+        )
+        session.commit()
+    redis.Redis.from_url(cluster.redis.url).delete("hcnr")
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
@@ -125,7 +144,8 @@ def load(
     tenants: int = 10,
     inputs: Inputs | None = None,
 ) -> dict[str, Any]:
-    """Run the load with no worker consuming (jobs stay queued); returns the figures."""
+    """Run the load with no worker consuming (jobs stay queued, then are cancelled and
+    their messages dropped); returns the figures."""
     from sqlalchemy import func, select
 
     from store.models import Job, Tenant
@@ -138,6 +158,7 @@ def load(
         rows = session.scalar(
             select(func.count()).select_from(Job).join(Tenant).where(Tenant.name.in_(names))
         )
+    _retire(cluster, names)
     requests = sum(len(v) for v in tally.latencies.values()) + sum(tally.errors.values())
     routes = {}
     for route in ROUTES:

@@ -78,17 +78,25 @@ def kill_storm(
     started = time.monotonic()
     ids = submit(client, cluster.inputs, files, reference["jobs"])
     kills: list[dict[str, Any]] = []
+
+    def running_or_done() -> Any:
+        if all(
+            row.status in ("succeeded", "failed", "cancelled") for row in cluster.jobs(ids).values()
+        ):
+            return "done"
+        return cluster.running_job(ids)
+
     try:
         for _ in range(n_kills):
-            if poll(lambda: cluster.running_job(ids), timeout) is None:
+            if poll(running_or_done, timeout) in (None, "done"):
                 break  # everything finished: no moment left to kill in
             time.sleep(rng.uniform(0.1, 1.0) * job_seconds)  # somewhere inside a job
-            victim = cluster.running_job(ids)
+            victim = cluster.running_job(ids, progressing=False)
             progress = victim.progress if victim is not None else None
             killed_at = cluster.kill_worker(worker)
             worker = cluster.start_worker()  # the supervisor's restart
-            back = poll(lambda: cluster.running_job(ids), timeout)
-            recovered = time.monotonic() - killed_at if back is not None else None
+            back = poll(running_or_done, timeout)
+            recovered = time.monotonic() - killed_at if back not in (None, "done") else None
             again = None
             if victim is not None:
                 victim_id = victim.id
@@ -179,7 +187,7 @@ def restarts(cluster: Cluster, n_jobs: int, timeout: float) -> dict[str, Any]:
     try:
         ids = submit(client, cluster.inputs, files, n_jobs)
         started = time.monotonic()
-        assert poll(lambda: cluster.running_job(ids), timeout) is not None, "nothing ran"
+        assert poll(lambda: cluster.running_job(ids), timeout) is not None, cluster.diagnose(ids)
         queued_before = cluster.redis.queue_length()
         cluster.redis.kill()
         down_at = time.monotonic()
@@ -189,7 +197,7 @@ def restarts(cluster: Cluster, n_jobs: int, timeout: float) -> dict[str, Any]:
         cluster.redis.start()
         broker_down = round(time.monotonic() - down_at, 2)
         queued_after = cluster.redis.queue_length()
-        assert poll(lambda: cluster.running_job(ids), timeout) is not None, "nothing ran"
+        assert poll(lambda: cluster.running_job(ids), timeout) is not None, cluster.diagnose(ids)
         cluster.api.kill()
         api_down_at = time.monotonic()
         cluster.api.start()
