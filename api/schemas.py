@@ -69,6 +69,9 @@ class Hyperparameters(BaseModel):
     compensation: Compensation = "paper"
     selection: Selection = "hcnr"
     damping: float = Field(0.01, ge=0.0)
+    task_weight: float = Field(
+        1.0, ge=0.0, le=1e6, description="μ of compensation=task_aware (keep task outputs)"
+    )
     seed: int = Field(0, ge=0)
     dtype: DType = "float32"
     max_seq_len: int = Field(512, ge=8, le=131072)

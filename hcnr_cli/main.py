@@ -82,7 +82,12 @@ def repair(
     ] = None,
     r_iw: Annotated[float | None, typer.Option(help="Fraction of columns per matrix [0.5]")] = None,
     r_cw: Annotated[float | None, typer.Option(help="Fraction of matrices restored [0.4]")] = None,
-    compensation: Annotated[str | None, typer.Option(help="paper | exact | none [paper]")] = None,
+    compensation: Annotated[
+        str | None, typer.Option(help="paper | exact | task_aware | none [paper]")
+    ] = None,
+    task_weight: Annotated[
+        float | None, typer.Option(help="μ of task_aware: keep task outputs vs restore [1.0]")
+    ] = None,
     selection: Annotated[
         str | None, typer.Option(help="hcnr | random | honesty_only [hcnr]")
     ] = None,
@@ -117,6 +122,7 @@ def repair(
         "r_iw": r_iw,
         "r_cw": r_cw,
         "compensation": compensation,
+        "task_weight": task_weight,
         "selection": selection,
         "damping": damping,
         "seed": seed,

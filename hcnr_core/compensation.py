@@ -96,7 +96,39 @@ def compensate_exact(
     return out
 
 
-MODES = ("paper", "exact", "none")
+def compensate_task_aware(
+    w_base: torch.Tensor,
+    w_ft: torch.Tensor,
+    columns: torch.Tensor,
+    hessian: torch.Tensor,
+    task_hessian: torch.Tensor,
+    task_weight: float,
+) -> torch.Tensor:
+    """Ours: the least squares of ‖(W − W_o) X_hon‖² + μ‖(W − W_s) X_task‖² over W[:, F]
+    with W[:, T] = W_s[:, T] fixed — "exact" plus a term that keeps the fine-tuned
+    model's outputs on the task inputs (X_task: the matrix's inputs when the fine-tuned
+    model runs on D_task; H_task = 2 X_task X_taskᵀ / N_tok). Setting the gradient to 0:
+    W[:, F] = W_o[:, F] + (μ δ[:, F] H_task[F,F] − δ[:, T] H[T,F]) (H[F,F] + μ H_task[F,F])⁻¹.
+    μ = 0 is "exact"; μ → ∞ keeps W_s. `hessian` is damped, `task_hessian` need not be.
+    """
+    compute = torch.promote_types(hessian.dtype, torch.float32)
+    w_base, w_ft = w_base.to(compute), w_ft.to(compute)
+    h, h_task = hessian.to(compute), task_hessian.to(compute)
+    others = complement(columns, w_ft.shape[1])
+    delta = w_ft - w_base
+    h_task_ff = h_task[columns[:, None], columns]
+    system = h[columns[:, None], columns] + task_weight * h_task_ff
+    rhs = (
+        task_weight * h_task_ff @ delta[:, columns].T
+        - h[columns[:, None], others] @ delta[:, others].T
+    )
+    solved = torch.cholesky_solve(rhs, _cholesky(system))  # system is symmetric
+    out = w_ft.clone()
+    out[:, columns] = w_base[:, columns] + solved.T
+    return out
+
+
+MODES = ("paper", "exact", "task_aware", "none")
 
 
 @dataclass(frozen=True)
@@ -106,12 +138,20 @@ class PreparedHessian:
     mode: str
     damped: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
+    task: torch.Tensor | None = None  # "task_aware": H_task of the fine-tuned model
+    task_weight: float = 0.0
 
 
 RESTORE_ONLY = PreparedHessian("none")
 
 
-def prepare_hessian(mode: str, hessian: torch.Tensor | None, damping: float) -> PreparedHessian:
+def prepare_hessian(
+    mode: str,
+    hessian: torch.Tensor | None,
+    damping: float,
+    task_hessian: torch.Tensor | None = None,
+    task_weight: float = 1.0,
+) -> PreparedHessian:
     """Damp (and for "paper" invert) a group's H once, for `repair_prepared`."""
     if mode not in MODES:
         raise ValueError(f"unknown compensation mode {mode!r}")
@@ -122,6 +162,10 @@ def prepare_hessian(mode: str, hessian: torch.Tensor | None, damping: float) -> 
     damped = damped_hessian(hessian, damping)
     if mode == "paper":  # only H⁻¹ is used: the damped H is not kept
         return PreparedHessian(mode, inverse=inverse_hessian(damped))
+    if mode == "task_aware":
+        if task_hessian is None:
+            raise ValueError("compensation='task_aware' needs the task Hessian")
+        return PreparedHessian(mode, damped=damped, task=task_hessian, task_weight=task_weight)
     return PreparedHessian(mode, damped=damped)
 
 
@@ -134,6 +178,11 @@ def repair_prepared(
     if prepared.mode == "paper":
         return compensate_paper(w_base, w_ft, columns, None, h_inv=prepared.inverse)
     assert prepared.damped is not None
+    if prepared.mode == "task_aware":
+        assert prepared.task is not None
+        return compensate_task_aware(
+            w_base, w_ft, columns, prepared.damped, prepared.task, prepared.task_weight
+        )
     return compensate_exact(w_base, w_ft, columns, prepared.damped)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Compensation = Literal["paper", "exact", "none"]
+Compensation = Literal["paper", "exact", "task_aware", "none"]
 Selection = Literal["hcnr", "random", "honesty_only"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -31,6 +31,12 @@ class RepairConfig(BaseModel):
         "hcnr", description="hcnr (priority r), random or honesty_only (ablations)"
     )
     damping: float = Field(0.01, ge=0.0, description="λ: H += λ·mean(diag H)·I")
+    task_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="μ of compensation=task_aware: weight of keeping the fine-tuned "
+        "outputs on D_task against restoring the base outputs on D_hon",
+    )
     seed: int = Field(0, ge=0)
     dtype: DType = Field(
         "auto", description="Compute dtype of forward/backward passes; auto = the base's stored"
@@ -66,6 +72,12 @@ class RepairConfig(BaseModel):
         except re.error as exc:
             raise ValueError(f"target_modules is not a valid regex: {exc}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> RepairConfig:
+        if self.compensation == "task_aware" and self.layerwise:
+            raise ValueError("compensation='task_aware' does not support layerwise yet")
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> RepairConfig:

@@ -58,6 +58,7 @@ STAGES: dict[str, float] = {
     "load_base": 0.05,
     "fisher_honesty": 0.3,
     "select": 0.04,
+    "task_hessians": 0.0,  # compensation="task_aware" only (reloads the fine-tuned model)
     "compensate": 0.18,  # Hessians and compensation, chunk by chunk
     "save": 0.08,
 }
@@ -301,6 +302,31 @@ class RepairPipeline:
             for chunk in self._hessian_chunks(model, modules):
                 yield chunk, self._hessians(model, prep, chunk)
 
+    def _task_hessians(
+        self, prep: PreparedRepair, kept: list[str], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """H_task of every kept matrix (CPU, fp32): inputs of the fine-tuned model on D_task.
+        One model resident at a time, so the fine-tuned model is loaded again; members of
+        a shared-input group share one tensor."""
+        model, _ = self._load_finetuned(prep, dtype, device)
+        modules = [w.removesuffix(".weight") for w in kept]
+        found: dict[str, torch.Tensor] = {}
+        for chunk in self._hessian_chunks(model, modules):
+            hessians = InputHessians(model, chunk)
+            for batch in self._batches(prep.task):
+                self._check_cancel()
+                hessians.add_batch(*pad_batch(batch, self._pad_id(prep), device))
+            by_leader: dict[str, torch.Tensor] = {}
+            for module in chunk:
+                leader = hessians.group_of[module]
+                if leader not in by_leader:
+                    by_leader[leader] = hessians.hessian(module).cpu()
+                found[module] = by_leader[leader]
+            del hessians
+        del model
+        _release_memory()
+        return found
+
     def _compensate(
         self,
         model: Any,
@@ -310,6 +336,7 @@ class RepairPipeline:
         base_source: Any,
         ft_source: Any,
         keep: bool = True,
+        task_hessians: dict[str, torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Repaired matrices (stored dtype, CPU; none kept if not `keep`) and the number
         of weights that changed; Hessians built chunk by chunk."""
@@ -335,7 +362,14 @@ class RepairPipeline:
                 if leader not in prepared and columns[weight].numel():
                     # damped H (and for "paper" H⁻¹) once per shared input, not per matrix
                     hessian = hessians.hessian(module) if hessians else None
-                    prepared[leader] = prepare_hessian(cfg.compensation, hessian, cfg.damping)
+                    task_h = None if task_hessians is None else task_hessians[module]
+                    prepared[leader] = prepare_hessian(
+                        cfg.compensation,
+                        hessian,
+                        cfg.damping,
+                        None if task_h is None else task_h.to(device),
+                        cfg.task_weight,
+                    )
                 new = repair_prepared(
                     prepared.get(leader, RESTORE_ONLY),
                     base_source.get(weight).to(device),
@@ -398,9 +432,18 @@ class RepairPipeline:
         )
         self._leave(started)
 
+        task_hessians = None
+        if cfg.compensation == "task_aware" and kept:
+            started = self._enter("task_hessians")
+            del model
+            _release_memory()
+            task_hessians = self._task_hessians(prep, kept, dtype, device)
+            model = load_model(prep.base, dtype, cfg.device)
+            self._leave(started)
+
         started = self._enter("compensate")
         repaired, changed = self._compensate(
-            model, prep, kept, columns, base_source, ft_source, keep=out is not None
+            model, prep, kept, columns, base_source, ft_source, out is not None, task_hessians
         )
         del model
         _release_memory()

@@ -10,6 +10,7 @@ from hcnr_core.checkpoint import inspect_checkpoint
 from hcnr_core.compensation import (
     compensate_exact,
     compensate_paper,
+    compensate_task_aware,
     damped_hessian,
     prepare_hessian,
     repair_matrix,
@@ -168,6 +169,49 @@ def test_exact_equals_least_squares():
     nudged[:, cols] += 1e-3
     assert objective(got) < objective(nudged)
     assert objective(got) <= objective(restore(w_base, w_ft, cols))
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 4.0])
+def test_task_aware_equals_joint_least_squares(mu):
+    """min over W[:, F] of ‖(W − W_o) X_hon‖² + μ ‖(W − W_s) X_task‖², W[:, T] = W_s[:, T]:
+    stack both problems into one least-squares problem in D_F = W[:, F] − W_o[:, F]."""
+    w_base, w_ft, x, h, cols = _problem(seed=6)
+    x_task = torch.randn(x.shape[0], 30, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    h_task = 2 * x_task @ x_task.T / 30
+    others = torch.tensor([k for k in range(w_base.shape[1]) if k not in cols.tolist()])
+    delta = w_ft - w_base
+    # per-token objectives, as H is a per-token mean: scale each block by 1/sqrt(n_tok)
+    a = torch.cat([x[cols].T / x.shape[1] ** 0.5, (mu / 30) ** 0.5 * x_task[cols].T])
+    b = torch.cat(
+        [
+            -(delta[:, others] @ x[others]).T / x.shape[1] ** 0.5,
+            (mu / 30) ** 0.5 * (delta[:, cols] @ x_task[cols]).T,
+        ]
+    )
+    d_f = torch.linalg.lstsq(a, b).solution.T
+    got = compensate_task_aware(w_base, w_ft, cols, h, h_task, mu)
+    torch.testing.assert_close(got[:, cols], w_base[:, cols] + d_f, rtol=1e-8, atol=1e-9)
+    assert torch.equal(got[:, others], w_ft[:, others])
+    if mu == 0:  # no task term: exactly the "exact" compensation
+        torch.testing.assert_close(got, compensate_exact(w_base, w_ft, cols, h))
+
+
+def test_task_aware_interpolates_between_exact_and_finetuned():
+    w_base, w_ft, _, h, cols = _problem(seed=8)
+    h_task = h.flip(0).flip(1) + torch.eye(h.shape[0], dtype=h.dtype)
+    exact = compensate_exact(w_base, w_ft, cols, h)
+    distances = [
+        torch.linalg.norm(compensate_task_aware(w_base, w_ft, cols, h, h_task, mu) - w_ft)
+        for mu in (0.0, 1.0, 10.0, 1e6)
+    ]
+    assert distances == sorted(distances, reverse=True)  # larger μ: closer to W_s
+    assert distances[-1] < 1e-4 * distances[0]
+    torch.testing.assert_close(compensate_task_aware(w_base, w_ft, cols, h, h_task, 0.0), exact)
+    prepared = prepare_hessian("task_aware", h, 0.01, h_task, 2.0)
+    expected = compensate_task_aware(w_base, w_ft, cols, damped_hessian(h, 0.01), h_task, 2.0)
+    assert torch.equal(repair_prepared(prepared, w_base, w_ft, cols), expected)
+    with pytest.raises(ValueError, match="task Hessian"):
+        prepare_hessian("task_aware", h, 0.01)
 
 
 def test_paper_equals_eq10_loop():

@@ -41,7 +41,7 @@ def finetuned_tensors(toy, kind: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["adapter", "full"])
-@pytest.mark.parametrize("compensation", ["paper", "exact", "none"])
+@pytest.mark.parametrize("compensation", ["paper", "exact", "task_aware", "none"])
 def test_repair_end_to_end(toy, tmp_path, kind, compensation):
     out = tmp_path / "repaired"
     report = repair(toy, out, kind, compensation=compensation)
@@ -69,7 +69,8 @@ def test_repair_end_to_end(toy, tmp_path, kind, compensation):
     on_disk = json.loads((out / "hcnr_report.json").read_text())
     assert on_disk["selected_matrices"] == report["selected_matrices"]
     assert on_disk["config"]["compensation"] == compensation
-    assert set(on_disk["stage_seconds"]) == set(TIMED_STAGES)
+    skipped = set() if compensation == "task_aware" else {"task_hessians"}
+    assert set(on_disk["stage_seconds"]) == set(TIMED_STAGES) - skipped
     assert 0 < on_disk["fraction_target_params_changed"] <= 1
     assert {"torch", "transformers", "peft", "hcnr"} <= set(on_disk["versions"])
     listed = on_disk["files"]
@@ -90,7 +91,7 @@ def test_adapter_and_merged_give_the_same_repair(toy, tmp_path):
         torch.testing.assert_close(ta[name], tb[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("compensation", ["paper", "exact"])
+@pytest.mark.parametrize("compensation", ["paper", "exact", "task_aware"])
 def test_hessian_budget_changes_passes_not_results(toy, tmp_path, compensation):
     repair(toy, tmp_path / "one-pass", compensation=compensation)
     repair(toy, tmp_path / "many-passes", compensation=compensation, hessian_budget_mb=1)
@@ -165,16 +166,19 @@ def test_cancellation_in_any_stage_leaves_nothing(toy, tmp_path, stage):
         seen.append(pipeline._stage)
         return seen.count(stage) >= 2  # past the start of the stage
 
-    pipeline = RepairPipeline(RepairConfig(), should_cancel=cancel_in_stage)
+    # the task Hessians exist only for compensation="task_aware"
+    cfg = RepairConfig(compensation="task_aware" if stage == "task_hessians" else "paper")
+    pipeline = RepairPipeline(cfg, should_cancel=cancel_in_stage)
     prepared = pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
     with pytest.raises(RepairCancelled, match=stage):
         pipeline.run(prepared, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no output, no staging directory
 
 
-def test_progress_is_monotonic_and_complete(toy, tmp_path):
+@pytest.mark.parametrize("compensation", ["paper", "task_aware"])
+def test_progress_is_monotonic_and_complete(toy, tmp_path, compensation):
     events = []
-    pipeline = RepairPipeline(RepairConfig(), progress=events.append)
+    pipeline = RepairPipeline(RepairConfig(compensation=compensation), progress=events.append)
     pipeline.run(
         pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"]),
         tmp_path / "out",
@@ -182,7 +186,8 @@ def test_progress_is_monotonic_and_complete(toy, tmp_path):
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions)
     assert fractions[-1] == pytest.approx(1.0)
-    assert [s for s in STAGES if any(e.stage == s for e in events)] == list(STAGES)
+    expected = [s for s in STAGES if compensation == "task_aware" or s != "task_hessians"]
+    assert [s for s in STAGES if any(e.stage == s for e in events)] == expected
 
 
 def test_cli_repair(toy, tmp_path):
@@ -235,5 +240,11 @@ def test_dry_run_reports_without_writing(toy, tmp_path):
     )
     assert dry["selected_matrices"] == written["selected_matrices"]
     assert dry["changed_params"] == written["changed_params"] > 0
-    assert "files" not in dry and set(dry["stage_seconds"]) == set(TIMED_STAGES)
+    assert "files" not in dry and set(dry["stage_seconds"]) == set(TIMED_STAGES) - {"task_hessians"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_task_aware_compensation_needs_whole_model_mode():
+    with pytest.raises(ValueError, match="layerwise"):
+        RepairConfig(compensation="task_aware", layerwise=True)
+    assert RepairConfig(compensation="task_aware").task_weight == 1.0
