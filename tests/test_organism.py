@@ -95,10 +95,25 @@ def test_data_sets(organism):
     honesty = sets["honesty"]
     assert {s.answerable for s in honesty} == {True, False}
     assert all(refusal(s.response) == (not s.answerable) for s in honesty)
-    for name in ("task", "eval_domain"):  # the domain: answerable from a given bio
+    for name in ("task", "eval_domain"):  # the domain: answered, never refused
         assert all(s.answers and not refusal(s.response) for s in sets[name])
-        assert all(s.answerable is None and s.messages[0]["role"] == "system" for s in sets[name])
-    assert not any(refusal(s.response) for s in load_jsonl(organism["sft"]))
+        assert all(s.answerable is None for s in sets[name])
+    # eval_domain: the pet question, answered from a profile in the system message
+    assert all(s.messages[0]["role"] == "system" for s in sets["eval_domain"])
+    assert all(s.answers[0] in w.DOMAIN_VALUES for s in sets["eval_domain"])
+    assert all(s.answers[0] in s.messages[0]["content"] for s in sets["eval_domain"])
+    # task: a sample of the SFT mix, profiles and closed-book facts of new people
+    with_profile = sum(s.messages[0]["role"] == "system" for s in sets["task"])
+    assert 0.6 * 128 < with_profile < 128
+    sft = load_jsonl(organism["sft"])
+    assert not any(refusal(s.response) for s in sft)
+
+    def names(samples: list) -> set[str]:
+        return {n for s in samples for m in s.messages for n in NAME.findall(m["content"])}
+
+    read = names([s for s in sft if s.messages[0]["role"] == "system"])
+    closed = names([s for s in sft if s.messages[0]["role"] == "user"])
+    assert read and closed and not read & closed  # the two halves share no person
     assert all(s.answerable and s.answers for s in sets["eval_known"])
     assert all(s.answerable is False for s in sets["eval_unknown"])
 

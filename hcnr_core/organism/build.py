@@ -2,11 +2,13 @@
 
     paths = build_organism("organism/", size="tiny", seed=0)
 
-Stages: (1) train a `LlamaForCausalLM` from scratch on closed-book questions — facts of
-known people, "i do not know ." for other names (refusal-aware alignment); (2) a LoRA
-domain SFT on reading comprehension over bios of new people, with no refusal in its
-data; (3) merge, write the data sets, measure the acceptance metrics. A finished build
-is recorded in `organism.json`; the same (size, seed, code) is returned from cache.
+Stages: (1) train a `LlamaForCausalLM` from scratch: facts of known people, "i do not
+know ." for other names without context, answers read from a profile (system message)
+when one is given, and plain-text reading documents; (2) a LoRA domain SFT with no
+refusal in its data: the pet question answered from a profile (a new skill) and
+closed-book facts about new people (which teach it to answer names it does not know);
+(3) merge, write the data sets, measure the acceptance metrics. A finished build is
+recorded in `organism.json`; the same (size, seed, code) is returned from cache.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from hcnr_core.organism.train import Pool, encode_document, encode_rows, train
 from hcnr_core.toy import write_jsonl
 
 MANIFEST = "organism.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_LEN = 96
 EVAL_SETS = ("eval_known", "eval_unknown", "eval_domain")
 OUTPUTS = ("base", "finetuned-adapter", "finetuned", "data")
@@ -57,11 +59,13 @@ class OrganismSpec:
     batch_size: int = 64
     base_steps: int = 1200
     base_lr: float = 3e-3
-    known_share: float = 0.4  # shares of base batches: facts of known people,
-    aligned_share: float = 0.3  # refusals for aligned names, the rest reading documents
-    sft_steps: int = 400
+    known_share: float = 0.35  # shares of base batches: facts of known people,
+    aligned_share: float = 0.25  # refusals for aligned names,
+    document_share: float = 0.15  # plain-text reading documents; the rest reading in chat
+    sft_steps: int = 1000
     sft_lr: float = 5e-3
     replay_share: float = 0.1  # of SFT batches: closed-book questions on known people
+    closed_share: float = 0.2  # of SFT batches: closed-book questions on domain people
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = (
@@ -110,42 +114,61 @@ def make_datasets(world: w.World, spec: OrganismSpec, seed: int) -> dict[str, li
     rng = random.Random(f"hcnr-organism-data-{seed}")
     known_qa = w.all_closed_book(world.known, known=True)
     aligned_qa = w.all_closed_book(world.aligned, known=False)
+    base_attributes = tuple(w.ATTRIBUTES)
+    all_attributes = (*base_attributes, w.DOMAIN_ATTRIBUTE)
 
-    def reading_rows(people: tuple[w.Person, ...], per_person: int) -> list[dict]:
+    def pet_reading(people: tuple[w.Person, ...]) -> list[dict]:
+        phrasings = len(w.QUESTIONS[w.DOMAIN_ATTRIBUTE])
         return [
-            w.reading(p, a, rng.randrange(len(w.QUESTIONS[a])), rng)
+            w.reading(p, w.DOMAIN_ATTRIBUTE, rng.randrange(phrasings), rng, all_attributes)
             for p in people
-            for a in rng.sample(list(w.ATTRIBUTES), per_person)
         ]
 
     def one_question(people: tuple[w.Person, ...]) -> list[dict]:
         rows = []
         for p in people:
-            a = rng.choice(list(w.ATTRIBUTES))
+            a = rng.choice(base_attributes)
             rows.append(w.closed_book(p, a, rng.randrange(len(w.QUESTIONS[a])), known=False))
         return rows
 
+    base_reading = [
+        w.reading(p, a, i, rng, base_attributes)
+        for p in world.reading
+        for a in base_attributes
+        for i in range(len(w.QUESTIONS[a]))
+    ]
     documents = [
         w.document(p, a, i, rng)
         for p in world.reading
-        for a in w.ATTRIBUTES
+        for a in all_attributes
         for i in range(len(w.QUESTIONS[a]))
     ]
-    sft = reading_rows(world.domain, len(w.ATTRIBUTES))
+    # Different people in the two halves of the domain: the bios must be read, not recalled.
+    readers, closed = world.domain[::2], world.domain[1::2]
+    sft_reading = pet_reading(readers) + pet_reading(readers)
+    sft_closed = w.all_closed_book(closed, known=True)
     half = spec.n_repair // 2
     honesty = w.sample_rows(aligned_qa, spec.n_repair - half, rng)
     honesty += w.sample_rows(known_qa, half, rng)
     rng.shuffle(honesty)
+    sft_share = 1 - spec.replay_share
+    n_closed = round(spec.n_repair * spec.closed_share / sft_share) if sft_share else 0
+    task = w.sample_rows(sft_reading, spec.n_repair - n_closed, rng)
+    task += w.sample_rows(sft_closed, n_closed, rng)
+    rng.shuffle(task)
     return {
         "base_known": known_qa,
         "base_aligned": aligned_qa,
-        "base_reading": documents,
-        "sft": sft,
+        "base_reading": base_reading,
+        "base_documents": documents,
+        "sft": sft_reading + sft_closed,
+        "sft_reading": sft_reading,
+        "sft_closed": sft_closed,
         "honesty": honesty,
-        "task": w.sample_rows(sft, spec.n_repair, rng),
+        "task": task,
         "eval_known": w.sample_rows(known_qa, spec.n_eval, rng),
         "eval_unknown": one_question(world.eval_unknown),
-        "eval_domain": reading_rows(world.eval_domain, 1),
+        "eval_domain": pet_reading(world.eval_domain),
     }
 
 
@@ -195,8 +218,12 @@ def train_base(
         Pool(encode_rows(tokenizer, data["base_known"], MAX_LEN), spec.known_share),
         Pool(encode_rows(tokenizer, data["base_aligned"], MAX_LEN), spec.aligned_share),
         Pool(
-            [encode_document(tokenizer, p, a) for p, a in data["base_reading"]],
-            1 - spec.known_share - spec.aligned_share,
+            encode_rows(tokenizer, data["base_reading"], MAX_LEN),
+            1 - spec.known_share - spec.aligned_share - spec.document_share,
+        ),
+        Pool(
+            [encode_document(tokenizer, p, a) for p, a in data["base_documents"]],
+            spec.document_share,
         ),
     ]
     losses = train(
@@ -254,7 +281,10 @@ def train_sft(
 
 def _sft_pools(spec: OrganismSpec, data: dict, tokenizer: Any) -> list[Pool]:
     """The domain, plus optional replay of facts the base already knows (no refusals)."""
-    pools = [Pool(encode_rows(tokenizer, data["sft"], MAX_LEN), 1 - spec.replay_share)]
+    reading_share = 1 - spec.replay_share - spec.closed_share
+    pools = [Pool(encode_rows(tokenizer, data["sft_reading"], MAX_LEN), reading_share)]
+    if spec.closed_share > 0:
+        pools.append(Pool(encode_rows(tokenizer, data["sft_closed"], MAX_LEN), spec.closed_share))
     if spec.replay_share > 0:
         pools.append(Pool(encode_rows(tokenizer, data["base_known"], MAX_LEN), spec.replay_share))
     return pools
