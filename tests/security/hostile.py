@@ -642,15 +642,24 @@ _LINE = re.compile(r"^(\d+)\s+(\d+\.\d+)\s+(\w+)\((.*)$")
 _PATH = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
+_STRACE_FLAGS: list[str] = []
+
+
 def strace_available() -> str | None:
-    """None when `strace -f` works here; otherwise why not."""
+    """None when `strace -f` works here; otherwise why not. Uses `--seccomp-bpf` (only the
+    traced calls stop the process) where this strace supports it."""
     binary = shutil.which("strace")
     if binary is None:
         return "strace is not installed (apt-get install strace)"
-    probe = subprocess.run([binary, "-f", "-qq", "-e", "trace=openat", "true"], capture_output=True)
-    if probe.returncode != 0:
-        return f"strace cannot trace here: {probe.stderr.decode(errors='replace')[:200]}"
-    return None
+    error = ""
+    for flags in (["--seccomp-bpf"], []):
+        command = [binary, "-f", "-qq", *flags, "-e", "trace=openat", "true"]
+        probe = subprocess.run(command, capture_output=True)
+        if probe.returncode == 0:
+            _STRACE_FLAGS[:] = flags
+            return None
+        error = probe.stderr.decode(errors="replace")[:200]
+    return f"strace cannot trace here: {error}"
 
 
 def _unescape(text: str) -> str:
@@ -721,7 +730,7 @@ def strace_server(env: dict[str, str], workdir: Path) -> Iterator[TracedServer]:
         "-ttt",
         "-qq",
         "-x",
-        "--seccomp-bpf",
+        *_STRACE_FLAGS,
         "-e",
         f"trace={STRACE_SYSCALLS}",
         "-e",
