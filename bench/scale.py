@@ -11,6 +11,35 @@ in a fresh subprocess (so peak memory is that of one repair) and records seconds
 stage, peak CPU RSS, peak GPU memory and Fisher tokens/s. Results accumulate in
 bench/results/scale.json (keyed by machine, device and size); scale.md and scale.png are
 regenerated from all of them.
+
+    .venv/bin/python bench/scale.py --sizes llama-20m llama-64m --dtype float32 --baselines
+
+`--baselines` also trains the two baselines of `hcnr_core.baselines` on the same
+checkpoints (base + the same LoRA fine-tune) and the same 128 honesty samples, each in
+its own fresh subprocess right after HCNR's, on the same device, dtype and thread count
+(`--threads`, default all cores, for every method), and adds a "HCNR vs baselines" table
+with wall and CPU seconds, stages, peak RSS and the parameters each method changes.
+The baselines run with the settings `hcnr baseline rait|dpo` ships (`--baseline-schedule
+steps:60`, the default) and with 3 epochs (`epochs:3`):
+
+- LoRA r 8, alpha 16, on all 7 decoder linears; AdamW, batch 16 (DPO: 16 pairs = 32
+  sequences), lr 1e-3 (DPO 2e-3, beta 0.1, + the chosen responses' NLL, i.e. RPO with
+  alpha 1), 10% warm-up; DPO first generates the fine-tune's greedy answer (32 new tokens)
+  to every unanswerable prompt as the rejected response and scores the frozen reference.
+- steps:60 = 960 samples seen = 7.5 epochs of the 128. These are the defaults of
+  `hcnr baseline`, and the settings that actually moved the organism (README: refusal on
+  unknown questions 0 -> 0.70 with RAIT, 0 -> 0.55 with DPO); a user repairing a model
+  would run them, not a number of steps picked for this benchmark.
+- epochs:3 = 24 steps: the usual LoRA fine-tuning recipe (e.g. `num_train_epochs=3`, the
+  transformers/TRL default), a lower bound on what a user would run (whether 24 steps
+  repair the organism has not been measured; 60 do).
+
+Both are small next to the paper's Table 2 baselines, which train on thousands of
+samples for several epochs; with 128 samples the comparison is conservative for HCNR.
+The synthetic honesty set carries `answerable` (even lines answerable with their random
+answer; odd lines unanswerable with a fixed 15-word "refusal" of vocabulary words, the
+same 16 response tokens as before), so every HCNR run still sees 128 + 128 samples of 48
++ 16 tokens; only the honesty responses' words differ from the data before that change.
 """
 
 from __future__ import annotations
@@ -150,13 +179,31 @@ def _write_random_adapter(config: Any, base_dir: Path, out: Path, rank: int = 16
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
-def _write_samples(path: Path, words: list[str], seed: int) -> None:
+DATA_VERSION = "2"  # 2: the honesty set carries `answerable` and refusals (for DPO)
+
+
+def _write_samples(path: Path, words: list[str], seed: int, refusal: str | None = None) -> None:
+    """N_SAMPLES random prompts and responses; with `refusal`, odd lines are unanswerable
+    and answer it (same random stream and token counts either way)."""
     rng = random.Random(seed)
     with path.open("w") as handle:
-        for _ in range(N_SAMPLES):
+        for i in range(N_SAMPLES):
             prompt = " ".join(rng.choices(words, k=PROMPT_TOKENS - 12))  # template adds ~12
             response = " ".join(rng.choices(words, k=RESPONSE_TOKENS - 1))  # + EOS
-            handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+            sample: dict[str, Any] = {"prompt": prompt, "response": response}
+            if refusal is not None:
+                sample["answerable"] = i % 2 == 0
+                if i % 2:
+                    sample["response"] = refusal
+            handle.write(json.dumps(sample) + "\n")
+
+
+def _write_data(root: Path, words: list[str]) -> None:
+    (root / "data").mkdir(exist_ok=True)
+    refusal = " ".join(words[5000 : 5000 + RESPONSE_TOKENS - 1])  # not in the prompts' words
+    _write_samples(root / "data" / "honesty.jsonl", words[:5000], 0, refusal)
+    _write_samples(root / "data" / "task.jsonl", words[:5000], 1)
+    (root / "data" / "version").write_text(DATA_VERSION + "\n")
 
 
 def build(size: str, work: Path, weights: bool = True) -> Path:
@@ -167,9 +214,12 @@ def build(size: str, work: Path, weights: bool = True) -> Path:
     from hcnr_core.toy import build_word_tokenizer
 
     root = work / (size if weights else f"{size}-synthetic")
-    if (root / "done").exists():
-        return root
     spec = SIZES[size]
+    if (root / "done").exists():
+        version = root / "data" / "version"
+        if not version.exists() or version.read_text().strip() != DATA_VERSION:
+            _write_data(root, [f"w{i}" for i in range(spec["vocab"] - 8)])
+        return root
     config = llama_config(spec)
     base = root / "base"
     base.mkdir(parents=True, exist_ok=True)
@@ -179,14 +229,19 @@ def build(size: str, work: Path, weights: bool = True) -> Path:
     if weights:
         _write_random_weights(config, base)
         _write_random_adapter(config, base, root / "adapter")
-    (root / "data").mkdir(exist_ok=True)
-    _write_samples(root / "data" / "honesty.jsonl", words[:5000], 0)
-    _write_samples(root / "data" / "task.jsonl", words[:5000], 1)
+    _write_data(root, words)
     (root / "done").write_text("ok\n")
     return root
 
 
-def run_one(root: Path, device: str, dtype: str, budget_mb: int, layerwise: bool) -> dict[str, Any]:
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_one(
+    root: Path, device: str, dtype: str, budget_mb: int, layerwise: bool, threads: int
+) -> dict[str, Any]:
     """One repair in this process; returns timings and peak memory."""
     import shutil
 
@@ -195,7 +250,8 @@ def run_one(root: Path, device: str, dtype: str, budget_mb: int, layerwise: bool
     from hcnr_core import RepairConfig
     from hcnr_core.pipeline import RepairPipeline
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    cpu_started = _cpu_seconds()
     out = root / "repaired"
     shutil.rmtree(out, ignore_errors=True)
     config = RepairConfig(
@@ -205,16 +261,65 @@ def run_one(root: Path, device: str, dtype: str, budget_mb: int, layerwise: bool
         hessian_budget_mb=budget_mb,
         layerwise=layerwise,
     )
+    stage_rss: dict[str, float] = {}
+
+    def sample_rss(event: Any) -> None:  # current RSS at every progress tick, per stage
+        rss = _current_rss_gib()
+        stage_rss[event.stage] = max(stage_rss.get(event.stage, 0.0), rss)
+
     started = time.perf_counter()
-    pipeline = RepairPipeline(config)
+    pipeline = RepairPipeline(config, progress=sample_rss)
     prepared = pipeline.prepare(
         root / "base", root / "adapter", root / "data/honesty.jsonl", root / "data/task.jsonl"
     )
     prepare_s = time.perf_counter() - started
     report = pipeline.run(prepared, out)
     total = time.perf_counter() - started
+    cpu = _cpu_seconds() - cpu_started
     shutil.rmtree(out, ignore_errors=True)
-    return {"prepare_s": round(prepare_s, 2), **_figures(report, prepared, total, device)}
+    figures = _figures(report, prepared, total, device)
+    figures["stage_rss_gib"] = {k: round(v, 2) for k, v in stage_rss.items()}
+    return {"prepare_s": round(prepare_s, 2), "cpu_s": round(cpu, 1), "threads": threads, **figures}
+
+
+def _current_rss_gib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def run_baseline(
+    root: Path, method: str, schedule: str, device: str, dtype: str, threads: int
+) -> dict[str, Any]:
+    """One baseline training (RAIT or DPO) in this process, as `hcnr baseline` runs it."""
+    import shutil
+
+    from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait
+
+    kind, _, amount = schedule.partition(":")
+    length = {"steps": int(amount)} if kind == "steps" else {"epochs": float(amount)}
+    settings = dict(device=device, dtype=dtype, threads=threads, max_seq_len=128, **length)
+    config = RaitConfig(**settings) if method == "rait" else DpoConfig(**settings)
+    train = train_rait if method == "rait" else train_dpo
+    out = root / f"baseline-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    cpu_started, started = _cpu_seconds(), time.perf_counter()
+    report = train(root / "base", root / "adapter", root / "data/honesty.jsonl", out, config)
+    total, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "total_s": round(total, 2),
+        "cpu_s": round(cpu, 1),
+        "threads": threads,
+        "stage_seconds": report["stage_seconds"],
+        "peak_cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "steps": report["steps"],
+        "batch_size": config.batch_size,
+        "samples_used": report["samples_used"],
+        "trainable_params": report["trainable_params"],
+        "fraction_model_params_changed": round(report["fraction_model_params_changed"], 4),
+        "config": {k: report["config"][k] for k in ("lr", "lora_r", "lora_alpha", "batch_size")},
+        "final_loss": report["losses"][-1],
+    }
 
 
 def _figures(report: dict, prepared: Any, total: float, device: str) -> dict[str, Any]:
@@ -232,7 +337,75 @@ def _figures(report: dict, prepared: Any, total: float, device: str) -> dict[str
         "peak_gpu_gib": None if gpu_peak is None else round(gpu_peak, 2),
         "selected_matrices": report["n_selected_matrices"],
         "fraction_target_params_changed": round(report["fraction_target_params_changed"], 4),
+        "fraction_model_params_changed": round(report["fraction_model_params_changed"], 4),
     }
+
+
+def run_compensate_ab(root: Path, dtype: str, threads: int, repeats: int) -> dict[str, Any]:
+    """The compensate stage of one real repair, timed per matrix and per shared input.
+
+    The repair runs as usual (dry run) up to selection and the Hessians, which are computed
+    once; then the compensate stage runs `repeats` times each way, alternating: "per
+    matrix" damps and inverts a shared-input group's H for every member (as before the
+    shared path existed; same operations, tests/test_repair_e2e.py checks the bits), and
+    "shared" does it once per group. Alternating keeps a busy machine's drift out of the
+    comparison; the minimum of each is reported.
+    """
+    import torch
+
+    import hcnr_core.pipeline as pipeline_module
+    from hcnr_core import RepairConfig
+    from hcnr_core.pipeline import RepairPipeline
+
+    torch.set_num_threads(threads)
+    shared_groups = pipeline_module._shared_input_groups
+    timings: dict[str, list[float]] = {"per_matrix": [], "shared": []}
+
+    class AB(RepairPipeline):
+        cached: list | None = None
+
+        def _hessian_stream(self, model, prep, modules):  # type: ignore[no-untyped-def]
+            if self.cached is None:
+                self.cached = list(super()._hessian_stream(model, prep, modules))
+            return iter(self.cached)
+
+        def _compensate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            result = super()._compensate(*args, **kwargs)  # computes the Hessians
+            for _ in range(repeats):
+                for way in ("per_matrix", "shared"):
+                    pipeline_module._shared_input_groups = (
+                        shared_groups if way == "shared" else lambda chunk, _h: list(chunk)
+                    )
+                    started = time.perf_counter()
+                    super()._compensate(*args, **kwargs)
+                    timings[way].append(round(time.perf_counter() - started, 3))
+            pipeline_module._shared_input_groups = shared_groups
+            return result
+
+    pipeline = AB(RepairConfig(device="cpu", dtype=dtype, max_seq_len=128))
+    prepared = pipeline.prepare(
+        root / "base", root / "adapter", root / "data/honesty.jsonl", root / "data/task.jsonl"
+    )
+    report = pipeline.run(prepared, None)
+    kept = [m["name"] for m in report["selected_matrices"]]
+    return {
+        "threads": threads,
+        "repeats": repeats,
+        "selected_matrices": len(kept),
+        "kept_by_kind": dict(sorted(_kinds(kept).items())),
+        "per_matrix_s": timings["per_matrix"],
+        "shared_s": timings["shared"],
+        "per_matrix_min_s": min(timings["per_matrix"]),
+        "shared_min_s": min(timings["shared"]),
+    }
+
+
+def _kinds(names: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name in names:
+        kind = name.split(".")[-2]
+        out[kind] = out.get(kind, 0) + 1
+    return out
 
 
 class RandomSource:
@@ -337,7 +510,8 @@ def machine(device: str) -> str:
 
 
 def render(results: dict[str, Any]) -> None:
-    rows = sorted(results.values(), key=lambda r: (r["device"], r["params"]))
+    repairs = [r for r in results.values() if "mode" in r and "method" not in r]
+    rows = sorted(repairs, key=lambda r: (r["device"], r["params"], r.get("threads", 0)))
     lines = [
         "# Scaling benchmark (bench/scale.py)",
         "",
@@ -364,8 +538,209 @@ def render(results: dict[str, Any]) -> None:
             f"| {r['peak_gpu_gib'] if r['peak_gpu_gib'] is not None else '-'} |"
         )
     lines += ["", "Reproduce: `.venv/bin/python bench/scale.py --sizes SIZE... --device D`.", ""]
+    lines += _render_extra(results)
     (RESULTS / "scale.md").write_text("\n".join(lines))
     _plot(rows)
+
+
+def _stages(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+
+
+def _render_extra(results: dict[str, Any]) -> list[str]:
+    return _render_baselines(results) + _render_compensate_ab(results) + _render_memory(results)
+
+
+def _render_baselines(results: dict[str, Any]) -> list[str]:
+    runs = [r for r in results.values() if "method" in r]
+    if not runs:
+        return []
+    lines = [
+        "## HCNR vs baselines (same checkpoints, same 128 honesty samples, same run)",
+        "",
+        "Each method in its own fresh process, one after the other in one invocation of",
+        "`bench/scale.py --baselines`, on the same device, dtype and torch thread count",
+        "(column `thr`). RAIT and DPO: a LoRA (r 8, alpha 16, all 7 decoder linears) trained on",
+        "the merged fine-tune with AdamW, batch 16 (DPO: 16 pairs), then merged and written;",
+        "`steps:60` = the `hcnr baseline` defaults (7.5 epochs of the 128 samples), `epochs:3`",
+        "= 24 steps. HCNR: the default repair (R_IW 0.5, R_CW 0.4, paper compensation) on",
+        "128 + 128 samples. Ratio = baseline / HCNR of the same invocation. `wall s` includes",
+        "waiting for a CPU on a shared machine; `CPU s` (user + system of the process) does",
+        "not, and is the steadier figure when the machine is busy. Both include checkpoint",
+        "inspection, loading, the adapter merge and writing the output checkpoint.",
+        "",
+        "| size | machine | thr | method | schedule | samples seen | wall s | CPU s "
+        "| wall ratio | CPU ratio | stages (wall s) | peak RSS GiB | params changed |",
+        "|" + "---|" * 13,
+    ]
+    order = {"rait": 0, "dpo": 1}
+    runs.sort(key=lambda r: (r["device"], r["params"], r["threads"], order[r["method"]]))
+    shown: set[tuple] = set()
+    for r in runs:
+        group = (r["machine"], r["device"], r["dtype"], r["size"], r["threads"])
+        where = f"{r['machine']} ({r['device']}, {r['dtype']})"
+        if group not in shown:
+            shown.add(group)
+            h = r["hcnr"]
+            changed = h.get("fraction_model_params_changed")
+            lines.append(
+                f"| {r['size']} | {where} | {r['threads']} | **HCNR** | - | 256 (Fisher) + 128 "
+                f"(Hessians) | {h['total_s']} | {h['cpu_s']} | 1 | 1 "
+                f"| {_stages(h['stage_seconds'])} | {h['peak_cpu_rss_gib']} "
+                f"| {'-' if changed is None else f'{100 * changed:.1f}%'} |"
+            )
+        h = r["hcnr"]
+        lines.append(
+            f"| {r['size']} | {where} | {r['threads']} | {r['method'].upper()} "
+            f"| {r['schedule']} ({r['steps']} x {r['batch_size']}) "
+            f"| {r['steps'] * r['batch_size']} | {r['total_s']} | {r['cpu_s']} "
+            f"| **{r['total_s'] / h['total_s']:.1f}x** | **{r['cpu_s'] / h['cpu_s']:.1f}x** "
+            f"| {_stages(r['stage_seconds'])} | {r['peak_cpu_rss_gib']} "
+            f"| {100 * r['fraction_model_params_changed']:.1f}% |"
+        )
+    lines += [
+        "",
+        "Reproduce: `.venv/bin/python bench/scale.py --sizes llama-20m llama-64m --dtype "
+        "float32 --threads 1 --baselines`.",
+        "",
+    ]
+    return lines
+
+
+def _render_compensate_ab(results: dict[str, Any]) -> list[str]:
+    runs = sorted((r for r in results.values() if "per_matrix_s" in r), key=lambda r: r["params"])
+    if not runs:
+        return []
+    lines = [
+        "## Compensate stage: H⁻¹ per matrix vs once per shared input",
+        "",
+        '`compensation="paper"` needs H⁻¹ of each selected matrix\'s input; q/k/v share one H',
+        "and gate/up another. Before, every matrix damped and inverted its group's H (Cholesky",
+        "+ `cholesky_inverse`); now each group's H⁻¹ is computed once and reused by its",
+        "members (bit-identical outputs: `tests/test_repair_e2e.py`). Measured in one process",
+        "(`--compensate-ab R`): a real dry-run repair up to selection and Hessians, then the",
+        "compensate stage R times each way, alternating; the minimum of each is shown.",
+        "",
+        "| size | machine | thr | dtype | matrices kept (by kind) | per matrix s | shared s "
+        "| speed-up | all runs (per matrix / shared) |",
+        "|" + "---|" * 9,
+    ]
+    for r in runs:
+        kinds = ", ".join(f"{k.removesuffix('_proj')} {v}" for k, v in r["kept_by_kind"].items())
+        lines.append(
+            f"| {r['size']} | {r['machine']} | {r['threads']} | {r['dtype']} "
+            f"| {r['selected_matrices']}: {kinds} | {r['per_matrix_min_s']:.2f} "
+            f"| {r['shared_min_s']:.2f} | {r['per_matrix_min_s'] / r['shared_min_s']:.2f}x "
+            f"| {r['per_matrix_s']} / {r['shared_s']} |"
+        )
+    lines += [
+        "",
+        "Reproduce: `.venv/bin/python bench/scale.py --sizes llama-64m llama-290m --dtype "
+        "float32 --threads 1 --compensate-ab 3`.",
+        "",
+    ]
+    return lines
+
+
+def _layerwise_resident_bytes(spec: dict[str, Any], dtype_bytes: int) -> int:
+    """What --layerwise keeps resident by design: embeddings + head, the largest block, and
+    every block's input hidden states for one data set (DESIGN: N samples x tokens)."""
+    h, i, n, v = spec["hidden"], spec["inter"], spec["layers"], spec["vocab"]
+    kv = h // spec["heads"] * spec["kv"]
+    block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    hidden_states = (n + 1) * N_SAMPLES * (PROMPT_TOKENS + RESPONSE_TOKENS) * h
+    return (2 * v * h + h + block + hidden_states) * dtype_bytes
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares y = a + b x."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    b /= sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def _render_memory(results: dict[str, Any]) -> list[str]:
+    """Peak RSS of CPU float32 repairs vs size, fitted and extrapolated to 8B and 70B."""
+    points: dict[str, dict[str, float]] = {"whole": {}, "layerwise": {}}
+    for r in results.values():
+        cpu_fp32 = r.get("device") == "cpu" and r.get("dtype") == "float32"
+        if cpu_fp32 and "method" not in r and r.get("mode") in points:
+            best = points[r["mode"]].get(r["size"], 0.0)  # the larger if measured twice
+            points[r["mode"]][r["size"]] = max(best, r["peak_cpu_rss_gib"])
+    if any(len(p) < 2 for p in points.values()):
+        return []
+    targets = ("llama-3.1-8b", "llama-3.1-70b")
+    whole = sorted(points["whole"], key=lambda s: param_count(SIZES[s]))
+    a_w, b_w = _fit([param_count(SIZES[s]) for s in whole], [points["whole"][s] for s in whole])
+    layer = sorted(points["layerwise"], key=lambda s: param_count(SIZES[s]))
+    xs = [_layerwise_resident_bytes(SIZES[s], 4) / 2**30 for s in layer]
+    a_l, b_l = _fit(xs, [points["layerwise"][s] for s in layer])
+
+    def measured(mode: str) -> str:
+        return ", ".join(
+            f"{s} {points[mode][s]}"
+            for s in sorted(points[mode], key=whole.index if mode == "whole" else layer.index)
+        )
+
+    lines = [
+        "## Memory model for 8B and 70B (an extrapolation from CPU runs, not a GPU measurement)",
+        "",
+        f"Measured peak RSS (GiB) of whole-model CPU float32 repairs: {measured('whole')}; "
+        f"with `--layerwise`: {measured('layerwise')}.",
+        "",
+        f"- Whole model: RSS = {a_w:.2f} GiB + {b_w * 2**30:.1f} bytes x parameters "
+        "(least squares over the sizes above). The slope is what one repair holds per",
+        "  parameter at its peak: the fp32 model (4 B), the fine-tuned weights W_s kept in",
+        "  their stored bf16 for selection and saving (2 B; the adapter merged), and the",
+        "  pages of the mmap-ed base safetensors read lazily (up to 2 B). The intercept is",
+        "  the Python/torch/transformers process.",
+        f"- Layer by layer: RSS = {a_l:.2f} GiB + {b_l:.2f} x R, where R is what the mode keeps",
+        "  resident by design, in GiB: embeddings + head, the largest decoder block, and every",
+        "  block's input hidden states for 128 samples x 64 tokens (README), in the compute",
+        "  dtype. A slope near 1 means the design accounts for the memory.",
+        "",
+        "| run | what | params | whole model | layer by layer |",
+        "|---|---|---|---|---|",
+    ]
+    for size in targets:
+        spec, n = SIZES[size], param_count(SIZES[size])
+        whole_gib = a_w + b_w * n
+        layer_fp32 = a_l + b_l * _layerwise_resident_bytes(spec, 4) / 2**30
+        lines.append(
+            f"| {size} | CPU float32, peak RSS (fit) | {n / 1e9:.2f}B | {whole_gib:.0f} GiB "
+            f"| {layer_fp32:.1f} GiB |"
+        )
+        device_whole = n * 2  # the bf16 model; W_s and the mmap-ed base stay on the CPU
+        device_layer = _layerwise_resident_bytes(spec, 2)
+        lines.append(
+            f"| {size} | GPU bfloat16, device memory (model, assumptions below) | "
+            f"{n / 1e9:.2f}B | ~{device_whole / 2**30:.0f} GiB + activations + Hessians | "
+            f"~{device_layer / 2**30:.1f} GiB + Hessians |"
+        )
+    lines += [
+        "",
+        "Assumptions and limits:",
+        "- Three sizes (20M-290M) with a 32k vocabulary are extrapolated 25-250x; 8B and 70B",
+        "  use the real 128k vocabulary, which `param_count` and R include. The fits are",
+        "  linear; the Hessians are not in them (at 290M they are < 0.1 GiB), so they are",
+        "  added separately: whole model, at most `--hessian-budget-mb` (4 GiB) of H per",
+        "  pass plus the damped copy, Cholesky factor and H⁻¹ of one group (3 x 0.77 GiB",
+        "  for 8B's down_proj, 3 x 3.1 GiB for 70B's); layer by layer, one block's H",
+        "  (8B: 1.0 GiB, 70B: 4.1 GiB) plus the same temporaries.",
+        "- GPU rows are not measured, only derived: the device holds the bf16 model (2 B per",
+        "  parameter; Fisher never materialises weight gradients, it reduces activations and",
+        "  output gradients to column sums in hooks), the activations of one batch, and the",
+        "  Hessians above; W_s and the base's mmap pages stay in CPU RSS (about 2 + 2 B per",
+        "  parameter, the non-model part of the whole-model slope). Whole-model 8B is then",
+        "  ~15 GiB + activations + up to ~6.3 GiB of Hessians, inside the DESIGN target of",
+        "  32 GiB if the activations stay under ~10 GiB; 70B (~132 GiB of bf16 weights) needs",
+        "  --layerwise on an 80 GB device. Both must be measured on the GPU.",
+        "- Layer-by-layer CPU RSS also holds the hidden states of the data set being",
+        "  processed; with more samples or longer sequences R grows linearly in both.",
+        "",
+    ]
+    return lines
 
 
 def _plot(rows: list[dict[str, Any]]) -> None:
@@ -396,6 +771,27 @@ def _plot(rows: list[dict[str, Any]]) -> None:
     fig.savefig(RESULTS / "scale.png", dpi=120)
 
 
+def _save(store: Path, key: str, row: dict[str, Any]) -> None:
+    """Add one result to scale.json (re-read first: other runs may have written to it)."""
+    print("KEY " + key + " " + json.dumps(row), flush=True)
+    results = json.loads(store.read_text()) if store.exists() else {}
+    results[key] = row
+    store.write_text(json.dumps(results, indent=2) + "\n")
+    render(results)
+
+
+def _child(argv: list[str], what: str) -> dict[str, Any]:
+    """Run this script with `argv` in a fresh process; its RESULT line as a dict."""
+    child = subprocess.run(
+        [sys.executable, __file__, *argv], capture_output=True, text=True, check=False
+    )
+    line = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+    if child.returncode != 0 or not line:
+        print(child.stdout[-3000:], child.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed (exit {child.returncode})")
+    return json.loads(line[0].removeprefix("RESULT "))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -410,66 +806,130 @@ def main() -> None:
         action="store_true",
         help="layer-by-layer dry run on weights generated on the device (no disk, no save)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads, every method"
+    )
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="after each HCNR repair, train RAIT and DPO on the same checkpoints and data",
+    )
+    parser.add_argument(
+        "--baseline-schedule",
+        nargs="+",
+        default=["steps:60", "epochs:3"],
+        help="training lengths of the baselines, steps:N or epochs:E (default: both)",
+    )
+    parser.add_argument(
+        "--compensate-ab",
+        type=int,
+        metavar="REPEATS",
+        help="time only the compensate stage, per matrix vs once per shared input (CPU)",
+    )
+    parser.add_argument("--render", action="store_true", help="only rewrite scale.md/png")
     parser.add_argument("--work", type=Path, default=ROOT / ".hcnr" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-baseline", choices=["rait", "dpo"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        render(json.loads((RESULTS / "scale.json").read_text()))
+        return
+    for schedule in args.baseline_schedule:
+        kind, _, amount = schedule.partition(":")
+        if kind not in ("steps", "epochs") or not amount.replace(".", "", 1).isdigit():
+            parser.error(f"--baseline-schedule {schedule!r}: expected steps:N or epochs:E")
+    if args.child and args.compensate_ab:
+        result = run_compensate_ab(Path(args.child), args.dtype, args.threads, args.compensate_ab)
+        print("RESULT " + json.dumps(result))
+        return
+    if args.child and args.child_baseline:
+        result = run_baseline(
+            Path(args.child),
+            args.child_baseline,
+            args.baseline_schedule[0],
+            args.device,
+            args.dtype,
+            args.threads,
+        )
+        print("RESULT " + json.dumps(result))
+        return
     if args.child and args.synthetic:
         result = run_synthetic(Path(args.child), args.device, args.hessian_budget_mb)
         print("RESULT " + json.dumps(result))
         return
     if args.child:  # one repair, in a fresh process, result on stdout
         result = run_one(
-            Path(args.child), args.device, args.dtype, args.hessian_budget_mb, args.layerwise
+            Path(args.child),
+            args.device,
+            args.dtype,
+            args.hessian_budget_mb,
+            args.layerwise,
+            args.threads,
         )
         print("RESULT " + json.dumps(result))
         return
+    if args.baselines and (args.synthetic or args.layerwise):
+        parser.error("--baselines compares with whole-model HCNR on real checkpoints")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / "scale.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
+    common = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
     for size in args.sizes:
         started = time.perf_counter()
         root = build(size, args.work, weights=not args.synthetic)
         print(f"{size}: checkpoint ready in {time.perf_counter() - started:.1f}s", flush=True)
-        child = subprocess.run(
+        if args.compensate_ab:
+            argv = ["--child", str(root), *common, "--compensate-ab", str(args.compensate_ab)]
+            result = _child(argv, f"{size}: compensate A/B")
+            result.update(
+                size=size,
+                params=param_count(SIZES[size]),
+                dtype=args.dtype,
+                machine=machine("cpu"),
+                measured_at=time.strftime("%Y-%m-%d"),
+            )
+            _save(store, f"{result['machine']}|cpu|{args.dtype}|compensate-ab|{size}", result)
+            continue
+        result = _child(
             [
-                sys.executable,
-                __file__,
                 "--child",
                 str(root),
-                "--device",
-                args.device,
-                "--dtype",
-                args.dtype,
+                *common,
                 "--hessian-budget-mb",
                 str(args.hessian_budget_mb),
                 *(["--layerwise"] if args.layerwise else []),
                 *(["--synthetic"] if args.synthetic else []),
             ],
-            capture_output=True,
-            text=True,
-            check=False,
+            f"{size}: repair",
         )
-        line = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
-        if child.returncode != 0 or not line:
-            print(child.stdout[-3000:], child.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{size}: repair failed (exit {child.returncode})")
-        result = json.loads(line[0].removeprefix("RESULT "))
         mode = "layerwise" if args.layerwise else "whole"
         mode = "synthetic-layerwise-dry-run" if args.synthetic else mode
-        result.update(
+        mode_key = mode if args.threads == (os.cpu_count() or 1) else f"{mode}-{args.threads}t"
+        where = dict(
             size=size,
-            mode=mode,
             params=param_count(SIZES[size]),
             device=args.device,
             dtype=args.dtype,
             machine=machine(args.device),
             measured_at=time.strftime("%Y-%m-%d"),
         )
-        results[f"{result['machine']}|{args.device}|{args.dtype}|{mode}|{size}"] = result
-        print(json.dumps(result), flush=True)
-        store.write_text(json.dumps(results, indent=2) + "\n")
-        render(results)
+        result.update(mode=mode, **where)
+        _save(store, f"{result['machine']}|{args.device}|{args.dtype}|{mode_key}|{size}", result)
+        for method in ("rait", "dpo") if args.baselines else ():
+            for schedule in args.baseline_schedule:
+                argv = ["--child", str(root), "--child-baseline", method, *common]
+                argv += ["--baseline-schedule", schedule]
+                run = _child(argv, f"{size}: {method} {schedule}")
+                run.update(method=method, schedule=schedule, **where)
+                # HCNR's figures from this same invocation: the ratio is a same-run one.
+                same_run = ("total_s", "cpu_s", "peak_cpu_rss_gib", "stage_seconds")
+                run["hcnr"] = {k: result[k] for k in same_run}
+                run["hcnr"]["fraction_model_params_changed"] = result.get(
+                    "fraction_model_params_changed"
+                )
+                key = f"{run['machine']}|{args.device}|{args.dtype}|{method}-{schedule}"
+                key += f"-{args.threads}t|{size}"
+                _save(store, key, run)
 
 
 if __name__ == "__main__":
