@@ -88,6 +88,12 @@ class Options:
         return organism_inputs(self.organism_cache)
 
 
+def _delta(result: dict[str, Any]) -> float | None:
+    if result["rss_after_mib"] is None or result["rss_baseline_mib"] is None:
+        return None
+    return round(result["rss_after_mib"] - result["rss_baseline_mib"], 1)
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 
@@ -234,6 +240,7 @@ def cancel(options: Options, workdir: Path) -> dict[str, Any]:
             "pool-child RSS: idle after a first job / peak in the job / after cancel (MiB)",
             f"{result['rss_baseline_mib']} / {result['rss_peak_mib']} / {result['rss_after_mib']}",
         ),
+        ("RSS after cancel − idle baseline (MiB)", _delta(result)),
         ("same pool child before and after", _yes(result["same_pool_child"])),
         ("no artifact rows, files, staging or scratch left", _yes(no_artifacts)),
     ]

@@ -21,6 +21,17 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+def worker_engine_options(url: str, lease_seconds: int) -> dict[str, Any]:
+    """Engine options of worker processes. PostgreSQL ends a worker's transaction that
+    sits idle longer than a lease: a worker frozen mid-transaction (SIGSTOP, a paused VM)
+    would otherwise keep its job row locked, and the reconciler, which skips locked rows,
+    would never re-queue the job."""
+    if not url.startswith("postgresql"):
+        return {}
+    timeout_ms = int(lease_seconds * 1000)
+    return {"connect_args": {"options": f"-c idle_in_transaction_session_timeout={timeout_ms}"}}
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

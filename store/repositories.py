@@ -176,14 +176,18 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: int)
 
 
 def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: int) -> str | None:
-    """Extend the lease if `worker_id` still holds it; returns the job's status."""
+    """Extend the lease if `worker_id` still holds it and return the job's status; None
+    when it no longer does (a stalled worker whose job was re-queued, maybe running
+    elsewhere now: it must stop, whatever the status says)."""
     now = utcnow()
-    session.execute(
+    result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(ACTIVE_STATES))
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
+    if result.rowcount != 1:
+        return None
     return session.scalar(select(Job.status).where(Job.id == job_id))
 
 

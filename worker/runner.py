@@ -82,7 +82,9 @@ class Lease:
             status = repositories.renew_lease(
                 session, self.job_id, self.ctx.worker, self.ctx.settings.lease_seconds
             )
-        if status != "running":
+        if status != "running":  # cancelling, or no longer ours (None): stop
+            if status is None and not self.cancelled.is_set():
+                log.warning("job %s: lease lost to another attempt; stopping", self.job_id)
             self.cancelled.set()
 
 
@@ -106,6 +108,9 @@ class ProgressRecorder:
         eta = elapsed * (1 - event.fraction) / event.fraction if event.fraction > 0.02 else None
         with session_scope(self.ctx.session_factory) as session:
             job = repositories.get_job_by_id(session, self.job_id)
+            if job.worker_id != self.ctx.worker:  # re-queued while we stalled: not ours
+                self.lease.cancelled.set()
+                return
             job.stage, job.progress = event.stage, round(event.fraction, 4)
             job.eta_seconds = round(eta, 1) if eta is not None else None
             if self.pipeline is not None:
@@ -215,9 +220,22 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
 
 
 def _discard(ctx: Context, job_id: str, out: Path) -> None:
+    if not _location_is_ours(ctx, job_id):
+        log.warning("job %s: another attempt owns %s; leaving it", job_id, out)
+        return
     shutil.rmtree(out, ignore_errors=True)
     if not ctx.storage.is_local:
         ctx.storage.delete_prefix(checkpoint_prefix(job_id))
+
+
+def _location_is_ours(ctx: Context, job_id: str) -> bool:
+    """False once another attempt holds the job, or has published and recorded it: a
+    stalled worker that comes back must not delete the live attempt's checkpoint."""
+    with session_scope(ctx.session_factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+    if job is None or job.status == "succeeded":
+        return False
+    return job.worker_id in (None, ctx.worker)
 
 
 def evaluate(

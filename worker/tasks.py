@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import signals
 
-from store.db import make_engine, make_session_factory
+from store.db import make_engine, make_session_factory, worker_engine_options
 from store.storage import make_storage
 from worker.celery_app import TASK_NAME, app, enqueue_with
 
@@ -25,9 +25,13 @@ def context() -> Any:
     pid = os.getpid()
     if pid not in _contexts:
         settings = app.conf.hcnr_settings
-        engine = make_engine(settings.db_url)
+        engine = make_engine(settings.db_url, **_engine_options(settings))
         _contexts[pid] = Context(settings, make_session_factory(engine), make_storage(settings))
     return _contexts[pid]
+
+
+def _engine_options(settings: Any) -> dict[str, Any]:
+    return worker_engine_options(settings.db_url, settings.lease_seconds)
 
 
 @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -42,5 +46,5 @@ def start_reconciler(**_: Any) -> None:
     from worker.reconciler import ReconcilerThread
 
     settings = app.conf.hcnr_settings
-    factory = make_session_factory(make_engine(settings.db_url))
+    factory = make_session_factory(make_engine(settings.db_url, **_engine_options(settings)))
     ReconcilerThread(factory, settings, enqueue_with(app)).start()

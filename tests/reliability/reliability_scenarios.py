@@ -6,6 +6,7 @@ figures written to bench/results/reliability.md) call the same functions.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import statistics
 import time
@@ -303,3 +304,56 @@ def _artifact_rows(cluster: Cluster, job_id: str) -> list:
 
     with cluster.session_factory() as session:
         return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all())
+
+
+# --- 5. a stalled worker comes back ---------------------------------------------------------
+
+
+def stalled_worker(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[str, Any]:
+    """SIGSTOP a worker mid-job (a paused VM, a partition, a swap storm) until its lease
+    expires and a second worker re-runs the job, then SIGCONT it while the second attempt
+    runs: the job must succeed once, with the second attempt's files intact."""
+    import os
+    import signal
+
+    client = cluster.client("stalled")
+    files = upload(client, slow_inputs)
+    body = {
+        "base": slow_inputs.base,
+        "finetuned": slow_inputs.finetuned,
+        "honesty_file": files["honesty"],
+        "task_file": files["task"],
+    }
+    first = cluster.start_worker()
+    try:
+        job_id = client.create_job(body).id
+        assert poll(lambda: cluster.running_job([job_id]), timeout), cluster.diagnose([job_id])
+        os.killpg(first.process.pid, signal.SIGSTOP)
+        cluster.start_worker()
+
+        def second_attempt_progressing() -> bool:
+            row = cluster.jobs([job_id])[job_id]
+            return row.status == "running" and row.attempts == 2 and row.progress > 0
+
+        moved = poll(second_attempt_progressing, timeout)
+        os.killpg(first.process.pid, signal.SIGCONT)
+        assert moved, cluster.diagnose([job_id])
+        rows = cluster.wait_terminal([job_id], timeout)
+        gave_up = poll(lambda: "lease lost" in first.log.read_text(errors="replace"), 60)
+        time.sleep(2)  # let the first worker finish whatever it does after giving up
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.process.pid, signal.SIGCONT)
+        cluster.stop_workers()
+    row = rows[job_id]
+    stored = cluster.checkpoint_digests(job_id) if row.status == "succeeded" else {}
+    recorded = {a.name: a.sha256 for a in _artifact_rows(cluster, job_id)}
+    recorded.pop("hcnr_report.json", None)
+    return {
+        "status": row.status,
+        "attempts": row.attempts,
+        "first_worker_gave_up": bool(gave_up),
+        "files_match_artifact_rows": bool(stored) and stored == recorded,
+        "leftovers": cluster.leftovers([job_id]),
+        "events": cluster.event_types(job_id),
+    }

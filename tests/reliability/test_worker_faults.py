@@ -37,3 +37,54 @@ def test_cancel_running_job_frees_everything(fresh: Cluster, slow_models: Inputs
     assert result["artifact_rows"] == 0 and not result["job_dir_exists"], result
     assert result["leftovers"] == [], result
     assert result["events"][-1] == "cancelled", result
+
+
+def test_stalled_worker_that_comes_back_leaves_the_new_attempt_alone(
+    fresh: Cluster, slow_models: Inputs
+):
+    result = scenarios.stalled_worker(fresh, slow_models, timeout=240)
+    assert result["status"] == "succeeded" and result["attempts"] == 2, result
+    assert result["first_worker_gave_up"], result
+    assert result["files_match_artifact_rows"], result
+    assert result["leftovers"] == [], result
+    assert result["events"].count("succeeded") == 1, result
+
+
+def test_a_worker_frozen_mid_transaction_does_not_block_recovery(fresh: Cluster):
+    """The reconciler skips locked rows; a worker frozen while its transaction holds the
+    job row must lose that transaction (idle_in_transaction_session_timeout = lease)."""
+    import contextlib
+    import time
+    from datetime import timedelta
+
+    from reliability_cluster import submit, upload
+    from sqlalchemy import update
+
+    from store.db import make_engine, make_session_factory, session_scope, worker_engine_options
+    from store.models import Job, utcnow
+    from store.settings import Settings
+    from worker.reconciler import reconcile_once
+
+    client = fresh.client("frozen")
+    job_id = submit(client, fresh.inputs, upload(client, fresh.inputs), 1)[0]  # no worker
+    settings = Settings(database_url=fresh.database_url, lease_seconds=5, heartbeat_seconds=1)
+    options = worker_engine_options(settings.db_url, settings.lease_seconds)
+    factory = make_session_factory(make_engine(settings.db_url, **options))
+    row = update(Job).where(Job.id == job_id)
+    expired = utcnow() - timedelta(seconds=1)
+    with session_scope(factory) as session:  # claimed by a worker whose lease has expired
+        session.execute(
+            row.values(status="running", worker_id="frozen:1", attempts=1, lease_expires_at=expired)
+        )
+    frozen = factory()
+    frozen.execute(row.values(progress=0.5))  # a progress write, frozen before its commit
+    time.sleep(settings.lease_seconds + 2)
+    sent: list[str] = []
+    try:
+        changed = reconcile_once(factory, settings, sent.append)
+    finally:
+        with contextlib.suppress(Exception):  # the server has ended that connection
+            frozen.close()
+        with session_scope(factory) as session:  # no later test should run it
+            session.execute(row.values(status="cancelled"))
+    assert changed == {job_id: "queued"} and sent == [job_id]
