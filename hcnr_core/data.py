@@ -138,6 +138,9 @@ def parse_jsonl(
         except json.JSONDecodeError as exc:
             problems.append((number, f"not valid JSON: {exc.msg} (column {exc.colno})"))
             continue
+        except RecursionError:
+            problems.append((number, "JSON nested too deeply"))
+            continue
         try:
             samples.append(parse_sample(obj, number))
         except ValueError as exc:

@@ -81,6 +81,14 @@ def test_problems_are_collected_across_lines(tmp_path):
     assert "line 2" in str(info.value) and "line 4" in str(info.value)
 
 
+def test_deeply_nested_json_is_a_line_problem_not_a_crash():
+    good = json.dumps({"prompt": "q", "response": "a"})
+    nested = "[" * 200_000 + "]" * 200_000
+    with pytest.raises(DataValidationError) as info:
+        parse_jsonl(f"{good}\n{nested}\n".encode())
+    assert info.value.problems == [(2, "JSON nested too deeply")]
+
+
 def test_sample_count_and_size_limits():
     data = "\n".join(json.dumps({"prompt": "q", "response": "a"}) for _ in range(5)).encode()
     assert len(parse_jsonl(data, min_samples=5, max_samples=5)) == 5
