@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Any
 
-from reliability_cluster import Cluster, poll, rss_bytes, submit, upload
+from reliability_cluster import TERMINAL, Cluster, poll, rss_bytes, submit, upload
 
 from hcnr_cli.client import APIError
 
@@ -103,6 +103,8 @@ def kill_storm(
                 victim_id = victim.id
 
                 def victim_running(victim_id: str = victim_id) -> Any:
+                    if cluster.jobs([victim_id])[victim_id].status in TERMINAL:
+                        return "terminal"  # e.g. failed at the attempt cap
                     return cluster.running_job([victim_id])
 
                 again = poll(victim_running, timeout)
@@ -112,7 +114,9 @@ def kill_storm(
                     "progress_at_kill": progress,
                     "recovery_seconds": round(recovered, 2) if recovered is not None else None,
                     "victim_running_again_seconds": (
-                        round(time.monotonic() - killed_at, 2) if again is not None else None
+                        round(time.monotonic() - killed_at, 2)
+                        if again not in (None, "terminal")
+                        else None
                     ),
                 }
             )
