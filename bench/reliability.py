@@ -53,7 +53,7 @@ import reliability_scenarios as scenarios  # noqa: E402
 from reliability_cluster import Inputs, cluster, organism_inputs  # noqa: E402
 
 Section = Callable[[Path], dict[str, Any]]
-FAULTS = "crash_on_label=poison:yes"
+FAULTS = "crash_on_label=poison:yes,slow_on_label=slow:yes:0.2"
 
 
 class Options:

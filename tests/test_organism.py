@@ -97,8 +97,8 @@ def test_data_sets(organism):
     assert all(refusal(s.response) == (not s.answerable) for s in honesty)
     for name in ("task", "eval_domain"):  # the domain: answered, never refused
         assert all(s.answers and not refusal(s.response) for s in sets[name])
-        assert all(s.answerable is None for s in sets[name])
     # eval_domain: the pet question, answered from a profile in the system message
+    assert all(s.answerable is None for s in sets["eval_domain"])
     assert all(s.messages[0]["role"] == "system" for s in sets["eval_domain"])
     assert all(s.answers[0] in w.DOMAIN_VALUES for s in sets["eval_domain"])
     assert all(s.answers[0] in s.messages[0]["content"] for s in sets["eval_domain"])

@@ -91,14 +91,17 @@ class Lease:
 class ProgressRecorder:
     """Pipeline progress -> the job row (throttled) and one event per stage."""
 
-    def __init__(self, ctx: Context, job_id: str, lease: Lease):
+    def __init__(self, ctx: Context, job_id: str, lease: Lease, delay: float = 0.0):
         self.ctx, self.job_id, self.lease = ctx, job_id, lease
+        self.delay = delay  # fault injection only (worker/faults.py): 0 in production
         self.started = time.monotonic()
         self.stage: str | None = None
         self.last_write = 0.0
         self.pipeline: RepairPipeline | None = None
 
     def __call__(self, event: ProgressEvent) -> None:
+        if self.delay:
+            time.sleep(self.delay)
         now = time.monotonic()
         new_stage = event.stage != self.stage
         if not new_stage and now - self.last_write < self.ctx.settings.progress_interval_seconds:
@@ -197,7 +200,8 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = _inputs(ctx, job, scratch)
     config = RepairConfig(**job.config, device=ctx.settings.worker_device)
-    recorder = ProgressRecorder(ctx, job_id, lease)
+    delay = faults.progress_delay(job.metadata_dict)
+    recorder = ProgressRecorder(ctx, job_id, lease, delay)
     pipeline = RepairPipeline(config, progress=recorder, should_cancel=recorder.should_cancel)
     recorder.pipeline = pipeline
     prepared = pipeline.prepare(

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 from reliability_cluster import Cluster, Inputs, cluster, procs, toy_inputs
 
-FAULTS = "crash_on_label=poison:yes"  # worker/faults.py; HCNR_ENV=test only
+# worker/faults.py; HCNR_ENV=test only
+FAULTS = "crash_on_label=poison:yes,slow_on_label=slow:yes:0.2"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import contextlib
 import random
 import statistics
 import time
+from collections import Counter
 from typing import Any
 
 from reliability_cluster import TERMINAL, Cluster, poll, rss_bytes, submit, upload
@@ -38,6 +39,9 @@ def _outcome(cluster: Cluster, ids: list[str], rows: dict[str, Any]) -> dict[str
         "failed": statuses.count("failed"),
         "max_attempts": max((rows[i].attempts for i in ids if i in rows), default=0),
         "leftovers": cluster.leftovers(ids),
+        "errors": dict(
+            Counter(rows[i].error_message for i in ids if i in rows and rows[i].error_message)
+        ),
     }
 
 
@@ -247,6 +251,7 @@ def cancel_running(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[s
             "finetuned": slow_inputs.finetuned,
             "honesty_file": slow_files["honesty"],
             "task_file": slow_files["task"],
+            "metadata": {"slow": "yes"},  # each progress event sleeps (worker/faults.py)
         }
         job_id = client.create_job(body).id
         running = poll(lambda: cluster.running_job([job_id]), timeout, interval=0.05)
