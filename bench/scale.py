@@ -520,6 +520,8 @@ def render(results: dict[str, Any]) -> None:
         "tokens, default config",
         "(R_IW 0.5, R_CW 0.4, paper compensation). `total` includes checkpoint inspection,",
         "tokenization, loading both models, the adapter merge and writing the output.",
+        "Single-thread (`1 thr`) rows were measured while other jobs shared the two cores;",
+        "compare rows of the same thread count, and prefer CPU seconds in the baselines table.",
         "",
         "| size | params | device | dtype | total s | load ft | Fisher task | load base "
         "| Fisher hon | select | Hessians | compensate | save | Fisher tok/s | peak RSS GiB "
@@ -530,7 +532,7 @@ def render(results: dict[str, Any]) -> None:
         s = r["stage_seconds"]
         lines.append(
             f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['machine']} ({r['device']}, "
-            f"{r.get('mode', 'whole')}) "
+            f"{r.get('mode', 'whole')}, {_threads(r)}) "
             f"| {r['dtype']} | {r['total_s']} | {s['load_finetuned']:.2f} "
             f"| {s['fisher_task']:.2f} | {s['load_base']:.2f} | {s['fisher_honesty']:.2f} "
             f"| {s['select']:.2f} | {s['hessian']:.2f} | {s['compensate']:.2f} "
@@ -541,6 +543,11 @@ def render(results: dict[str, Any]) -> None:
     lines += _render_extra(results)
     (RESULTS / "scale.md").write_text("\n".join(lines))
     _plot(rows)
+
+
+def _threads(run: dict[str, Any]) -> str:
+    """Runs before --threads existed used torch's default (one thread per core)."""
+    return f"{run['threads']} thr" if run.get("threads") else "default thr"
 
 
 def _stages(seconds: dict[str, float]) -> str:
@@ -598,6 +605,8 @@ def _render_baselines(results: dict[str, Any]) -> list[str]:
             f"| {_stages(r['stage_seconds'])} | {r['peak_cpu_rss_gib']} "
             f"| {100 * r['fraction_model_params_changed']:.1f}% |"
         )
+    notes = sorted({f"{r['size']}: {r['note']}" for r in runs if r.get("note")})
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
     lines += [
         "",
         "Reproduce: `.venv/bin/python bench/scale.py --sizes llama-20m llama-64m --dtype "
@@ -690,16 +699,24 @@ def _render_memory(results: dict[str, Any]) -> list[str]:
         f"with `--layerwise`: {measured('layerwise')}.",
         "",
         f"- Whole model: RSS = {a_w:.2f} GiB + {b_w * 2**30:.1f} bytes x parameters "
-        "(least squares over the sizes above). The slope is what one repair holds per",
-        "  parameter at its peak: the fp32 model (4 B), the fine-tuned weights W_s kept in",
-        "  their stored bf16 for selection and saving (2 B; the adapter merged), and the",
-        "  pages of the mmap-ed base safetensors read lazily (up to 2 B). The intercept is",
-        "  the Python/torch/transformers process.",
+        "(least squares over the sizes above; the intercept is the Python/torch process).",
+        "  By design a repair of a LoRA fine-tune holds per parameter the fp32 model (4 B),",
+        "  W_s in its stored bf16 for selection and saving (2 B) and the mmap-ed base pages",
+        "  it has read (<= 2 B): 8 B. The measured slope is larger; the rest is not",
+        "  attributed here (candidates: memory of the fine-tuned fp32 model that the",
+        "  allocator keeps after it is freed and before the base is loaded, transformers'",
+        "  loading buffers, the bf16 merge before the cast). The fit is what to plan with.",
         f"- Layer by layer: RSS = {a_l:.2f} GiB + {b_l:.2f} x R, where R is what the mode keeps",
         "  resident by design, in GiB: embeddings + head, the largest decoder block, and every",
         "  block's input hidden states for 128 samples x 64 tokens (README), in the compute",
         "  dtype. A slope near 1 means the design accounts for the memory.",
-        "",
+    ]
+    for r in results.values():
+        if r.get("stage_rss_gib") and r.get("device") == "cpu" and r.get("dtype") == "float32":
+            stages = ", ".join(f"{k} {v}" for k, v in r["stage_rss_gib"].items())
+            lines.append(f"- RSS by stage, {r['size']} {r['mode']} (sampled at ticks): {stages}.")
+    lines += [
+        *([""] if lines[-1] else []),
         "| run | what | params | whole model | layer by layer |",
         "|---|---|---|---|---|",
     ]
