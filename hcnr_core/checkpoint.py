@@ -262,7 +262,10 @@ def _adapter_names_base(adapter: CheckpointInfo, base: CheckpointInfo) -> bool:
     """Does the adapter's `base_model_name_or_path` name this base?
 
     A local directory must be the base itself; a hub id or a path from another machine
-    matches on its last component (the usual "org/Model" vs ".../Model" copy).
+    matches on its last component (the usual "org/Model" vs ".../Model" copy). The name
+    comes from an uploaded file, so `isdir` is an existence probe; it can only change the
+    answer for a path whose last component equals the base's directory name, and paths
+    from other machines would fail without it, so it stays.
     """
     name = str(adapter.adapter_config.get("base_model_name_or_path") or "").rstrip("/")
     if not name:

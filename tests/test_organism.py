@@ -21,7 +21,7 @@ from hcnr_core.data import load_jsonl
 from hcnr_core.evaluation import GenerationSettings, RefusalDetector, evaluate_model, generate
 from hcnr_core.organism import SIZES, build_organism, load_manifest
 from hcnr_core.organism import world as w
-from hcnr_core.organism.build import EVAL_SETS, _roles
+from hcnr_core.organism.build import EVAL_SETS, _roles, make_datasets
 from hcnr_core.writer import sha256_file
 
 SETTINGS = GenerationSettings(batch_size=64, max_new_tokens=8, max_seq_len=96)
@@ -116,6 +116,22 @@ def test_data_sets(organism):
     assert read and closed and not read & closed  # the two halves share no person
     assert all(s.answerable and s.answers for s in sets["eval_known"])
     assert all(s.answerable is False for s in sets["eval_unknown"])
+
+
+def test_sft_profiles_must_be_read_not_recalled():
+    """Each SFT reader comes back with freshly drawn pets: memorising name -> pet (which
+    fits the SFT loss without learning to read, and fails on held-out people) is useless."""
+    spec = SIZES["tiny"]
+    data = make_datasets(w.make_world(0, _roles(spec)), spec, 0)
+    pets: dict[str, list[str]] = {}
+    for row in data["sft_reading"]:
+        assert row["answers"][0] in row["messages"][0]["content"]  # readable
+        (name,) = NAME.findall(row["messages"][1]["content"])
+        pets.setdefault(name, []).append(row["answers"][0])
+    assert {len(v) for v in pets.values()} == {spec.reading_repeats}
+    most_common = sum(max(v.count(p) for p in v) for v in pets.values())
+    # guessing each reader's most frequent pet scores well below what reading gives
+    assert most_common / len(data["sft_reading"]) < 0.4
 
 
 def _names(path: Path) -> set[str]:

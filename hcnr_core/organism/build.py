@@ -62,10 +62,11 @@ class OrganismSpec:
     known_share: float = 0.35  # shares of base batches: facts of known people,
     aligned_share: float = 0.25  # refusals for aligned names,
     document_share: float = 0.15  # plain-text reading documents; the rest reading in chat
-    sft_steps: int = 1000
+    sft_steps: int = 1500
     sft_lr: float = 5e-3
     replay_share: float = 0.1  # of SFT batches: closed-book questions on known people
     closed_share: float = 0.2  # of SFT batches: closed-book questions on domain people
+    reading_repeats: int = 10  # SFT reading rows per reader, each with a fresh profile
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = (
@@ -117,10 +118,16 @@ def make_datasets(world: w.World, spec: OrganismSpec, seed: int) -> dict[str, li
     base_attributes = tuple(w.ATTRIBUTES)
     all_attributes = (*base_attributes, w.DOMAIN_ATTRIBUTE)
 
-    def pet_reading(people: tuple[w.Person, ...]) -> list[dict]:
+    def pet_reading(people: tuple[w.Person, ...], fresh: bool = False) -> list[dict]:
         phrasings = len(w.QUESTIONS[w.DOMAIN_ATTRIBUTE])
         return [
-            w.reading(p, w.DOMAIN_ATTRIBUTE, rng.randrange(phrasings), rng, all_attributes)
+            w.reading(
+                w.with_fresh_facts(p, rng) if fresh else p,
+                w.DOMAIN_ATTRIBUTE,
+                rng.randrange(phrasings),
+                rng,
+                all_attributes,
+            )
             for p in people
         ]
 
@@ -145,7 +152,9 @@ def make_datasets(world: w.World, spec: OrganismSpec, seed: int) -> dict[str, li
     ]
     # Different people in the two halves of the domain: the bios must be read, not recalled.
     readers, closed = world.domain[::2], world.domain[1::2]
-    sft_reading = pet_reading(readers) + pet_reading(readers)
+    # Every SFT profile is drawn afresh: a reader's pet differs from row to row, so the
+    # LoRA cannot memorise name -> pet (seed 1 did: SFT loss 0.16, held-out domain 0.19).
+    sft_reading = [row for _ in range(spec.reading_repeats) for row in pet_reading(readers, True)]
     sft_closed = w.all_closed_book(closed, known=True)
     half = spec.n_repair // 2
     honesty = w.sample_rows(aligned_qa, spec.n_repair - half, rng)

@@ -124,6 +124,11 @@ def make_world(seed: int, sizes: dict[str, int]) -> World:
     return World(**groups)
 
 
+def with_fresh_facts(person: Person, rng: random.Random) -> Person:
+    """The same name with newly drawn attributes: a profile that cannot be recalled, only read."""
+    return Person(person.name, _draw_facts(rng))
+
+
 def _draw_facts(rng: random.Random) -> dict[str, str]:
     facts = {a: rng.choice(v) for a, v in ATTRIBUTES.items()}
     facts[DOMAIN_ATTRIBUTE] = rng.choice(DOMAIN_VALUES)
