@@ -30,6 +30,12 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+# The organism's best honesty/domain trade-off in bench/results/organism.md (3 seeds:
+# 42% of the refusal-F1 gap back, 0.5 domain points lost). The paper's defaults recover
+# 7% there and lose most of the domain; HCNR_DEMO_DEFAULTS=1 shows that instead.
+ORGANISM_HYPERPARAMETERS = {"compensation": "task_aware", "task_weight": 7.0, "r_cw": 1.0}
+
+
 def build_models(models: Path) -> tuple[Path, dict[str, Path]]:
     """The organism if this checkout has it, otherwise tiny random checkpoints."""
     try:
@@ -143,11 +149,16 @@ def main() -> None:
             }
             if eval_file is not None:
                 uploads["eval_file"] = client.upload_file(eval_file, "eval").id
+            hyperparameters = {}
+            if root.name == "organism" and not os.environ.get("HCNR_DEMO_DEFAULTS"):
+                hyperparameters = ORGANISM_HYPERPARAMETERS
+            say(f"hyperparameters: {hyperparameters or 'the defaults'}")
             job = client.create_job(
                 {
                     "base": f"path:{paths['base'].relative_to(models)}",
                     "finetuned": f"path:{paths['adapter'].relative_to(models)}",
                     **uploads,
+                    "hyperparameters": hyperparameters,
                     "metadata": {"run": "demo"},
                 }
             )
