@@ -45,6 +45,12 @@ def get_tenant(
     if credentials is None:
         raise APIError(401, "unauthorized", "missing bearer API key")
     tenant = repositories.authenticate(session, credentials.credentials)
+    # End the lookup's transaction: its pooled connection must not be held while the
+    # route waits for a worker thread. Otherwise, under load, every thread sits in a
+    # lookup waiting for a connection while every connection's owner waits for a thread
+    # (200 users: all uploads failed after the 30 s pool timeout). Sessions do not expire
+    # on commit, so `tenant` stays loaded.
+    session.commit()
     if tenant is None:
         raise APIError(401, "unauthorized", "invalid or revoked API key")
     return tenant

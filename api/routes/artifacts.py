@@ -11,10 +11,16 @@ from fastapi.responses import StreamingResponse
 from api import services
 from api.deps import SessionDep, StorageDep, TenantDep
 from api.errors import ERROR_RESPONSES, APIError
+from api.routing import ReleasingRoute
 from api.schemas import ArtifactList, ArtifactPublic
 from store import repositories
 
-router = APIRouter(prefix="/v1/repair-jobs", tags=["artifacts"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/repair-jobs",
+    tags=["artifacts"],
+    responses=ERROR_RESPONSES,
+    route_class=ReleasingRoute,
+)
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 NOT_READY = {409: {"description": "The job has not succeeded (code artifacts_not_ready)"}}
 

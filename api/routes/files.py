@@ -9,10 +9,13 @@ from fastapi import APIRouter, Form, UploadFile
 from api import services
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import ERROR_RESPONSES
+from api.routing import ReleasingRoute
 from api.schemas import ErrorResponse, FilePublic, FilePurpose
 from store.models import File
 
-router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES, route_class=ReleasingRoute
+)
 
 
 def file_public(file: File) -> FilePublic:

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from api import services
 from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import ERROR_RESPONSES, APIError
+from api.routing import ReleasingRoute
 from api.schemas import (
     EventList,
     EventPublic,
@@ -32,7 +33,12 @@ from worker.webhooks import notify_job
 POLL_SECONDS = 0.5
 KEEPALIVE_POLLS = 30
 
-router = APIRouter(prefix="/v1/repair-jobs", tags=["repair-jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/repair-jobs",
+    tags=["repair-jobs"],
+    responses=ERROR_RESPONSES,
+    route_class=ReleasingRoute,
+)
 
 
 def job_public(job: Job) -> RepairJobPublic:
