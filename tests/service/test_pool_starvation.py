@@ -61,3 +61,22 @@ async def test_requests_beyond_threads_and_connections_all_succeed(
         limiter.total_tokens = tokens
         app.state.engine.dispose()
     assert statuses == [200] * 8
+
+
+def test_every_api_route_releases_its_connection(inproc):
+    """A new router without `route_class=ReleasingRoute` would bring the stall back."""
+    from fastapi.routing import APIRoute
+
+    from api.routing import ReleasingRoute
+
+    def api_routes(routes: list) -> list[APIRoute]:  # FastAPI may wrap included routers
+        found = []
+        for route in routes:
+            router = getattr(route, "original_router", None)
+            found += api_routes(router.routes) if router else []
+            found += [route] if isinstance(route, APIRoute) else []
+        return found
+
+    routes = api_routes(inproc.app.routes)
+    assert len(routes) >= 10
+    assert [r.path for r in routes if not isinstance(r, ReleasingRoute)] == []
