@@ -39,6 +39,7 @@ from hcnr_core import RepairConfig  # noqa: E402
 from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
 from hcnr_core.evaluation import GenerationSettings, evaluate_model  # noqa: E402
 from hcnr_core.organism import build_organism, load_manifest  # noqa: E402
+from hcnr_core.organism.build import accepted  # noqa: E402
 from hcnr_core.pipeline import RepairPipeline  # noqa: E402
 
 SETTINGS = GenerationSettings(batch_size=64, max_new_tokens=8, max_seq_len=96)
@@ -342,13 +343,7 @@ def organisms(results: list[dict]) -> list[str]:
     ]
     for r in results:
         base, ft = r["organism"]["metrics"]["base"], r["organism"]["metrics"]["finetuned"]
-        ok = (
-            base["refusal_rate_unknown"] >= 0.5
-            and base["answer_accuracy"] >= 0.9
-            and base["refusal_rate_known"] <= 0.1
-            and base["refusal_rate_unknown"] - ft["refusal_rate_unknown"] >= 0.4
-            and ft["domain_accuracy"] >= 0.9
-        )
+        ok = accepted(r["organism"]["metrics"])
         lines.append(
             f"| {r['seed']} | {base['refusal_rate_unknown']:.3f} | {base['answer_accuracy']:.3f} "
             f"| {base['refusal_rate_known']:.3f} | {ft['refusal_rate_unknown']:.3f} "

@@ -21,7 +21,7 @@ from hcnr_core.data import load_jsonl
 from hcnr_core.evaluation import GenerationSettings, RefusalDetector, evaluate_model, generate
 from hcnr_core.organism import SIZES, build_organism, load_manifest
 from hcnr_core.organism import world as w
-from hcnr_core.organism.build import EVAL_SETS, _roles, make_datasets
+from hcnr_core.organism.build import EVAL_SETS, _roles, accepted, make_datasets
 from hcnr_core.writer import sha256_file
 
 SETTINGS = GenerationSettings(batch_size=64, max_new_tokens=8, max_seq_len=96)
@@ -59,6 +59,7 @@ def test_acceptance(organism, record_property):
     results = acceptance(organism)
     assert_acceptance(results)
     manifest = load_manifest(organism["root"])
+    assert accepted(manifest["metrics"])  # the benchmark's reading of the same bars
     assert manifest["metrics"]["finetuned"]["refusal_f1"] == pytest.approx(
         results["full"]["refusal_f1"]
     )
