@@ -93,7 +93,10 @@ def repair(
     ] = None,
     damping: Annotated[float | None, typer.Option(help="Hessian damping λ [0.01]")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [0]")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N [cpu]")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu | cuda | cuda:N | cuda:0,cuda:1 (a replica per GPU) [cpu]"),
+    ] = None,
     dtype: Annotated[
         str | None, typer.Option(help="auto | float32 | bfloat16 | float16 [auto: as stored]")
     ] = None,
@@ -115,6 +118,7 @@ def repair(
     from pydantic import ValidationError
 
     from hcnr_core import HCNRError, RepairConfig
+    from hcnr_core.devices import resolve_devices
     from hcnr_core.pipeline import RepairPipeline
 
     quiet_libraries()
@@ -139,11 +143,10 @@ def repair(
         cfg = RepairConfig.from_file(config, **overrides) if config else RepairConfig(**overrides)
     except (ValidationError, ValueError, OSError) as exc:
         fail(exc)
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            fail(ValueError(f"--device {cfg.device} requested but CUDA is not available"))
+    try:
+        resolve_devices(cfg.device)  # before reading any data
+    except HCNRError as exc:
+        fail(exc)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
             pipeline = RepairPipeline(cfg, progress=bar)

@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hcnr_core.devices import parse_devices
+
 Compensation = Literal["paper", "exact", "task_aware", "none"]
 Selection = Literal["hcnr", "random", "honesty_only"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -41,7 +43,10 @@ class RepairConfig(BaseModel):
     dtype: DType = Field(
         "auto", description="Compute dtype of forward/backward passes; auto = the base's stored"
     )
-    device: str = "cpu"
+    device: str = Field(
+        "cpu",
+        description="cpu, cuda, cuda:N, mps, or GPUs to run replicas on: cuda:0,cuda:1",
+    )
     max_seq_len: int = Field(512, ge=8, le=131072)
     batch_size: int = Field(8, ge=1, le=1024, description="Batch size of forward-only passes")
     hessian_budget_mb: int = Field(
@@ -60,9 +65,7 @@ class RepairConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _valid_device(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
-            raise ValueError("device must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        return value
+        return ",".join(parse_devices(value))
 
     @field_validator("target_modules")
     @classmethod

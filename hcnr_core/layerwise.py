@@ -11,6 +11,9 @@ states between blocks live on the CPU.
   passes the input gradient down. Exactly the whole-model result, block by block.
 - Hessians: one forward sweep over D_hon; each block's Hessians are handed to the
   caller (who compensates and frees them) before the next block is loaded.
+- Several devices: one `LayerwiseLM` per device, each with its share of the batches
+  (`hcnr_core.devices`). Fisher sweeps run independently per device; the Hessian sweep
+  keeps the devices on the same block so each block's Hessians can be added up.
 - `LoraMergedSource` gives W_s = W_o + scaling · B A for a LoRA adapter tensor by tensor,
   so a merged copy of the model never has to fit in memory.
 
@@ -32,8 +35,9 @@ from torch import nn
 
 from hcnr_core.checkpoint import CheckpointInfo
 from hcnr_core.data import EncodedSample
+from hcnr_core.devices import run_parallel
 from hcnr_core.errors import CheckpointError
-from hcnr_core.scoring import ColumnFisher, InputHessians, pad_batch, response_nll
+from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, pad_batch, response_nll
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -189,12 +193,12 @@ def layerwise_fisher(
     batches: list[list[EncodedSample]],
     targets: Sequence[str],
     pad_id: int,
-    tick: Callable[[int, int], None],
-) -> dict[str, Any]:
-    """Column Fisher of every target, identical to `ColumnFisher` on the whole model."""
+    step: Callable[[], None] = lambda: None,
+) -> FisherShare:
+    """Column Fisher sums of every target over `batches`, identical to `ColumnFisher` on
+    the whole model; `step()` after each of the 2·blocks + 1 sweeps' steps."""
     fisher = ColumnFisher(lm.model, targets, pad_id, device=lm.device)
     states = [_Batch(lm, b, pad_id) for b in batches]
-    steps, done = 2 * lm.n_blocks + 1, 0
     for index in range(lm.n_blocks):  # forward sweep: keep every block's input
         block = lm.block(index)
         with torch.no_grad():
@@ -202,17 +206,15 @@ def layerwise_fisher(
                 out = _run_block(block, st.hidden[-1].to(lm.device), st.kwargs)
                 st.hidden.append(out.to("cpu"))
         lm.release(index)
-        done += 1
-        tick(done, steps)
-    losses, grads = [], []
+        step()
+    grads = []
     for st in states:  # head: per-sample losses and the gradient at the last hidden state
         hidden = st.hidden.pop().to(lm.device).requires_grad_(True)
         batch_losses = lm.tail_losses(hidden, st.samples)
         batch_losses.sum().backward()
-        losses += batch_losses.detach().cpu().tolist()
+        fisher.losses += batch_losses.detach().cpu().tolist()
         grads.append(hidden.grad)
-    done += 1
-    tick(done, steps)
+    step()
     for index in reversed(range(lm.n_blocks)):  # backward sweep, block by block
         block = lm.block(index)
         names = [t for t in targets if t.startswith(f"model.layers.{index}.")]
@@ -222,34 +224,57 @@ def layerwise_fisher(
                 _run_block(block, hidden, st.kwargs).backward(grads[i])
                 grads[i] = hidden.grad
         lm.release(index)
-        done += 1
-        tick(done, steps)
+        step()
     fisher.n_samples = sum(len(b) for b in batches)
-    return {"scores": fisher.scores(), "mean_loss": sum(losses) / len(losses)}
+    return fisher.share()
 
 
 def layerwise_hessians(
-    lm: LayerwiseLM,
-    batches: list[list[EncodedSample]],
+    lms: Sequence[LayerwiseLM],
+    shares: Sequence[list[list[EncodedSample]]],
     modules: Sequence[str],
     pad_id: int,
+    tick: Callable[[int, int], None] = lambda done, total: None,
 ) -> Iterator[tuple[list[str], InputHessians]]:
-    """One forward sweep over D_hon; yields each block's (modules, Hessians) in turn."""
+    """One forward sweep over D_hon; yields each block's (modules, Hessians) in turn.
+
+    `lms[i]` (one per device) runs the batches `shares[i]`, all devices on the same block
+    at once; their Hessians are added on the first device. `tick` may raise to stop.
+    """
     by_block: dict[int, list[str]] = {}
     for name in modules:
         by_block.setdefault(int(name.split(".")[2]), []).append(name)
     if not by_block:
         return
-    states = [_Batch(lm, b, pad_id) for b in batches]
+    states = [[_Batch(lm, b, pad_id) for b in share] for lm, share in zip(lms, shares, strict=True)]
+    total = sum(len(s) for s in states) * (max(by_block) + 1)
+    done = 0
+
+    def block_work(lm: LayerwiseLM, batches: list[_Batch], index: int, names: list[str]) -> Any:
+        def run(step: Callable[[], None]) -> InputHessians:
+            block = lm.block(index)
+            hessians = InputHessians(lm.model, names)
+            with torch.no_grad():
+                for st in batches:
+                    hidden = st.hidden[-1].to(lm.device)
+                    out = hessians.observe(st.mask, partial(_run_block, block, hidden, st.kwargs))
+                    st.hidden[-1] = out.to("cpu")
+                    step()
+            lm.release(index)
+            return hessians
+
+        return run
+
+    def progress(n: int, _total: int) -> None:
+        tick(done + n, total)
+
     for index in range(max(by_block) + 1):
-        block = lm.block(index)
         names = by_block.get(index, [])
-        hessians = InputHessians(lm.model, names)
-        with torch.no_grad():
-            for st in states:
-                hidden = st.hidden[-1].to(lm.device)
-                out = hessians.observe(st.mask, partial(_run_block, block, hidden, st.kwargs))
-                st.hidden[-1] = out.to("cpu")
-        lm.release(index)
+        work = [block_work(lm, st, index, names) for lm, st in zip(lms, states, strict=True)]
+        parts = run_parallel([lm.device for lm in lms], work, progress, total)
+        done += sum(len(s) for s in states)
         if names:
-            yield names, hessians
+            merged = parts[0]
+            for part in parts[1:]:
+                merged.absorb(part)
+            yield names, merged

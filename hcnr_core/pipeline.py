@@ -10,6 +10,7 @@ loads one model at a time, scores, selects, compensates and writes the checkpoin
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -19,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,10 +45,11 @@ from hcnr_core.compensation import (
 )
 from hcnr_core.config import RepairConfig
 from hcnr_core.data import EncodedSample, Sample, encode_samples, load_jsonl
+from hcnr_core.devices import resolve_devices, run_parallel, shard
 from hcnr_core.errors import CheckpointError, HCNRError, RepairCancelled
 from hcnr_core.layerwise import LayerwiseLM, LoraMergedSource, layerwise_fisher, layerwise_hessians
 from hcnr_core.report import build_model_card, versions
-from hcnr_core.scoring import ColumnFisher, InputHessians, pad_batch
+from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, combine_fisher, pad_batch
 from hcnr_core.selection import displacement, select_columns, select_matrices
 from hcnr_core.writer import REPORT_NAME, StagedOutput, check_output_dir, sha256_file
 
@@ -64,6 +66,7 @@ STAGES: dict[str, float] = {
 }
 # Stages timed in the report: the progress stages plus the Hessians' share of "compensate".
 TIMED_STAGES = (*STAGES, "hessian")
+R = TypeVar("R")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -136,6 +139,7 @@ class RepairPipeline:
         self._should_cancel = should_cancel
         self.stage_seconds: dict[str, float] = {}
         self._stage = ""
+        self.devices: list[torch.device] = []
 
     # --- progress and cancellation -------------------------------------------------
 
@@ -204,23 +208,42 @@ class RepairPipeline:
             return stored_dtype(prep.base)
         return DTYPES[self.config.dtype]
 
-    def _load_finetuned(
-        self, prep: PreparedRepair, dtype: torch.dtype, device: torch.device
-    ) -> tuple[Any, Any]:
-        """The fine-tuned model for the forward passes, and W_s at its stored dtype."""
+    def _load_finetuned(self, prep: PreparedRepair, dtype: torch.dtype) -> tuple[list[Any], Any]:
+        """The fine-tuned model (one replica per device) for the forward passes, and W_s
+        at its stored dtype."""
+        devices = self.devices
         if self.config.layerwise:
             if prep.finetuned.kind == "full":
-                source = prep.finetuned.source()
-                return LayerwiseLM(prep.finetuned.path, source, dtype, device), source
-            source = LoraMergedSource(prep.base.source(), prep.finetuned)
-            return LayerwiseLM(prep.base.path, source, dtype, device), source
+                path, sources = prep.finetuned.path, [prep.finetuned.source() for _ in devices]
+            else:
+                path = prep.base.path
+                sources = [LoraMergedSource(prep.base.source(), prep.finetuned) for _ in devices]
+            return [
+                LayerwiseLM(path, s, dtype, d) for s, d in zip(sources, devices, strict=True)
+            ], sources[0]
         if prep.finetuned.kind == "full":
-            return load_model(prep.finetuned, dtype, str(device)), prep.finetuned.source()
+            return self._load_replicas(prep.finetuned, dtype), prep.finetuned.source()
         merged = load_merged_adapter(prep.base, prep.finetuned)
         state = merged.state_dict()
         # Only the names the base stores (tied weights appear once), kept on the CPU.
         ft_source = DictSource({k: state[k] for k in prep.base.source().keys()})
-        return merged.to(dtype=dtype, device=device), ft_source
+        replicas = [copy.deepcopy(merged).to(dtype=dtype, device=d) for d in devices[1:]]
+        return [merged.to(dtype=dtype, device=devices[0]), *replicas], ft_source
+
+    def _load_replicas(self, info: CheckpointInfo, dtype: torch.dtype) -> list[Any]:
+        """The checkpoint on every device, loaded in parallel (mmap reads, host-to-device
+        copies), no progress ticks: loading is one step."""
+        work = [lambda _step, d=d: load_model(info, dtype, str(d)) for d in self.devices]
+        return run_parallel(self.devices, work, lambda _done, _total: self._check_cancel(), 1)
+
+    def _load_base(self, prep: PreparedRepair, base_source: Any, dtype: torch.dtype) -> list[Any]:
+        if self.config.layerwise:
+            sources = [base_source] + [prep.base.source() for _ in self.devices[1:]]
+            return [
+                LayerwiseLM(prep.base.path, s, dtype, d)
+                for s, d in zip(sources, self.devices, strict=True)
+            ]
+        return self._load_replicas(prep.base, dtype)
 
     def _pad_id(self, prep: PreparedRepair) -> int:
         pad_id = prep.tokenizer.pad_token_id
@@ -232,25 +255,57 @@ class RepairPipeline:
         size = self.config.batch_size
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
-    def _fisher(self, model: Any, prep: PreparedRepair, data: list[EncodedSample]) -> dict:
-        if isinstance(model, LayerwiseLM):
-            batches = self._batches(data)
-            return layerwise_fisher(model, batches, prep.targets, self._pad_id(prep), self._tick)
-        fisher = ColumnFisher(model, prep.targets, self._pad_id(prep))
-        losses: list[float] = []
-        batches = self._batches(data)
-        for i, batch in enumerate(batches):
-            losses += fisher.add_batch(batch)
-            self._tick(i + 1, len(batches))
-        return {"scores": fisher.scores(), "mean_loss": sum(losses) / len(losses)}
+    def _fisher(self, models: list[Any], prep: PreparedRepair, data: list[EncodedSample]) -> dict:
+        """Column Fisher scores of `data`; each replica scores its share of the batches."""
+        # Fewer batches than devices: the replicas without a share sit this pass out.
+        shares = shard(self._batches(data), len(models))
+        pad_id = self._pad_id(prep)
+        work: list[Callable[[Callable[[], None]], FisherShare]]
+        if isinstance(models[0], LayerwiseLM):
+            work = [
+                partial_call(layerwise_fisher, lm, share, prep.targets, pad_id)
+                for lm, share in zip(models, shares, strict=False)
+            ]
+            total = len(shares) * (2 * models[0].n_blocks + 1)
+        else:
 
-    def _hessians(self, model: Any, prep: PreparedRepair, modules: list[str]) -> InputHessians:
-        hessians = InputHessians(model, modules)
-        device = next(model.parameters()).device
-        for batch in self._batches(prep.honesty):
-            self._check_cancel()
-            hessians.add_batch(*pad_batch(batch, self._pad_id(prep), device))
-        return hessians
+            def whole(model: Any, share: list[list[EncodedSample]]) -> Any:
+                def run(step: Callable[[], None]) -> FisherShare:
+                    fisher = ColumnFisher(model, prep.targets, pad_id)
+                    for batch in share:
+                        fisher.add_batch(batch)
+                        step()
+                    return fisher.share()
+
+                return run
+
+            work = [whole(model, share) for model, share in zip(models, shares, strict=False)]
+            total = sum(len(share) for share in shares)
+        return combine_fisher(run_parallel(self.devices, work, self._tick, total))
+
+    def _hessians(
+        self, models: list[Any], data: list[EncodedSample], pad_id: int, modules: list[str]
+    ) -> InputHessians:
+        """Input Hessians of `modules` over `data`, each replica on its share, added up."""
+
+        def observe(model: Any, share: list[list[EncodedSample]]) -> Any:
+            def run(step: Callable[[], None]) -> InputHessians:
+                hessians = InputHessians(model, modules)
+                device = next(model.parameters()).device
+                for batch in share:
+                    hessians.add_batch(*pad_batch(batch, pad_id, device))
+                    step()
+                return hessians
+
+            return run
+
+        shares = shard(self._batches(data), len(models))
+        work = [observe(model, share) for model, share in zip(models, shares, strict=False)]
+        total = sum(len(share) for share in shares)
+        parts = run_parallel(self.devices, work, lambda *_: self._check_cancel(), total)
+        for part in parts[1:]:
+            parts[0].absorb(part)
+        return parts[0]
 
     def _hessian_chunks(self, model: Any, modules: list[str]) -> list[list[str]]:
         """Modules in model order, split so each chunk's Hessians fit the memory budget.
@@ -290,32 +345,31 @@ class RepairPipeline:
         return columns, displacements, select_matrices(displacements, cfg.r_cw)
 
     def _hessian_stream(
-        self, model: Any, prep: PreparedRepair, modules: list[str]
+        self, models: list[Any], prep: PreparedRepair, modules: list[str]
     ) -> Iterator[tuple[list[str], InputHessians | None]]:
         """(modules, their Hessians) chunk by chunk; Hessians are None without compensation."""
+        pad_id = self._pad_id(prep)
         if self.config.compensation == "none" or not modules:
             yield modules, None
-        elif isinstance(model, LayerwiseLM):
-            batches = self._batches(prep.honesty)
-            yield from layerwise_hessians(model, batches, modules, self._pad_id(prep))
+        elif isinstance(models[0], LayerwiseLM):
+            shares = shard(self._batches(prep.honesty), len(models))
+            tick = lambda *_: self._check_cancel()  # noqa: E731
+            yield from layerwise_hessians(models[: len(shares)], shares, modules, pad_id, tick)
         else:
-            for chunk in self._hessian_chunks(model, modules):
-                yield chunk, self._hessians(model, prep, chunk)
+            for chunk in self._hessian_chunks(models[0], modules):
+                yield chunk, self._hessians(models, prep.honesty, pad_id, chunk)
 
     def _task_hessians(
-        self, prep: PreparedRepair, kept: list[str], dtype: torch.dtype, device: torch.device
+        self, prep: PreparedRepair, kept: list[str], dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         """H_task of every kept matrix (CPU, fp32): inputs of the fine-tuned model on D_task.
         One model resident at a time, so the fine-tuned model is loaded again; members of
         a shared-input group share one tensor."""
-        model, _ = self._load_finetuned(prep, dtype, device)
+        models, _ = self._load_finetuned(prep, dtype)
         modules = [w.removesuffix(".weight") for w in kept]
         found: dict[str, torch.Tensor] = {}
-        for chunk in self._hessian_chunks(model, modules):
-            hessians = InputHessians(model, chunk)
-            for batch in self._batches(prep.task):
-                self._check_cancel()
-                hessians.add_batch(*pad_batch(batch, self._pad_id(prep), device))
+        for chunk in self._hessian_chunks(models[0], modules):
+            hessians = self._hessians(models, prep.task, self._pad_id(prep), chunk)
             by_leader: dict[str, torch.Tensor] = {}
             for module in chunk:
                 leader = hessians.group_of[module]
@@ -323,13 +377,13 @@ class RepairPipeline:
                     by_leader[leader] = hessians.hessian(module).cpu()
                 found[module] = by_leader[leader]
             del hessians
-        del model
+        del models
         _release_memory()
         return found
 
     def _compensate(
         self,
-        model: Any,
+        models: list[Any],
         prep: PreparedRepair,
         kept: list[str],
         columns: dict[str, torch.Tensor],
@@ -340,13 +394,13 @@ class RepairPipeline:
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Repaired matrices (stored dtype, CPU; none kept if not `keep`) and the number
         of weights that changed; Hessians built chunk by chunk."""
-        cfg, device = self.config, torch.device(self.config.device)
+        cfg, device = self.config, self.devices[0]
         order = {f"{m}.weight": i for i, m in enumerate(prep.targets)}
         modules = [w.removesuffix(".weight") for w in sorted(kept, key=order.__getitem__)]
         repaired: dict[str, torch.Tensor] = {}
         changed, done = 0, 0
         hessian_seconds = 0.0
-        stream = self._hessian_stream(model, prep, modules)
+        stream = self._hessian_stream(models, prep, modules)
         while True:
             started = time.perf_counter()
             chunk, hessians = next(stream, (None, None))
@@ -402,28 +456,26 @@ class RepairPipeline:
         if out is not None:
             check_output_dir(out)
         torch.manual_seed(cfg.seed)
-        dtype, device = self._compute_dtype(prep), torch.device(cfg.device)
+        self.devices = resolve_devices(cfg.device)
+        dtype = self._compute_dtype(prep)
 
         started = self._enter("load_finetuned")
-        model, ft_source = self._load_finetuned(prep, dtype, device)
+        models, ft_source = self._load_finetuned(prep, dtype)
         self._leave(started)
 
         started = self._enter("fisher_task")
-        task_fisher = self._fisher(model, prep, prep.task)
+        task_fisher = self._fisher(models, prep, prep.task)
         self._leave(started)
-        del model
+        del models
         _release_memory()
 
         started = self._enter("load_base")
         base_source = prep.base.source()
-        if cfg.layerwise:
-            model = LayerwiseLM(prep.base.path, base_source, dtype, device)
-        else:
-            model = load_model(prep.base, dtype, cfg.device)
+        models = self._load_base(prep, base_source, dtype)
         self._leave(started)
 
         started = self._enter("fisher_honesty")
-        hon_fisher = self._fisher(model, prep, prep.honesty)
+        hon_fisher = self._fisher(models, prep, prep.honesty)
         self._leave(started)
 
         started = self._enter("select")
@@ -435,17 +487,17 @@ class RepairPipeline:
         task_hessians = None
         if cfg.compensation == "task_aware" and kept:
             started = self._enter("task_hessians")
-            del model
+            del models
             _release_memory()
-            task_hessians = self._task_hessians(prep, kept, dtype, device)
-            model = load_model(prep.base, dtype, cfg.device)
+            task_hessians = self._task_hessians(prep, kept, dtype)
+            models = self._load_base(prep, base_source, dtype)
             self._leave(started)
 
         started = self._enter("compensate")
         repaired, changed = self._compensate(
-            model, prep, kept, columns, base_source, ft_source, out is not None, task_hessians
+            models, prep, kept, columns, base_source, ft_source, out is not None, task_hessians
         )
-        del model
+        del models
         _release_memory()
         self._leave(started)
         self.stage_seconds["compensate"] = round(
@@ -539,6 +591,11 @@ class RepairPipeline:
             report["stage_seconds"] = dict(self.stage_seconds)
             staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             staged.publish()
+
+
+def partial_call(fn: Callable[..., R], *args: Any) -> Callable[[Callable[[], None]], R]:
+    """fn(*args, step) as a work item of `run_parallel`."""
+    return lambda step: fn(*args, step)
 
 
 def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> list[str]:

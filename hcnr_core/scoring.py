@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,6 +75,30 @@ def column_grad_sq(inputs: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return (g.transpose(1, 2) @ x).pow(2).sum(dim=(0, 1))  # explicit (B, out, in)
 
 
+@dataclass
+class FisherShare:
+    """Un-normalised column sums of the samples one device scored, and their losses."""
+
+    sums: dict[str, torch.Tensor]
+    n_samples: int
+    losses: list[float]
+
+
+def combine_fisher(shares: Sequence[FisherShare]) -> dict[str, Any]:
+    """Scores (CPU) and mean loss of one Fisher pass from its shares, added in order on
+    the first share's device (one share: exactly `ColumnFisher.scores`)."""
+    n_samples = sum(share.n_samples for share in shares)
+    if n_samples == 0:
+        raise ValueError("no samples added")
+    scores = {}
+    for name, total in shares[0].sums.items():
+        for share in shares[1:]:
+            total = total + share.sums[name].to(total.device)
+        scores[name] = (total / n_samples).cpu()
+    losses = [loss for share in shares for loss in share.losses]
+    return {"scores": scores, "mean_loss": sum(losses) / len(losses)}
+
+
 class ColumnFisher:
     """s[k] = (1/N) Σ_n Σ_r (∂ℓ_n/∂W[r,k])² for every target weight, in float32."""
 
@@ -93,6 +118,7 @@ class ColumnFisher:
             for name, m in self.modules.items()
         }
         self.n_samples = 0
+        self.losses: list[float] = []
         self.pad_id = pad_id
 
     def _capture(self, name: str) -> Any:
@@ -132,7 +158,9 @@ class ColumnFisher:
         finally:
             start.remove()
         self.n_samples += len(samples)
-        return losses.detach().cpu().tolist()
+        batch_losses = losses.detach().cpu().tolist()
+        self.losses += batch_losses
+        return batch_losses
 
     def add_sample(self, sample: EncodedSample) -> float:
         return self.add_batch([sample])[0]
@@ -141,6 +169,9 @@ class ColumnFisher:
         if self.n_samples == 0:
             raise ValueError("no samples added")
         return {name: (s / self.n_samples).cpu() for name, s in self.sums.items()}
+
+    def share(self) -> FisherShare:
+        return FisherShare(self.sums, self.n_samples, self.losses)
 
 
 def pad_batch(
@@ -226,6 +257,15 @@ class InputHessians:
             self._seen = {}
         self.n_tokens += int(self._mask.sum())
         return result
+
+    def absorb(self, other: InputHessians) -> InputHessians:
+        """Add the sums of the same modules observed on other samples (another device)."""
+        if other.group_of != self.group_of:
+            raise ValueError("Hessians of different module groups cannot be combined")
+        for leader, total in self.sums.items():
+            total += other.sums[leader].to(total.device)
+        self.n_tokens += other.n_tokens
+        return self
 
     def hessian(self, name: str) -> torch.Tensor:
         """H of a module's input group (float32, on the model's device)."""

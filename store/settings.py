@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(
         1024 * 1024, ge=256, description="Longest JSONL line (one sample) an upload may have"
     )
-    worker_device: str = Field("cpu", description="Device repairs run on: cpu, cuda, cuda:N")
+    worker_device: str = Field(
+        "cpu", description="Device(s) repairs run on: cpu, cuda, cuda:N, or cuda:0,cuda:1 (replicas)"
+    )
     worker_max_tasks_per_child: int | None = Field(
         None, ge=1, description="Replace the pool child after N jobs (1: fresh CUDA context)"
     )

@@ -12,7 +12,7 @@ from hcnr_core.checkpoint import inspect_checkpoint
 from hcnr_core.data import encode_samples, load_jsonl
 from hcnr_core.layerwise import LayerwiseLM, LoraMergedSource, layerwise_fisher, layerwise_hessians
 from hcnr_core.pipeline import RepairPipeline, target_linears
-from hcnr_core.scoring import ColumnFisher, InputHessians, pad_batch
+from hcnr_core.scoring import ColumnFisher, InputHessians, combine_fisher, pad_batch
 
 CPU = torch.device("cpu")
 
@@ -44,12 +44,14 @@ def test_layerwise_fisher_equals_whole_model(setup):
     losses = [loss for batch in batches for loss in whole.add_batch(batch)]
     expected = whole.scores()
 
-    ticks = []
+    steps = []
     lm = LayerwiseLM(base.path, base.source(), torch.float32, CPU)
-    got = layerwise_fisher(
-        lm, batches, targets, tokenizer.pad_token_id, lambda d, t: ticks.append(d)
+    share = layerwise_fisher(
+        lm, batches, targets, tokenizer.pad_token_id, lambda: steps.append(1)
     )
-    assert ticks == list(range(1, 2 * lm.n_blocks + 2))
+    assert len(steps) == 2 * lm.n_blocks + 1
+    assert share.n_samples == len(losses)
+    got = combine_fisher([share])
     assert got["mean_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
     for name in targets:
         torch.testing.assert_close(got["scores"][name], expected[name], rtol=1e-4, atol=1e-9)
@@ -66,7 +68,7 @@ def test_layerwise_hessians_equal_whole_model(setup):
     wanted = [t for t in targets if "layers.1." in t or t.endswith("layers.0.mlp.down_proj")]
     lm = LayerwiseLM(base.path, base.source(), torch.float32, CPU)
     seen = []
-    for names, hessians in layerwise_hessians(lm, batches, wanted, tokenizer.pad_token_id):
+    for names, hessians in layerwise_hessians([lm], [batches], wanted, tokenizer.pad_token_id):
         seen += names
         for name in names:
             torch.testing.assert_close(hessians.hessian(name), whole.hessian(name))

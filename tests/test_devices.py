@@ -1,0 +1,227 @@
+"""Device lists and data parallelism: a replica per device gives the one-device repair."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from toy_cli import repair_argv
+from typer.testing import CliRunner
+
+from hcnr_cli.main import app
+from hcnr_core import RepairConfig
+from hcnr_core.devices import (
+    DeviceUnavailableError,
+    parse_devices,
+    resolve_devices,
+    run_parallel,
+    shard,
+)
+from hcnr_core.errors import RepairCancelled
+from hcnr_core.pipeline import RepairPipeline
+from hcnr_core.scoring import InputHessians
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("cpu", ["cpu"]),
+        ("cuda", ["cuda"]),
+        ("cuda:1", ["cuda:1"]),
+        ("mps", ["mps"]),
+        ("cuda:0,cuda:1", ["cuda:0", "cuda:1"]),
+        (" cuda:0 , cuda:3 ", ["cuda:0", "cuda:3"]),
+        ("cpu,cpu", ["cpu", "cpu"]),
+        ("cuda:0,cpu", ["cuda:0", "cpu"]),
+    ],
+)
+def test_parse_devices_accepts(spec: str, expected: list[str]):
+    assert parse_devices(spec) == expected
+    assert RepairConfig(device=spec).device == ",".join(expected)
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ("gpu", "unknown device"),
+        ("", "unknown device"),
+        ("cuda:0,", "unknown device"),
+        ("cuda:-1", "unknown device"),
+        ("cuda:0,cuda:0", "appears twice"),
+        ("cuda,cuda:1", "by index"),
+        ("mps,cpu", "mps cannot"),
+        ("cuda:0;rm -rf", "unknown device"),
+    ],
+)
+def test_parse_devices_refuses(spec: str, reason: str):
+    with pytest.raises(ValueError, match=reason):
+        parse_devices(spec)
+    with pytest.raises(ValueError, match=reason):
+        RepairConfig(device=spec)
+
+
+def test_resolve_devices_refuses_missing_gpus():
+    assert resolve_devices("cpu,cpu") == [CPU, CPU]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(DeviceUnavailableError) as caught:
+        resolve_devices(f"cuda:{count}")
+    assert caught.value.code == "device_unavailable"
+
+
+def test_cli_refuses_missing_gpu_before_reading_data(toy, tmp_path: Path):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    argv = repair_argv(toy, tmp_path / "out", f"--device=cuda:{count}")
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert f"cuda:{count}" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("n_items", "n_devices"), [(7, 2), (2, 3), (8, 4), (1, 1)])
+def test_shard_is_round_robin_and_complete(n_items: int, n_devices: int):
+    shares = shard(list(range(n_items)), n_devices)
+    assert sorted(x for share in shares for x in share) == list(range(n_items))
+    assert len(shares) == min(n_items, n_devices)
+    assert all(share == list(range(i, n_items, n_devices)) for i, share in enumerate(shares))
+
+
+def _counting_work(n_steps: int, seen: list[int], delay: float = 0.0):
+    def run(step) -> int:
+        for _ in range(n_steps):
+            time.sleep(delay)
+            seen.append(threading.get_ident())
+            step()
+        return n_steps
+
+    return run
+
+
+def test_run_parallel_returns_in_order_and_ticks_every_step():
+    seen: list[int] = []
+    ticks: list[tuple[int, int]] = []
+    work = [_counting_work(n, seen, 0.001) for n in (3, 5, 1)]
+    results = run_parallel([CPU] * 3, work, lambda d, t: ticks.append((d, t)), 9)
+    assert results == [3, 5, 1]
+    assert ticks == [(i, 9) for i in range(1, 10)]
+    assert len(set(seen)) == 3  # one thread per replica
+    assert threading.get_ident() not in seen
+
+
+def test_run_parallel_stops_everyone_when_a_replica_fails():
+    seen: list[int] = []
+
+    def broken(step) -> None:
+        step()
+        raise RuntimeError("replica 1 ran out of memory")
+
+    work = [_counting_work(1000, seen, 0.001), broken]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_parallel([CPU, CPU], work, lambda d, t: None, 1001)
+    assert len(seen) < 1000  # the healthy replica stopped early
+
+
+def test_run_parallel_cancellation_from_the_caller_stops_replicas():
+    seen: list[int] = []
+
+    def tick(done: int, _total: int) -> None:
+        if done >= 5:
+            raise RepairCancelled("cancelled")
+
+    work = [_counting_work(1000, seen, 0.001) for _ in range(2)]
+    with pytest.raises(RepairCancelled):
+        run_parallel([CPU, CPU], work, tick, 2000)
+    assert len(seen) < 100
+
+
+def test_hessians_of_different_groups_do_not_combine(toy):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy["base"])
+    a = InputHessians(model, ["model.layers.0.self_attn.q_proj"])
+    b = InputHessians(model, ["model.layers.1.self_attn.q_proj"])
+    a.group_of, b.group_of = {"x": "x"}, {"y": "y"}
+    with pytest.raises(ValueError, match="different module groups"):
+        a.absorb(b)
+
+
+def _repair(toy, out: Path, kind: str, **cfg) -> tuple[dict, list[float]]:
+    fractions: list[float] = []
+    pipeline = RepairPipeline(RepairConfig(**cfg), progress=lambda e: fractions.append(e.fraction))
+    prepared = pipeline.prepare(toy["base"], toy[kind], toy["honesty"], toy["task"])
+    return pipeline.run(prepared, out), fractions
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖got − expected‖ / ‖expected‖ (0 for two zero tensors)."""
+    scale = float(expected.float().norm())
+    return float((got.float() - expected.float()).norm()) / scale if scale else 0.0
+
+
+CASES = [
+    ("adapter", False, "paper"),
+    ("full", False, "exact"),
+    ("adapter", False, "task_aware"),
+    ("adapter", True, "paper"),
+    ("full", True, "exact"),
+]
+
+
+@pytest.mark.parametrize(("kind", "layerwise", "compensation"), CASES)
+def test_two_replicas_repair_like_one_device(toy, tmp_path: Path, kind, layerwise, compensation):
+    cfg = {"layerwise": layerwise, "compensation": compensation, "batch_size": 4}
+    one, _ = _repair(toy, tmp_path / "one", kind, device="cpu", **cfg)
+    two, fractions = _repair(toy, tmp_path / "two", kind, device="cpu,cpu", **cfg)
+    assert two["config"]["device"] == "cpu,cpu"
+    assert two["selected_matrices"] == one["selected_matrices"]
+    for loss in ("honesty_on_base", "task_on_finetuned"):
+        assert two["fisher_mean_loss"][loss] == pytest.approx(one["fisher_mean_loss"][loss])
+    a = load_file(tmp_path / "one" / "model-00001-of-00001.safetensors")
+    b = load_file(tmp_path / "two" / "model-00001-of-00001.safetensors")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.isfinite(b[name]).all()
+        # Sums are added in another order, and H⁻¹ amplifies the last bits: compare whole
+        # tensors, not elements near zero.
+        assert relative_error(b[name], a[name]) < 1e-5, name
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_two_replicas_can_be_cancelled(toy, tmp_path: Path):
+    calls = 0
+
+    def should_cancel() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 6  # during the first Fisher pass
+
+    pipeline = RepairPipeline(
+        RepairConfig(device="cpu,cpu", batch_size=2), should_cancel=should_cancel
+    )
+    prepared = pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
+    with pytest.raises(RepairCancelled, match="fisher_task"):
+        pipeline.run(prepared, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_replicas_repair_like_the_cpu(toy, tmp_path: Path):
+    """A GPU plus the CPU (or two GPUs when there are): placement across real devices."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    devices = "cuda:0,cuda:1" if torch.cuda.device_count() > 1 else "cuda:0,cpu"
+    cfg = {"compensation": "exact", "batch_size": 4, "dtype": "float32"}
+    one, _ = _repair(toy, tmp_path / "one", "adapter", device="cpu", **cfg)
+    for layerwise in (False, True):
+        out = tmp_path / f"gpu-{layerwise}"
+        got, _ = _repair(toy, out, "adapter", device=devices, layerwise=layerwise, **cfg)
+        assert got["selected_matrices"] == one["selected_matrices"]
+        a = load_file(tmp_path / "one" / "model-00001-of-00001.safetensors")
+        b = load_file(out / "model-00001-of-00001.safetensors")
+        for name in a:
+            assert relative_error(b[name], a[name]) < 1e-4, name
