@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "hcnr-insecure-development-secret"
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
         1024 * 1024, ge=256, description="Longest JSONL line (one sample) an upload may have"
     )
     worker_device: str = Field(
-        "cpu", description="Device(s) repairs run on: cpu, cuda, cuda:N, or cuda:0,cuda:1 (replicas)"
+        "cpu", description="Device(s) repairs run on: cpu, cuda, cuda:N, cuda:0,cuda:1 (replicas)"
     )
     worker_max_tasks_per_child: int | None = Field(
         None, ge=1, description="Replace the pool child after N jobs (1: fresh CUDA context)"
@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
+
+    @field_validator("worker_device")
+    @classmethod
+    def _valid_worker_device(cls, value: str) -> str:
+        from hcnr_core.devices import parse_devices  # torch only when a setting is checked
+
+        return ",".join(parse_devices(value))
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:

@@ -46,9 +46,7 @@ def test_layerwise_fisher_equals_whole_model(setup):
 
     steps = []
     lm = LayerwiseLM(base.path, base.source(), torch.float32, CPU)
-    share = layerwise_fisher(
-        lm, batches, targets, tokenizer.pad_token_id, lambda: steps.append(1)
-    )
+    share = layerwise_fisher(lm, batches, targets, tokenizer.pad_token_id, lambda: steps.append(1))
     assert len(steps) == 2 * lm.n_blocks + 1
     assert share.n_samples == len(losses)
     got = combine_fisher([share])

@@ -317,6 +317,24 @@ def test_production_settings_refuse_unsafe_defaults(tmp_path: Path):
     assert ok.env == "production"
 
 
+@pytest.mark.parametrize(
+    ("device", "valid"),
+    [("cuda", True), ("cuda:0, cuda:1", True), ("gpu0", False), ("cuda:1,cuda:1", False)],
+)
+def test_worker_device_is_validated_at_startup(tmp_path: Path, device: str, valid: bool):
+    from pydantic import ValidationError
+
+    from store.settings import Settings
+
+    if valid:
+        assert Settings(data_dir=tmp_path, worker_device=device).worker_device == device.replace(
+            " ", ""
+        )
+    else:
+        with pytest.raises(ValidationError, match="worker_device"):
+            Settings(data_dir=tmp_path, worker_device=device)
+
+
 def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp_path: Path):
     rows = [
         {
