@@ -328,7 +328,9 @@ def _figures(report: dict, prepared: Any, total: float, device: str) -> dict[str
 
     tokens = sum(len(s.input_ids) for s in prepared.honesty + prepared.task)
     fisher_s = report["stage_seconds"]["fisher_task"] + report["stage_seconds"]["fisher_honesty"]
-    gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    gpus = [d for d in device.split(",") if d.startswith("cuda")]
+    # The largest per-device peak: each replica's device must hold it.
+    gpu_peak = max(torch.cuda.max_memory_allocated(d) for d in gpus) / 2**30 if gpus else None
     return {
         "total_s": round(total, 2),
         "stage_seconds": report["stage_seconds"],
@@ -474,9 +476,10 @@ def run_synthetic(root: Path, device: str, budget_mb: int) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(root / "base")
     config_dict = json.loads((root / "base" / "config.json").read_text())
     base = Synthetic(root / "base", "full", config_dict)
-    base._source = RandomSource(config, device, 0)
+    first = device.split(",")[0]  # weights are generated there, then copied to each replica
+    base._source = RandomSource(config, first, 0)
     finetuned = Synthetic(root / "base", "full", config_dict)
-    finetuned._source = RandomSource(config, device, 1, base=base._source, delta=0.002)
+    finetuned._source = RandomSource(config, first, 1, base=base._source, delta=0.002)
     cfg = RepairConfig(
         device=device,
         dtype="bfloat16",
@@ -505,7 +508,9 @@ def machine(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
-        return f"{torch.cuda.get_device_name(0)} + {os.cpu_count()} CPU cores"
+        gpus = len(device.split(","))
+        name = torch.cuda.get_device_name(0)
+        return f"{gpus} x {name}" if gpus > 1 else f"{name} + {os.cpu_count()} CPU cores"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
 
 
@@ -540,6 +545,7 @@ def render(results: dict[str, Any]) -> None:
             f"| {r['peak_gpu_gib'] if r['peak_gpu_gib'] is not None else '-'} |"
         )
     lines += ["", "Reproduce: `.venv/bin/python bench/scale.py --sizes SIZE... --device D`.", ""]
+    lines += _render_replicas(repairs)
     lines += _render_extra(results)
     (RESULTS / "scale.md").write_text("\n".join(lines))
     _plot(rows)
@@ -669,6 +675,48 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+def _render_replicas(repairs: list[dict[str, Any]]) -> list[str]:
+    """Device lists against one device on the same size, mode and machine."""
+    lines = []
+    for r in repairs:
+        if "," not in r["device"]:
+            continue
+        same = [
+            o
+            for o in repairs
+            if "," not in o["device"]
+            and (o["size"], o["mode"], o["machine"], o["dtype"])
+            == (r["size"], r["mode"], r["machine"], r["dtype"])
+            and o.get("threads") == len(r["device"].split(",")) * (r.get("threads") or 1)
+        ]
+        if not same:
+            continue
+        one, s, o = same[0], r["stage_seconds"], same[0]["stage_seconds"]
+        lines.append(
+            f"- {r['size']} {r['mode']}, `--device {r['device']}` x {r.get('threads')} thr: "
+            f"{r['total_s']} s (Fisher {s['fisher_task']:.1f} + {s['fisher_honesty']:.1f} s, "
+            f"RSS {r['peak_cpu_rss_gib']} GiB) vs `{one['device']}` x {one['threads']} thr: "
+            f"{one['total_s']} s (Fisher {o['fisher_task']:.1f} + {o['fisher_honesty']:.1f} s, "
+            f"RSS {one['peak_cpu_rss_gib']} GiB)."
+        )
+    if not lines:
+        return []
+    return [
+        "## Several devices (`--device A,B`: a replica per device, batches shared out)",
+        "",
+        "Same total thread count on each side of the comparison:",
+        "",
+        *lines,
+        "",
+        "On one CPU, replicas only share out cores that one process's torch threads already",
+        "keep busy, so no speed-up is expected; the rows show the placement costs (a second",
+        "model in memory, its loading, summing the shares). Replicas with more threads than",
+        "cores in all are slower (see the table). The speed-up is for GPUs, where each device",
+        "adds its own compute: not measured, no GPU was lent to this project.",
+        "",
+    ]
+
+
 def _render_memory(results: dict[str, Any]) -> list[str]:
     """Peak RSS of CPU float32 repairs vs size, fitted and extrapolated to 8B and 70B."""
     points: dict[str, dict[str, float]] = {"whole": {}, "layerwise": {}}
@@ -714,7 +762,10 @@ def _render_memory(results: dict[str, Any]) -> list[str]:
     for r in results.values():
         if r.get("stage_rss_gib") and r.get("device") == "cpu" and r.get("dtype") == "float32":
             stages = ", ".join(f"{k} {v}" for k, v in r["stage_rss_gib"].items())
-            lines.append(f"- RSS by stage, {r['size']} {r['mode']} (sampled at ticks): {stages}.")
+            threads = f", {r['threads']} thr" if r.get("threads") else ""
+            lines.append(
+                f"- RSS by stage, {r['size']} {r['mode']}{threads} (sampled at ticks): {stages}."
+            )
     lines += [
         *([""] if lines[-1] else []),
         "| run | what | params | whole model | layer by layer |",
