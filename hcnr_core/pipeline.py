@@ -231,10 +231,13 @@ class RepairPipeline:
         return [merged.to(dtype=dtype, device=devices[0]), *replicas], ft_source
 
     def _load_replicas(self, info: CheckpointInfo, dtype: torch.dtype) -> list[Any]:
-        """The checkpoint on every device, loaded in parallel (mmap reads, host-to-device
-        copies), no progress ticks: loading is one step."""
-        work = [lambda _step, d=d: load_model(info, dtype, str(d)) for d in self.devices]
-        return run_parallel(self.devices, work, lambda _done, _total: self._check_cancel(), 1)
+        """The checkpoint on every device, one after the other: transformers' loading
+        patches torch.nn.init process-wide, so two loads in threads can leave it patched."""
+        replicas = []
+        for device in self.devices:
+            self._check_cancel()
+            replicas.append(load_model(info, dtype, str(device)))
+        return replicas
 
     def _load_base(self, prep: PreparedRepair, base_source: Any, dtype: torch.dtype) -> list[Any]:
         if self.config.layerwise:

@@ -190,6 +190,10 @@ def test_two_replicas_repair_like_one_device(toy, tmp_path: Path, kind, layerwis
         # tensors, not elements near zero.
         assert relative_error(b[name], a[name]) < 1e-5, name
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    # Loading patches torch.nn.init process-wide; replicas must leave it as they found it.
+    probe = torch.zeros(8)
+    torch.nn.init.normal_(probe)
+    assert probe.abs().sum() > 0
 
 
 def test_two_replicas_can_be_cancelled(toy, tmp_path: Path):
