@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scale.py --sizes llama-20m llama-64m llama-290m --dtype float32
     .venv/bin/python bench/scale.py --sizes llama-3.1-8b --device cuda --dtype bfloat16
+    .venv/bin/python bench/scale.py --sizes llama-3.1-8b --device cuda:0,cuda:1 --dtype bfloat16
 
 For each size it writes (once, cached under --work) a base checkpoint with Llama's real
 architecture and random weights (safetensors shards, written tensor by tensor so an 8B

@@ -19,11 +19,12 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hcnr_core.errors import HCNRError
+
+if TYPE_CHECKING:  # torch is imported where used: RepairConfig must stay torch-free
+    import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,6 +60,8 @@ def parse_devices(spec: str) -> list[str]:
 
 def resolve_devices(spec: str) -> list[torch.device]:
     """The configured devices, checked to exist here (before any weights are loaded)."""
+    import torch
+
     devices = [torch.device(name) for name in parse_devices(spec)]
     cuda = [d for d in devices if d.type == "cuda"]
     if cuda:
@@ -86,6 +89,8 @@ def shard(items: Sequence[T], n: int) -> list[list[T]]:
 
 def on_device(device: torch.device) -> AbstractContextManager[Any]:
     """Make `device` current in this thread (cuBLAS handles, streams, caching allocator)."""
+    import torch
+
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
