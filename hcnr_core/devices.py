@@ -153,8 +153,7 @@ def run_parallel(
         except BaseException:
             stop.set()
             raise
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        real = [e for e in errors if not isinstance(e, _Stopped)]
-        if real or errors:
-            raise (real or errors)[0]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        if errors:  # the replica that failed, not the ones it stopped
+            raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
         return [f.result() for f in futures]

@@ -19,8 +19,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -66,7 +67,6 @@ STAGES: dict[str, float] = {
 }
 # Stages timed in the report: the progress stages plus the Hessians' share of "compensate".
 TIMED_STAGES = (*STAGES, "hessian")
-R = TypeVar("R")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -266,7 +266,7 @@ class RepairPipeline:
         work: list[Callable[[Callable[[], None]], FisherShare]]
         if isinstance(models[0], LayerwiseLM):
             work = [
-                partial_call(layerwise_fisher, lm, share, prep.targets, pad_id)
+                partial(layerwise_fisher, lm, share, prep.targets, pad_id)
                 for lm, share in zip(models, shares, strict=False)
             ]
             total = len(shares) * (2 * models[0].n_blocks + 1)
@@ -594,11 +594,6 @@ class RepairPipeline:
             report["stage_seconds"] = dict(self.stage_seconds)
             staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
             staged.publish()
-
-
-def partial_call(fn: Callable[..., R], *args: Any) -> Callable[[Callable[[], None]], R]:
-    """fn(*args, step) as a work item of `run_parallel`."""
-    return lambda step: fn(*args, step)
 
 
 def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> list[str]:
