@@ -21,6 +21,7 @@ CLIENT_ERROR_CODES = {
     "invalid_checkpoint",
     "unsafe_checkpoint",
     "incompatible_checkpoints",
+    "unsupported_architecture",
     "invalid_reference",
     "reference_not_found",
 }

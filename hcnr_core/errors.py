@@ -42,6 +42,13 @@ class IncompatibleCheckpointsError(CheckpointError):
     code = "incompatible_checkpoints"
 
 
+class UnsupportedArchitectureError(CheckpointError):
+    """The model keeps weights the repair cannot treat (not nn.Linear: GPT-2's Conv1D,
+    MoE experts stored as 3-D tensors), or lacks the layout layer-by-layer mode walks."""
+
+    code = "unsupported_architecture"
+
+
 class OutputExistsError(HCNRError):
     code = "output_exists"
 

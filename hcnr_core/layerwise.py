@@ -18,7 +18,8 @@ states between blocks live on the CPU.
   so a merged copy of the model never has to fit in memory.
 
 Supported: Llama-family decoders (`model.embed_tokens`, `model.layers`, `model.norm`,
-`model.rotary_emb`, `lm_head`): Llama, Mistral, Qwen2/3 and the like.
+`lm_head`): Llama, Mistral, Qwen2/3, Gemma 3, Phi-3 and the like. Each block gets the
+keyword arguments the model itself gives it (Gemma's sliding and global layers differ).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import nn
 from hcnr_core.checkpoint import CheckpointInfo
 from hcnr_core.data import EncodedSample
 from hcnr_core.devices import run_parallel
-from hcnr_core.errors import CheckpointError
+from hcnr_core.errors import CheckpointError, UnsupportedArchitectureError
 from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, pad_batch, response_nll
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -96,81 +97,136 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+BLOCK_NAME = re.compile(r"^model\.layers\.\d+\.")
+
+
+def check_layerwise_layout(model: nn.Module, targets: Sequence[str]) -> None:
+    """What the block walk relies on: `model.embed_tokens`, `model.layers`, `model.norm`
+    and every target inside a `model.layers.N`. Checked on the weightless model in
+    `prepare`, so an unsupported layout fails before any weights are read."""
+    core = getattr(model, "model", None)
+    needed = ("embed_tokens", "layers", "norm")
+    if core is None or not all(hasattr(core, n) for n in needed):
+        raise UnsupportedArchitectureError(
+            "layer-by-layer mode supports Llama-family decoders (model.embed_tokens, "
+            f"model.layers, model.norm), not {type(model).__name__}"
+        )
+    outside = [t for t in targets if not BLOCK_NAME.match(t)]
+    if outside:
+        raise UnsupportedArchitectureError(
+            f"layer-by-layer mode repairs matrices inside model.layers.N only, not {outside[:3]}"
+        )
+
+
 class _Caught(Exception):
-    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    def __init__(self, hidden: torch.Tensor, kwargs: list[dict[str, Any]]):
         super().__init__()
-        self.args_, self.kwargs = args, kwargs
+        self.hidden, self.kwargs = hidden, kwargs
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0 to capture its inputs, then stops the forward pass."""
+class _Recorder(nn.Module):
+    """Stands in for a block to record the keyword arguments the model gives it.
+
+    Every block gets its own: architectures with sliding and global layers (Gemma 2/3)
+    give each block its own attention mask and rotary table. The last one stops the pass.
+    """
+
+    def __init__(self, seen: list[dict[str, Any]], first: list[torch.Tensor], last: bool):
+        super().__init__()
+        self.seen, self.first, self.last = seen, first, last
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise _Caught(args, kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if len(args) > 1:  # `_run_block` passes the hidden states alone positionally
+            raise CheckpointError("layer-by-layer mode needs blocks called with keyword arguments")
+        if not self.first:
+            self.first.append(hidden)
+        self.seen.append(kwargs)
+        if self.last:
+            raise _Caught(self.first[0], self.seen)
+        return hidden  # the block's input: only the arguments of later blocks matter here
 
 
 class LayerwiseLM:
     """A causal LM whose decoder blocks are materialised on the device one at a time."""
 
     def __init__(self, config_dir: Path, source: Any, dtype: torch.dtype, device: torch.device):
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(
             str(config_dir), trust_remote_code=False, local_files_only=True
         )
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config).to(dtype)
+        # Parameters on meta, buffers real (rotary tables, Gemma's embedding scale): they
+        # are computed, not stored, and come out as `from_pretrained` makes them.
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.requires_grad_(False).eval()
-        core = getattr(self.model, "model", None)
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if core is None or not all(hasattr(core, n) for n in needed):
-            raise CheckpointError(
-                "layer-by-layer mode supports Llama-family decoders, "
-                f"not {type(self.model).__name__}"
-            )
-        self.core, self.source, self.dtype, self.device = core, source, dtype, device
-        self._materialize(core.embed_tokens, "model.embed_tokens")
-        self._materialize(core.norm, "model.norm")
-        head = "lm_head" if "lm_head.weight" in source else "model.embed_tokens"  # tied
-        self._materialize(self.model.lm_head, head)
-        with torch.device(device):
-            core.rotary_emb = type(core.rotary_emb)(config=config)
+        check_layerwise_layout(self.model, [])
+        self.core, self.source, self.dtype, self.device = self.model.model, source, dtype, device
+        self.buffer_values = {
+            name: (source.get(name) if name in source else buf).to(device)
+            for name, buf in self.model.named_buffers()
+        }
+        # Everything outside the blocks stays resident: embeddings, final norm, rotary
+        # tables, the head (stored as the embeddings when tied).
+        tied = "lm_head.weight" not in source
+        for name, _ in self.model.named_children():
+            if name != "model":
+                self._materialize(name, "model.embed_tokens" if tied and name == "lm_head" else "")
+        for name, _ in self.core.named_children():
+            if name != "layers":
+                self._materialize(f"model.{name}")
+        self.softcap = getattr(config, "final_logit_softcapping", None)
 
     @property
     def n_blocks(self) -> int:
         return len(self.core.layers)
 
-    def _materialize(self, module: nn.Module, prefix: str) -> None:
+    def _materialize(self, name: str, stored_as: str = "") -> None:
+        """Module `name` on the device: parameters from the source (stored under
+        `stored_as` when tied), buffers from the skeleton."""
+        module = self.model.get_submodule(name)
         module.to_empty(device=self.device)
-        for name, param in module.named_parameters():
-            param.data.copy_(self.source.get(f"{prefix}.{name}").to(self.dtype))
-        if any(True for _ in module.buffers()):
-            raise CheckpointError(f"{prefix}: blocks with buffers are not supported layer by layer")
+        for key, param in module.named_parameters():
+            stored = f"{stored_as or name}.{key}"
+            if stored not in self.source:
+                raise CheckpointError(f"{stored} is not in the checkpoint")
+            param.data.copy_(self.source.get(stored).to(self.dtype))
+        for key, buf in module.named_buffers():
+            buf.copy_(self.buffer_values[f"{name}.{key}"])
 
     def block(self, index: int) -> nn.Module:
         """Block `index` with its weights on the device; `release` it when done."""
-        block = self.core.layers[index]
-        self._materialize(block, f"model.layers.{index}")
-        return block
+        self._materialize(f"model.layers.{index}")
+        return self.core.layers[index]
 
     def release(self, index: int) -> None:
         self.core.layers[index].to("meta")
 
-    def prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Block 0's input hidden states and the keyword arguments every block gets."""
-        first = self.core.layers[0]
-        self.core.layers[0] = _Catcher()
+    def prefix(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Block 0's input hidden states and the keyword arguments of every block."""
+        blocks = list(self.core.layers)
+        seen: list[dict[str, Any]] = []
+        first: list[torch.Tensor] = []
+        for i in range(len(blocks)):
+            self.core.layers[i] = _Recorder(seen, first, last=i == len(blocks) - 1)
         try:
             self.model(input_ids=ids, attention_mask=mask, use_cache=False)
         except _Caught as caught:
-            return caught.args_[0], caught.kwargs
+            return caught.hidden, caught.kwargs
         finally:
-            self.core.layers[0] = first
-        raise RuntimeError("the model never called its first block")
+            for i, block in enumerate(blocks):
+                self.core.layers[i] = block
+        raise CheckpointError("the model did not call each of its blocks once")
 
     def tail_losses(self, hidden: torch.Tensor, samples: Sequence[EncodedSample]) -> torch.Tensor:
         keep = hidden.shape[1] - min(s.prompt_len for s in samples) + 1
         logits = self.model.lm_head(self.core.norm(hidden[:, -keep:]))
+        if self.softcap:  # Gemma 2/3's final logit soft-capping, as their forward does it
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return response_nll(logits, samples, hidden.shape[1])
 
 
@@ -184,7 +240,7 @@ class _Batch:
         self.samples = samples
         ids, self.mask = pad_batch(samples, pad_id, lm.device)
         with torch.no_grad():
-            hidden, self.kwargs = lm.prefix(ids, self.mask)
+            hidden, self.kwargs = lm.prefix(ids, self.mask)  # per block
         self.hidden = [hidden.to("cpu")]  # input of block i at index i (CPU)
 
 
@@ -203,7 +259,7 @@ def layerwise_fisher(
         block = lm.block(index)
         with torch.no_grad():
             for st in states:
-                out = _run_block(block, st.hidden[-1].to(lm.device), st.kwargs)
+                out = _run_block(block, st.hidden[-1].to(lm.device), st.kwargs[index])
                 st.hidden.append(out.to("cpu"))
         lm.release(index)
         step()
@@ -221,7 +277,7 @@ def layerwise_fisher(
         with fisher.capturing(names):
             for i, st in enumerate(states):
                 hidden = st.hidden.pop().to(lm.device).requires_grad_(True)
-                _run_block(block, hidden, st.kwargs).backward(grads[i])
+                _run_block(block, hidden, st.kwargs[index]).backward(grads[i])
                 grads[i] = hidden.grad
         lm.release(index)
         step()
@@ -257,7 +313,9 @@ def layerwise_hessians(
             with torch.no_grad():
                 for st in batches:
                     hidden = st.hidden[-1].to(lm.device)
-                    out = hessians.observe(st.mask, partial(_run_block, block, hidden, st.kwargs))
+                    out = hessians.observe(
+                        st.mask, partial(_run_block, block, hidden, st.kwargs[index])
+                    )
                     st.hidden[-1] = out.to("cpu")
                     step()
             lm.release(index)

@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -47,8 +47,19 @@ from hcnr_core.compensation import (
 from hcnr_core.config import RepairConfig
 from hcnr_core.data import EncodedSample, Sample, encode_samples, load_jsonl
 from hcnr_core.devices import resolve_devices, run_parallel, shard
-from hcnr_core.errors import CheckpointError, HCNRError, RepairCancelled
-from hcnr_core.layerwise import LayerwiseLM, LoraMergedSource, layerwise_fisher, layerwise_hessians
+from hcnr_core.errors import (
+    CheckpointError,
+    HCNRError,
+    RepairCancelled,
+    UnsupportedArchitectureError,
+)
+from hcnr_core.layerwise import (
+    LayerwiseLM,
+    LoraMergedSource,
+    check_layerwise_layout,
+    layerwise_fisher,
+    layerwise_hessians,
+)
 from hcnr_core.report import build_model_card, versions
 from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, combine_fisher, pad_batch
 from hcnr_core.selection import displacement, select_columns, select_matrices
@@ -101,8 +112,13 @@ def _samples(data: str | Path | Sequence[Sample], what: str) -> tuple[list[Sampl
     return list(data), {"path": None, "samples": len(data), "what": what}
 
 
-def target_linears(info: CheckpointInfo, pattern: str) -> list[str]:
-    """nn.Linear module names matching `pattern`, found on a weightless (meta) model."""
+def target_linears(info: CheckpointInfo, pattern: str, layerwise: bool = False) -> list[str]:
+    """nn.Linear module names matching `pattern`, found on a weightless (meta) model.
+
+    An architecture whose matrices are not all nn.Linear (GPT-2's Conv1D, MoE experts
+    stored as 3-D tensors) is refused here, in `prepare`: repairing only part of it would
+    silently skip the rest.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -114,17 +130,41 @@ def target_linears(info: CheckpointInfo, pattern: str) -> list[str]:
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{info.path}: unsupported model config: {exc}") from exc
     regex = re.compile(pattern)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and regex.search(name)
-    ]
+    matched = [(name, m) for name, m in model.named_modules() if regex.search(name)]
+    names = [name for name, m in matched if isinstance(m, torch.nn.Linear)]
+    kind = type(model).__name__
     if not names:
+        # The pattern may simply be wrong, unless the blocks hold matrices in other modules.
+        matrices = _non_linear_matrices(model.named_modules())
+        if matrices:
+            raise UnsupportedArchitectureError(
+                f"{kind} keeps its matrices in {matrices[0]}, not nn.Linear; "
+                "HCNR repairs nn.Linear weights only"
+            )
         raise CheckpointError(f"target_modules {pattern!r} matches no nn.Linear in the model")
+    skipped = _non_linear_matrices(matched)
+    if skipped:
+        raise UnsupportedArchitectureError(
+            f"{kind} has matrices that are not nn.Linear among the targets, e.g. {skipped[0]} "
+            "(MoE experts?); HCNR repairs nn.Linear weights only"
+        )
+    if layerwise:
+        check_layerwise_layout(model, names)
     missing = [n for n in names if f"{n}.weight" not in info.source()]
     if missing:
         raise CheckpointError(f"{info.path}: weights of {missing[:3]} not found in the checkpoint")
     return names
+
+
+def _non_linear_matrices(modules: Iterable[tuple[str, torch.nn.Module]]) -> list[str]:
+    """'name (Class)' of the 2-D or larger weights held outside nn.Linear and nn.Embedding."""
+    return [
+        f"{name}.{key} ({type(module).__name__})"
+        for name, module in modules
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+        for key, param in module.named_parameters(recurse=False)
+        if param.dim() >= 2
+    ]
 
 
 class RepairPipeline:
@@ -191,7 +231,7 @@ class RepairPipeline:
         max_len = self.config.max_seq_len
         hon = encode_samples(tokenizer, hon_samples, max_len, hon_meta.get("path") or "honesty")
         tsk = encode_samples(tokenizer, task_samples, max_len, task_meta.get("path") or "task")
-        targets = target_linears(base_info, self.config.target_modules)
+        targets = target_linears(base_info, self.config.target_modules, self.config.layerwise)
         inputs = {
             "base": str(base_info.path),
             "finetuned": str(ft_info.path),
