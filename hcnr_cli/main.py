@@ -196,6 +196,11 @@ from hcnr_cli.baseline_cmd import baseline_app  # noqa: E402
 
 app.add_typer(baseline_app, name="baseline")
 
+# --- GGUF checkpoints, the real models' format (issue 11) ---
+from hcnr_cli.gguf_cmd import import_gguf_command  # noqa: E402
+
+app.command("import-gguf")(import_gguf_command)
+
 
 @app.command("build-honesty-data")
 def build_honesty_data(

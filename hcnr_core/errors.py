@@ -57,3 +57,19 @@ class RepairCancelled(HCNRError):
     """Raised between steps when the caller's cancellation check returns True."""
 
     code = "cancelled"
+
+
+class InvalidGGUFError(CheckpointError):
+    """A GGUF file is corrupt, truncated, not GGUF at all, or declares absurd sizes."""
+
+    code = "invalid_gguf"
+
+
+class UnsupportedGGUFArchitectureError(UnsupportedArchitectureError):
+    """transformers' GGUF loader cannot build this GGUF's `general.architecture`."""
+
+
+class RealModelUnavailableError(HCNRError):
+    """A real model's PyPI package (its GGUF) is not installed; the message says what to pip."""
+
+    code = "model_not_installed"

