@@ -97,10 +97,19 @@ def build_arch(root: Path, name: str, seed: int = 0) -> dict[str, Path]:
     peft_model.save_pretrained(paths["adapter"])
     peft_model.merge_and_unload().save_pretrained(paths["adapter-merged"])
 
-    data = root / "data"
-    paths["honesty"] = write_jsonl(data / "honesty.jsonl", toy_samples(seed, N_SAMPLES, "honesty"))
-    paths["task"] = write_jsonl(data / "task.jsonl", toy_samples(seed, N_SAMPLES, "task"))
+    paths.update(write_data(root / "data", seed))
     return paths
+
+
+def write_data(root: Path, seed: int = 0) -> dict[str, Path]:
+    """The toy's rows; each of its kinds has one length, so a quarter of each file is the
+    other kind: batches then carry padding, which masks and Hessians must skip."""
+    rows = {kind: toy_samples(seed, N_SAMPLES, kind) for kind in ("honesty", "task")}
+    mixed = {
+        "honesty": rows["honesty"][: -N_SAMPLES // 4] + rows["task"][-N_SAMPLES // 4 :],
+        "task": rows["task"][: -N_SAMPLES // 4] + rows["honesty"][-N_SAMPLES // 4 :],
+    }
+    return {kind: write_jsonl(root / f"{kind}.jsonl", mixed[kind]) for kind in mixed}
 
 
 def tiny_config(config_class: str, vocab_size: int, **extra: Any) -> Any:
@@ -144,14 +153,19 @@ R_CW = {"exact": 1.0, "paper": 0.4, "none": 0.4}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _frozen_heap() -> Any:
-    """Every repair calls gc.collect() between stages; with the test session's imports on
-    the heap each takes ~0.3 s, half the time of a tiny repair. Frozen objects are not
-    scanned (nor freed) until the module ends; collected first, so nothing leaks."""
+def _fast_tiny_repairs() -> Any:
+    """Speed only, results are the same. Every repair calls gc.collect() between stages;
+    with the session's imports on the heap each takes ~0.3 s, half a tiny repair: frozen
+    objects are not scanned (nor freed) until the module ends, collected first so nothing
+    leaks. One intra-op thread: 32-wide matrices gain nothing from two, and on a shared
+    2-core machine the second one's spin-waits made this file 2x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     gc.collect()
     gc.freeze()
     yield
     gc.unfreeze()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -351,10 +365,12 @@ def test_repair_invariants(name, kind, compensation, checkpoints, repairs, input
     for tensor_name, cols in selected.items():
         module = tensor_name.removesuffix(".weight")
         want = closed_form(compensation, base[tensor_name], ft[tensor_name], cols, hessians[module])
-        # float32 sums and solves against float64: within 1e-4 of the matrix's scale (a
-        # wrong H is off by the size of the compensation itself, ~δ: 50x more here)
+        # float32 sums and solves against float64: o_proj's input spans 16 of 32 dims (2
+        # kv heads), so its H is near-singular under the damping and fp32 ends up ~1.2e-4
+        # of the matrix's scale off; 1e-3 leaves margin. A wrong H (e.g. padding counted)
+        # is off by ~0.1 of the scale, the size of the compensation itself.
         scale = float(want.abs().max())
-        torch.testing.assert_close(got[tensor_name].double(), want, rtol=1e-4, atol=1e-4 * scale)
+        torch.testing.assert_close(got[tensor_name].double(), want, rtol=0, atol=1e-3 * scale)
         n_in = ft[tensor_name].shape[1]
         assert result.groups[module][1] == (n_in, n_in), module
     # Members of a shared-input group (q/k/v, gate/up) were compensated with one H.
@@ -392,11 +408,7 @@ def save_tiny(root: Path, config: Any) -> dict[str, Path]:
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(root / "base")
     build_word_tokenizer(WORDS).save_pretrained(root / "base")
-    return {
-        "base": root / "base",
-        "honesty": write_jsonl(root / "honesty.jsonl", toy_samples(0, N_SAMPLES, "honesty")),
-        "task": write_jsonl(root / "task.jsonl", toy_samples(0, N_SAMPLES, "task")),
-    }
+    return {"base": root / "base", **write_data(root)}
 
 
 def unsupported_config(name: str, vocab_size: int) -> Any:
