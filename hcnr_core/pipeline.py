@@ -144,9 +144,12 @@ def target_linears(info: CheckpointInfo, pattern: str, layerwise: bool = False) 
         raise CheckpointError(f"target_modules {pattern!r} matches no nn.Linear in the model")
     skipped = _non_linear_matrices(matched)
     if skipped:
+        examples: dict[str, str] = {}
+        for entry in skipped:
+            examples.setdefault(entry.rsplit(" ", 1)[1], entry)  # the first of each class
         raise UnsupportedArchitectureError(
-            f"{kind} has matrices that are not nn.Linear among the targets, e.g. {skipped[0]} "
-            "(MoE experts?); HCNR repairs nn.Linear weights only"
+            f"{kind} keeps matrices outside nn.Linear among the targets (MoE experts?): "
+            f"{', '.join(examples.values())}; HCNR repairs nn.Linear weights only"
         )
     if layerwise:
         check_layerwise_layout(model, names)
