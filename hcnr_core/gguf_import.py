@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from hcnr_core.errors import InvalidGGUFError, UnsupportedGGUFArchitectureError
-from hcnr_core.writer import StagedOutput, check_output_dir, sha256_file
 
 # Bump when the importer's output changes: cached imports (hcnr_core.realmodels) are rebuilt.
 IMPORTER_VERSION = 1
@@ -345,14 +344,17 @@ def _parse_once(gguf_path: Path) -> Iterator[None]:
     """transformers re-parses the whole GGUF for the config, the weights and the tokenizer
     (a ~260k-token vocabulary takes tens of seconds each time) and rebuilds gguf's tensor
     name map once per module. For the duration of one import this shares a single reader
-    and memoizes the metadata-only parses and the name maps. The patches are module
-    attributes looked up at call time, restored afterwards; imports are serialized."""
+    and memoizes the metadata-only parses and the name maps (and silences its tqdm bar when
+    transformers' progress bars are off). The patches are module attributes looked up at
+    call time, restored afterwards; imports are serialized."""
     import gguf
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils.logging import is_progress_bar_enabled
 
     real = os.path.realpath(gguf_path)
     original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
     original_load = gguf_utils.load_gguf_checkpoint
+    original_tqdm = getattr(gguf_utils, "tqdm", None)
     readers: dict[str, Any] = {}
     parsed: dict[str, Any] = {}
 
@@ -374,27 +376,38 @@ def _parse_once(gguf_path: Path) -> Iterator[None]:
         gguf.GGUFReader = reader
         gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_map)
         gguf_utils.load_gguf_checkpoint = load
+        if original_tqdm is not None and not is_progress_bar_enabled():
+            # its own tqdm bar ignores transformers' switch
+            gguf_utils.tqdm = functools.partial(original_tqdm, disable=True)
         try:
             yield
         finally:
             gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
             gguf_utils.load_gguf_checkpoint = original_load
+            if original_tqdm is not None:
+                gguf_utils.tqdm = original_tqdm
 
 
 def _dequantized_model(gguf_path: Path) -> Any:
     """transformers' GGUF load, every weight dequantized to float32."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils.quantization_config import GgufConfig
 
+    kwargs: dict[str, Any] = {}
+    try:  # transformers 5 can keep GGUF blocks packed; older versions always dequantize
+        from transformers.utils.quantization_config import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
     model, info = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent),
         gguf_file=gguf_path.name,
-        quantization_config=GgufConfig(dequantize=True),
         dtype=torch.float32,
         local_files_only=True,
         trust_remote_code=False,
         output_loading_info=True,
+        **kwargs,
     )
     missing = sorted(set(info.get("missing_keys") or ()))
     if missing:
@@ -436,10 +449,9 @@ def _special_ids(header: GGUFHeader, tokenizer: Any, vocab_size: int) -> dict[st
     """bos, eos (with end-of-turn ids the GGUF names) and pad. Pad comes from the GGUF when
     it names a special token; otherwise it falls back to eos, never silently to a content
     token (`pad_source` records which)."""
-    in_vocab = lambda i: 0 <= i < vocab_size  # noqa: E731
 
     def first(key: str) -> int | None:
-        ids = [i for i in _int_ids(header.get(key)) if in_vocab(i)]
+        ids = [i for i in _int_ids(header.get(key)) if 0 <= i < vocab_size]
         return ids[0] if ids else None
 
     bos, eos = first("tokenizer.ggml.bos_token_id"), first("tokenizer.ggml.eos_token_id")
@@ -496,6 +508,8 @@ def import_gguf(
     (unsupported_architecture, decided from the header before any tensor is read) and
     `OutputExistsError` (output_exists: `out_dir` exists and is not an empty directory).
     """
+    from hcnr_core.writer import StagedOutput, check_output_dir, sha256_file
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     gguf_path, out = Path(gguf_path), Path(out_dir)
