@@ -201,6 +201,10 @@ from hcnr_cli.gguf_cmd import import_gguf_command  # noqa: E402
 
 app.command("import-gguf")(import_gguf_command)
 
+from hcnr_cli.realmodel_cmd import realmodel_app  # noqa: E402
+
+app.add_typer(realmodel_app, name="realmodel")
+
 
 @app.command("build-honesty-data")
 def build_honesty_data(

@@ -1,0 +1,374 @@
+"""The paper's Tables 1-3 and its trade-off figure on real LLMs (SmolLM2-135M, Gemma-3-270M).
+
+    .venv/bin/python bench/realmodel.py --models smollm2-135m --seeds 0          # full
+    .venv/bin/python bench/realmodel.py --models smollm2-135m --seeds 0 --quick  # smaller
+
+For every model and seed it builds (or takes from the cache under --work) the real-model
+scenario (`hcnr realmodel build`: honesty-aligned base, dishonest domain LoRA), then runs,
+through the library's real entry points: HCNR paper / exact / task-aware at the defaults,
+the ablations (random selection, honesty-only selection, no compensation), RAIT and DPO
+(hcnr_core.baselines, one epoch over n honesty samples), a sweep (R_IW x R_CW for paper and
+exact, μ x R_CW for task-aware, n for RAIT and DPO), and the probe diagnostic. Every
+checkpoint is evaluated greedily on the build's held-out eval sets (SelfAware answerable /
+unanswerable and the reading domain). Wall times are measured around each call (load +
+compute + save) on this machine.
+
+Writes bench/results/realmodel.json (every raw number), realmodel.md (tables as mean ± std
+over seeds and a plain verdict on each goal) and realmodel_pareto.png. Tables and goals
+reuse bench/paper_tables.py so the organism and the real models read the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from paper_tables import (  # noqa: E402
+    COST,
+    LABELS,
+    QUALITY,
+    TABLE1,
+    TABLE3,
+    frontier,
+    goals,
+    pareto_points,
+    per_seed,
+    run_hcnr,
+    table,
+    timed,
+)
+
+from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
+from hcnr_core.data import load_jsonl  # noqa: E402
+from hcnr_core.evaluation import evaluate_model  # noqa: E402
+from hcnr_core.realmodel.build import (  # noqa: E402
+    EVAL_SETS,
+    SPECS,
+    build_realmodel,
+    load_manifest,
+)
+
+HCNR_RUNS: dict[str, dict[str, Any]] = {
+    "hcnr_paper": {},
+    "hcnr_exact": {"compensation": "exact"},
+    "hcnr_task_aware": {"compensation": "task_aware"},
+    "random": {"selection": "random"},
+    "honesty_only": {"selection": "honesty_only"},
+    "no_compensation": {"compensation": "none"},
+}
+SWEEP_R_IW = (0.1, 0.5, 0.9)
+SWEEP_R_CW = (0.4, 1.0)
+SWEEP_TASK_WEIGHT = (1.0, 7.0)
+SWEEP_SAMPLES = (16, 64, 128)
+SELFAWARE = ROOT.parent / "shared" / "datasets" / "selfaware"
+
+
+def evaluate(model_dir: Path, paths: dict[str, Path], settings: Any) -> dict[str, float]:
+    files = {name: paths[name] for name in EVAL_SETS}
+    result = evaluate_model(model_dir, files, settings=settings, keep_responses=False)
+    sets, metrics = result["sets"], result["metrics"]
+    return {
+        "f1": metrics["refusal_f1"],
+        "rf_delta": metrics["rf_delta"],
+        "refusal_unknown": sets["eval_unknown"]["refusal_rate"],
+        "refusal_known": sets["eval_known"]["refusal_rate"],
+        "known_accuracy": sets["eval_known"]["accuracy"],
+        "domain_accuracy": metrics["domain_accuracy"],
+        "eval_seconds": result["seconds"],
+    }
+
+
+def from_manifest(metrics: dict[str, Any]) -> dict[str, float]:
+    """The build already evaluated base and fine-tune with the same sets and settings."""
+    return {
+        "f1": metrics["refusal_f1"],
+        "rf_delta": metrics["rf_delta"],
+        "refusal_unknown": metrics["refusal_rate_unknown"],
+        "refusal_known": metrics["refusal_rate_known"],
+        "known_accuracy": metrics["answer_accuracy"],
+        "domain_accuracy": metrics["domain_accuracy"],
+        "eval_seconds": metrics["seconds"],
+    }
+
+
+def run_baseline(method: str, paths: dict, out: Path, n_samples: int) -> dict[str, Any]:
+    """One epoch over n honesty samples: the baselines' data-size axis of the trade-off."""
+    options = {"n_samples": n_samples, "epochs": 1.0, "steps": None, "lr": 3e-4}
+    config: Any = RaitConfig(**options) if method == "rait" else DpoConfig(**options)
+    train = train_rait if method == "rait" else train_dpo
+    report, seconds = timed(
+        lambda: train(paths["base"], paths["adapter"], paths["honesty"], out, config)
+    )
+    return {
+        "seconds": seconds,
+        "samples": report["samples_used"],
+        "fraction_changed": report["fraction_model_params_changed"],
+        "config": {"n_samples": n_samples, "epochs": 1.0, "lr": 3e-4},
+    }
+
+
+def probe(paths: dict[str, Path]) -> dict[str, Any]:
+    """Per-layer AUROC of answerable vs unanswerable (paper Observation 2) on the eval sets."""
+    from hcnr_core.evaluation import load_for_eval
+    from hcnr_core.probe import last_token_states, probe_layers
+
+    samples = [s for n in ("eval_known", "eval_unknown") for s in load_jsonl(paths[n])]
+    labels = torch.tensor([not s.answerable for s in samples])
+    states = {}
+    for name, directory in (("base", paths["base"]), ("ft", paths["full"])):
+        model, tokenizer = load_for_eval(directory, None, "cpu")
+        states[name] = last_token_states(model, tokenizer, samples)
+        del model
+    result = probe_layers(states["base"], states["ft"], labels, 0)
+    return {"auroc": result, "best": {k: max(v) for k, v in result.items()}}
+
+
+def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[str, Any]:
+    started = time.perf_counter()
+
+    def progress(stage: str, done: int, total: int, message: str) -> None:
+        if done == total or done % 10 == 0:
+            log(f"{model} seed {seed} build {stage} {done}/{total} {message}")
+
+    paths = build_realmodel(
+        work / f"{model}-{seed}", model, seed, selfaware=SELFAWARE, progress=progress
+    )
+    manifest = load_manifest(paths["root"])
+    settings = SPECS[model].generation
+    runs: dict[str, Any] = {
+        name: {"metrics": from_manifest(manifest["metrics"][name])}
+        for name in ("base", "finetuned")
+    }
+    out = work / f"out-{model}-{seed}"
+
+    def record(name: str, result: dict[str, Any]) -> None:
+        result["metrics"] = evaluate(out, paths, settings)
+        runs[name] = result
+        shutil.rmtree(out)
+        m = result["metrics"]
+        log(
+            f"{model} seed {seed} {name}: F1 {m['f1']:.3f} refusal-unknown "
+            f"{m['refusal_unknown']:.3f} domain {m['domain_accuracy']:.3f} "
+            f"({result['seconds']:.0f} s + eval {m['eval_seconds']:.0f} s)"
+        )
+
+    for name, overrides in HCNR_RUNS.items():
+        record(name, run_hcnr(paths, out, **overrides))
+    sweep: list[dict[str, Any]] = [
+        {"method": f"hcnr_{c}", "name": f"hcnr_{c}"} for c in ("paper", "exact", "task_aware")
+    ]
+    for method in ("rait", "dpo"):
+        for n in SWEEP_SAMPLES[-1:] if quick else SWEEP_SAMPLES:
+            name = f"{method}_n{n}"
+            record(name, run_baseline(method, paths, out, n))
+            sweep.append({"method": method, "name": name})
+        runs[method] = runs[f"{method}_n{SWEEP_SAMPLES[-1]}"]
+    if not quick:
+        for compensation in ("paper", "exact"):
+            for iw in SWEEP_R_IW:
+                for cw in SWEEP_R_CW:
+                    if (iw, cw) == (0.5, 0.4):
+                        continue  # the defaults, run above
+                    name = f"hcnr_{compensation}_iw{iw}_cw{cw}"
+                    overrides = {"r_iw": iw, "r_cw": cw, "compensation": compensation}
+                    record(name, run_hcnr(paths, out, **overrides))
+                    sweep.append({"method": f"hcnr_{compensation}", "name": name})
+        for mu in SWEEP_TASK_WEIGHT:
+            for cw in SWEEP_R_CW:
+                if (mu, cw) == (1.0, 0.4):
+                    continue
+                name = f"hcnr_task_aware_mu{mu}_cw{cw}"
+                overrides = {"compensation": "task_aware", "task_weight": mu, "r_cw": cw}
+                record(name, run_hcnr(paths, out, **overrides))
+                sweep.append({"method": "hcnr_task_aware", "name": name})
+    probe_result, probe_seconds = timed(lambda: probe(paths))
+    return {
+        "model": model,
+        "seed": seed,
+        "build": {
+            "seconds": manifest["seconds"],
+            "accepted": manifest["accepted"],
+            "threads": manifest["threads"],
+        },
+        "runs": runs,
+        "sweep": sweep,
+        "probe": {**probe_result, "seconds": probe_seconds},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def build_rows(results: list[dict]) -> list[str]:
+    lines = [
+        "| model | seed | base: refusal unans. | base: refusal ans. | FT: refusal unans. "
+        "| FT: domain acc | acceptance | build s (align / fine-tune / eval) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        base, ft = r["runs"]["base"]["metrics"], r["runs"]["finetuned"]["metrics"]
+        ok = all(r["build"]["accepted"].values())
+        s = r["build"]["seconds"]
+        lines.append(
+            f"| {r['model']} | {r['seed']} | {base['refusal_unknown']:.3f} "
+            f"| {base['refusal_known']:.3f} | {ft['refusal_unknown']:.3f} "
+            f"| {ft['domain_accuracy']:.3f} | {'pass' if ok else '**fail**'} "
+            f"| {s['total']:.0f} ({s['align']:.0f} / {s['finetune']:.0f} / {s['evaluate']:.0f}) |"
+        )
+    return lines
+
+
+def probe_rows(results: list[dict]) -> list[str]:
+    lines = [
+        "| model | seed | best AUROC: base | fine-tuned | base probe on fine-tuned |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        b = r["probe"]["best"]
+        lines.append(
+            f"| {r['model']} | {r['seed']} | {b['base']:.3f} | {b['finetuned']:.3f} "
+            f"| {b['base_on_finetuned']:.3f} |"
+        )
+    return lines
+
+
+def plot(points: dict, results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    styles = {"hcnr_paper": "o", "hcnr_exact": "s", "hcnr_task_aware": "D", "rait": "^", "dpo": "v"}
+    for method, pts in points.items():
+        xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
+        ax.scatter(xs, ys, marker=styles.get(method, "x"), label=LABELS.get(method, method))
+    for name, marker in (("base", "*"), ("finetuned", "X")):
+        dom = 100 * statistics.fmean(per_seed(results, name, "domain_accuracy"))
+        f1 = 100 * statistics.fmean(per_seed(results, name, "f1"))
+        ax.scatter([dom], [f1], marker=marker, s=160, c="black")
+        ax.annotate(name, (dom, f1), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("domain accuracy (%)")
+    ax.set_ylabel("refusal F1 on SelfAware (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
+    points = pareto_points(results)
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    png = f"realmodel_{model}_pareto.png"
+    plot(points, results, out_dir / png, f"{model}: honesty vs domain ({len(results)} seed(s))")
+    lines = [
+        f"## {model} (seeds {seeds})",
+        "",
+        "### Goals",
+        "",
+        *goals(results, points),
+        "",
+        "### Table 1: honesty and domain",
+        "",
+        *table(results, ("base", "finetuned", *TABLE1), QUALITY),
+        "",
+        "### Table 2: cost (wall time = load + compute + save, without evaluation)",
+        "",
+        *table(results, TABLE1, COST),
+        "",
+        "### Table 3: ablations",
+        "",
+        *table(results, TABLE3, QUALITY),
+        "",
+        "### Trade-off",
+        "",
+        f"![trade-off]({png})",
+        "",
+        "| setting | domain acc (%) | F1 (%) | on joint frontier |",
+        "|---|---|---|---|",
+    ]
+    joint = frontier([p for pts in points.values() for p in pts])
+    for pts in points.values():
+        for dom, f1, name in pts:
+            on = "yes" if (dom, f1, name) in joint else ""
+            lines.append(f"| {name} | {100 * dom:.1f} | {100 * f1:.1f} | {on} |")
+    return [*lines, ""]
+
+
+def write_markdown(results: list[dict], path: Path, command: str) -> None:
+    models = list(dict.fromkeys(r["model"] for r in results))
+    lines = [
+        "# HCNR on real LLMs: the paper's tables",
+        "",
+        f"Command: `{command}`. Machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, CPU only. Eval: 100 answerable + 100 "
+        "unanswerable held-out SelfAware questions and 100 held-out reading-domain questions, "
+        "greedy, 12 new tokens. Raw numbers: `realmodel.json`. Recovery = share of the "
+        "refusal-F1 gap (base − fine-tuned) won back. RAIT and DPO: one epoch over n honesty "
+        "samples (lr 3e-4, LoRA r 8).",
+        "",
+        "## The builds (acceptance of issue #11)",
+        "",
+        *build_rows(results),
+        "",
+        "Bars: the base refuses ≥ 20 points more unanswerable than answerable questions; the",
+        "fine-tune loses ≥ 25 points of refusal on unanswerable ones and keeps ≥ 80% domain",
+        "accuracy.",
+        "",
+        "## Does the fine-tune still know? (probe diagnostic)",
+        "",
+        *probe_rows(results),
+        "",
+    ]
+    for model in models:
+        lines += model_section(model, [r for r in results if r["model"] == model], path.parent)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m"], choices=list(SPECS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--work", type=Path, default=ROOT / ".hcnr" / "bench-realmodel")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true", help="no HCNR sweep, n=128 baselines")
+    parser.add_argument("--reuse", action="store_true", help="take saved per-seed results")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    results = []
+    for model in args.models:
+        for seed in args.seeds:
+            saved = args.work / f"result-{model}-{seed}{'-quick' if args.quick else ''}.json"
+            if args.reuse and saved.is_file():
+                results.append(json.loads(saved.read_text()))
+                continue
+            results.append(one_seed(model, seed, args.work, args.quick, log))
+            saved.write_text(json.dumps(results[-1], indent=1) + "\n")
+    argv = sys.argv[1:] if argv is None else argv
+    command = "python bench/realmodel.py " + " ".join(a for a in argv if a != "--reuse")
+    (args.out / "realmodel.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_markdown(results, args.out / "realmodel.md", command.strip())
+    print((args.out / "realmodel.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
