@@ -6,9 +6,10 @@ collated with labels on response tokens only, so training, repair and evaluation
 disagree about a prompt's tokens.
 
 Why not TRL's `SFTTrainer`: TRL 1.16 always replaces the LM head by a chunked log-prob
-kernel (it also computes entropies and top-1 flags over the vocabulary); on the CPU a step
-of SmolLM2-135M on 16 short samples took minutes instead of ~15 s with the plain head
-(measured in `bench/results/realmodel.md`). `Trainer` is the same loop without it.
+kernel (it also computes entropies and top-1 flags over the vocabulary). On these CPUs, in
+a first trial, four steps of SmolLM2-135M on 16 short samples had not finished after 13
+minutes, where `Trainer` takes 10-20 s a step; `bench/trl_step.py` times both. `Trainer` is
+the same loop without that head.
 """
 
 from __future__ import annotations
