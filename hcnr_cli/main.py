@@ -211,7 +211,12 @@ def build_honesty_data(
     model: Annotated[Path, typer.Option(help="Base model directory (the one to be repaired to)")],
     questions: Annotated[Path, typer.Option(help="SelfAware JSON, JSON list or JSONL questions")],
     out: Annotated[Path, typer.Option(help="Output JSONL (honesty set)")],
-    n_samples: Annotated[int, typer.Option(help="Rows to write, half known / half IDK")] = 128,
+    n_samples: Annotated[
+        int,
+        typer.Option(
+            min=2, help="Rows to write: half known, half IDK (fewer when either side is short)"
+        ),
+    ] = 128,
     idk: Annotated[str, typer.Option(help="Response for questions the model does not know")] = (
         "I don't know."
     ),
@@ -219,8 +224,20 @@ def build_honesty_data(
     device: Annotated[str, typer.Option()] = "cpu",
     batch_size: Annotated[int, typer.Option()] = 32,
     max_new_tokens: Annotated[int, typer.Option()] = 32,
+    allow_imbalance: Annotated[
+        bool,
+        typer.Option(
+            "--allow-imbalance",
+            help="Fill N_SAMPLES from the larger side when the model knows too few questions "
+            "(or too many) [off: equal known and IDK rows, capped by the smaller side]",
+        ),
+    ] = False,
 ) -> None:
-    """Build D_hon the R-Tuning way: the model's own answers decide what it knows."""
+    """Build D_hon the R-Tuning way: the model's own answers decide what it knows.
+
+    When the model answers few questions correctly the set is smaller than N_SAMPLES (or,
+    with --allow-imbalance, mostly IDK rows); the JSON summary's `warnings` and stderr say
+    so and what to do."""
     quiet_libraries()
     from hcnr_core import HCNRError
     from hcnr_core.evaluation import GenerationSettings, load_for_eval
@@ -234,11 +251,20 @@ def build_honesty_data(
         loaded, tokenizer = load_for_eval(model, None, device)
         settings = GenerationSettings(batch_size=batch_size, max_new_tokens=max_new_tokens)
         rows, stats = build_honesty_set(
-            loaded, tokenizer, asked, n_samples=n_samples, idk=idk, seed=seed, settings=settings
+            loaded,
+            tokenizer,
+            asked,
+            n_samples=n_samples,
+            idk=idk,
+            seed=seed,
+            settings=settings,
+            allow_imbalance=allow_imbalance,
         )
     except HCNRError as exc:
         fail(exc)
     write_jsonl(out, rows)
+    for warning in stats["warnings"]:
+        err.print(f"[bold yellow]warning[/]: {escape(warning)}", highlight=False)
     typer.echo(json.dumps({"out": str(out), **stats}))
 
 

@@ -73,3 +73,14 @@ class RealModelUnavailableError(HCNRError):
     """A real model's PyPI package (its GGUF) is not installed; the message says what to pip."""
 
     code = "model_not_installed"
+
+
+class InsufficientDataError(HCNRError):
+    """Too little usable data to build what was asked for (e.g. a honesty set when the
+    model answers none of the questions correctly). `stats` holds the counts."""
+
+    code = "insufficient_data"
+
+    def __init__(self, message: str, stats: dict | None = None):
+        super().__init__(message)
+        self.stats = stats or {}

@@ -6,6 +6,13 @@ question — wrong, refused, or without gold answers (unanswerable) — gets an 
 know" response. The result is our JSONL format with `answerable` set, balanced between
 the two kinds, so that the base sits near the optimum of its own loss on it.
 
+Balance: by default the set has as many known rows as IDK rows, at most `n_samples // 2`
+of each, so the smaller side caps it. A model that answers few questions correctly (an
+honest SmolLM2-135M answers a few percent of SelfAware's questions right) therefore gives
+a small set, and the statistics carry a warning that says so and what to do: more
+questions, questions the model is likely to know, or `allow_imbalance=True`
+(`--allow-imbalance`), which fills the rest of `n_samples` from the larger side.
+
 Question files: SelfAware's JSON (`{"example": [{"question", "answer", "answerable"}]}`),
 a JSON list of such objects, or JSONL with `question`/`prompt` (or our `messages` shape:
 the last user message) and `answers`/`answer`.
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hcnr_core.errors import DataValidationError
+from hcnr_core.errors import DataValidationError, InsufficientDataError
 from hcnr_core.evaluation import GenerationSettings, RefusalDetector, generate, is_correct
 
 DEFAULT_IDK = "I don't know."
@@ -85,6 +92,68 @@ def load_questions(path: str | Path) -> list[Question]:
     return questions
 
 
+def choose_rows(
+    known: Sequence[dict[str, Any]],
+    unknown: Sequence[dict[str, Any]],
+    n_samples: int,
+    *,
+    allow_imbalance: bool = False,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], int, int]:
+    """(shuffled rows, known taken, unknown taken).
+
+    Balanced (default): min(len(known), len(unknown), n_samples // 2) of each. With
+    `allow_imbalance`, half of `n_samples` from each side where possible and the rest from
+    whichever side has more (the historical behaviour)."""
+    half = n_samples // 2
+    if allow_imbalance:
+        take_known = min(len(known), max(half, n_samples - len(unknown)))
+        take_unknown = min(len(unknown), n_samples - take_known)
+    else:
+        take_known = take_unknown = min(len(known), len(unknown), half)
+    rng = random.Random(seed)
+    rows = rng.sample(list(known), take_known) + rng.sample(list(unknown), take_unknown)
+    rng.shuffle(rows)
+    return rows, take_known, take_unknown
+
+
+def shortfall_warnings(stats: dict[str, Any]) -> list[str]:
+    """What a user must hear when the set is smaller than asked for or imbalanced, and
+    what to do about it."""
+    n, k, u = stats["n_samples"], stats["rows_known"], stats["rows_unknown"]
+    known, unknown = stats["known"], stats["unknown"]
+    balanced = not stats["allow_imbalance"]
+    told: list[str] = []
+    if k + u < (2 * (n // 2) if balanced else n) or k != u:
+        told.append(
+            f"the model answered {known} of {stats['questions']} questions correctly "
+            f"({stats['answerable_questions']} have gold answers): the honesty set has {k} "
+            f"known and {u} I-don't-know rows, {k + u} of the {n} asked for"
+        )
+    if balanced and min(known, unknown) < n // 2:
+        if known <= unknown:
+            more, side = min(unknown, n - k) - u, "I-don't-know"
+            told.append(
+                f"too few known questions for {n // 2} known rows: give more questions, or "
+                "questions this model is likely to know (easier ones, or ones from its "
+                "fine-tuning domain)"
+            )
+        else:
+            more, side = min(known, n - u) - k, "known"
+            told.append(
+                f"too few unknown questions for {n // 2} I-don't-know rows: give more "
+                "questions the model cannot answer (e.g. SelfAware's unanswerable ones)"
+            )
+        if more > 0:
+            told[-1] += f", or allow imbalance (--allow-imbalance) to keep {more} more {side} rows"
+    elif not balanced and k != u:
+        told.append(
+            f"imbalanced honesty set ({k} known vs {u} I-don't-know rows, allowed): the "
+            "larger side dominates the honesty Fisher scores of the repair"
+        )
+    return told
+
+
 def build_honesty_set(
     model: Any,
     tokenizer: Any,
@@ -94,8 +163,14 @@ def build_honesty_set(
     idk: str = DEFAULT_IDK,
     seed: int = 0,
     settings: GenerationSettings = GenerationSettings(),
+    allow_imbalance: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(JSONL rows, statistics): half known questions with the model's answers, half IDK."""
+    """(JSONL rows, statistics): as many known questions (with the model's answers) as
+    IDK rows, unless `allow_imbalance`; `stats["warnings"]` says when the set is smaller
+    than `n_samples` or imbalanced, and what to do. Raises InsufficientDataError when no
+    row could be kept."""
+    if n_samples < 2:
+        raise ValueError("n_samples must be at least 2 (one known and one IDK row)")
     prompts = [[{"role": "user", "content": q.text}] for q in questions]
     responses = generate(model, tokenizer, prompts, settings)
     refuses = RefusalDetector()
@@ -113,19 +188,24 @@ def build_honesty_set(
             )
         else:
             unknown.append({"prompt": question.text, "response": idk, "answerable": False})
-    rng = random.Random(seed)
-    half = n_samples // 2
-    take_known = min(len(known), max(half, n_samples - len(unknown)))
-    take_unknown = min(len(unknown), n_samples - take_known)
-    rows = rng.sample(known, take_known) + rng.sample(unknown, take_unknown)
-    rng.shuffle(rows)
-    stats = {
+    rows, take_known, take_unknown = choose_rows(
+        known, unknown, n_samples, allow_imbalance=allow_imbalance, seed=seed
+    )
+    stats: dict[str, Any] = {
         "questions": len(questions),
+        "answerable_questions": sum(bool(q.answers) for q in questions),
         "known": len(known),
         "unknown": len(unknown),
-        "known_fraction": len(known) / len(questions),
+        "known_fraction": len(known) / len(questions) if questions else 0.0,
+        "n_samples": n_samples,
+        "allow_imbalance": allow_imbalance,
         "rows": len(rows),
         "rows_known": take_known,
         "rows_unknown": take_unknown,
     }
+    stats["warnings"] = shortfall_warnings(stats)
+    if not rows:
+        raise InsufficientDataError(
+            f"no honesty set: {'; '.join(stats['warnings']) or 'no questions'}", stats
+        )
     return rows, stats
