@@ -11,7 +11,9 @@ the ablations (random selection, honesty-only selection, no compensation), RAIT 
 exact, μ x R_CW for task-aware, n for RAIT and DPO), and the probe diagnostic. Every
 checkpoint is evaluated greedily on the build's held-out eval sets (SelfAware answerable /
 unanswerable and the reading domain). Wall times are measured around each call (load +
-compute + save) on this machine.
+compute + save) on this machine. The HCNR runs of a seed share one Fisher cache (the scores
+depend only on the checkpoints and the data); each run's wall time adds back the Fisher
+seconds it reused, so Table 2 reads as if every repair ran alone.
 
 Writes bench/results/realmodel.json (every raw number), realmodel.md (tables as mean ± std
 over seeds and a plain verdict on each goal) and realmodel_pareto.png. Tables and goals
@@ -47,14 +49,15 @@ from paper_tables import (  # noqa: E402
     goals,
     pareto_points,
     per_seed,
-    run_hcnr,
     table,
     timed,
 )
 
+from hcnr_core import RepairConfig  # noqa: E402
 from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
 from hcnr_core.data import load_jsonl  # noqa: E402
 from hcnr_core.evaluation import evaluate_model  # noqa: E402
+from hcnr_core.pipeline import RepairPipeline  # noqa: E402
 from hcnr_core.realmodel.build import (  # noqa: E402
     EVAL_SETS,
     SPECS,
@@ -102,6 +105,40 @@ def from_manifest(metrics: dict[str, Any]) -> dict[str, float]:
         "known_accuracy": metrics["answer_accuracy"],
         "domain_accuracy": metrics["domain_accuracy"],
         "eval_seconds": metrics["seconds"],
+    }
+
+
+FISHER_STAGES = ("fisher_task", "fisher_honesty")
+
+
+def run_hcnr(paths: dict, out: Path, cache: dict, **overrides: Any) -> dict[str, Any]:
+    """One repair; the runs of a seed share `cache`, so the two Fisher passes run once.
+
+    `seconds` is what a user would wait for this repair alone: the measured wall time plus
+    the Fisher seconds it reused (`fisher_reused_seconds`, from the run that computed them).
+    """
+    fresh = not cache.setdefault("fisher", {})
+
+    def repair() -> dict[str, Any]:
+        pipeline = RepairPipeline(RepairConfig(**overrides), fisher_cache=cache["fisher"])
+        prepared = pipeline.prepare(
+            paths["base"], paths["adapter"], paths["honesty"], paths["task"]
+        )
+        return pipeline.run(prepared, out)
+
+    report, seconds = timed(repair)
+    stages = report["stage_seconds"]
+    if fresh:
+        cache["fisher_seconds"] = sum(stages[s] for s in FISHER_STAGES)
+    reused = 0.0 if fresh else cache["fisher_seconds"]
+    return {
+        "seconds": seconds + reused,
+        "measured_seconds": seconds,
+        "fisher_reused_seconds": reused,
+        "stage_seconds": stages,
+        "samples": 256,
+        "fraction_changed": report["fraction_model_params_changed"],
+        "config": overrides,
     }
 
 
@@ -166,8 +203,9 @@ def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[s
             f"({result['seconds']:.0f} s + eval {m['eval_seconds']:.0f} s)"
         )
 
+    cache: dict[str, Any] = {}
     for name, overrides in HCNR_RUNS.items():
-        record(name, run_hcnr(paths, out, **overrides))
+        record(name, run_hcnr(paths, out, cache, **overrides))
     sweep: list[dict[str, Any]] = [
         {"method": f"hcnr_{c}", "name": f"hcnr_{c}"} for c in ("paper", "exact", "task_aware")
     ]
@@ -185,7 +223,7 @@ def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[s
                         continue  # the defaults, run above
                     name = f"hcnr_{compensation}_iw{iw}_cw{cw}"
                     overrides = {"r_iw": iw, "r_cw": cw, "compensation": compensation}
-                    record(name, run_hcnr(paths, out, **overrides))
+                    record(name, run_hcnr(paths, out, cache, **overrides))
                     sweep.append({"method": f"hcnr_{compensation}", "name": name})
         for mu in SWEEP_TASK_WEIGHT:
             for cw in SWEEP_R_CW:
@@ -193,7 +231,7 @@ def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[s
                     continue
                 name = f"hcnr_task_aware_mu{mu}_cw{cw}"
                 overrides = {"compensation": "task_aware", "task_weight": mu, "r_cw": cw}
-                record(name, run_hcnr(paths, out, **overrides))
+                record(name, run_hcnr(paths, out, cache, **overrides))
                 sweep.append({"method": "hcnr_task_aware", "name": name})
     probe_result, probe_seconds = timed(lambda: probe(paths))
     return {

@@ -248,3 +248,30 @@ def test_task_aware_compensation_needs_whole_model_mode():
     with pytest.raises(ValueError, match="layerwise"):
         RepairConfig(compensation="task_aware", layerwise=True)
     assert RepairConfig(compensation="task_aware").task_weight == 1.0
+
+
+def test_shared_fisher_cache_reuses_scores_and_changes_nothing(toy, tmp_path, monkeypatch):
+    """Sweeps share one `fisher_cache`: the second repair runs no Fisher pass and writes
+    exactly what an uncached repair writes; other data is scored afresh."""
+    calls: list[int] = []
+    original = RepairPipeline._fisher
+
+    def counting(self, models, prep, data):
+        calls.append(len(data))
+        return original(self, models, prep, data)
+
+    monkeypatch.setattr(RepairPipeline, "_fisher", counting)
+    cache: dict = {}
+    for n, compensation in enumerate(("paper", "exact")):
+        pipeline = RepairPipeline(RepairConfig(compensation=compensation), fisher_cache=cache)
+        prepared = pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
+        pipeline.run(prepared, tmp_path / f"cached-{n}")
+    assert len(calls) == 2 and len(cache) == 2  # task on the fine-tune, honesty on the base
+    repair(toy, tmp_path / "fresh", compensation="exact")
+    assert len(calls) == 4  # no cache: both passes again
+    cached, fresh = tensors(tmp_path / "cached-1"), tensors(tmp_path / "fresh")
+    assert all(torch.equal(cached[k], fresh[k]) for k in fresh)
+    pipeline = RepairPipeline(RepairConfig(), fisher_cache=cache)
+    swapped = pipeline.prepare(toy["base"], toy["adapter"], toy["task"], toy["honesty"])
+    pipeline.run(swapped, None)
+    assert len(calls) == 6 and len(cache) == 4  # other data: new keys, scored afresh
