@@ -308,7 +308,13 @@ def goals(results: list[dict], points: dict) -> list[str]:
     return lines
 
 
-def plot(points: dict, results: list[dict], path: Path) -> None:
+def plot(
+    points: dict,
+    results: list[dict],
+    path: Path,
+    title: str | None = None,
+    ylabel: str = "refusal F1 on known/unknown (%)",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,8 +331,8 @@ def plot(points: dict, results: list[dict], path: Path) -> None:
         ax.scatter([dom], [f1], marker=marker, s=160, c="black")
         ax.annotate(name, (dom, f1), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("domain accuracy (%)")
-    ax.set_ylabel("refusal F1 on known/unknown (%)")
-    ax.set_title(f"Honesty vs domain trade-off (organism, {len(results)} seeds, means)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or f"Honesty vs domain trade-off (organism, {len(results)} seeds, means)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

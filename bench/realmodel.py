@@ -26,9 +26,9 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from paper_tables import (  # noqa: E402
     COST,
-    LABELS,
     QUALITY,
     TABLE1,
     TABLE3,
     frontier,
     goals,
     pareto_points,
-    per_seed,
+    plot,
     table,
     timed,
 )
@@ -174,15 +173,19 @@ def probe(paths: dict[str, Path]) -> dict[str, Any]:
     return {"auroc": result, "best": {k: max(v) for k, v in result.items()}}
 
 
-def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[str, Any]:
+def one_seed(
+    model: str, seed: int, work: Path, quick: bool, log: Any, saved: Path
+) -> dict[str, Any]:
     started = time.perf_counter()
 
     def progress(stage: str, done: int, total: int, message: str) -> None:
         if done == total or done % 10 == 0:
             log(f"{model} seed {seed} build {stage} {done}/{total} {message}")
 
+    # The bench does not need the imported model's own scores (the build CLI reports them).
+    spec = replace(SPECS[model], evaluate_source=False)
     paths = build_realmodel(
-        work / f"{model}-{seed}", model, seed, selfaware=SELFAWARE, progress=progress
+        work / f"{model}-{seed}", model, seed, selfaware=SELFAWARE, spec=spec, progress=progress
     )
     manifest = load_manifest(paths["root"])
     settings = SPECS[model].generation
@@ -191,11 +194,25 @@ def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[s
         for name in ("base", "finetuned")
     }
     out = work / f"out-{model}-{seed}"
+    sweep: list[dict[str, Any]] = []
+    partial = {
+        "model": model,
+        "seed": seed,
+        "complete": False,
+        "build": {
+            "seconds": manifest["seconds"],
+            "accepted": manifest["accepted"],
+            "threads": manifest["threads"],
+        },
+        "runs": runs,
+        "sweep": sweep,
+    }
 
     def record(name: str, result: dict[str, Any]) -> None:
         result["metrics"] = evaluate(out, paths, settings)
         runs[name] = result
         shutil.rmtree(out)
+        saved.write_text(json.dumps(partial, indent=1) + "\n")  # a long run is never lost
         m = result["metrics"]
         log(
             f"{model} seed {seed} {name}: F1 {m['f1']:.3f} refusal-unknown "
@@ -204,17 +221,18 @@ def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[s
         )
 
     cache: dict[str, Any] = {}
-    for name, overrides in HCNR_RUNS.items():
-        record(name, run_hcnr(paths, out, cache, **overrides))
-    sweep: list[dict[str, Any]] = [
-        {"method": f"hcnr_{c}", "name": f"hcnr_{c}"} for c in ("paper", "exact", "task_aware")
-    ]
+    # Table 1 first (the three HCNR modes, then the baselines), then the ablations.
+    for name in ("hcnr_paper", "hcnr_exact", "hcnr_task_aware"):
+        record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
+        sweep.append({"method": name, "name": name})
     for method in ("rait", "dpo"):
-        for n in SWEEP_SAMPLES[-1:] if quick else SWEEP_SAMPLES:
+        for n in sorted(SWEEP_SAMPLES[-1:] if quick else SWEEP_SAMPLES, reverse=True):
             name = f"{method}_n{n}"
             record(name, run_baseline(method, paths, out, n))
             sweep.append({"method": method, "name": name})
-        runs[method] = runs[f"{method}_n{SWEEP_SAMPLES[-1]}"]
+            runs.setdefault(method, runs[name])  # n = 128, all honesty samples: Table 1
+    for name in ("no_compensation", "random", "honesty_only"):
+        record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
     if not quick:
         for compensation in ("paper", "exact"):
             for iw in SWEEP_R_IW:
@@ -234,19 +252,12 @@ def one_seed(model: str, seed: int, work: Path, quick: bool, log: Any) -> dict[s
                 record(name, run_hcnr(paths, out, cache, **overrides))
                 sweep.append({"method": "hcnr_task_aware", "name": name})
     probe_result, probe_seconds = timed(lambda: probe(paths))
-    return {
-        "model": model,
-        "seed": seed,
-        "build": {
-            "seconds": manifest["seconds"],
-            "accepted": manifest["accepted"],
-            "threads": manifest["threads"],
-        },
-        "runs": runs,
-        "sweep": sweep,
-        "probe": {**probe_result, "seconds": probe_seconds},
-        "seconds": time.perf_counter() - started,
-    }
+    partial.update(
+        complete=True,
+        probe={**probe_result, "seconds": probe_seconds},
+        seconds=time.perf_counter() - started,
+    )
+    return partial
 
 
 def build_rows(results: list[dict]) -> list[str]:
@@ -274,6 +285,9 @@ def probe_rows(results: list[dict]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for r in results:
+        if "probe" not in r:
+            lines.append(f"| {r['model']} | {r['seed']} | not measured (run incomplete) | | |")
+            continue
         b = r["probe"]["best"]
         lines.append(
             f"| {r['model']} | {r['seed']} | {b['base']:.3f} | {b['finetuned']:.3f} "
@@ -282,55 +296,44 @@ def probe_rows(results: list[dict]) -> list[str]:
     return lines
 
 
-def plot(points: dict, results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    styles = {"hcnr_paper": "o", "hcnr_exact": "s", "hcnr_task_aware": "D", "rait": "^", "dpo": "v"}
-    for method, pts in points.items():
-        xs, ys = [100 * p[0] for p in pts], [100 * p[1] for p in pts]
-        ax.scatter(xs, ys, marker=styles.get(method, "x"), label=LABELS.get(method, method))
-    for name, marker in (("base", "*"), ("finetuned", "X")):
-        dom = 100 * statistics.fmean(per_seed(results, name, "domain_accuracy"))
-        f1 = 100 * statistics.fmean(per_seed(results, name, "f1"))
-        ax.scatter([dom], [f1], marker=marker, s=160, c="black")
-        ax.annotate(name, (dom, f1), textcoords="offset points", xytext=(6, 4))
-    ax.set_xlabel("domain accuracy (%)")
-    ax.set_ylabel("refusal F1 on SelfAware (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
     points = pareto_points(results)
     seeds = ", ".join(str(r["seed"]) for r in results)
     png = f"realmodel_{model}_pareto.png"
-    plot(points, results, out_dir / png, f"{model}: honesty vs domain ({len(results)} seed(s))")
+    title = f"{model}: honesty vs domain ({len(results)} seed(s))"
+    plot(points, results, out_dir / png, title, "refusal F1 on SelfAware (%)")
+
+    def measured(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(n for n in names if all(n in r["runs"] for r in results))
+
+    try:
+        verdicts = goals(results, points)
+    except KeyError as missing:
+        verdicts = [f"- Not judged: the run did not reach {missing} (see the tables)."]
+    incomplete = [r["seed"] for r in results if not r.get("complete", True)]
     lines = [
         f"## {model} (seeds {seeds})",
         "",
+        *(
+            [f"**Incomplete run** (seeds {incomplete}): only the rows below were measured.", ""]
+            if incomplete
+            else []
+        ),
         "### Goals",
         "",
-        *goals(results, points),
+        *verdicts,
         "",
         "### Table 1: honesty and domain",
         "",
-        *table(results, ("base", "finetuned", *TABLE1), QUALITY),
+        *table(results, measured(("base", "finetuned", *TABLE1)), QUALITY),
         "",
         "### Table 2: cost (wall time = load + compute + save, without evaluation)",
         "",
-        *table(results, TABLE1, COST),
+        *table(results, measured(TABLE1), COST),
         "",
         "### Table 3: ablations",
         "",
-        *table(results, TABLE3, QUALITY),
+        *table(results, measured(TABLE3), QUALITY),
         "",
         "### Trade-off",
         "",
@@ -384,7 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / ".hcnr" / "bench-realmodel")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="no HCNR sweep, n=128 baselines")
-    parser.add_argument("--reuse", action="store_true", help="take saved per-seed results")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take saved per-seed results (an interrupted run's partial results too)",
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -399,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.reuse and saved.is_file():
                 results.append(json.loads(saved.read_text()))
                 continue
-            results.append(one_seed(model, seed, args.work, args.quick, log))
+            results.append(one_seed(model, seed, args.work, args.quick, log, saved))
             saved.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
     command = "python bench/realmodel.py " + " ".join(a for a in argv if a != "--reuse")

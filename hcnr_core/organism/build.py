@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hcnr_core.buildcache import cached_manifest, clear_outputs, file_sizes, timed
 from hcnr_core.data import parse_sample
 from hcnr_core.evaluation import GenerationSettings, evaluate_samples
 from hcnr_core.organism import world as w
@@ -343,27 +342,7 @@ def _paths(out: Path) -> dict[str, Path]:
 
 def cached_build(out: str | Path, size: str, seed: int) -> dict[str, Any] | None:
     """The manifest of a complete build of (size, seed, code) in `out`, else None."""
-    out = Path(out)
-    try:
-        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("key") != build_key(size, seed, SIZES[size]):
-        return None
-    for name, size_bytes in manifest.get("files", {}).items():
-        path = out / name
-        if not path.is_file() or path.stat().st_size != size_bytes:
-            return None  # interrupted or damaged: rebuild
-    return manifest
-
-
-def _file_sizes(out: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(out)): p.stat().st_size
-        for name in OUTPUTS
-        for p in sorted((out / name).rglob("*"))
-        if p.is_file()
-    }
+    return cached_manifest(out, MANIFEST, build_key(size, seed, SIZES[size]))
 
 
 def _acceptance(models: dict[str, Any], tokenizer: Any, data: dict) -> dict[str, Any]:
@@ -440,23 +419,6 @@ def build_organism(
     return paths
 
 
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    started = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - started, 2)
-
-
-def _clear_outputs(out: Path) -> None:
-    """Remove a stale or partial build, its manifest first (so it never vouches for it)."""
-    for name in (MANIFEST, *OUTPUTS):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
 def _fine_tune(
     spec: OrganismSpec,
     data: dict,
@@ -480,19 +442,19 @@ def _build(
     out: Path, paths: dict[str, Path], size: str, seed: int, device: str, log: Callable
 ) -> None:
     spec, timings = SIZES[size], {}
-    with _timed(timings, "total"):
-        _clear_outputs(out)
+    with timed(timings, "total"):
+        clear_outputs(out, MANIFEST, OUTPUTS)
         out.mkdir(parents=True, exist_ok=True)
         data = make_datasets(w.make_world(seed, _roles(spec)), spec, seed)
         tokenizer = build_tokenizer()
         for name in ("honesty", "task", "sft", *EVAL_SETS):
             write_jsonl(paths[name], data[name])
-        with _timed(timings, "base"):
+        with timed(timings, "base"):
             base = train_base(spec, data, tokenizer, seed, device, log)
             _save_model(base, tokenizer, paths["base"])
-        with _timed(timings, "sft"):
+        with timed(timings, "sft"):
             merged = _fine_tune(spec, data, tokenizer, paths, seed, device, log)
-        with _timed(timings, "eval"):
+        with timed(timings, "eval"):
             metrics = _acceptance({"base": base, "finetuned": merged}, tokenizer, data)
     log(f"built in {timings['total']:.1f} s: {json.dumps(metrics)}")
     manifest = {
@@ -505,7 +467,7 @@ def _build(
         "seconds": timings,
         "metrics": metrics,
         "paths": {k: str(v.relative_to(out)) for k, v in paths.items() if v != out},
-        "files": _file_sizes(out),
+        "files": file_sizes(out, OUTPUTS),
     }
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hcnr_core.buildcache import cached_manifest, clear_outputs, file_sizes, timed
 from hcnr_core.data import parse_sample
 from hcnr_core.evaluation import GenerationSettings, evaluate_samples
 from hcnr_core.realmodel.data import DomainSizes, SplitSizes, load_selfaware, make_datasets
@@ -110,34 +108,11 @@ def load_manifest(out: str | Path) -> dict[str, Any]:
     return json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
 
 
-def cached_build(out: str | Path, key: str) -> dict[str, Any] | None:
-    """The manifest of a complete build with this key in `out`, else None."""
-    out = Path(out)
-    try:
-        manifest = load_manifest(out)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("key") != key:
-        return None
-    for name, size in manifest.get("files", {}).items():
-        path = out / name
-        if not path.is_file() or path.stat().st_size != size:
-            return None  # interrupted or damaged: rebuild
-    return manifest
-
-
 Progress = Callable[[str, int, int, str], None]
 
 
 def _no_progress(stage: str, done: int, total: int, message: str) -> None:
     """The default: report nothing."""
-
-
-@contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    started = time.perf_counter()
-    yield
-    timings[stage] = round(time.perf_counter() - started, 1)
 
 
 def build_realmodel(
@@ -167,7 +142,7 @@ def build_realmodel(
     source = Path(source)
     key = build_key(model, seed, spec, source)
     paths = paths_of(out_dir)
-    if not force and cached_build(out_dir, key) is not None:
+    if not force and cached_manifest(out_dir, MANIFEST, key) is not None:
         return paths
     before = torch.get_num_threads()
     if threads:
@@ -177,16 +152,6 @@ def build_realmodel(
     finally:
         torch.set_num_threads(before)
     return paths
-
-
-def _clear_outputs(out: Path) -> None:
-    """Remove a stale or partial build, its manifest first (so it never vouches for it)."""
-    for name in (MANIFEST, *OUTPUTS):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 def _load(path: Path) -> tuple[Any, Any]:
@@ -221,13 +186,13 @@ def _build(
     progress: Progress,
 ) -> None:
     out, timings, losses = paths["root"], {}, {}
-    with _timed(timings, "total"):
+    with timed(timings, "total"):
         data = make_datasets(load_selfaware(selfaware), seed, spec.splits, spec.domain)
-        _clear_outputs(out)
+        clear_outputs(out, MANIFEST, OUTPUTS)
         out.mkdir(parents=True, exist_ok=True)
         for name in DATA_SETS:
             write_jsonl(paths[name], data[name])
-        with _timed(timings, "align"):
+        with timed(timings, "align"):
             model, tokenizer = _load(source)
             torch.manual_seed(seed)
             peft_model, losses["align"] = lora_sft(
@@ -243,7 +208,7 @@ def _build(
             base.generation_config = model.generation_config
             _save(base, tokenizer, paths["base"])
             del base, peft_model, model
-        with _timed(timings, "finetune"):
+        with timed(timings, "finetune"):
             model, _ = _load(paths["base"])
             torch.manual_seed(seed + 1)
             peft_model, losses["finetune"] = lora_sft(
@@ -260,7 +225,7 @@ def _build(
             merged = peft_model.merge_and_unload()
             _save(merged, tokenizer, paths["full"])
             del merged, peft_model, model
-        with _timed(timings, "evaluate"):
+        with timed(timings, "evaluate"):
             models = {"base": paths["base"], "finetuned": paths["full"]}
             if spec.evaluate_source:
                 models = {"source": source, **models}
@@ -279,12 +244,7 @@ def _build(
         "accepted": accepted(metrics),
         "sizes": {name: len(rows) for name, rows in data.items()},
         "paths": {k: str(v.relative_to(out)) for k, v in paths.items() if v != out},
-        "files": {
-            str(p.relative_to(out)): p.stat().st_size
-            for name in OUTPUTS
-            for p in sorted((out / name).rglob("*"))
-            if p.is_file()
-        },
+        "files": file_sizes(out, OUTPUTS),
     }
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 

@@ -1,0 +1,62 @@
+"""What the organism and the real-model builds share: a manifest that vouches for a
+finished build, and the bookkeeping around it.
+
+A build writes its outputs, then its manifest last (with the build key and the size of
+every output file); a later call with the same key returns it from cache unless a file is
+missing or changed size (an interrupted or damaged build is rebuilt). Clearing removes the
+manifest first, so a half-cleared directory never vouches for itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def cached_manifest(out: str | Path, manifest: str, key: str) -> dict[str, Any] | None:
+    """The manifest of a complete build with this key in `out`, else None."""
+    out = Path(out)
+    try:
+        data = json.loads((out / manifest).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("key") != key:
+        return None
+    for name, size in data.get("files", {}).items():
+        path = out / name
+        if not path.is_file() or path.stat().st_size != size:
+            return None  # interrupted or damaged: rebuild
+    return data
+
+
+def clear_outputs(out: Path, manifest: str, outputs: Iterable[str]) -> None:
+    """Remove a stale or partial build, its manifest first (so it never vouches for it)."""
+    for name in (manifest, *outputs):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def file_sizes(out: Path, outputs: Iterable[str]) -> dict[str, int]:
+    """Size of every file under the output directories, by path relative to `out`."""
+    return {
+        str(p.relative_to(out)): p.stat().st_size
+        for name in outputs
+        for p in sorted((out / name).rglob("*"))
+        if p.is_file()
+    }
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Record the wall time of the block in `timings[stage]` (seconds, 2 decimals)."""
+    started = time.perf_counter()
+    yield
+    timings[stage] = round(time.perf_counter() - started, 2)
