@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections import Counter
@@ -176,10 +178,16 @@ class RepairPipeline:
         config: RepairConfig,
         progress: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        fisher_cache: dict[str, dict] | None = None,
     ):
+        """`fisher_cache`: a dict shared by repairs of the same checkpoints and data with
+        different selection/compensation settings (sweeps, candidate grids). The column
+        Fisher scores depend only on the model, the data and the compute dtype, so each
+        pass runs once per cache; the reused stages report ~0 s."""
         self.config = config
         self._progress = progress
         self._should_cancel = should_cancel
+        self._fisher_cache = fisher_cache
         self.stage_seconds: dict[str, float] = {}
         self._stage = ""
         self.devices: list[torch.device] = []
@@ -328,6 +336,28 @@ class RepairPipeline:
             work = [whole(model, share) for model, share in zip(models, shares, strict=False)]
             total = sum(len(share) for share in shares)
         return combine_fisher(run_parallel(self.devices, work, self._tick, total))
+
+    def _cached_fisher(
+        self,
+        models: list[Any],
+        prep: PreparedRepair,
+        scored: CheckpointInfo,
+        data: list[EncodedSample],
+        dtype: torch.dtype,
+    ) -> dict:
+        """`_fisher`, memoised in `fisher_cache` by what the scores depend on."""
+        if self._fisher_cache is None:
+            return self._fisher(models, prep, data)
+        settings = (str(dtype), prep.targets, self.config.target_modules)
+        digest = hashlib.sha256(repr(settings).encode())
+        for info in (prep.base, scored):  # a LoRA adapter is scored merged onto the base
+            digest.update(os.path.realpath(info.path).encode())
+        for sample in data:
+            digest.update(repr((sample.input_ids, sample.prompt_len)).encode())
+        key = digest.hexdigest()
+        if key not in self._fisher_cache:
+            self._fisher_cache[key] = self._fisher(models, prep, data)
+        return self._fisher_cache[key]
 
     def _hessians(
         self, models: list[Any], data: list[EncodedSample], pad_id: int, modules: list[str]
@@ -510,7 +540,7 @@ class RepairPipeline:
         self._leave(started)
 
         started = self._enter("fisher_task")
-        task_fisher = self._fisher(models, prep, prep.task)
+        task_fisher = self._cached_fisher(models, prep, prep.finetuned, prep.task, dtype)
         self._leave(started)
         del models
         _release_memory()
@@ -521,7 +551,7 @@ class RepairPipeline:
         self._leave(started)
 
         started = self._enter("fisher_honesty")
-        hon_fisher = self._fisher(models, prep, prep.honesty)
+        hon_fisher = self._cached_fisher(models, prep, prep.base, prep.honesty, dtype)
         self._leave(started)
 
         started = self._enter("select")
