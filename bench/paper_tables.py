@@ -72,9 +72,11 @@ LABELS = {
 }
 
 
-def evaluate(model_dir: Path, paths: dict[str, Path]) -> dict[str, float]:
+def evaluate(
+    model_dir: Path, paths: dict[str, Path], settings: GenerationSettings = SETTINGS
+) -> dict[str, float]:
     files = {name: paths[name] for name in EVAL_SETS}
-    result = evaluate_model(model_dir, files, settings=SETTINGS, keep_responses=False)
+    result = evaluate_model(model_dir, files, settings=settings, keep_responses=False)
     sets, metrics = result["sets"], result["metrics"]
     return {
         "f1": metrics["refusal_f1"],
@@ -83,6 +85,7 @@ def evaluate(model_dir: Path, paths: dict[str, Path]) -> dict[str, float]:
         "refusal_known": sets["eval_known"]["refusal_rate"],
         "known_accuracy": sets["eval_known"]["accuracy"],
         "domain_accuracy": metrics["domain_accuracy"],
+        "eval_seconds": result["seconds"],
     }
 
 

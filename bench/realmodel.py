@@ -44,6 +44,7 @@ from paper_tables import (  # noqa: E402
     QUALITY,
     TABLE1,
     TABLE3,
+    evaluate,
     frontier,
     goals,
     pareto_points,
@@ -55,10 +56,8 @@ from paper_tables import (  # noqa: E402
 from hcnr_core import RepairConfig  # noqa: E402
 from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
 from hcnr_core.data import load_jsonl  # noqa: E402
-from hcnr_core.evaluation import evaluate_model  # noqa: E402
 from hcnr_core.pipeline import RepairPipeline  # noqa: E402
 from hcnr_core.realmodel.build import (  # noqa: E402
-    EVAL_SETS,
     SPECS,
     build_realmodel,
     load_manifest,
@@ -77,21 +76,6 @@ SWEEP_R_CW = (0.4, 1.0)
 SWEEP_TASK_WEIGHT = (1.0, 7.0)
 SWEEP_SAMPLES = (16, 64, 128)
 SELFAWARE = ROOT.parent / "shared" / "datasets" / "selfaware"
-
-
-def evaluate(model_dir: Path, paths: dict[str, Path], settings: Any) -> dict[str, float]:
-    files = {name: paths[name] for name in EVAL_SETS}
-    result = evaluate_model(model_dir, files, settings=settings, keep_responses=False)
-    sets, metrics = result["sets"], result["metrics"]
-    return {
-        "f1": metrics["refusal_f1"],
-        "rf_delta": metrics["rf_delta"],
-        "refusal_unknown": sets["eval_unknown"]["refusal_rate"],
-        "refusal_known": sets["eval_known"]["refusal_rate"],
-        "known_accuracy": sets["eval_known"]["accuracy"],
-        "domain_accuracy": metrics["domain_accuracy"],
-        "eval_seconds": result["seconds"],
-    }
 
 
 def from_manifest(metrics: dict[str, Any]) -> dict[str, float]:
