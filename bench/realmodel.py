@@ -195,6 +195,9 @@ def one_seed(
     def record(name: str, result: dict[str, Any]) -> None:
         result["metrics"] = evaluate(out, paths, settings)
         runs[name] = result
+        for method in ("rait", "dpo"):  # all 128 honesty samples: the Table 1 row
+            if name == f"{method}_n{SWEEP_SAMPLES[-1]}":
+                runs[method] = result
         shutil.rmtree(out)
         saved.write_text(json.dumps(partial, indent=1) + "\n")  # a long run is never lost
         m = result["metrics"]
@@ -207,14 +210,13 @@ def one_seed(
     cache: dict[str, Any] = {}
     # Table 1 first (the three HCNR modes, then the baselines), then the ablations.
     for name in ("hcnr_paper", "hcnr_exact", "hcnr_task_aware"):
-        record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
         sweep.append({"method": name, "name": name})
+        record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
     for method in ("rait", "dpo"):
         for n in sorted(SWEEP_SAMPLES[-1:] if quick else SWEEP_SAMPLES, reverse=True):
             name = f"{method}_n{n}"
-            record(name, run_baseline(method, paths, out, n))
             sweep.append({"method": method, "name": name})
-            runs.setdefault(method, runs[name])  # n = 128, all honesty samples: Table 1
+            record(name, run_baseline(method, paths, out, n))
     for name in ("no_compensation", "random", "honesty_only"):
         record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
     if not quick:
