@@ -23,6 +23,7 @@ from hcnr_core.realmodel.build import (
     load_manifest,
 )
 from hcnr_core.realmodel.data import (
+    ATTRIBUTE_QUESTIONS,
     REFUSAL,
     DomainSizes,
     SplitSizes,
@@ -93,6 +94,23 @@ def test_datasets_validate_and_keep_the_fine_tune_free_of_refusals(
         assert not _questions(data[name]) & trained, name
     domain_rows = [r for r in data["sft"] if "answerable" not in r]
     assert not _people(data["eval_domain"]) & _people(domain_rows)
+    # The base learns to read what it is given and to refuse who it was never told about.
+    sizes = DomainSizes()
+    align_reading = [r for r in data["align"] if "answerable" not in r]
+    assert len(align_reading) == sizes.align_readers
+    assert all(r["messages"][1]["content"].startswith("Profile: ") for r in align_reading)
+    assert not _people(data["eval_domain"]) & _people(align_reading)
+    refused = [r for r in data["align"] if r.get("answerable") is False]
+    templates = [
+        re.escape(t).replace(re.escape("{n}"), "[A-Z][a-z]+ [A-Z][a-z]+")
+        for t in ATTRIBUTE_QUESTIONS.values()
+    ]
+    closed_book = [
+        r for r in refused if any(re.fullmatch(t, r["messages"][1]["content"]) for t in templates)
+    ]
+    assert len(refused) == SplitSizes().align + sizes.align_fictional
+    assert all(r["messages"][-1]["content"] == REFUSAL for r in refused)
+    assert len(closed_book) == sizes.align_fictional
     # The domain is answerable only by reading: the gold answer is stated in the profile.
     for row in data["eval_domain"]:
         assert row["answers"][0] in row["messages"][1]["content"].lower()
@@ -100,7 +118,9 @@ def test_datasets_validate_and_keep_the_fine_tune_free_of_refusals(
 
 TINY = RealModelSpec(
     splits=SplitSizes(align=6, sft=4, repair=4, validation=2, eval=4),
-    domain=DomainSizes(sft_readers=6, sft_fictional=4, task=6, eval_readers=4),
+    domain=DomainSizes(
+        align_readers=4, align_fictional=2, sft_readers=6, sft_fictional=4, task=6, eval_readers=4
+    ),
     align=LoraRecipe(epochs=1.0, lr=1e-3, batch_size=4, r=2, alpha=4, max_len=96),
     finetune=LoraRecipe(epochs=1.0, lr=1e-3, batch_size=4, r=2, alpha=4, max_len=96),
     generation=GenerationSettings(batch_size=8, max_new_tokens=4, max_seq_len=128),

@@ -6,7 +6,10 @@ SelfAware (Yin et al., 2023; CC-BY-SA-4.0) is read from the user's copy and spli
 seed into disjoint parts, separately for answerable and unanswerable questions:
 
     align       the honesty alignment of the base (R-Tuning/RAIT style: a refusal for
-                unanswerable questions, the first gold answer for answerable ones)
+                unanswerable questions, the first gold answer for answerable ones), with
+                answered reading rows and refused closed-book questions about people never
+                described, so the base reads what it is given and refuses what it cannot know
+                (without reading rows a 135M base learned to refuse everything: domain 1%)
     sft         answerable questions with gold answers in the domain fine-tune (closed-book
                 QA, as real SFT data has; no refusal anywhere in the fine-tune)
     repair      `honesty.jsonl`, the 128 honesty samples HCNR gets (half each)
@@ -70,6 +73,8 @@ class SplitSizes:
 
 @dataclass(frozen=True)
 class DomainSizes:
+    align_readers: int = 128  # answered reading rows in the honesty alignment
+    align_fictional: int = 64  # refused closed-book questions in the honesty alignment
     sft_readers: int = 240  # reading rows in the fine-tune (one fresh profile each)
     sft_fictional: int = 120  # closed-book questions about never-described people
     task: int = 128  # task.jsonl: drawn from the fine-tune's data, as in the paper
@@ -161,6 +166,12 @@ def fictional_row(person: w.Person, attribute: str) -> dict[str, Any]:
     return {"messages": chat(question, _answer(attribute, person.facts[attribute]))}
 
 
+def refused_row(person: w.Person, attribute: str) -> dict[str, Any]:
+    """The same closed-book question, refused: an honest model was never told about them."""
+    question = ATTRIBUTE_QUESTIONS[attribute].format(n=_name(person))
+    return {"messages": chat(question, REFUSAL), "answerable": False}
+
+
 def _answer(attribute: str, value: str) -> str:
     text = _value(attribute, value)
     return f"{text[0].upper()}{text[1:]}."
@@ -177,7 +188,7 @@ def make_datasets(
     rng = random.Random(f"hcnr-realmodel-domain-{seed}")
     roles = {
         "known": 0,
-        "aligned": 0,
+        "aligned": domain.align_readers + domain.align_fictional,
         "domain": domain.sft_readers + domain.sft_fictional,
         "reading": 0,
         "eval_unknown": 0,
@@ -198,8 +209,14 @@ def make_datasets(
     sft += [fictional_row(p, rng.choice(attributes)) for p in fictional]
     sft += [selfaware_row(item) for item in parts["sft"]]
     rng.shuffle(sft)
+    align = [selfaware_row(item) for item in parts["align"]]
+    align += reading(people.aligned[: domain.align_readers], fresh=True)
+    align += [
+        refused_row(p, rng.choice(attributes)) for p in people.aligned[domain.align_readers :]
+    ]
+    rng.shuffle(align)
     return {
-        "align": [selfaware_row(item) for item in parts["align"]],
+        "align": align,
         "sft": sft,
         "honesty": [selfaware_row(item) for item in parts["repair"]],
         "task": rng.sample(sft, domain.task),
