@@ -8,9 +8,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    model_validator,
+)
 
-from hcnr_core.config import Compensation, DType, Selection
+from hcnr_core.config import BaselineConfig, Compensation, DpoConfig, DType, RaitConfig, Selection
 
 FilePurpose = Literal["honesty", "task", "eval"]
 JobStatus = Literal[
@@ -84,19 +92,86 @@ class Hyperparameters(BaseModel):
     )
 
 
+# What the worker decides, never the client: where and how it computes.
+RUN_OPTIONS = frozenset({"device", "threads"})
+
+
+def _client_hyperparameters(config: type[BaselineConfig], doc: str) -> type[BaseModel]:
+    """The library config's fields a client may set (one spec for library, CLI and API),
+    with the free-text fields bounded and storable."""
+    fields: dict[str, Any] = {
+        name: (info.annotation, info)
+        for name, info in config.model_fields.items()
+        if name not in RUN_OPTIONS
+    }
+    bounded = {
+        "lora_targets": (
+            list[Annotated[Text, Field(max_length=200)]] | Annotated[Text, Field(max_length=1000)],
+            config.model_fields["lora_targets"],
+        ),
+        "refusal": (
+            Annotated[Text, Field(max_length=1000)] | None,
+            config.model_fields.get("refusal"),
+        ),
+    }
+    for name, (annotation, info) in bounded.items():
+        if name in fields:
+            fields[name] = (annotation, info)
+    model = create_model(
+        config.__name__.replace("Config", "Hyperparameters"),
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=doc,
+        **fields,
+    )
+    return model
+
+
+RaitHyperparameters = _client_hyperparameters(
+    RaitConfig, "RaitConfig fields a client may set (method rait)"
+)
+DpoHyperparameters = _client_hyperparameters(
+    DpoConfig, "DpoConfig fields a client may set (method dpo)"
+)
+MethodName = Literal["hcnr", "rait", "dpo"]
+HYPERPARAMETERS: dict[str, type[BaseModel]] = {
+    "hcnr": Hyperparameters,
+    "rait": RaitHyperparameters,
+    "dpo": DpoHyperparameters,
+}
+
+
 class RepairJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    method: MethodName = Field(
+        "hcnr",
+        description="hcnr (restore honesty-critical columns), rait (SFT of a LoRA on the "
+        "honesty set) or dpo (DPO of a LoRA on IDK pairs); hyperparameters follow the method",
+    )
     base: Reference = Field(description="'path:<dir under the models root>' or 'hf:org/name@rev'")
     finetuned: Reference = Field(description="Full fine-tuned model or PEFT LoRA adapter reference")
     honesty_file: FileId = Field(description="Id of an uploaded file with purpose honesty")
     task_file: FileId = Field(description="Id of an uploaded file with purpose task")
     eval_file: FileId | None = Field(None, description="Optional eval set (purpose eval)")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    hyperparameters: Hyperparameters | RaitHyperparameters | DpoHyperparameters = Field(  # type: ignore[valid-type]
+        default_factory=Hyperparameters, description="The method's hyper-parameters"
+    )
     metadata: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16)
     webhook_url: AnyHttpUrl | None = Field(
         None, max_length=2000, description="POSTed on terminal states"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hyperparameters_of_the_method(cls, data: Any) -> Any:
+        """Validate `hyperparameters` as the method's own kind (an unknown method fails
+        on `method` itself)."""
+        if isinstance(data, dict):
+            kind = HYPERPARAMETERS.get(data.get("method", "hcnr"))
+            values = data.get("hyperparameters")
+            if kind is not None and (values is None or isinstance(values, dict)):
+                data = {**data, "hyperparameters": kind.model_validate(values or {})}
+        return data
 
 
 class JobError(BaseModel):
@@ -107,6 +182,7 @@ class JobError(BaseModel):
 class RepairJobPublic(BaseModel):
     object: Literal["repair_job"] = "repair_job"
     id: str
+    method: str
     status: JobStatus
     stage: str | None
     progress: float = Field(ge=0.0, le=1.0)

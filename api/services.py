@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from fastapi import UploadFile
@@ -26,11 +26,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
-from api.schemas import FilePurpose, RepairJobCreate
-from hcnr_core.config import RepairConfig
+from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
 from hcnr_core.errors import DataValidationError
-from hcnr_core.pipeline import RepairPipeline
+from hcnr_core.methods import MethodInputs, get_method
 from store import repositories
 from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
 from store.references import resolve_reference
@@ -191,10 +190,13 @@ def local_file(storage: Storage, file: File, scratch: Path) -> Path:
 # --- job creation ------------------------------------------------------------------------
 
 
-def repair_config(body: RepairJobCreate, settings: Settings) -> RepairConfig:
-    values = body.hyperparameters.model_dump(exclude_none=True)
+def repair_config(body: RepairJobCreate, settings: Settings) -> Any:
+    """The method's library config: the client's hyper-parameters, the worker's device.
+    RAIT/DPO pass only what the client set (`epochs` alone must not meet the default
+    `steps`); HCNR keeps the API's documented defaults."""
+    values = body.hyperparameters.model_dump(exclude_none=True, exclude_unset=body.method != "hcnr")
     try:
-        return RepairConfig(**values, device=settings.worker_device)
+        return get_method(body.method).make_config(values, device=settings.worker_device)
     except ValidationError as exc:
         raise APIError(422, "invalid_hyperparameters", str(exc)) from exc
 
@@ -227,7 +229,7 @@ def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) ->
 
 def validate_job(
     session: Session, storage: Storage, settings: Settings, tenant: Tenant, body: RepairJobCreate
-) -> RepairConfig:
+) -> Any:
     """Every check that needs no GPU: files, hyper-parameters, references, compatibility."""
     honesty = _input_file(session, tenant, body.honesty_file, "honesty")
     task = _input_file(session, tenant, body.task_file, "task")
@@ -241,7 +243,8 @@ def validate_job(
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
         paths = [local_file(storage, f, Path(scratch)) for f in (honesty, task)]
         try:
-            RepairPipeline(config).prepare(base, finetuned, *paths)
+            inputs = MethodInputs(base, finetuned, honesty=paths[0], task=paths[1])
+            get_method(body.method).check(config, inputs)
         except TemplateError as exc:  # the model's chat template refuses these samples
             code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
             raise APIError(422, code, f"the chat template refused a sample: {exc}") from exc
@@ -302,7 +305,7 @@ def create_job(
 def _new_job(
     tenant: Tenant,
     body: RepairJobCreate,
-    config: RepairConfig,
+    config: Any,
     idempotency_key: str | None,
     request_hash: str,
 ) -> Job:
@@ -312,10 +315,11 @@ def _new_job(
         status="validating",
         base_ref=body.base,
         finetuned_ref=body.finetuned,
+        method=body.method,
         honesty_file_id=body.honesty_file,
         task_file_id=body.task_file,
         eval_file_id=body.eval_file,
-        config=config.model_dump(exclude={"device"}),
+        config=config.model_dump(exclude=set(RUN_OPTIONS)),
         webhook_url=str(body.webhook_url) if body.webhook_url else None,
         idempotency_key=idempotency_key,
         request_hash=request_hash,

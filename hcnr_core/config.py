@@ -1,8 +1,12 @@
-"""Validated, frozen configuration of one HCNR repair (DESIGN.md §2)."""
+"""Validated, frozen configuration of every repair method: HCNR (DESIGN.md §2), RAIT, DPO.
+
+Torch-free, so that schemas and clients can import it without the compute stack.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -92,3 +96,123 @@ class RepairConfig(BaseModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
         return cls(**{**data, **overrides})
+
+
+# --- the baselines (hcnr_core.baselines): RAIT and DPO on IDK data ----------------------
+
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class BaselineConfig(BaseModel):
+    """Shared by both baselines. Immutable; unknown keys are rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate of the LoRA")
+    steps: int | None = Field(
+        60, ge=1, le=1_000_000, description="Optimizer steps (or give epochs)"
+    )
+    epochs: float | None = Field(
+        None, gt=0.0, le=1000.0, description="Passes over the data; replaces steps when given"
+    )
+    batch_size: int = Field(16, ge=1, le=4096)
+    warmup: float = Field(0.1, ge=0.0, lt=1.0, description="Linear warm-up share of steps")
+    weight_decay: float = Field(0.0, ge=0.0)
+    lora_r: int = Field(8, ge=1, le=4096)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_targets: list[str] | str = Field(
+        list(LLAMA_LINEARS),
+        description="peft target_modules: module-name suffixes, or one regex string",
+    )
+    seed: int = Field(0, ge=0)
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Compute dtype while training; auto = the stored dtype"
+    )
+    n_samples: int | None = Field(
+        None, ge=1, description="Use a seeded, answerable-stratified subset (data-size sweeps)"
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads during the run [torch's default]; tiny "
+        "models train fastest on one thread on a busy machine",
+    )
+    check_adapter_base_name: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        if value not in ("cpu", "mps") and not (
+            value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit())
+        ):
+            raise ValueError("device must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return value
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _non_empty_targets(cls, value: list[str] | str) -> list[str] | str:
+        if not value:
+            raise ValueError("lora_targets must name at least one module")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        """Given epochs, steps is None (not the default 60), so that a dumped config
+        validates again as the same config."""
+        if isinstance(data, dict) and data.get("epochs") is not None:
+            if data.get("steps") is not None:
+                raise ValueError("give steps or epochs, not both")
+            data = {**data, "steps": None}
+        return data
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> BaselineConfig:
+        if self.epochs is None and self.steps is None:
+            raise ValueError("give steps or epochs")
+        return self
+
+    def total_steps(self, n_samples: int) -> int:
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n_samples / self.batch_size))
+        return int(self.steps)  # type: ignore[arg-type]  # validated
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> BaselineConfig:
+        """Load from YAML or JSON; `overrides` (e.g. CLI flags) win over the file."""
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        return cls(**{**data, **overrides})
+
+
+class RaitConfig(BaselineConfig):
+    """RAIT: SFT of a LoRA on the honesty set (refusals + gold answers)."""
+
+
+class DpoConfig(BaselineConfig):
+    """DPO on IDK preference pairs, the fine-tuned model as the frozen reference."""
+
+    lr: float = Field(2e-3, gt=0.0, description="Peak AdamW learning rate of the LoRA")
+    beta: float = Field(0.1, gt=0.0, description="DPO temperature β")
+    refusal: str | None = Field(
+        None,
+        description="Rejected response of answerable prompts [the honesty set's most "
+        "common unanswerable response]",
+    )
+    rpo_alpha: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of the chosen responses' mean token NLL added to the DPO loss "
+        "(RPO, Pang et al. 2024; TRL's rpo_alpha); 0 = pure sigmoid DPO",
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, le=4096, description="Tokens generated per rejected answer"
+    )
+    generation_batch_size: int = Field(32, ge=1, le=4096)

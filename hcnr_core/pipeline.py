@@ -62,6 +62,7 @@ from hcnr_core.layerwise import (
     layerwise_fisher,
     layerwise_hessians,
 )
+from hcnr_core.progress import ProgressEvent
 from hcnr_core.report import build_model_card, versions
 from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, combine_fisher, pad_batch
 from hcnr_core.selection import displacement, select_columns, select_matrices
@@ -81,15 +82,6 @@ STAGES: dict[str, float] = {
 # Stages timed in the report: the progress stages plus the Hessians' share of "compensate".
 TIMED_STAGES = (*STAGES, "hessian")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    stage: str
-    done: int
-    total: int
-    fraction: float  # overall, 0-1
-    message: str = ""
 
 
 @dataclass

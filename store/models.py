@@ -107,6 +107,7 @@ class Job(Base):
     eta_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     base_ref: Mapped[str] = mapped_column(String(1000))
     finetuned_ref: Mapped[str] = mapped_column(String(1000))
+    method: Mapped[str] = mapped_column(String(16), default="hcnr", server_default="hcnr")
     honesty_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
     task_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
     eval_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"), default=None)

@@ -18,10 +18,10 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from hcnr_core.config import RepairConfig
 from hcnr_core.errors import HCNRError, RepairCancelled
-from hcnr_core.pipeline import ProgressEvent, RepairPipeline
-from hcnr_core.writer import REPORT_NAME, sha256_file
+from hcnr_core.methods import MethodInputs, get_method
+from hcnr_core.progress import ProgressEvent
+from hcnr_core.writer import sha256_file
 from store import repositories
 from store.db import session_scope
 from store.models import ACTIVE_STATES, Artifact, File, Job, utcnow
@@ -97,13 +97,18 @@ class ProgressRecorder:
         self.started = time.monotonic()
         self.stage: str | None = None
         self.last_write = 0.0
-        self.pipeline: RepairPipeline | None = None
+        self.stage_started = self.started
+        self.stage_seconds: dict[str, float] = {}  # the method's report has the final ones
 
     def __call__(self, event: ProgressEvent) -> None:
         if self.delay:
             time.sleep(self.delay)
         now = time.monotonic()
         new_stage = event.stage != self.stage
+        if new_stage:
+            if self.stage is not None:
+                self.stage_seconds[self.stage] = round(now - self.stage_started, 4)
+            self.stage_started = now
         if not new_stage and now - self.last_write < self.ctx.settings.progress_interval_seconds:
             return
         self.stage, self.last_write = event.stage, now
@@ -116,8 +121,7 @@ class ProgressRecorder:
                 return
             job.stage, job.progress = event.stage, round(event.fraction, 4)
             job.eta_seconds = round(eta, 1) if eta is not None else None
-            if self.pipeline is not None:
-                job.stage_seconds = dict(self.pipeline.stage_seconds)
+            job.stage_seconds = dict(self.stage_seconds)
             if new_stage:
                 repositories.add_event(session, job, "stage", f"stage {event.stage} started")
             if job.status != "running":
@@ -199,16 +203,19 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
         job = repositories.get_job_by_id(session, job_id)
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = _inputs(ctx, job, scratch)
-    config = RepairConfig(**job.config, device=ctx.settings.worker_device)
+    method = get_method(job.method)
+    config = method.make_config(job.config, device=ctx.settings.worker_device)
     delay = faults.progress_delay(job.metadata_dict)
     recorder = ProgressRecorder(ctx, job_id, lease, delay)
-    pipeline = RepairPipeline(config, progress=recorder, should_cancel=recorder.should_cancel)
-    recorder.pipeline = pipeline
-    prepared = pipeline.prepare(
-        inputs["base"], inputs["finetuned"], inputs["honesty"], inputs["task"]
-    )
     out = _output_dir(ctx, job_id, scratch)
-    report = pipeline.run(prepared, out)
+    report = method.run(
+        config,
+        MethodInputs(inputs["base"], inputs["finetuned"], inputs["honesty"], inputs["task"]),
+        out,
+        progress=recorder,
+        should_cancel=recorder.should_cancel,
+    )
+    report["report_name"] = method.report_name
     try:  # from here on a published local checkpoint must go if anything stops the job
         if inputs["eval"] is not None:
             recorder(ProgressEvent("evaluate", 0, 1, 1.0, "before/after honesty metrics"))
@@ -243,7 +250,7 @@ def _location_is_ours(ctx: Context, job_id: str) -> bool:
 
 
 def evaluate(
-    config: RepairConfig, inputs: dict[str, Any], repaired: Path, should_cancel: Any
+    config: Any, inputs: dict[str, Any], repaired: Path, should_cancel: Any
 ) -> dict[str, Any]:
     """Honesty metrics of base, fine-tuned and repaired models on the eval set, and the
     recovery of the refusal F1 (DESIGN.md §5)."""
@@ -277,8 +284,9 @@ def evaluate(
 
 def _artifacts(job_id: str, report: dict, out: Path) -> list[Artifact]:
     digests = dict(report.get("files", {}))
-    report_path = out / REPORT_NAME
-    digests[REPORT_NAME] = {"sha256": sha256_file(report_path), "bytes": report_path.stat().st_size}
+    name = report["report_name"]
+    report_path = out / name
+    digests[name] = {"sha256": sha256_file(report_path), "bytes": report_path.stat().st_size}
     prefix = checkpoint_prefix(job_id)
     return [
         Artifact(

@@ -45,6 +45,7 @@ def job_public(job: Job) -> RepairJobPublic:
     error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
     return RepairJobPublic(
         id=job.id,
+        method=job.method,
         status=job.status,
         stage=job.stage,
         progress=job.progress,

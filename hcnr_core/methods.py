@@ -1,0 +1,201 @@
+"""Every repair method behind one seam: what the CLI, a service job and the library run.
+
+    method = get_method("rait")                       # "hcnr" | "rait" | "dpo"
+    config = method.make_config({"epochs": 1.0}, device="cpu")
+    warnings = method.check(config, inputs)           # no weights loaded
+    report = method.run(config, inputs, out, progress=on_event, should_cancel=stop)
+
+Each method takes the same `MethodInputs` (the base, the fine-tune — full or a LoRA
+adapter —, the honesty set and the task set, which only HCNR reads), reports progress as
+`ProgressEvent`s with an overall fraction, stops with `RepairCancelled` when
+`should_cancel()` turns true, and publishes a checkpoint that loads with
+`from_pretrained` plus its JSON report (`report_name`), whose `files` lists every file's
+sha256 and size. The algorithms stay in their modules (`pipeline`, `baselines`); this
+module only adapts them, so a caller never switches on the method's type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig, RepairConfig
+from hcnr_core.data import Sample
+from hcnr_core.errors import HCNRError
+from hcnr_core.progress import ProgressEvent
+
+MethodName = Literal["hcnr", "rait", "dpo"]
+Progress = Callable[[ProgressEvent], None]
+ShouldCancel = Callable[[], bool]
+Data = str | Path | Sequence[Sample]
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a repair reads. `base` may be None for RAIT/DPO on a full fine-tune."""
+
+    base: str | Path | None
+    finetuned: str | Path
+    honesty: Data
+    task: Data | None = None
+
+
+class Method(Protocol):
+    """A repair method: validated config in, published checkpoint + report out."""
+
+    name: str
+    title: str
+    report_name: str
+    config_type: type[BaseModel]
+
+    def make_config(self, values: dict[str, Any], **run_options: Any) -> Any:
+        """The method's validated, frozen config from user values plus run options
+        (`device`, ...), which win."""
+
+    def check(self, config: Any, inputs: MethodInputs) -> list[str]:
+        """Every check that needs no weights; raises HCNRError, returns warnings."""
+
+    def run(
+        self,
+        config: Any,
+        inputs: MethodInputs,
+        out: str | Path,
+        *,
+        progress: Progress | None = None,
+        should_cancel: ShouldCancel | None = None,
+    ) -> dict[str, Any]:
+        """Repair and publish `out` atomically; returns the report written there."""
+
+
+def _missing(inputs: MethodInputs, method: str, *names: str) -> None:
+    absent = [n for n in names if getattr(inputs, n) is None]
+    if absent:
+        raise HCNRError(f"method {method!r} needs {' and '.join(absent)}")
+
+
+class HCNRMethod:
+    """Restoration of honesty-critical columns + compensation (`RepairPipeline`)."""
+
+    name, title, report_name = "hcnr", "HCNR", "hcnr_report.json"
+    config_type = RepairConfig
+
+    def make_config(self, values: dict[str, Any], **run_options: Any) -> RepairConfig:
+        return RepairConfig(**{**values, **run_options})
+
+    def check(self, config: RepairConfig, inputs: MethodInputs) -> list[str]:
+        from hcnr_core.pipeline import RepairPipeline
+
+        _missing(inputs, self.name, "base", "task")
+        prepared = RepairPipeline(config).prepare(
+            inputs.base,  # type: ignore[arg-type]  # checked above
+            inputs.finetuned,
+            inputs.honesty,
+            inputs.task,  # type: ignore[arg-type]
+        )
+        return list(prepared.warnings)
+
+    def run(
+        self,
+        config: RepairConfig,
+        inputs: MethodInputs,
+        out: str | Path,
+        *,
+        progress: Progress | None = None,
+        should_cancel: ShouldCancel | None = None,
+    ) -> dict[str, Any]:
+        from hcnr_core.pipeline import RepairPipeline
+
+        _missing(inputs, self.name, "base", "task")
+        pipeline = RepairPipeline(config, progress=progress, should_cancel=should_cancel)
+        prepared = pipeline.prepare(inputs.base, inputs.finetuned, inputs.honesty, inputs.task)  # type: ignore[arg-type]
+        return pipeline.run(prepared, out)
+
+
+@dataclass(frozen=True)
+class BaselineMethod:
+    """A LoRA trained on the fine-tune with the honesty set, merged (`hcnr_core.baselines`).
+
+    `stages` weighs each stage's share of the run for the overall progress fraction."""
+
+    name: Literal["rait", "dpo"]
+    title: str
+    config_type: type[BaselineConfig]
+    stages: dict[str, float]
+    report_name: str = "baseline_report.json"
+
+    def make_config(self, values: dict[str, Any], **run_options: Any) -> BaselineConfig:
+        return self.config_type(**{**values, **run_options})
+
+    def check(self, config: BaselineConfig, inputs: MethodInputs) -> list[str]:
+        from hcnr_core.baselines import check_baseline
+
+        return check_baseline(self.name, inputs.base, inputs.finetuned, inputs.honesty, config)
+
+    def run(
+        self,
+        config: BaselineConfig,
+        inputs: MethodInputs,
+        out: str | Path,
+        *,
+        progress: Progress | None = None,
+        should_cancel: ShouldCancel | None = None,
+    ) -> dict[str, Any]:
+        from hcnr_core import baselines
+
+        train = baselines.train_rait if self.name == "rait" else baselines.train_dpo
+        return train(
+            inputs.base,
+            inputs.finetuned,
+            inputs.honesty,
+            out,
+            config,  # type: ignore[arg-type]  # the method's own config type
+            progress=self._events(progress) if progress else None,
+            should_cancel=should_cancel,
+        )
+
+    def _events(self, progress: Progress) -> Callable[[str, int, int], None]:
+        """(stage, done, total) of a baseline -> a ProgressEvent with the overall fraction."""
+        order = list(self.stages)
+
+        def on_step(stage: str, done: int, total: int) -> None:
+            before = order[: order.index(stage)] if stage in order else []
+            share = self.stages.get(stage, 0.0) * (done / total if total else 1.0)
+            fraction = min(1.0, sum(self.stages[s] for s in before) + share)
+            progress(ProgressEvent(stage, done, total, fraction))
+
+        return on_step
+
+
+METHODS: dict[str, Method] = {
+    "hcnr": HCNRMethod(),
+    "rait": BaselineMethod(
+        "rait",
+        "RAIT (SFT on IDK data)",
+        RaitConfig,
+        {"load": 0.05, "train": 0.8, "merge": 0.05, "save": 0.1},
+    ),
+    "dpo": BaselineMethod(
+        "dpo",
+        "DPO on IDK preference pairs",
+        DpoConfig,
+        {
+            "load": 0.05,
+            "generate_rejected": 0.1,
+            "reference": 0.05,
+            "train": 0.65,
+            "merge": 0.05,
+            "save": 0.1,
+        },
+    ),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise HCNRError(f"unknown method {name!r}; one of {', '.join(METHODS)}") from None

@@ -1,0 +1,16 @@
+"""The progress event every repair method reports (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """`done` of `total` steps of `stage`; `fraction` is the whole run's, 0-1."""
+
+    stage: str
+    done: int
+    total: int
+    fraction: float
+    message: str = ""
