@@ -74,7 +74,11 @@ def create(
     honesty: Annotated[str, typer.Option(help="Honesty JSONL path or file id")],
     task: Annotated[str, typer.Option(help="Task JSONL path or file id")],
     eval_set: Annotated[str | None, typer.Option("--eval", help="Eval JSONL or file id")] = None,
+    method: Annotated[str, typer.Option(help="hcnr | rait | dpo")] = "hcnr",
     config: Annotated[Path | None, typer.Option(help="YAML/JSON hyper-parameters")] = None,
+    settings: Annotated[
+        list[str], typer.Option("--set", help="KEY=VALUE hyper-parameter, repeatable")
+    ] = [],  # noqa: B006
     metadata: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable")] = [],  # noqa: B006
     webhook_url: Annotated[str | None, typer.Option(help="Called on terminal states")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Safe retries of create")] = None,
@@ -85,8 +89,15 @@ def create(
     """Upload the data (if paths are given) and create a repair job; prints the job."""
     import yaml
 
+    from hcnr_cli.main import fail, parse_settings
+
+    try:
+        overrides = parse_settings(settings)
+    except ValueError as exc:
+        fail(exc)
     client = _client(api_url, api_key)
     body: dict[str, Any] = {
+        "method": method,
         "base": base,
         "finetuned": finetuned,
         "honesty_file": _file_id(client, honesty, "honesty"),
@@ -95,8 +106,9 @@ def create(
     }
     if eval_set:
         body["eval_file"] = _file_id(client, eval_set, "eval")
-    if config:
-        body["hyperparameters"] = yaml.safe_load(config.read_text()) or {}
+    hyperparameters = (yaml.safe_load(config.read_text()) or {}) if config else {}
+    if hyperparameters or overrides:
+        body["hyperparameters"] = {**hyperparameters, **overrides}
     if webhook_url:
         body["webhook_url"] = webhook_url
     job = _call(client.create_job, body, idempotency_key=idempotency_key)

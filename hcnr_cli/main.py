@@ -68,6 +68,46 @@ class ProgressPrinter:
         self.progress.update(self.task, completed=event.fraction, description=event.stage)
 
 
+# Options every method shares; the rest of `repair`'s flags are HCNR's own.
+SHARED_FLAGS = ("seed", "device", "dtype", "max_seq_len")
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs; values are read as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    return values
+
+
+def _summary(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    if method == "hcnr":
+        return {
+            "out": str(out),
+            "selected_matrices": report["n_selected_matrices"],
+            "target_matrices": report["n_target_matrices"],
+            "fraction_target_params_changed": round(report["fraction_target_params_changed"], 6),
+            "seconds": round(sum(report["stage_seconds"].values()), 3),
+        }
+    summary = {
+        "out": str(out),
+        "method": method,
+        "samples_used": report["samples_used"],
+        "steps": report["steps"],
+        "final_loss": report["losses"][-1],
+        "fraction_model_params_changed": round(report["fraction_model_params_changed"], 6),
+        "seconds": report["seconds_total"],
+    }
+    if "pairs" in report:
+        summary["pairs"] = report["pairs"]
+    return summary
+
+
 @app.command()
 def repair(
     base: Annotated[Path, typer.Option(help="Base (pre-trained/aligned) model directory")],
@@ -75,11 +115,21 @@ def repair(
         Path, typer.Option(help="Fine-tuned model directory or PEFT LoRA adapter directory")
     ],
     honesty: Annotated[Path, typer.Option(help="Honesty set D_hon (JSONL)")],
-    task: Annotated[Path, typer.Option(help="Task set D_task (JSONL)")],
     out: Annotated[Path, typer.Option(help="Output directory (must not exist or be empty)")],
-    config: Annotated[
-        Path | None, typer.Option(help="YAML/JSON RepairConfig; flags override it")
+    task: Annotated[
+        Path | None, typer.Option(help="Task set D_task (JSONL); needed by HCNR")
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(help="hcnr | rait (SFT of a LoRA on D_hon) | dpo (DPO on IDK pairs)"),
+    ] = "hcnr",
+    config: Annotated[
+        Path | None, typer.Option(help="YAML/JSON config of the method; flags override it")
+    ] = None,
+    settings: Annotated[
+        list[str],
+        typer.Option("--set", help="KEY=VALUE of the method's config (e.g. lr=1e-3), repeatable"),
+    ] = [],  # noqa: B006
     r_iw: Annotated[float | None, typer.Option(help="Fraction of columns per matrix [0.5]")] = None,
     r_cw: Annotated[float | None, typer.Option(help="Fraction of matrices restored [0.4]")] = None,
     compensation: Annotated[
@@ -114,12 +164,15 @@ def repair(
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
 ) -> None:
-    """Repair a fine-tuned model's honesty and write the repaired checkpoint to OUT."""
+    """Repair a fine-tuned model's honesty with METHOD and write the checkpoint to OUT.
+
+    HCNR restores honesty-critical columns (its options below); `--method rait|dpo` trains
+    a LoRA on the honesty set instead (its options with --set or --config)."""
     from pydantic import ValidationError
 
-    from hcnr_core import HCNRError, RepairConfig
+    from hcnr_core import HCNRError
     from hcnr_core.devices import resolve_devices
-    from hcnr_core.pipeline import RepairPipeline
+    from hcnr_core.methods import MethodInputs, get_method
 
     quiet_libraries()
     flags = {
@@ -140,8 +193,18 @@ def repair(
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     try:
-        cfg = RepairConfig.from_file(config, **overrides) if config else RepairConfig(**overrides)
-    except (ValidationError, ValueError, OSError) as exc:
+        spec = get_method(method)
+        if method != "hcnr":
+            foreign = sorted(k for k in overrides if k not in SHARED_FLAGS)
+            if foreign:
+                names = ", ".join("--" + k.replace("_", "-") for k in foreign)
+                raise ValueError(f"{names}: HCNR options; {method} takes --set KEY=VALUE")
+        overrides.update(parse_settings(settings))
+        if config:
+            cfg = spec.config_type.from_file(config, **overrides)  # type: ignore[attr-defined]
+        else:
+            cfg = spec.make_config(overrides)
+    except (ValidationError, ValueError, OSError, HCNRError) as exc:
         fail(exc)
     try:
         resolve_devices(cfg.device)  # before reading any data
@@ -149,19 +212,10 @@ def repair(
         fail(exc)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
-            pipeline = RepairPipeline(cfg, progress=bar)
-            prepared = pipeline.prepare(base, finetuned, honesty, task)
-            report = pipeline.run(prepared, out)
+            report = spec.run(cfg, MethodInputs(base, finetuned, honesty, task), out, progress=bar)
     except HCNRError as exc:
         fail(exc)
-    summary = {
-        "out": str(out),
-        "selected_matrices": report["n_selected_matrices"],
-        "target_matrices": report["n_target_matrices"],
-        "fraction_target_params_changed": round(report["fraction_target_params_changed"], 6),
-        "seconds": round(sum(report["stage_seconds"].values()), 3),
-    }
-    typer.echo(json.dumps(summary))
+    typer.echo(json.dumps(_summary(method, out, report)))
 
 
 @app.command()

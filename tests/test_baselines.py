@@ -349,3 +349,59 @@ def test_baseline_raises_refusal_on_the_organism(
     assert after["refusal_unknown"] >= finetuned_metrics["refusal_unknown"] + 0.25, after
     assert after["refusal_known"] <= 0.25, after
     assert after["accuracy_known"] >= 0.6, after
+
+
+# --- `hcnr repair --method`: the same methods through the main command -------------------
+
+
+def repair_cli(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["repair", *[str(a) for a in args], "--no-progress"])
+    return result.exit_code, result.output
+
+
+def test_repair_method_rait_writes_what_the_baseline_command_writes(toy, tmp_path):
+    inputs = ("--base", toy["base"], "--finetuned", toy["adapter"], "--honesty", toy["honesty"])
+    code, output = repair_cli(
+        *inputs, "--out", tmp_path / "a", "--method", "rait",
+        "--set", "steps=3", "--set", "batch_size=4", "--set", "lora_r=2",
+    )  # fmt: skip
+    assert code == 0, output
+    assert json.loads(output.strip().splitlines()[-1])["steps"] == 3
+    code, output = cli(
+        "rait", *[str(a) for a in inputs], "--out", str(tmp_path / "b"),
+        "--steps", "3", "--batch-size", "4", "--lora-r", "2", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, output
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert changed_names(a, tensors(toy["finetuned"]))  # it did train
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--method", "rait", "--r-iw", "0.3"), "--r-iw: HCNR options"),
+        (("--method", "dpo", "--set", "beta"), "--set expects KEY=VALUE"),
+        (("--method", "rait", "--set", "r_iw=0.3"), "r_iw"),
+        (
+            (
+                "--method",
+                "auto",
+            ),
+            "unknown method 'auto'",
+        ),
+        (
+            (
+                "--method",
+                "hcnr",
+            ),
+            "needs task",
+        ),
+    ],
+)
+def test_repair_method_bad_input(toy, tmp_path, args, message):
+    inputs = ("--base", toy["base"], "--finetuned", toy["adapter"], "--honesty", toy["honesty"])
+    code, output = repair_cli(*inputs, "--out", tmp_path / "out", *args)
+    assert code == 2, output
+    assert message in output, output
+    assert not (tmp_path / "out").exists()

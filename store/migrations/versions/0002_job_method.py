@@ -19,10 +19,10 @@ depends_on = None
 def upgrade() -> None:
     # Jobs created before methods existed were all HCNR repairs.
     op.add_column(
-        "jobs",
+        "repair_jobs",
         sa.Column("method", sa.String(length=16), nullable=False, server_default="hcnr"),
     )
 
 
 def downgrade() -> None:
-    op.drop_column("jobs", "method")
+    op.drop_column("repair_jobs", "method")
