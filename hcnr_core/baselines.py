@@ -359,6 +359,11 @@ class _Run:
         self.seconds[self.stage] = round(time.perf_counter() - self._started, 4)
         self.tick(1, 1)
 
+    def finished(self) -> None:
+        """The last stage is complete (published: too late to cancel)."""
+        if self.progress is not None:
+            self.progress(self.stage, 1, 1)
+
     def tick(self, done: int, total: int) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise RepairCancelled(f"cancelled during {self.stage}")
@@ -441,6 +446,7 @@ def _merge_and_write(
         report["seconds_total"] = round(sum(run.seconds.values()), 4)
         staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
         staged.publish()
+    run.finished()
     return report
 
 

@@ -66,7 +66,7 @@ def test_a_baseline_job_publishes_what_the_library_writes(
         a["name"]: a["sha256"]
         for a in client.get(f"/v1/repair-jobs/{job_id}/artifacts").json()["data"]
     }
-    assert spec.report_name in artifacts and "model.safetensors" in artifacts
+    assert spec.report_name in artifacts
     weights = digests(direct, "*.safetensors")
     assert weights and weights.items() <= artifacts.items()
 
