@@ -374,7 +374,7 @@ def test_repair_method_rait_writes_what_the_baseline_command_writes(toy, tmp_pat
     assert code == 0, output
     a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert changed_names(a, tensors(toy["finetuned"]))  # it did train
+    assert changed_names(a, tensors(toy["full"]))  # it did train
 
 
 @pytest.mark.parametrize(
