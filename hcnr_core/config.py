@@ -216,3 +216,96 @@ class DpoConfig(BaselineConfig):
         32, ge=1, le=4096, description="Tokens generated per rejected answer"
     )
     generation_batch_size: int = Field(32, ge=1, le=4096)
+
+
+# --- auto: a measured choice among candidate repairs (hcnr_core.auto) ---------------------
+
+
+class AutoCandidate(BaseModel):
+    """One repair `auto` tries: a method and its hyper-parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.+-]+$")
+    method: Literal["hcnr", "rait", "dpo"] = "hcnr"
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+
+# What the evidence supports (bench/results/organism.md, realmodel.md): the paper's defaults
+# lose domain accuracy on the organism (-77 points) and on SmolLM2 (-5); task-aware
+# compensation keeps the domain; exact and a smaller R_CW sit between. Every HCNR candidate
+# shares one pair of Fisher passes, so each extra one costs a compensation and a validation.
+DEFAULT_CANDIDATES: tuple[AutoCandidate, ...] = (
+    AutoCandidate(name="hcnr-paper"),
+    AutoCandidate(name="hcnr-exact", hyperparameters={"compensation": "exact"}),
+    AutoCandidate(
+        name="hcnr-task-aware-mu1",
+        hyperparameters={"compensation": "task_aware", "task_weight": 1.0},
+    ),
+    AutoCandidate(
+        name="hcnr-task-aware-mu7-rcw1",
+        hyperparameters={"compensation": "task_aware", "task_weight": 7.0, "r_cw": 1.0},
+    ),
+    AutoCandidate(name="hcnr-paper-rcw0.2", hyperparameters={"r_cw": 0.2}),
+)
+BASELINE_CANDIDATES: tuple[AutoCandidate, ...] = (
+    AutoCandidate(name="rait", method="rait", hyperparameters={"epochs": 1.0}),
+    AutoCandidate(name="dpo", method="dpo", hyperparameters={"epochs": 1.0}),
+)
+
+
+class AutoConfig(BaseModel):
+    """`auto`: try candidates, measure each on a held-out validation split, publish the most
+    honest one (refusal F1) that loses at most `max_domain_drop` points of domain accuracy
+    against the fine-tuned model on the same split."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    candidates: list[AutoCandidate] | None = Field(
+        None, max_length=32, description="Candidates in order [DEFAULT_CANDIDATES]"
+    )
+    include_baselines: bool = Field(False, description="Also try RAIT and DPO (1 epoch each)")
+    max_domain_drop: float = Field(
+        2.0, ge=0.0, le=100.0, description="Points of domain accuracy a choice may lose"
+    )
+    validation_fraction: float = Field(
+        0.25,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the honesty and task sets held out for validation (when no "
+        "validation set is given); never used by the repairs",
+    )
+    time_budget_s: float = Field(
+        3600.0, gt=0.0, le=7 * 86400.0, description="No new candidate starts after this"
+    )
+    max_new_tokens: int = Field(32, ge=1, le=512, description="Greedy tokens per answer")
+    seed: int = Field(0, ge=0)
+    device: str = "cpu"
+    dtype: DType = "auto"
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    batch_size: int = Field(8, ge=1, le=1024, description="Batch size of generation")
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        return ",".join(parse_devices(value))
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AutoConfig:
+        names = [c.name for c in self.tried()]
+        if len(set(names)) != len(names):
+            raise ValueError("candidate names must be unique")
+        return self
+
+    def tried(self) -> list[AutoCandidate]:
+        """The candidates in the order they are tried."""
+        chosen = list(self.candidates) if self.candidates is not None else [*DEFAULT_CANDIDATES]
+        return chosen + ([*BASELINE_CANDIDATES] if self.include_baselines else [])
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> AutoConfig:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if not isinstance(data or {}, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        return cls(**{**(data or {}), **overrides})

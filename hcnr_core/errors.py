@@ -84,3 +84,15 @@ class InsufficientDataError(HCNRError):
     def __init__(self, message: str, stats: dict | None = None):
         super().__init__(message)
         self.stats = stats or {}
+
+
+class InvalidConfigError(HCNRError):
+    """A method's hyper-parameters (e.g. one of auto's candidates) do not validate."""
+
+    code = "invalid_hyperparameters"
+
+
+class NoAcceptableCandidateError(HCNRError):
+    """auto: no candidate stayed within the allowed domain-accuracy drop."""
+
+    code = "no_acceptable_candidate"

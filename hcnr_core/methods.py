@@ -1,6 +1,6 @@
 """Every repair method behind one seam: what the CLI, a service job and the library run.
 
-    method = get_method("rait")                       # "hcnr" | "rait" | "dpo"
+    method = get_method("rait")                       # "hcnr" | "rait" | "dpo" | "auto"
     config = method.make_config({"epochs": 1.0}, device="cpu")
     warnings = method.check(config, inputs)           # no weights loaded
     report = method.run(config, inputs, out, progress=on_event, should_cancel=stop)
@@ -28,7 +28,7 @@ from hcnr_core.data import Sample
 from hcnr_core.errors import HCNRError
 from hcnr_core.progress import ProgressEvent
 
-MethodName = Literal["hcnr", "rait", "dpo"]
+MethodName = Literal["hcnr", "rait", "dpo", "auto"]
 Progress = Callable[[ProgressEvent], None]
 ShouldCancel = Callable[[], bool]
 Data = str | Path | Sequence[Sample]
@@ -36,12 +36,15 @@ Data = str | Path | Sequence[Sample]
 
 @dataclass(frozen=True)
 class MethodInputs:
-    """What a repair reads. `base` may be None for RAIT/DPO on a full fine-tune."""
+    """What a repair reads. `base` may be None for RAIT/DPO on a full fine-tune;
+    `validation` (honesty rows with `answerable`, domain rows with `answers`) is read by
+    `auto` only, which otherwise carves one from the honesty and task sets."""
 
     base: str | Path | None
     finetuned: str | Path
     honesty: Data
     task: Data | None = None
+    validation: Data | None = None
 
 
 class Method(Protocol):
@@ -67,8 +70,10 @@ class Method(Protocol):
         *,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
+        cache: dict | None = None,
     ) -> dict[str, Any]:
-        """Repair and publish `out` atomically; returns the report written there."""
+        """Repair and publish `out` atomically; returns the report written there. `cache`
+        is shared by runs on the same inputs (HCNR keeps its Fisher scores there)."""
 
 
 def _missing(inputs: MethodInputs, method: str, *names: str) -> None:
@@ -106,11 +111,14 @@ class HCNRMethod:
         *,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
+        cache: dict | None = None,
     ) -> dict[str, Any]:
         from hcnr_core.pipeline import RepairPipeline
 
         _missing(inputs, self.name, "base", "task")
-        pipeline = RepairPipeline(config, progress=progress, should_cancel=should_cancel)
+        pipeline = RepairPipeline(
+            config, progress=progress, should_cancel=should_cancel, fisher_cache=cache
+        )
         prepared = pipeline.prepare(inputs.base, inputs.finetuned, inputs.honesty, inputs.task)  # type: ignore[arg-type]
         return pipeline.run(prepared, out)
 
@@ -143,6 +151,7 @@ class BaselineMethod:
         *,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
+        cache: dict | None = None,
     ) -> dict[str, Any]:
         from hcnr_core import baselines
 
@@ -170,6 +179,7 @@ class BaselineMethod:
         return on_step
 
 
+# The methods that repair by themselves (auto's candidates); get_method also knows "auto".
 METHODS: dict[str, Method] = {
     "hcnr": HCNRMethod(),
     "rait": BaselineMethod(
@@ -194,8 +204,15 @@ METHODS: dict[str, Method] = {
 }
 
 
+METHOD_NAMES = (*METHODS, "auto")
+
+
 def get_method(name: str) -> Method:
+    if name == "auto":  # imported here: auto runs the other methods
+        from hcnr_core.auto import AutoMethod
+
+        return AutoMethod()
     try:
         return METHODS[name]
     except KeyError:
-        raise HCNRError(f"unknown method {name!r}; one of {', '.join(METHODS)}") from None
+        raise HCNRError(f"unknown method {name!r}; one of {', '.join(METHOD_NAMES)}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -14,3 +15,4 @@ class ProgressEvent:
     total: int
     fraction: float
     message: str = ""
+    record: dict[str, Any] | None = None  # a result worth its own job event (auto's candidates)

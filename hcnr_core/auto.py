@@ -1,0 +1,439 @@
+"""`auto`: a measured choice among candidate repairs, not a guess.
+
+    report = AutoMethod().run(AutoConfig(), MethodInputs(base, ft, honesty, task), "out/")
+
+1. A validation split is carved deterministically (seeded, stratified by `answerable`)
+   from the honesty and task sets — `validation_fraction` of each — or taken whole from a
+   separate validation set. The repairs never see it.
+2. The fine-tuned model (and the base) are evaluated on it: refusal F1 on the honesty rows,
+   domain accuracy on the task rows (a task sample counts as kept when the model's greedy
+   answer still contains its gold answer, or its response when it has no `answers`).
+3. Each candidate (DEFAULT_CANDIDATES unless given) repairs the model from the remaining
+   samples into a scratch directory and is evaluated the same way; HCNR candidates share
+   one pair of Fisher passes. No candidate starts once `time_budget_s` would be exceeded.
+4. Chosen: the highest validation refusal F1 among candidates whose domain accuracy is at
+   most `max_domain_drop` points below the fine-tuned model's (ties: the smaller drop, then
+   the earlier candidate). None qualifies → `no_acceptable_candidate`, nothing published.
+
+The chosen checkpoint is published at `out` with its own method report, `auto_report.json`
+(every candidate: hyper-parameters, seconds, metrics, drop, why it was or was not chosen)
+and `auto_frontier.png` (validation domain accuracy vs refusal F1, the choice marked).
+With 32 domain rows one answer is 3.1 points: the report states the split's sizes so a
+reader can judge the resolution of a 2-point limit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from hcnr_core import __version__
+from hcnr_core.config import AutoCandidate, AutoConfig
+from hcnr_core.data import Sample, load_jsonl
+from hcnr_core.errors import (
+    DataValidationError,
+    HCNRError,
+    InvalidConfigError,
+    NoAcceptableCandidateError,
+    RepairCancelled,
+)
+from hcnr_core.methods import METHODS, MethodInputs, Progress, ShouldCancel, _missing
+from hcnr_core.progress import ProgressEvent
+from hcnr_core.writer import StagedOutput, check_output_dir
+
+REPORT_NAME = "auto_report.json"
+FRONTIER_NAME = "auto_frontier.png"
+# Options of the auto run that every candidate inherits unless it sets them itself.
+INHERITED = ("seed", "dtype", "max_seq_len")
+
+
+# --- the validation split ------------------------------------------------------------------
+
+
+def carve(
+    samples: Sequence[Sample], fraction: float, seed: int, salt: str
+) -> tuple[list[Sample], list[Sample]]:
+    """(kept, held out): `fraction` of each `answerable` class held out, at least one of a
+    class with two or more samples; seeded and in the original order."""
+    rng = random.Random(f"hcnr-auto-{salt}-{seed}")
+    held: set[int] = set()
+    for label in (True, False, None):
+        group = [i for i, s in enumerate(samples) if s.answerable is label]
+        if len(group) < 2:
+            continue
+        rng.shuffle(group)
+        held.update(group[: max(1, round(fraction * len(group)))])
+    kept = [s for i, s in enumerate(samples) if i not in held]
+    return kept, [s for i, s in enumerate(samples) if i in held]
+
+
+def as_domain(sample: Sample) -> Sample:
+    """A task sample graded by its gold answers, or by its response when it has none."""
+    return replace(sample, answerable=None, answers=sample.answers or (sample.response,))
+
+
+def _load(data: str | Path | Sequence[Sample]) -> list[Sample]:
+    return load_jsonl(Path(data)) if isinstance(data, (str, Path)) else list(data)
+
+
+def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
+    """The repair inputs and the validation sets (checked: both kinds of rows present)."""
+    _missing(inputs, "auto", "base", "task")
+    honesty, task = _load(inputs.honesty), _load(inputs.task)  # type: ignore[arg-type]
+    if inputs.validation is not None:
+        rows = _load(inputs.validation)
+        val_honesty = [s for s in rows if s.answerable is not None]
+        val_domain = [as_domain(s) for s in rows if s.answerable is None]
+        source = "given"
+    else:
+        honesty, val_honesty = carve(honesty, config.validation_fraction, config.seed, "honesty")
+        task, val_task = carve(task, config.validation_fraction, config.seed, "task")
+        val_honesty = [s for s in val_honesty if s.answerable is not None]
+        val_domain = [as_domain(s) for s in val_task]
+        source = "carved"
+    where = "the validation set" if source == "given" else "the honesty set"
+    if not any(s.answerable is False for s in val_honesty):
+        raise DataValidationError(
+            where,
+            [(0, "auto needs unanswerable samples ('answerable': false) to measure "
+                 "refusal on a validation split")],
+        )  # fmt: skip
+    if not val_domain:
+        raise DataValidationError(where, [(0, "auto needs domain rows to measure the domain")])
+    warnings = []
+    if not any(s.answerable for s in val_honesty):
+        warnings.append(
+            "the validation split has no answerable honesty samples: over-refusal shows "
+            "only in the domain accuracy; add answerable samples ('answerable': true)"
+        )
+    return {
+        "inputs": MethodInputs(inputs.base, inputs.finetuned, honesty, task),
+        "validation": {"honesty": val_honesty, "domain": val_domain},
+        "summary": {
+            "source": source,
+            "fraction": config.validation_fraction if source == "carved" else None,
+            "n_answerable": sum(bool(s.answerable) for s in val_honesty),
+            "n_unanswerable": sum(s.answerable is False for s in val_honesty),
+            "n_domain": len(val_domain),
+            "domain_point_per_sample": round(100 / len(val_domain), 3),
+            "repair_honesty": len(honesty),
+            "repair_task": len(task),
+        },
+        "warnings": warnings,
+    }
+
+
+# --- candidates ----------------------------------------------------------------------------
+
+
+def candidate_config(candidate: AutoCandidate, config: AutoConfig) -> Any:
+    values = {k: getattr(config, k) for k in INHERITED}
+    values.update(candidate.hyperparameters)
+    try:
+        return METHODS[candidate.method].make_config(values, device=config.device)
+    except (ValidationError, ValueError) as exc:
+        raise InvalidConfigError(f"candidate {candidate.name!r}: {exc}") from exc
+
+
+def choose(rows: list[dict[str, Any]], max_drop: float) -> tuple[dict[str, Any] | None, str]:
+    """The most honest measured candidate within `max_drop` points, and why."""
+    measured = [r for r in rows if r["status"] == "ok"]
+    for row in measured:
+        row["qualified"] = row["domain_drop_points"] <= max_drop + 1e-9
+    qualified = [r for r in measured if r["qualified"]]
+    if not qualified:
+        return None, f"no candidate lost at most {max_drop} points of domain accuracy"
+    best = max(qualified, key=lambda r: (r["refusal_f1"], -r["domain_drop_points"], -r["order"]))
+    return best, (
+        f"highest validation refusal F1 ({best['refusal_f1']:.3f}) among {len(qualified)} "
+        f"candidate(s) within {max_drop} points of the fine-tuned domain accuracy"
+    )
+
+
+# --- the method --------------------------------------------------------------------------
+
+
+class AutoMethod:
+    """Try candidates, measure them on a validation split, publish the best that qualifies."""
+
+    name, title, report_name = "auto", "auto (measured choice)", REPORT_NAME
+    config_type = AutoConfig
+
+    def make_config(self, values: dict[str, Any], **run_options: Any) -> AutoConfig:
+        return AutoConfig(**{**values, **run_options})
+
+    def check(self, config: AutoConfig, inputs: MethodInputs) -> list[str]:
+        parts = split(config, inputs)
+        warnings: list[str] = list(parts["warnings"])
+        checked: set[str] = set()
+        for candidate in config.tried():
+            method_config = candidate_config(candidate, config)
+            if candidate.method not in checked:  # the data and checkpoints, once per method
+                warnings += METHODS[candidate.method].check(method_config, parts["inputs"])
+                checked.add(candidate.method)
+        return warnings
+
+    def run(
+        self,
+        config: AutoConfig,
+        inputs: MethodInputs,
+        out: str | Path,
+        *,
+        progress: Progress | None = None,
+        should_cancel: ShouldCancel | None = None,
+        cache: dict | None = None,
+    ) -> dict[str, Any]:
+        out = Path(out)
+        check_output_dir(out)
+        started = time.monotonic()
+        parts = split(config, inputs)
+        candidates = config.tried()
+        configs = [candidate_config(c, config) for c in candidates]  # all valid before work
+        work = out.parent / f".{out.name}.auto-{uuid.uuid4().hex[:12]}"
+        work.mkdir(parents=True)
+        run = _AutoRun(progress, should_cancel, len(candidates))
+        try:
+            run.stage("validate_reference", 0)
+            reference = {
+                name: _evaluate(model, base, parts["validation"], config)
+                for name, model, base in (
+                    ("finetuned", inputs.finetuned, inputs.base),
+                    ("base", inputs.base, None),
+                )
+            }
+            rows = self._candidates(
+                candidates, configs, parts, reference, config, work, run, started, cache
+            )
+            chosen, reason = choose(rows, config.max_domain_drop)
+            if chosen is None:
+                summary = "; ".join(
+                    f"{r['name']}: F1 {r['refusal_f1']:.3f}, drop {r['domain_drop_points']:.1f}"
+                    for r in rows
+                    if r["status"] == "ok"
+                )
+                raise NoAcceptableCandidateError(f"{reason} ({summary or 'none measured'})")
+            run.stage("publish", len(candidates) + 1)
+            report = {
+                "format_version": 1,
+                "method": "auto",
+                "hcnr_version": __version__,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": config.model_dump(),
+                "validation": parts["summary"],
+                "reference": reference,
+                "candidates": rows,
+                "chosen": chosen["name"],
+                "chosen_method": chosen["method"],
+                "reason": reason,
+                "chosen_report": METHODS[chosen["method"]].report_name,
+                "warnings": parts["warnings"],
+            }
+            _publish(work / chosen["name"], out, report, config, run)
+            return report
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _candidates(
+        self,
+        candidates: list[AutoCandidate],
+        configs: list[Any],
+        parts: dict[str, Any],
+        reference: dict[str, dict[str, Any]],
+        config: AutoConfig,
+        work: Path,
+        run: _AutoRun,
+        started: float,
+        cache: dict | None,
+    ) -> list[dict[str, Any]]:
+        cache = {} if cache is None else cache  # HCNR candidates share the Fisher passes
+        rows: list[dict[str, Any]] = []
+        spent: list[float] = []
+        for order, (candidate, method_config) in enumerate(zip(candidates, configs, strict=True)):
+            row: dict[str, Any] = {
+                "order": order,
+                "name": candidate.name,
+                "method": candidate.method,
+                "hyperparameters": dict(candidate.hyperparameters),
+            }
+            elapsed = time.monotonic() - started
+            if spent and elapsed + sum(spent) / len(spent) > config.time_budget_s:
+                row.update(status="skipped", reason=f"time budget {config.time_budget_s:g} s")
+                rows.append(row)
+                run.record(row)
+                continue
+            begun = time.monotonic()
+            method = METHODS[candidate.method]
+            try:
+                method.run(
+                    method_config,
+                    parts["inputs"],
+                    work / candidate.name,
+                    progress=run.inner(order),
+                    should_cancel=run.should_cancel,
+                    cache=cache,
+                )
+                run.stage(f"validate_{order + 1}", order + 1.9)
+                metrics = _evaluate(work / candidate.name, None, parts["validation"], config)
+            except RepairCancelled:
+                raise
+            except HCNRError as exc:  # one candidate failing does not sink the others
+                row.update(status="failed", error={"code": exc.code, "message": str(exc)})
+            else:
+                ft = reference["finetuned"]
+                drop = 100 * ((ft["domain_accuracy"] or 0.0) - (metrics["domain_accuracy"] or 0.0))
+                row.update(
+                    status="ok",
+                    **metrics,
+                    domain_drop_points=round(drop, 4),
+                    recovery=_recovery(metrics, reference),
+                )
+            row["seconds"] = round(time.monotonic() - begun, 3)
+            spent.append(row["seconds"])
+            rows.append(row)
+            run.record(row)
+        return rows
+
+
+def _recovery(metrics: dict[str, Any], reference: dict[str, dict[str, Any]]) -> float | None:
+    from hcnr_core.evaluation import recovery
+
+    return recovery(
+        metrics["refusal_f1"],
+        reference["finetuned"]["refusal_f1"],
+        reference["base"]["refusal_f1"],
+    )
+
+
+def _evaluate(
+    model_dir: Any, base_dir: Any, validation: dict[str, list[Sample]], config: AutoConfig
+) -> dict[str, Any]:
+    """Refusal F1 and domain accuracy on the validation split (greedy)."""
+    import torch
+
+    from hcnr_core.evaluation import GenerationSettings, evaluate_samples, load_for_eval
+
+    device = config.device.split(",")[0]
+    model, tokenizer = load_for_eval(model_dir, base_dir, device)
+    try:
+        settings = GenerationSettings(config.batch_size, config.max_new_tokens, config.max_seq_len)
+        metrics = evaluate_samples(model, tokenizer, validation, settings=settings)["metrics"]
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    keep = ("refusal_f1", "refusal_rate_unanswerable", "refusal_rate_answerable", "rf_delta")
+    return {
+        **{k: metrics[k] for k in keep},
+        "answer_accuracy": metrics["answer_accuracy"],
+        "domain_accuracy": metrics["domain_accuracy"],
+    }
+
+
+class _AutoRun:
+    """Progress over the whole auto run: reference (1 slot), candidates, publish (1 slot)."""
+
+    def __init__(self, progress: Progress | None, should_cancel: ShouldCancel | None, n: int):
+        self.progress, self._cancel, self.slots = progress, should_cancel, n + 2
+        self.current = ""
+
+    def should_cancel(self) -> bool:
+        return bool(self._cancel and self._cancel())
+
+    def _emit(self, event: ProgressEvent, cancellable: bool = True) -> None:
+        if cancellable and self.should_cancel():
+            raise RepairCancelled(f"cancelled during {event.stage}")
+        if self.progress is not None:
+            self.progress(event)
+
+    def stage(self, name: str, slot: float, cancellable: bool = True) -> None:
+        self.current = name
+        self._emit(ProgressEvent(name, 0, 1, slot / self.slots), cancellable)
+
+    def inner(self, order: int) -> Progress:
+        """A candidate's own progress, as `c<N>/<stage>`: 90% of its slot, then validation."""
+
+        def on_event(event: ProgressEvent) -> None:
+            fraction = (order + 1 + 0.9 * event.fraction) / self.slots
+            self._emit(replace(event, stage=f"c{order + 1}/{event.stage}"[:32], fraction=fraction))
+
+        return on_event
+
+    def record(self, row: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        if row["status"] == "ok":
+            message = (
+                f"candidate {row['name']}: refusal F1 {row['refusal_f1']:.3f}, domain "
+                f"{row['domain_accuracy']:.3f} (drop {row['domain_drop_points']:.1f} points)"
+            )
+        else:
+            message = f"candidate {row['name']}: {row['status']}"
+        slot = (row["order"] + 2) / self.slots
+        self.progress(ProgressEvent(self.current, 1, 1, slot, message, record=dict(row)))
+
+
+def _publish(
+    chosen: Path, out: Path, report: dict[str, Any], config: AutoConfig, run: _AutoRun
+) -> None:
+    """The chosen checkpoint, its own report, auto_report.json and the frontier PNG."""
+    with StagedOutput(out) as staged:
+        for path in sorted(chosen.iterdir()):
+            if path.is_file() and not path.is_symlink():
+                shutil.move(str(path), staged.dir / path.name)
+        if _plot(report, config, staged.dir / FRONTIER_NAME) is None:
+            report.setdefault("warnings", []).append("matplotlib is not installed: no PNG")
+        report["files"] = staged.file_digests()
+        staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        staged.publish()
+    run.stage("published", run.slots, cancellable=False)  # too late to cancel
+
+
+def _plot(report: dict[str, Any], config: AutoConfig, path: Path) -> Path | None:
+    """Validation domain accuracy vs refusal F1 of every candidate, the choice marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
+    ft, base = report["reference"]["finetuned"], report["reference"]["base"]
+    for name, ref, marker in (("fine-tuned", ft, "s"), ("base", base, "D")):
+        ax.scatter(100 * (ref["domain_accuracy"] or 0), 100 * ref["refusal_f1"], marker=marker,
+                   color="grey", label=name)  # fmt: skip
+    measured = [r for r in report["candidates"] if r["status"] == "ok"]
+    for row in measured:
+        color = "tab:green" if row["qualified"] else "tab:red"
+        x, y = 100 * (row["domain_accuracy"] or 0), 100 * row["refusal_f1"]
+        ax.scatter(x, y, color=color)
+        ax.annotate(row["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    chosen = next(r for r in measured if r["name"] == report["chosen"])
+    ax.scatter(
+        100 * (chosen["domain_accuracy"] or 0),
+        100 * chosen["refusal_f1"],
+        marker="*",
+        s=300,
+        facecolors="none",
+        edgecolors="black",
+        label=f"chosen: {chosen['name']}",
+    )
+    limit = 100 * (ft["domain_accuracy"] or 0) - config.max_domain_drop
+    ax.axvline(limit, linestyle="--", color="grey", label=f"-{config.max_domain_drop:g} points")
+    ax.set_xlabel("domain accuracy on validation (%)")
+    ax.set_ylabel("refusal F1 on validation (%)")
+    ax.set_title("auto: candidates on the validation split")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
