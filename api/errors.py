@@ -24,6 +24,7 @@ CLIENT_ERROR_CODES = {
     "unsupported_architecture",
     "invalid_reference",
     "reference_not_found",
+    "invalid_hyperparameters",
 }
 HTTP_CODES = {
     400: "bad_request",

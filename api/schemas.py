@@ -18,7 +18,15 @@ from pydantic import (
     model_validator,
 )
 
-from hcnr_core.config import BaselineConfig, Compensation, DpoConfig, DType, RaitConfig, Selection
+from hcnr_core.config import (
+    AutoConfig,
+    BaselineConfig,
+    Compensation,
+    DpoConfig,
+    DType,
+    RaitConfig,
+    Selection,
+)
 
 FilePurpose = Literal["honesty", "task", "eval"]
 JobStatus = Literal[
@@ -96,7 +104,9 @@ class Hyperparameters(BaseModel):
 RUN_OPTIONS = frozenset({"device", "threads"})
 
 
-def _client_hyperparameters(config: type[BaselineConfig], doc: str) -> type[BaseModel]:
+def _client_hyperparameters(
+    config: type[BaselineConfig] | type[AutoConfig], doc: str
+) -> type[BaseModel]:
     """The library config's fields a client may set (one spec for library, CLI and API),
     with the free-text fields bounded and storable."""
     fields: dict[str, Any] = {
@@ -132,11 +142,17 @@ RaitHyperparameters = _client_hyperparameters(
 DpoHyperparameters = _client_hyperparameters(
     DpoConfig, "DpoConfig fields a client may set (method dpo)"
 )
-MethodName = Literal["hcnr", "rait", "dpo"]
+AutoHyperparameters = _client_hyperparameters(
+    AutoConfig,
+    "AutoConfig fields a client may set (method auto); each candidate's hyperparameters "
+    "are its method's and are checked before the job is queued",
+)
+MethodName = Literal["hcnr", "rait", "dpo", "auto"]
 HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     "hcnr": Hyperparameters,
     "rait": RaitHyperparameters,
     "dpo": DpoHyperparameters,
+    "auto": AutoHyperparameters,
 }
 
 
@@ -146,16 +162,23 @@ class RepairJobCreate(BaseModel):
     method: MethodName = Field(
         "hcnr",
         description="hcnr (restore honesty-critical columns), rait (SFT of a LoRA on the "
-        "honesty set) or dpo (DPO of a LoRA on IDK pairs); hyperparameters follow the method",
+        "honesty set), dpo (DPO of a LoRA on IDK pairs) or auto (try candidates, publish "
+        "the most honest within max_domain_drop on a validation split); hyperparameters "
+        "follow the method",
     )
     base: Reference = Field(description="'path:<dir under the models root>' or 'hf:org/name@rev'")
     finetuned: Reference = Field(description="Full fine-tuned model or PEFT LoRA adapter reference")
     honesty_file: FileId = Field(description="Id of an uploaded file with purpose honesty")
     task_file: FileId = Field(description="Id of an uploaded file with purpose task")
     eval_file: FileId | None = Field(None, description="Optional eval set (purpose eval)")
-    hyperparameters: Hyperparameters | RaitHyperparameters | DpoHyperparameters = Field(  # type: ignore[valid-type]
-        default_factory=Hyperparameters, description="The method's hyper-parameters"
+    validation_file: FileId | None = Field(
+        None,
+        description="method auto: the validation set (purpose eval); without it auto "
+        "carves one from the honesty and task files",
     )
+    hyperparameters: (  # type: ignore[valid-type]
+        Hyperparameters | RaitHyperparameters | DpoHyperparameters | AutoHyperparameters
+    ) = Field(default_factory=Hyperparameters, description="The method's hyper-parameters")
     metadata: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=16)
     webhook_url: AnyHttpUrl | None = Field(
         None, max_length=2000, description="POSTed on terminal states"
@@ -192,6 +215,7 @@ class RepairJobPublic(BaseModel):
     honesty_file: str
     task_file: str
     eval_file: str | None
+    validation_file: str | None = None
     hyperparameters: dict[str, Any]
     metadata: dict[str, str]
     webhook_url: str | None

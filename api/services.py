@@ -235,6 +235,11 @@ def validate_job(
     task = _input_file(session, tenant, body.task_file, "task")
     if body.eval_file:
         _input_file(session, tenant, body.eval_file, "eval")
+    validation = None
+    if body.validation_file:
+        if body.method != "auto":
+            raise APIError(422, "invalid_request", "validation_file is read by method auto only")
+        validation = _input_file(session, tenant, body.validation_file, "eval")
     config = repair_config(body, settings)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
     base = resolve_reference(body.base, settings.models_dir)
@@ -243,7 +248,8 @@ def validate_job(
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
         paths = [local_file(storage, f, Path(scratch)) for f in (honesty, task)]
         try:
-            inputs = MethodInputs(base, finetuned, honesty=paths[0], task=paths[1])
+            held_out = local_file(storage, validation, Path(scratch)) if validation else None
+            inputs = MethodInputs(base, finetuned, paths[0], paths[1], held_out)
             get_method(body.method).check(config, inputs)
         except TemplateError as exc:  # the model's chat template refuses these samples
             code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
@@ -319,6 +325,7 @@ def _new_job(
         honesty_file_id=body.honesty_file,
         task_file_id=body.task_file,
         eval_file_id=body.eval_file,
+        validation_file_id=body.validation_file,
         config=config.model_dump(exclude=set(RUN_OPTIONS)),
         webhook_url=str(body.webhook_url) if body.webhook_url else None,
         idempotency_key=idempotency_key,

@@ -74,7 +74,10 @@ def create(
     honesty: Annotated[str, typer.Option(help="Honesty JSONL path or file id")],
     task: Annotated[str, typer.Option(help="Task JSONL path or file id")],
     eval_set: Annotated[str | None, typer.Option("--eval", help="Eval JSONL or file id")] = None,
-    method: Annotated[str, typer.Option(help="hcnr | rait | dpo")] = "hcnr",
+    method: Annotated[str, typer.Option(help="hcnr | rait | dpo | auto")] = "hcnr",
+    validation: Annotated[
+        str | None, typer.Option(help="auto: validation JSONL or file id (purpose eval)")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON hyper-parameters")] = None,
     settings: Annotated[
         list[str], typer.Option("--set", help="KEY=VALUE hyper-parameter, repeatable")
@@ -106,6 +109,8 @@ def create(
     }
     if eval_set:
         body["eval_file"] = _file_id(client, eval_set, "eval")
+    if validation:
+        body["validation_file"] = _file_id(client, validation, "eval")
     hyperparameters = (yaml.safe_load(config.read_text()) or {}) if config else {}
     if hyperparameters or overrides:
         body["hyperparameters"] = {**hyperparameters, **overrides}

@@ -86,6 +86,22 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 
 
 def _summary(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    if method == "auto":
+        return {
+            "out": str(out),
+            "method": "auto",
+            "chosen": report["chosen"],
+            "reason": report["reason"],
+            "candidates": [
+                {
+                    "name": r["name"],
+                    "status": r["status"],
+                    "refusal_f1": r.get("refusal_f1"),
+                    "domain_drop_points": r.get("domain_drop_points"),
+                }
+                for r in report["candidates"]
+            ],
+        }
     if method == "hcnr":
         return {
             "out": str(out),
@@ -121,8 +137,15 @@ def repair(
     ] = None,
     method: Annotated[
         str,
-        typer.Option(help="hcnr | rait (SFT of a LoRA on D_hon) | dpo (DPO on IDK pairs)"),
+        typer.Option(
+            help="hcnr | rait (SFT of a LoRA on D_hon) | dpo (DPO on IDK pairs) | auto "
+            "(try candidates, keep the most honest within --set max_domain_drop=2)"
+        ),
     ] = "hcnr",
+    validation: Annotated[
+        Path | None,
+        typer.Option(help="auto: validation JSONL [carved from --honesty and --task]"),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML/JSON config of the method; flags override it")
     ] = None,

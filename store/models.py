@@ -111,6 +111,7 @@ class Job(Base):
     honesty_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
     task_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
     eval_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"), default=None)
+    validation_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"), default=None)
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)

@@ -103,6 +103,10 @@ class ProgressRecorder:
     def __call__(self, event: ProgressEvent) -> None:
         if self.delay:
             time.sleep(self.delay)
+        if event.record is not None:  # a result (auto's candidates): always an event
+            with session_scope(self.ctx.session_factory) as session:
+                job = repositories.get_job_by_id(session, self.job_id)
+                repositories.add_event(session, job, "candidate", event.message, event.record)
         now = time.monotonic()
         new_stage = event.stage != self.stage
         if new_stage:
@@ -186,6 +190,7 @@ def _inputs(ctx: Context, job: Job, scratch: Path) -> dict[str, Any]:
         "honesty": local(job.honesty_file_id),
         "task": local(job.task_file_id),
         "eval": local(job.eval_file_id),
+        "validation": local(job.validation_file_id),
     }
 
 
@@ -210,7 +215,13 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
     out = _output_dir(ctx, job_id, scratch)
     report = method.run(
         config,
-        MethodInputs(inputs["base"], inputs["finetuned"], inputs["honesty"], inputs["task"]),
+        MethodInputs(
+            inputs["base"],
+            inputs["finetuned"],
+            inputs["honesty"],
+            inputs["task"],
+            inputs["validation"],
+        ),
         out,
         progress=recorder,
         should_cancel=recorder.should_cancel,

@@ -55,6 +55,7 @@ def job_public(job: Job) -> RepairJobPublic:
         honesty_file=job.honesty_file_id,
         task_file=job.task_file_id,
         eval_file=job.eval_file_id,
+        validation_file=job.validation_file_id,
         hyperparameters=job.config,
         metadata=job.metadata_dict,
         webhook_url=job.webhook_url,

@@ -1,4 +1,4 @@
-"""repair jobs name their method (hcnr, rait, dpo)
+"""repair jobs name their method (hcnr, rait, dpo, auto) and auto's validation file
 
 Revision ID: 0002
 Revises: 0001
@@ -22,7 +22,15 @@ def upgrade() -> None:
         "repair_jobs",
         sa.Column("method", sa.String(length=16), nullable=False, server_default="hcnr"),
     )
+    with op.batch_alter_table("repair_jobs") as batch_op:  # SQLite adds the key by copying
+        batch_op.add_column(sa.Column("validation_file_id", sa.String(length=40), nullable=True))
+        batch_op.create_foreign_key(
+            "fk_repair_jobs_validation_file_id_files", "files", ["validation_file_id"], ["id"]
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("repair_jobs") as batch_op:
+        batch_op.drop_constraint("fk_repair_jobs_validation_file_id_files", type_="foreignkey")
+        batch_op.drop_column("validation_file_id")
     op.drop_column("repair_jobs", "method")
