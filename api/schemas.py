@@ -117,7 +117,7 @@ def _client_hyperparameters(
     bounded = {
         "lora_targets": (
             list[Annotated[Text, Field(max_length=200)]] | Annotated[Text, Field(max_length=1000)],
-            config.model_fields["lora_targets"],
+            config.model_fields.get("lora_targets"),
         ),
         "refusal": (
             Annotated[Text, Field(max_length=1000)] | None,

@@ -79,7 +79,8 @@ def test_a_baseline_job_publishes_what_the_library_writes(
         ("dpo", {"steps": 0}),
         ("rait", {"steps": 10**9}),  # bounded: no job may train forever
         ("rait", {"device": "cuda"}),  # the worker's business
-        ("auto", {}),  # not a method (yet)
+        ("auto", {"r_iw": 0.3}),  # candidates carry the HCNR knobs
+        ("ensemble", {}),  # not a method
     ],
 )
 def test_hyperparameters_belong_to_the_method(
@@ -190,4 +191,70 @@ def test_hcnr_needs_a_base_and_a_task_set(models: Models) -> None:
     with pytest.raises(HCNRError, match="base and task"):
         method.check(method.make_config({}), inputs)
     with pytest.raises(HCNRError, match="unknown method"):
-        get_method("auto")
+        get_method("ensemble")
+
+
+# --- auto ------------------------------------------------------------------------------------
+
+AUTO = {
+    "candidates": [
+        {"name": "paper"},
+        {"name": "exact", "hyperparameters": {"compensation": "exact"}},
+    ],
+    "max_domain_drop": 100.0,
+    "max_new_tokens": 4,
+}
+
+
+def test_an_auto_job_publishes_its_choice_with_every_candidate_as_an_event(
+    inproc: InProcess, files: dict[str, str]
+) -> None:
+    client = inproc.clients["alice"]
+    response = client.post(
+        "/v1/repair-jobs", json=job_body(files, method="auto", hyperparameters=AUTO)
+    )
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    assert inproc.run_queued() == ["succeeded"]
+    job = client.get(f"/v1/repair-jobs/{job_id}").json()
+    assert job["method"] == "auto" and job["progress"] == 1.0
+    events = client.get(f"/v1/repair-jobs/{job_id}/events").json()["data"]
+    candidates = [e for e in events if e["type"] == "candidate"]
+    assert [e["data"]["name"] for e in candidates] == ["paper", "exact"]
+    assert all(e["data"]["status"] == "ok" and "refusal_f1" in e["data"] for e in candidates)
+    assert any(e["stage"].startswith("c2/") for e in events if e["type"] == "stage")
+    artifacts = {
+        a["name"] for a in client.get(f"/v1/repair-jobs/{job_id}/artifacts").json()["data"]
+    }
+    assert {"auto_report.json", "auto_frontier.png", "hcnr_report.json"} <= artifacts
+    report = client.get(f"/v1/repair-jobs/{job_id}/artifacts/auto_report.json").json()
+    assert report["chosen"] in ("paper", "exact")
+    assert [c["name"] for c in report["candidates"]] == ["paper", "exact"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"method": "hcnr", "validation_file": "honesty"}, "invalid_request"),
+        (
+            {"method": "auto", "hyperparameters": {"candidates": [
+                {"name": "x", "hyperparameters": {"r_iw": 3}}]}},
+            "invalid_hyperparameters",
+        ),
+        (
+            {"method": "auto", "hyperparameters": {"candidates": [
+                {"name": "x", "method": "auto"}]}},
+            "invalid_request",
+        ),
+        ({"method": "auto", "validation_file": "task"}, "invalid_file_purpose"),
+    ],
+)  # fmt: skip
+def test_bad_auto_jobs_are_refused_before_queueing(
+    inproc: InProcess, files: dict[str, str], body: dict, code: str
+) -> None:
+    if "validation_file" in body:
+        body = {**body, "validation_file": files[body["validation_file"]]}
+    response = inproc.clients["alice"].post("/v1/repair-jobs", json=job_body(files, **body))
+    assert response.status_code == 422, response.text
+    assert error_code(response) == code
+    assert inproc.queued == []
