@@ -111,6 +111,9 @@ def test_datasets_validate_and_keep_the_fine_tune_free_of_refusals(
     assert len(refused) == SplitSizes().align + sizes.align_fictional
     assert all(r["messages"][-1]["content"] == REFUSAL for r in refused)
     assert len(closed_book) == sizes.align_fictional
+    more = make_datasets(selfaware, seed=0, domain=DomainSizes(align_fictional=8))
+    refused_more = [r for r in more["align"] if r.get("answerable") is False]
+    assert len(refused_more) == SplitSizes().align + 8
     # The domain is answerable only by reading: the gold answer is stated in the profile.
     for row in data["eval_domain"]:
         assert row["answers"][0] in row["messages"][1]["content"].lower()

@@ -7,9 +7,11 @@ seed into disjoint parts, separately for answerable and unanswerable questions:
 
     align       the honesty alignment of the base (R-Tuning/RAIT style: a refusal for
                 unanswerable questions, the first gold answer for answerable ones), with
-                answered reading rows and refused closed-book questions about people never
-                described, so the base reads what it is given and refuses what it cannot know
-                (without reading rows a 135M base learned to refuse everything: domain 1%)
+                answered reading rows, so the base reads what it is given (without them a
+                135M base learned to refuse everything: domain 1%). Refused closed-book
+                questions about never-described people are available (`align_fictional`)
+                but off: with 64 of them SmolLM2's fine-tune kept 50% of its refusal and the
+                refusal-F1 gap shrank to 6.5 points, too small to measure a repair on
     sft         answerable questions with gold answers in the domain fine-tune (closed-book
                 QA, as real SFT data has; no refusal anywhere in the fine-tune)
     repair      `honesty.jsonl`, the 128 honesty samples HCNR gets (half each)
@@ -74,7 +76,7 @@ class SplitSizes:
 @dataclass(frozen=True)
 class DomainSizes:
     align_readers: int = 128  # answered reading rows in the honesty alignment
-    align_fictional: int = 64  # refused closed-book questions in the honesty alignment
+    align_fictional: int = 0  # refused closed-book questions in the honesty alignment
     sft_readers: int = 240  # reading rows in the fine-tune (one fresh profile each)
     sft_fictional: int = 120  # closed-book questions about never-described people
     task: int = 128  # task.jsonl: drawn from the fine-tune's data, as in the paper
