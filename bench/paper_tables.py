@@ -69,6 +69,7 @@ LABELS = {
     "random": "random selection",
     "honesty_only": "honesty-only selection (w/o task)",
     "no_compensation": "no compensation (w/o Com)",
+    "auto": "auto (chosen on a validation split)",
 }
 
 

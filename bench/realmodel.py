@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -48,6 +49,7 @@ from paper_tables import (  # noqa: E402
     frontier,
     goals,
     pareto_points,
+    per_seed,
     plot,
     table,
     timed,
@@ -141,6 +143,38 @@ def run_baseline(method: str, paths: dict, out: Path, n_samples: int) -> dict[st
     }
 
 
+def run_auto(paths: dict, out: Path) -> dict[str, Any]:
+    """`auto` with its defaults, as a user's job runs it: a validation split carved from the
+    repair sets, five HCNR candidates, the most honest within 2 domain points published
+    (or none: `no_acceptable_candidate`, recorded as such)."""
+    from hcnr_core.errors import NoAcceptableCandidateError
+    from hcnr_core.methods import MethodInputs, get_method
+
+    method = get_method("auto")
+    inputs = MethodInputs(paths["base"], paths["adapter"], paths["honesty"], paths["task"])
+    started = time.perf_counter()
+    try:
+        report = method.run(method.make_config({}), inputs, out)
+    except NoAcceptableCandidateError as exc:
+        return {"seconds": time.perf_counter() - started, "samples": 256, "error": str(exc)}
+    seconds = time.perf_counter() - started
+    chosen = json.loads((out / report["chosen_report"]).read_text())
+    keep = ("name", "status", "refusal_f1", "domain_accuracy", "domain_drop_points", "seconds")
+    return {
+        "seconds": seconds,
+        "samples": 256,
+        "fraction_changed": chosen.get("fraction_model_params_changed"),
+        "chosen": report["chosen"],
+        "validation": report["validation"],
+        "reference": report["reference"],
+        "candidates": [{k: c.get(k) for k in keep} for c in report["candidates"]],
+    }
+
+
+# Entries `--add` can run into a saved result (a new method measured without redoing all).
+EXTRA = ("auto",)
+
+
 def probe(paths: dict[str, Path]) -> dict[str, Any]:
     """Per-layer AUROC of answerable vs unanswerable (paper Observation 2) on the eval sets."""
     from hcnr_core.evaluation import load_for_eval
@@ -158,7 +192,13 @@ def probe(paths: dict[str, Path]) -> dict[str, Any]:
 
 
 def one_seed(
-    model: str, seed: int, work: Path, quick: bool, log: Any, saved: Path
+    model: str,
+    seed: int,
+    work: Path,
+    quick: bool,
+    log: Any,
+    saved: Path,
+    add: list[str] | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
 
@@ -178,6 +218,7 @@ def one_seed(
         for name in ("base", "finetuned")
     }
     out = work / f"out-{model}-{seed}"
+    shutil.rmtree(out, ignore_errors=True)  # left by an interrupted run
     sweep: list[dict[str, Any]] = []
     partial = {
         "model": model,
@@ -193,6 +234,12 @@ def one_seed(
     }
 
     def record(name: str, result: dict[str, Any]) -> None:
+        if "error" in result:  # auto found no acceptable candidate: nothing to evaluate
+            runs[name] = result
+            sweep[:] = [e for e in sweep if e["name"] != name]
+            saved.write_text(json.dumps(partial, indent=1) + "\n")
+            log(f"{model} seed {seed} {name}: {result['error']}")
+            return
         result["metrics"] = evaluate(out, paths, settings)
         runs[name] = result
         for method in ("rait", "dpo"):  # all 128 honesty samples: the Table 1 row
@@ -207,6 +254,16 @@ def one_seed(
             f"({result['seconds']:.0f} s + eval {m['eval_seconds']:.0f} s)"
         )
 
+    if add is not None:  # only the extra entries, into the saved result of this seed
+        previous = json.loads(saved.read_text())
+        runs.update(previous["runs"])
+        sweep[:] = [e for e in previous["sweep"] if e["name"] not in add]
+        partial.update({k: v for k, v in previous.items() if k not in ("runs", "sweep")})
+        for name in add:
+            sweep.append({"method": name, "name": name})
+            record(name, run_auto(paths, out))
+        return partial
+
     cache: dict[str, Any] = {}
     # Table 1 first (the three HCNR modes, then the baselines), then the ablations.
     for name in ("hcnr_paper", "hcnr_exact", "hcnr_task_aware"):
@@ -217,6 +274,8 @@ def one_seed(
             name = f"{method}_n{n}"
             sweep.append({"method": method, "name": name})
             record(name, run_baseline(method, paths, out, n))
+    sweep.append({"method": "auto", "name": "auto"})
+    record("auto", run_auto(paths, out))
     for name in ("no_compensation", "random", "honesty_only"):
         record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
     if not quick:
@@ -282,6 +341,31 @@ def probe_rows(results: list[dict]) -> list[str]:
     return lines
 
 
+def auto_goal(results: list[dict], points: dict) -> list[str]:
+    """Issue #13's goal for the service's own choice: auto's published model."""
+    if any("auto" not in r["runs"] for r in results):
+        return ["- auto: not measured in this run."]
+    failed = [str(r["seed"]) for r in results if "error" in r["runs"]["auto"]]
+    if failed:
+        return [
+            f"- auto: no candidate stayed within 2 domain points on the validation split "
+            f"(seeds {', '.join(failed)}): the job publishes nothing there."
+        ]
+    rec = statistics.fmean(per_seed(results, "auto", "recovery"))
+    drop = statistics.fmean(per_seed(results, "auto", "domain_drop"))
+    chosen = ", ".join(sorted({r["runs"]["auto"]["chosen"] for r in results}))
+    baselines = points.get("rait", []) + points.get("dpo", [])
+    ours = points.get("auto", [])
+    on = bool([p for p in frontier(baselines + ours) if p in ours])
+    ok = rec >= 0.33 and drop <= 0.02 and on
+    return [
+        f"- auto (the service's measured choice; chose {chosen}): recovery {100 * rec:.1f}%, "
+        f"domain accuracy lost {100 * drop:.1f} points on the eval sets, "
+        f"{'on' if on else 'not on'} the joint frontier with RAIT/DPO → issue #13's goal "
+        f"(≥ 33%, ≤ 2 points, on the frontier) {'**met**' if ok else '**not met**'}."
+    ]
+
+
 def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
     points = pareto_points(results)
     seeds = ", ".join(str(r["seed"]) for r in results)
@@ -290,10 +374,10 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
     plot(points, results, out_dir / png, title, "refusal F1 on SelfAware (%)")
 
     def measured(names: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(n for n in names if all(n in r["runs"] for r in results))
+        return tuple(n for n in names if all("metrics" in r["runs"].get(n, {}) for r in results))
 
     try:
-        verdicts = goals(results, points)
+        verdicts = goals(results, points) + auto_goal(results, points)
     except KeyError as missing:
         verdicts = [f"- Not judged: the run did not reach {missing} (see the tables)."]
     incomplete = [r["seed"] for r in results if not r.get("complete", True)]
@@ -311,11 +395,11 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
         "",
         "### Table 1: honesty and domain",
         "",
-        *table(results, measured(("base", "finetuned", *TABLE1)), QUALITY),
+        *table(results, measured(("base", "finetuned", *TABLE1, "auto")), QUALITY),
         "",
         "### Table 2: cost (wall time = load + compute + save, without evaluation)",
         "",
-        *table(results, measured(TABLE1), COST),
+        *table(results, measured((*TABLE1, "auto")), COST),
         "",
         "### Table 3: ablations",
         "",
@@ -374,6 +458,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="no HCNR sweep, n=128 baselines")
     parser.add_argument(
+        "--add",
+        nargs="+",
+        choices=EXTRA,
+        help="run only these entries into each seed's saved result (then render all)",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="take saved per-seed results (an interrupted run's partial results too)",
@@ -389,13 +479,15 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         for seed in args.seeds:
             saved = args.work / f"result-{model}-{seed}{'-quick' if args.quick else ''}.json"
-            if args.reuse and saved.is_file():
+            if args.reuse and saved.is_file() and not args.add:
                 results.append(json.loads(saved.read_text()))
                 continue
-            results.append(one_seed(model, seed, args.work, args.quick, log, saved))
+            results.append(one_seed(model, seed, args.work, args.quick, log, saved, args.add))
             saved.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
-    command = "python bench/realmodel.py " + " ".join(a for a in argv if a != "--reuse")
+    command = "python bench/realmodel.py " + " ".join(
+        a for a in argv if a not in ("--reuse", "--add", *EXTRA)
+    )
     (args.out / "realmodel.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args.out / "realmodel.md", command.strip())
     print((args.out / "realmodel.md").read_text())
