@@ -105,8 +105,23 @@ def _counting_work(n_steps: int, seen: list[int], delay: float = 0.0):
 def test_run_parallel_returns_in_order_and_ticks_every_step():
     seen: list[int] = []
     ticks: list[tuple[int, int]] = []
-    work = [_counting_work(n, seen, 0.001) for n in (3, 5, 1)]
-    results = run_parallel([CPU] * 3, work, lambda d, t: ticks.append((d, t)), 9)
+    # Every replica waits for the others before its first step: the run completes only if
+    # the three run at the same time, each in a thread of its own (not on thread ids
+    # alone, which a pool may reuse once a quick replica is done).
+    together = threading.Barrier(3, timeout=60)
+
+    def replica(n: int):
+        count = _counting_work(n, seen)
+
+        def run(step) -> int:
+            together.wait()
+            return count(step)
+
+        return run
+
+    results = run_parallel(
+        [CPU] * 3, [replica(n) for n in (3, 5, 1)], lambda d, t: ticks.append((d, t)), 9
+    )
     assert results == [3, 5, 1]
     assert ticks == [(i, 9) for i in range(1, 10)]
     assert len(set(seen)) == 3  # one thread per replica
