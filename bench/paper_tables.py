@@ -87,7 +87,16 @@ def evaluate(
         "known_accuracy": sets["eval_known"]["accuracy"],
         "domain_accuracy": metrics["domain_accuracy"],
         "eval_seconds": result["seconds"],
+        **calibration_of(metrics),
     }
+
+
+def calibration_of(metrics: dict) -> dict[str, float | int | None]:
+    """ECE/MCE of the answers given (refusals abstain) on graded items; None if none."""
+    cal = metrics.get("calibration")
+    if not cal:
+        return {"ece": None, "mce": None, "n_calibrated": 0}
+    return {"ece": cal["ece"], "mce": cal["mce"], "n_calibrated": cal["n"]}
 
 
 def timed(fn: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], float]:

@@ -42,10 +42,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from paper_tables import (  # noqa: E402
     COST,
+    LABELS,
     QUALITY,
     TABLE1,
     TABLE3,
+    calibration_of,
     evaluate,
+    fmt,
     frontier,
     goals,
     pareto_points,
@@ -90,6 +93,7 @@ def from_manifest(metrics: dict[str, Any]) -> dict[str, float]:
         "known_accuracy": metrics["answer_accuracy"],
         "domain_accuracy": metrics["domain_accuracy"],
         "eval_seconds": metrics["seconds"],
+        **calibration_of(metrics),
     }
 
 
@@ -366,6 +370,25 @@ def auto_goal(results: list[dict], points: dict) -> list[str]:
     ]
 
 
+def calibration_rows(results: list[dict]) -> list[str]:
+    """P(answer) of the answers given (refusals abstain) against their correctness, on the
+    graded eval items (answerable SelfAware + reading domain)."""
+    names = [
+        n
+        for n in results[0]["runs"]
+        if all(r["runs"].get(n, {}).get("metrics", {}).get("ece") is not None for r in results)
+    ]
+    if not names:
+        return ["Not measured in this run (evaluated before calibration was added)."]
+    lines = ["| model | ECE | MCE | answers graded |", "|---|---|---|---|"]
+    for name in names:
+        ece = fmt(per_seed(results, name, "ece"), 1, 3)
+        mce = fmt(per_seed(results, name, "mce"), 1, 3)
+        n = fmt(per_seed(results, name, "n_calibrated"), 1, 0)
+        lines.append(f"| {LABELS.get(name, name)} | {ece} | {mce} | {n} |")
+    return lines
+
+
 def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
     points = pareto_points(results)
     seeds = ", ".join(str(r["seed"]) for r in results)
@@ -404,6 +427,10 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
         "### Table 3: ablations",
         "",
         *table(results, measured(TABLE3), QUALITY),
+        "",
+        "### Calibration of the answers (ECE / MCE, 10 bins)",
+        "",
+        *calibration_rows(results),
         "",
         "### Trade-off",
         "",

@@ -66,9 +66,13 @@ def eval_command(
     no_responses: Annotated[
         bool, typer.Option("--no-responses", help="Leave per-sample responses out of the report")
     ] = False,
+    reliability_png: Annotated[
+        Path | None,
+        typer.Option(help="Write a reliability diagram (answer confidence vs accuracy) here"),
+    ] = None,
 ) -> None:
     """Generate greedily on eval sets; print refusal F1, RFΔ and accuracies (DESIGN §5)."""
-    from hcnr_cli.main import fail, quiet_libraries
+    from hcnr_cli.main import err, fail, quiet_libraries
 
     quiet_libraries()
     from hcnr_core import HCNRError
@@ -97,4 +101,10 @@ def eval_command(
         fail(exc)
     if out is not None:
         write_report(result, out)
+    if reliability_png is not None:
+        from hcnr_core.evaluation import reliability_diagram
+
+        calibration = result["metrics"]["calibration"]
+        if reliability_diagram({model.name: calibration}, reliability_png) is None:
+            err.print("no reliability diagram: no graded answers (or matplotlib is missing)")
     typer.echo(json.dumps({"metrics": result["metrics"], "sets": result["sets"]}, indent=2))

@@ -12,6 +12,7 @@ A sample without the flag but with `answers` is a domain sample (domain accuracy
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import string
@@ -165,6 +166,19 @@ def generate(
     settings: GenerationSettings = GenerationSettings(),
 ) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding, stopping at EOS."""
+    return generate_scored(model, tokenizer, prompts, settings)[0]
+
+
+@torch.no_grad()
+def generate_scored(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    settings: GenerationSettings = GenerationSettings(),
+) -> tuple[list[str], list[float | None]]:
+    """Greedy completions and each one's confidence: the model's probability of the tokens
+    it generated, P(answer) = exp(Σ log p(token)) over the tokens before the first EOS
+    (None for an empty answer)."""
     from transformers import GenerationConfig
 
     texts = [render_prompt(tokenizer, messages) for messages in prompts]
@@ -180,10 +194,14 @@ def generate(
         num_beams=1,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad_id,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
+    stops = _token_set(tokenizer.eos_token_id)  # what follows the first EOS is padding
     device = next(model.parameters()).device
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
     out: list[str] = [""] * len(ids)
+    confidence: list[float | None] = [None] * len(ids)
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
         width = max(len(ids[i]) for i in rows)
@@ -192,12 +210,113 @@ def generate(
         for r, i in enumerate(rows):
             batch[r, width - len(ids[i]) :] = torch.tensor(ids[i])
             mask[r, width - len(ids[i]) :] = 1
-        new = model.generate(
-            input_ids=batch.to(device), attention_mask=mask.to(device), generation_config=config
-        )[:, width:]
+        result = model.generate(
+            input_ids=batch.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+        )
+        new = result.sequences[:, width:]
+        logprobs = _chosen_logprobs(result.logits, new)
         for r, i in enumerate(rows):
             out[i] = tokenizer.decode(new[r], skip_special_tokens=True).strip()
-    return out
+            confidence[i] = _answer_probability(new[r].tolist(), logprobs[r].tolist(), stops)
+    return out, confidence
+
+
+def _token_set(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+
+def _chosen_logprobs(logits: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """log p of each generated token under the raw logits of its step: (batch, steps)."""
+    steps = [
+        torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, j : j + 1].to(step.device))
+        for j, step in enumerate(logits)
+    ]
+    return torch.cat(steps, dim=1).cpu()
+
+
+def _answer_probability(tokens: list[int], logprobs: list[float], stops: set[int]) -> float | None:
+    total, n = 0.0, 0
+    for token, logprob in zip(tokens, logprobs, strict=False):
+        if token in stops:  # the answer ends at the first EOS
+            break
+        total, n = total + logprob, n + 1
+    return math.exp(total) if n else None
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+
+def calibration(
+    confidences: Sequence[float], correct: Sequence[bool], n_bins: int = 10
+) -> dict[str, Any] | None:
+    """Expected and maximum calibration error over equal-width confidence bins:
+
+        ECE = Σ_b (|B_b| / N) · |acc(B_b) − conf(B_b)|,   MCE = max_b |acc(B_b) − conf(B_b)|
+
+    (Guo et al., 2017), with the bins' counts, accuracies and mean confidences for a
+    reliability diagram. None without items."""
+    if len(confidences) != len(correct):
+        raise ValueError("confidences and correct must have the same length")
+    if not confidences:
+        return None
+    bins: list[list[tuple[float, bool]]] = [[] for _ in range(n_bins)]
+    for conf, ok in zip(confidences, correct, strict=True):
+        bins[min(int(conf * n_bins), n_bins - 1)].append((conf, ok))
+    table, ece, mce = [], 0.0, 0.0
+    for b, items in enumerate(bins):
+        if not items:
+            table.append({"bin": b, "n": 0, "accuracy": None, "confidence": None})
+            continue
+        acc = sum(ok for _, ok in items) / len(items)
+        conf = sum(c for c, _ in items) / len(items)
+        gap = abs(acc - conf)
+        ece += len(items) / len(confidences) * gap
+        mce = max(mce, gap)
+        table.append({"bin": b, "n": len(items), "accuracy": acc, "confidence": conf})
+    return {
+        "ece": ece,
+        "mce": mce,
+        "n": len(confidences),
+        "mean_confidence": sum(confidences) / len(confidences),
+        "accuracy": sum(correct) / len(correct),
+        "bins": table,
+    }
+
+
+def reliability_diagram(named: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Accuracy vs confidence per bin for each model's `calibration`; None without
+    matplotlib or data."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    named = {k: v for k, v in named.items() if v}
+    if not named:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for name, cal in named.items():
+        points = [(b["confidence"], b["accuracy"]) for b in cal["bins"] if b["n"]]
+        label = f"{name} (ECE {cal['ece']:.3f}, MCE {cal['mce']:.3f}, n {cal['n']})"
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax.set_xlabel("confidence: P(answer)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("reliability diagram (answered, graded items)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -224,7 +343,9 @@ def evaluate_samples(
     started = time.perf_counter()
     per_set: dict[str, list[dict[str, Any]]] = {}
     for name, samples in sets.items():
-        responses = generate(model, tokenizer, [s.messages for s in samples], settings)
+        responses, confidences = generate_scored(
+            model, tokenizer, [s.messages for s in samples], settings
+        )
         per_set[name] = [
             {
                 "prompt": s.prompt_text,
@@ -232,8 +353,9 @@ def evaluate_samples(
                 "refused": detector(resp),
                 "answerable": s.answerable,
                 "correct": is_correct(resp, s.answers) if s.answers else None,
+                "confidence": conf,
             }
-            for s, resp in zip(samples, responses, strict=True)
+            for s, resp, conf in zip(samples, responses, confidences, strict=True)
         ]
     rows = [r for rs in per_set.values() for r in rs]
     honesty = [r for r in rows if r["answerable"] is not None]
@@ -243,6 +365,15 @@ def evaluate_samples(
     )
     metrics["domain_accuracy"] = _rate(
         [r["correct"] for r in rows if r["answerable"] is None and r["correct"] is not None]
+    )
+    # Calibration of the answers the model gave (refusals abstain) on graded items.
+    graded = [
+        r
+        for r in rows
+        if r["correct"] is not None and not r["refused"] and r["confidence"] is not None
+    ]
+    metrics["calibration"] = calibration(
+        [r["confidence"] for r in graded], [r["correct"] for r in graded]
     )
     return {
         "metrics": metrics,

@@ -12,11 +12,15 @@ from hcnr_core.evaluation import (
     DEFAULT_REFUSAL_PATTERNS,
     GenerationSettings,
     RefusalDetector,
+    calibration,
     evaluate_model,
+    generate,
+    generate_scored,
     is_correct,
     normalize_answer,
     recovery,
     refusal_metrics,
+    reliability_diagram,
     write_report,
 )
 
@@ -213,3 +217,85 @@ def test_evaluate_model_on_adapter_and_full_agree(toy, tmp_path):
     assert all(len(r["response"].split()) <= 4 for r in full["responses"]["h"])
     report = write_report(full, tmp_path / "out" / "eval.json")
     assert json.loads(report.read_text())["metrics"] == json.loads(json.dumps(metrics))
+
+
+# --- calibration -----------------------------------------------------------------------------
+
+
+def test_calibration_hand_computed():
+    # bins of 0.1: [0.05 wrong] [0.15 right] ... [0.95 right, 0.95 wrong]
+    result = calibration([0.05, 0.15, 0.95, 0.95], [False, True, True, False])
+    assert result["ece"] == pytest.approx(0.25 * 0.05 + 0.25 * 0.85 + 0.5 * 0.45)
+    assert result["mce"] == pytest.approx(0.85)
+    assert [b["n"] for b in result["bins"]] == [1, 1, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert result["bins"][9]["accuracy"] == 0.5 and result["n"] == 4
+    perfect = calibration([1.0, 1.0, 0.0], [True, True, False])  # 1.0 lands in the top bin
+    assert perfect["ece"] == 0.0 and perfect["mce"] == 0.0
+    assert calibration([], []) is None
+    with pytest.raises(ValueError):
+        calibration([0.5], [])
+
+
+def test_answer_confidence_is_the_probability_of_the_generated_tokens(toy):
+    """Independently: a teacher-forced forward pass over prompt + answer gives the same
+    exp(Σ log p) as the scores generation saw."""
+    import math
+
+    import torch
+
+    from hcnr_core.data import render_prompt
+    from hcnr_core.evaluation import load_for_eval
+
+    model, tokenizer = load_for_eval(toy["full"], None, "cpu")
+    prompts = [
+        [{"role": "user", "content": "where was alice born ?"}],
+        [{"role": "user", "content": "what city is bob in ?"}],
+    ]
+    settings = GenerationSettings(batch_size=2, max_new_tokens=5)
+    texts, confidences = generate_scored(model, tokenizer, prompts, settings)
+    assert texts == generate(model, tokenizer, prompts, settings)  # scoring changes nothing
+    for messages, conf in zip(prompts, confidences, strict=True):
+        prompt = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)
+        ids = prompt["input_ids"]
+        new = model.generate(
+            input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids):].tolist()  # fmt: skip
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + new])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        total = sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(new))
+        assert conf == pytest.approx(math.exp(total), rel=1e-4) if new else conf is None
+
+
+def test_evaluation_reports_calibration_of_the_answers_given(organism, tmp_path):
+    from typer.testing import CliRunner
+
+    from hcnr_cli.main import app
+
+    png = tmp_path / "reliability.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval", "--model", str(organism["adapter"]), "--base", str(organism["base"]),
+            "--eval", str(organism["eval_known"]), "--eval", str(organism["eval_domain"]),
+            "--eval", str(organism["eval_unknown"]), "--max-new-tokens", "8",
+            "--reliability-png", str(png), "--out", str(tmp_path / "eval.json"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    cal = report["metrics"]["calibration"]
+    answered = [
+        r
+        for name in ("eval_known", "eval_domain")
+        for r in report["responses"][name]
+        if not r["refused"]
+    ]
+    assert cal["n"] == len(answered) > 0  # refusals and ungraded rows abstain
+    assert cal["accuracy"] == pytest.approx(sum(r["correct"] for r in answered) / len(answered))
+    assert 0.0 <= cal["ece"] <= cal["mce"] <= 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert reliability_diagram({"none": None}, tmp_path / "x.png") is None

@@ -187,6 +187,29 @@ def test_build_is_reused_from_cache_and_rebuilt_when_damaged(
     assert json.loads((paths["base"] / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_a_new_way_of_measuring_re_evaluates_without_retraining(
+    tiny_build: dict, toy: dict[str, Path]
+) -> None:
+    from dataclasses import replace
+
+    paths = tiny_build["paths"]
+    weights = sorted(paths["base"].glob("*.safetensors")) + sorted(
+        paths["full"].glob("*.safetensors")
+    )
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    shorter = replace(TINY, generation=GenerationSettings(8, 2, 128))
+    kwargs = {"selfaware": SELFAWARE, "source": toy["base"]}
+    build_realmodel(paths["root"], "smollm2-135m", 0, spec=shorter, **kwargs)
+    manifest = load_manifest(paths["root"])
+    assert [w.stat().st_mtime_ns for w in weights] == stamps  # not retrained
+    assert manifest["spec"]["generation"]["max_new_tokens"] == 2
+    assert "reevaluate" in manifest["seconds"]
+    examples = manifest["metrics"]["finetuned"]["examples"]["eval_known"]
+    assert all(len(e["response"].split()) <= 2 for e in examples)  # measured anew
+    build_realmodel(paths["root"], "smollm2-135m", 0, spec=TINY, **kwargs)  # and back
+    assert load_manifest(paths["root"])["spec"]["generation"]["max_new_tokens"] == 4
+
+
 def test_acceptance_bars() -> None:
     good = {
         "base": {"rf_delta": 0.5, "refusal_rate_unanswerable": 0.7},

@@ -231,6 +231,7 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
         if inputs["eval"] is not None:
             recorder(ProgressEvent("evaluate", 0, 1, 1.0, "before/after honesty metrics"))
             report["metrics"] = evaluate(config, inputs, out, recorder.should_cancel)
+            _reliability_artifact(report, out)
         if lease.cancelled.is_set():
             raise RepairCancelled("cancelled after the last step")
         if not ctx.storage.is_local:
@@ -239,6 +240,25 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
         _discard(ctx, job_id, out)
         raise
     return report, out
+
+
+RELIABILITY_PNG = "reliability.png"
+
+
+def _reliability_artifact(report: dict, out: Path) -> None:
+    """The reliability diagram of base, fine-tuned and repaired answers, as an artifact."""
+    from hcnr_core.evaluation import reliability_diagram
+
+    curves = {
+        name: report["metrics"][name].get("calibration")
+        for name in ("base", "finetuned", "repaired")
+    }
+    path = reliability_diagram(curves, out / RELIABILITY_PNG)
+    if path is not None:
+        report.setdefault("files", {})[RELIABILITY_PNG] = {
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+        }
 
 
 def _discard(ctx: Context, job_id: str, out: Path) -> None:

@@ -34,6 +34,7 @@ EVAL_SETS = ("eval_known", "eval_unknown", "eval_domain")
 DATA_SETS = ("align", "sft", "honesty", "task", "validation", *EVAL_SETS)
 OUTPUTS = ("base", "finetuned-adapter", "finetuned", "data")
 STAGES = ("import", "align", "finetune", "evaluate")
+EVAL_FIELDS = ("generation", "evaluate_source")  # RealModelSpec fields that only measure
 
 
 @dataclass(frozen=True)
@@ -73,20 +74,31 @@ def accepted(metrics: dict[str, Any]) -> dict[str, bool]:
 
 
 def build_key(model: str, seed: int, spec: RealModelSpec, source: Path) -> str:
-    """Hash of what determines the build: model, seed, recipe, source weights' identity,
-    the code that builds and measures it and the versions of the libraries that train it."""
+    """Hash of what determines the weights and data: model, seed, the training recipe,
+    the source weights' identity, the code that makes the data and trains, and the versions
+    of the libraries that train. Evaluation is keyed apart (`eval_key`): a change to how
+    models are measured re-evaluates a build, it does not retrain it."""
     import peft
     import transformers
 
     source_config = (source / "config.json").read_bytes()
     versions = [torch.__version__, transformers.__version__, peft.__version__]
-    recipe = [FORMAT_VERSION, model, seed, asdict(spec), versions]
+    trained = {k: v for k, v in asdict(spec).items() if k not in EVAL_FIELDS}
+    recipe = [FORMAT_VERSION, model, seed, trained, versions]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
     digest.update(source_config)
-    for module in sorted(Path(__file__).parent.glob("*.py")):
+    package = Path(__file__).parent
+    for module in (package / "data.py", package / "train.py", package.parent / "data.py"):
         digest.update(module.read_bytes())
-    for module in ("evaluation.py", "data.py"):
-        digest.update((Path(__file__).parents[1] / module).read_bytes())
+    return digest.hexdigest()
+
+
+def eval_key(spec: RealModelSpec) -> str:
+    """Hash of how a build is measured: generation settings and the evaluation code."""
+    measured = {k: v for k, v in asdict(spec).items() if k in EVAL_FIELDS}
+    digest = hashlib.sha256(json.dumps(measured, sort_keys=True, default=str).encode())
+    for module in (Path(__file__), Path(__file__).parents[1] / "evaluation.py"):
+        digest.update(module.read_bytes())
     return digest.hexdigest()
 
 
@@ -142,7 +154,10 @@ def build_realmodel(
     source = Path(source)
     key = build_key(model, seed, spec, source)
     paths = paths_of(out_dir)
-    if not force and cached_manifest(out_dir, MANIFEST, key) is not None:
+    manifest = None if force else cached_manifest(out_dir, MANIFEST, key)
+    if manifest is not None:
+        if manifest.get("eval_key") != eval_key(spec):  # trained as asked, measured anew
+            _reevaluate(paths, manifest, spec, source, progress)
         return paths
     before = torch.get_num_threads()
     if threads:
@@ -233,6 +248,7 @@ def _build(
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,
+        "eval_key": eval_key(spec),
         "model": model_name,
         "seed": seed,
         "source": str(source),
@@ -246,6 +262,34 @@ def _build(
         "paths": {k: str(v.relative_to(out)) for k, v in paths.items() if v != out},
         "files": file_sizes(out, OUTPUTS),
     }
+    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _reevaluate(
+    paths: dict[str, Path],
+    manifest: dict[str, Any],
+    spec: RealModelSpec,
+    source: Path,
+    progress: Progress,
+) -> None:
+    """Measure a cached build again with today's evaluation; the weights stay."""
+    data = {
+        name: [json.loads(line) for line in paths[name].read_text("utf-8").splitlines() if line]
+        for name in EVAL_SETS
+    }
+    models = {"base": paths["base"], "finetuned": paths["full"]}
+    if spec.evaluate_source:
+        models = {"source": source, **models}
+    timings: dict[str, float] = {}
+    with timed(timings, "evaluate"):
+        metrics = _evaluate(models, data, spec, progress)
+    manifest.update(
+        eval_key=eval_key(spec),
+        spec=asdict(spec),
+        metrics=metrics,
+        accepted=accepted(metrics),
+        seconds={**manifest["seconds"], "reevaluate": timings["evaluate"]},
+    )
     paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

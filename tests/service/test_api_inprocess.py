@@ -369,6 +369,10 @@ def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp
         if e["type"] == "stage"
     ]
     assert stages[-1] == "evaluate"
+    # The reliability diagram of the answers is an artifact whenever one was graded.
+    artifacts = inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}/artifacts").json()
+    graded = any(metrics[name]["calibration"] for name in ("base", "finetuned", "repaired"))
+    assert ("reliability.png" in {a["name"] for a in artifacts["data"]}) == graded
 
 
 def contract(document: dict) -> dict:
