@@ -94,13 +94,16 @@ def test_datasets_validate_and_keep_the_fine_tune_free_of_refusals(
         assert not _questions(data[name]) & trained, name
     domain_rows = [r for r in data["sft"] if "answerable" not in r]
     assert not _people(data["eval_domain"]) & _people(domain_rows)
-    # The base learns to read what it is given and to refuse who it was never told about.
-    sizes = DomainSizes()
-    align_reading = [r for r in data["align"] if "answerable" not in r]
+    # The default alignment is SelfAware alone; the variants (reading rows, refused
+    # closed-book questions) add exactly what they say, about people held out of the eval.
+    assert len(data["align"]) == 2 * SplitSizes().align
+    sizes = DomainSizes(align_readers=16, align_fictional=8)
+    variant = make_datasets(selfaware, seed=0, domain=sizes)
+    align_reading = [r for r in variant["align"] if "answerable" not in r]
     assert len(align_reading) == sizes.align_readers
     assert all(r["messages"][1]["content"].startswith("Profile: ") for r in align_reading)
-    assert not _people(data["eval_domain"]) & _people(align_reading)
-    refused = [r for r in data["align"] if r.get("answerable") is False]
+    assert not _people(variant["eval_domain"]) & _people(align_reading)
+    refused = [r for r in variant["align"] if r.get("answerable") is False]
     templates = [
         re.escape(t).replace(re.escape("{n}"), "[A-Z][a-z]+ [A-Z][a-z]+")
         for t in ATTRIBUTE_QUESTIONS.values()
@@ -111,9 +114,6 @@ def test_datasets_validate_and_keep_the_fine_tune_free_of_refusals(
     assert len(refused) == SplitSizes().align + sizes.align_fictional
     assert all(r["messages"][-1]["content"] == REFUSAL for r in refused)
     assert len(closed_book) == sizes.align_fictional
-    more = make_datasets(selfaware, seed=0, domain=DomainSizes(align_fictional=8))
-    refused_more = [r for r in more["align"] if r.get("answerable") is False]
-    assert len(refused_more) == SplitSizes().align + 8
     # The domain is answerable only by reading: the gold answer is stated in the profile.
     for row in data["eval_domain"]:
         assert row["answers"][0] in row["messages"][1]["content"].lower()

@@ -6,12 +6,12 @@ SelfAware (Yin et al., 2023; CC-BY-SA-4.0) is read from the user's copy and spli
 seed into disjoint parts, separately for answerable and unanswerable questions:
 
     align       the honesty alignment of the base (R-Tuning/RAIT style: a refusal for
-                unanswerable questions, the first gold answer for answerable ones), with
-                answered reading rows, so the base reads what it is given (without them a
-                135M base learned to refuse everything: domain 1%). Refused closed-book
-                questions about never-described people are available (`align_fictional`)
-                but off: with 64 of them SmolLM2's fine-tune kept 50% of its refusal and the
-                refusal-F1 gap shrank to 6.5 points, too small to measure a repair on
+                unanswerable questions, the first gold answer for answerable ones). Two
+                variants are available and off (bench/results/recipes/README.md): answered
+                reading rows (`align_readers`) and refused closed-book questions about
+                never-described people (`align_fictional`). With reading rows the base
+                reads (domain 81-85% instead of 1%) but the fine-tune then keeps most of
+                its refusal (58%, F1 gap 2.6 points): nothing left to repair.
     sft         answerable questions with gold answers in the domain fine-tune (closed-book
                 QA, as real SFT data has; no refusal anywhere in the fine-tune)
     repair      `honesty.jsonl`, the 128 honesty samples HCNR gets (half each)
@@ -75,7 +75,7 @@ class SplitSizes:
 
 @dataclass(frozen=True)
 class DomainSizes:
-    align_readers: int = 128  # answered reading rows in the honesty alignment
+    align_readers: int = 0  # answered reading rows in the honesty alignment
     align_fictional: int = 0  # refused closed-book questions in the honesty alignment
     sft_readers: int = 240  # reading rows in the fine-tune (one fresh profile each)
     sft_fictional: int = 120  # closed-book questions about never-described people
@@ -212,11 +212,12 @@ def make_datasets(
     sft += [selfaware_row(item) for item in parts["sft"]]
     rng.shuffle(sft)
     align = [selfaware_row(item) for item in parts["align"]]
-    align += reading(people.aligned[: domain.align_readers], fresh=True)
-    align += [
-        refused_row(p, rng.choice(attributes)) for p in people.aligned[domain.align_readers :]
-    ]
-    rng.shuffle(align)
+    if people.aligned:  # the variants (off by default): mixed into the alignment
+        align += reading(people.aligned[: domain.align_readers], fresh=True)
+        align += [
+            refused_row(p, rng.choice(attributes)) for p in people.aligned[domain.align_readers :]
+        ]
+        rng.shuffle(align)
     return {
         "align": align,
         "sft": sft,
