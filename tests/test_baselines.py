@@ -383,13 +383,7 @@ def test_repair_method_rait_writes_what_the_baseline_command_writes(toy, tmp_pat
         (("--method", "rait", "--r-iw", "0.3"), "--r-iw: HCNR options"),
         (("--method", "dpo", "--set", "beta"), "--set expects KEY=VALUE"),
         (("--method", "rait", "--set", "r_iw=0.3"), "r_iw"),
-        (
-            (
-                "--method",
-                "auto",
-            ),
-            "unknown method 'auto'",
-        ),
+        (("--method", "ensemble"), "unknown method 'ensemble'"),
         (
             (
                 "--method",
