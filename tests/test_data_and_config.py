@@ -61,7 +61,15 @@ def test_truncation_cuts_the_prompt_from_the_left_never_the_response(tokenizer):
     enc = encode_sample(tokenizer, sample, 16)
     assert len(enc.input_ids) == 16
     assert enc.response_len == 3  # "paris", ".", EOS
-    assert tokenizer.decode(enc.input_ids[enc.prompt_len - 1 : enc.prompt_len]) != ""
+    # The kept prompt tokens are the *last* ones of the full prompt: the question's end and
+    # the generation prompt survive (right truncation would keep "who is bob bob ...").
+    full = tokenizer(render_prompt(tokenizer, sample.messages), add_special_tokens=False)
+    assert enc.input_ids[: enc.prompt_len] == full["input_ids"][-enc.prompt_len :]
+    assert enc.input_ids[: enc.prompt_len] != full["input_ids"][: enc.prompt_len]
+    kept = tokenizer.decode(enc.input_ids[: enc.prompt_len])
+    assert "?" in kept and kept.rstrip().endswith(
+        tokenizer.decode(full["input_ids"][-2:]).strip()
+    )
 
 
 def test_plain_template_without_chat_template(tokenizer):
