@@ -73,6 +73,16 @@ def test_succeeded_job_sends_a_signed_webhook_with_retry(hooked, receiver, model
     headers, raw = receiver.requests[-1]
     assert headers["X-HCNR-Event"] == "repair_job.succeeded"
     assert verify(SECRET, headers["X-HCNR-Signature"], raw)
+    # As a receiver would check it from the documented format alone (not our verify()):
+    # `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`, keyed by the secret.
+    import hashlib
+    import hmac
+    import time
+
+    fields = dict(part.split("=", 1) for part in headers["X-HCNR-Signature"].split(","))
+    assert set(fields) == {"t", "v1"} and abs(time.time() - int(fields["t"])) < 600
+    expected = hmac.new(SECRET.encode(), fields["t"].encode() + b"." + raw, hashlib.sha256)
+    assert hmac.compare_digest(fields["v1"], expected.hexdigest())
     assert not verify("another-secret", headers["X-HCNR-Signature"], raw)
     assert not verify(SECRET, headers["X-HCNR-Signature"], raw + b" ")
     payload = json.loads(raw)
