@@ -261,6 +261,8 @@ def one_seed(
     if add is not None:  # only the extra entries, into the saved result of this seed
         previous = json.loads(saved.read_text())
         runs.update(previous["runs"])
+        for name in ("base", "finetuned"):  # today's measurement of the same build
+            runs[name] = {"metrics": from_manifest(manifest["metrics"][name])}
         sweep[:] = [e for e in previous["sweep"] if e["name"] not in add]
         partial.update({k: v for k, v in previous.items() if k not in ("runs", "sweep")})
         for name in add:
