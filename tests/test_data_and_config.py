@@ -67,9 +67,7 @@ def test_truncation_cuts_the_prompt_from_the_left_never_the_response(tokenizer):
     assert enc.input_ids[: enc.prompt_len] == full["input_ids"][-enc.prompt_len :]
     assert enc.input_ids[: enc.prompt_len] != full["input_ids"][: enc.prompt_len]
     kept = tokenizer.decode(enc.input_ids[: enc.prompt_len])
-    assert "?" in kept and kept.rstrip().endswith(
-        tokenizer.decode(full["input_ids"][-2:]).strip()
-    )
+    assert "?" in kept and kept.rstrip().endswith(tokenizer.decode(full["input_ids"][-2:]).strip())
 
 
 def test_plain_template_without_chat_template(tokenizer):
