@@ -127,13 +127,12 @@ def _client_hyperparameters(
     for name, (annotation, info) in bounded.items():
         if name in fields:
             fields[name] = (annotation, info)
-    model = create_model(
+    return create_model(
         config.__name__.replace("Config", "Hyperparameters"),
         __config__=ConfigDict(extra="forbid"),
         __doc__=doc,
         **fields,
     )
-    return model
 
 
 RaitHyperparameters = _client_hyperparameters(

@@ -45,7 +45,7 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
     """The same method as `hcnr repair --method rait|dpo`, with typed flags."""
     from pydantic import ValidationError
 
-    from hcnr_cli.main import ProgressPrinter, _summary, fail, quiet_libraries
+    from hcnr_cli.main import ProgressPrinter, fail, quiet_libraries, summary_of
 
     quiet_libraries()
     from hcnr_core import HCNRError
@@ -58,7 +58,7 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
         overrides["lora_targets"] = [t.strip() for t in overrides["lora_targets"].split(",")]
     try:
         if config_file:
-            cfg = spec.config_type.from_file(config_file, **overrides)  # type: ignore[attr-defined]
+            cfg = spec.config_type.from_file(config_file, **overrides)
         else:
             cfg = spec.make_config(overrides)
         resolve_devices(cfg.device)
@@ -70,7 +70,7 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
             report = spec.run(cfg, inputs, paths["out"], progress=bar)
     except HCNRError as exc:
         fail(exc)
-    summary = _summary(method, paths["out"], report)
+    summary = summary_of(method, paths["out"], report)
     summary["trainable_params"] = report["trainable_params"]
     typer.echo(json.dumps(summary))
 

@@ -85,7 +85,7 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
-def _summary(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+def summary_of(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]:
     if method == "auto":
         return {
             "out": str(out),
@@ -224,7 +224,7 @@ def repair(
                 raise ValueError(f"{names}: HCNR options; {method} takes --set KEY=VALUE")
         overrides.update(parse_settings(settings))
         if config:
-            cfg = spec.config_type.from_file(config, **overrides)  # type: ignore[attr-defined]
+            cfg = spec.config_type.from_file(config, **overrides)
         else:
             cfg = spec.make_config(overrides)
     except (ValidationError, ValueError, OSError, HCNRError) as exc:
@@ -238,7 +238,7 @@ def repair(
             report = spec.run(cfg, MethodInputs(base, finetuned, honesty, task), out, progress=bar)
     except HCNRError as exc:
         fail(exc)
-    typer.echo(json.dumps(_summary(method, out, report)))
+    typer.echo(json.dumps(summary_of(method, out, report)))
 
 
 @app.command()

@@ -46,7 +46,7 @@ from hcnr_core.errors import (
     NoAcceptableCandidateError,
     RepairCancelled,
 )
-from hcnr_core.methods import METHODS, MethodInputs, Progress, ShouldCancel, _missing
+from hcnr_core.methods import METHODS, MethodInputs, Progress, ShouldCancel, require_inputs
 from hcnr_core.progress import ProgressEvent
 from hcnr_core.writer import StagedOutput, check_output_dir
 
@@ -87,7 +87,7 @@ def _load(data: str | Path | Sequence[Sample]) -> list[Sample]:
 
 def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
     """The repair inputs and the validation sets (checked: both kinds of rows present)."""
-    _missing(inputs, "auto", "base", "task")
+    require_inputs(inputs, "auto", "base", "task")
     honesty, task = _load(inputs.honesty), _load(inputs.task)  # type: ignore[arg-type]
     if inputs.validation is not None:
         rows = _load(inputs.validation)

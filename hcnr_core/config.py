@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Self
 
 from hcnr_core.devices import parse_devices
 
@@ -25,10 +26,25 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 DEFAULT_TARGET_MODULES = r"(^|\.)layers\.\d+\..+"
 
 
-class RepairConfig(BaseModel):
-    """Hyper-parameters of a repair. Immutable; unknown keys are rejected."""
+class FileConfig(BaseModel):
+    """A frozen config that also loads from a YAML or JSON file."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Self:
+        """Load from YAML or JSON; `overrides` (e.g. CLI flags) win over the file."""
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        return cls(**{**data, **overrides})
+
+
+class RepairConfig(FileConfig):
+    """Hyper-parameters of a repair. Immutable; unknown keys are rejected."""
 
     r_iw: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of input columns per matrix")
     r_cw: float = Field(0.4, ge=0.0, le=1.0, description="Fraction of target matrices restored")
@@ -86,27 +102,14 @@ class RepairConfig(BaseModel):
             raise ValueError("compensation='task_aware' does not support layerwise yet")
         return self
 
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> RepairConfig:
-        """Load from YAML or JSON; `overrides` (e.g. CLI flags) win over the file."""
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        return cls(**{**data, **overrides})
-
 
 # --- the baselines (hcnr_core.baselines): RAIT and DPO on IDK data ----------------------
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class BaselineConfig(BaseModel):
+class BaselineConfig(FileConfig):
     """Shared by both baselines. Immutable; unknown keys are rejected."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate of the LoRA")
     steps: int | None = Field(
@@ -180,17 +183,6 @@ class BaselineConfig(BaseModel):
             return max(1, math.ceil(self.epochs * n_samples / self.batch_size))
         return int(self.steps)  # type: ignore[arg-type]  # validated
 
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> BaselineConfig:
-        """Load from YAML or JSON; `overrides` (e.g. CLI flags) win over the file."""
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        return cls(**{**data, **overrides})
-
 
 class RaitConfig(BaselineConfig):
     """RAIT: SFT of a LoRA on the honesty set (refusals + gold answers)."""
@@ -254,12 +246,10 @@ BASELINE_CANDIDATES: tuple[AutoCandidate, ...] = (
 )
 
 
-class AutoConfig(BaseModel):
+class AutoConfig(FileConfig):
     """`auto`: try candidates, measure each on a held-out validation split, publish the most
     honest one (refusal F1) that loses at most `max_domain_drop` points of domain accuracy
     against the fine-tuned model on the same split."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     candidates: list[AutoCandidate] | None = Field(
         None, max_length=32, description="Candidates in order [DEFAULT_CANDIDATES]"
@@ -301,11 +291,3 @@ class AutoConfig(BaseModel):
         """The candidates in the order they are tried."""
         chosen = list(self.candidates) if self.candidates is not None else [*DEFAULT_CANDIDATES]
         return chosen + ([*BASELINE_CANDIDATES] if self.include_baselines else [])
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> AutoConfig:
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        if not isinstance(data or {}, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        return cls(**{**(data or {}), **overrides})

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel
-
-from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig, RepairConfig
+from hcnr_core.config import BaselineConfig, DpoConfig, FileConfig, RaitConfig, RepairConfig
 from hcnr_core.data import Sample
 from hcnr_core.errors import HCNRError
 from hcnr_core.progress import ProgressEvent
@@ -53,7 +51,7 @@ class Method(Protocol):
     name: str
     title: str
     report_name: str
-    config_type: type[BaseModel]
+    config_type: type[FileConfig]
 
     def make_config(self, values: dict[str, Any], **run_options: Any) -> Any:
         """The method's validated, frozen config from user values plus run options
@@ -76,7 +74,7 @@ class Method(Protocol):
         is shared by runs on the same inputs (HCNR keeps its Fisher scores there)."""
 
 
-def _missing(inputs: MethodInputs, method: str, *names: str) -> None:
+def require_inputs(inputs: MethodInputs, method: str, *names: str) -> None:
     absent = [n for n in names if getattr(inputs, n) is None]
     if absent:
         raise HCNRError(f"method {method!r} needs {' and '.join(absent)}")
@@ -94,7 +92,7 @@ class HCNRMethod:
     def check(self, config: RepairConfig, inputs: MethodInputs) -> list[str]:
         from hcnr_core.pipeline import RepairPipeline
 
-        _missing(inputs, self.name, "base", "task")
+        require_inputs(inputs, self.name, "base", "task")
         prepared = RepairPipeline(config).prepare(
             inputs.base,  # type: ignore[arg-type]  # checked above
             inputs.finetuned,
@@ -115,7 +113,7 @@ class HCNRMethod:
     ) -> dict[str, Any]:
         from hcnr_core.pipeline import RepairPipeline
 
-        _missing(inputs, self.name, "base", "task")
+        require_inputs(inputs, self.name, "base", "task")
         pipeline = RepairPipeline(
             config, progress=progress, should_cancel=should_cancel, fisher_cache=cache
         )
