@@ -18,15 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from hcnr_core.config import (
-    AutoConfig,
-    BaselineConfig,
-    Compensation,
-    DpoConfig,
-    DType,
-    RaitConfig,
-    Selection,
-)
+from hcnr_core.config import AutoConfig, DpoConfig, FileConfig, RaitConfig, RepairConfig
 
 FilePurpose = Literal["honesty", "task", "eval"]
 JobStatus = Literal[
@@ -75,38 +67,11 @@ class FilePublic(BaseModel):
     created_at: datetime
 
 
-class Hyperparameters(BaseModel):
-    """RepairConfig fields a client may set; the device is the worker's business."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    r_iw: float = Field(0.5, ge=0.0, le=1.0)
-    r_cw: float = Field(0.4, ge=0.0, le=1.0)
-    compensation: Compensation = "paper"
-    selection: Selection = "hcnr"
-    damping: float = Field(0.01, ge=0.0)
-    task_weight: float = Field(
-        1.0, ge=0.0, le=1e6, description="μ of compensation=task_aware (keep task outputs)"
-    )
-    seed: int = Field(0, ge=0)
-    dtype: DType = "float32"
-    max_seq_len: int = Field(512, ge=8, le=131072)
-    batch_size: int = Field(8, ge=1, le=1024)
-    target_modules: Text | None = Field(
-        None, max_length=1000, description="Regex over nn.Linear module names"
-    )
-    check_adapter_base_name: bool = Field(
-        True, description="Require a LoRA adapter's base_model_name_or_path to name the base"
-    )
-
-
 # What the worker decides, never the client: where and how it computes.
-RUN_OPTIONS = frozenset({"device", "threads"})
+RUN_OPTIONS = frozenset({"device", "threads", "hessian_budget_mb", "layerwise"})
 
 
-def _client_hyperparameters(
-    config: type[BaselineConfig] | type[AutoConfig], doc: str
-) -> type[BaseModel]:
+def _client_hyperparameters(config: type[FileConfig], doc: str) -> type[BaseModel]:
     """The library config's fields a client may set (one spec for library, CLI and API),
     with the free-text fields bounded and storable."""
     fields: dict[str, Any] = {
@@ -118,6 +83,10 @@ def _client_hyperparameters(
         "lora_targets": (
             list[Annotated[Text, Field(max_length=200)]] | Annotated[Text, Field(max_length=1000)],
             config.model_fields.get("lora_targets"),
+        ),
+        "target_modules": (
+            Annotated[Text, Field(max_length=1000)],
+            config.model_fields.get("target_modules"),
         ),
         "refusal": (
             Annotated[Text, Field(max_length=1000)] | None,
@@ -135,6 +104,9 @@ def _client_hyperparameters(
     )
 
 
+Hyperparameters = _client_hyperparameters(
+    RepairConfig, "RepairConfig fields a client may set (method hcnr, the default)"
+)
 RaitHyperparameters = _client_hyperparameters(
     RaitConfig, "RaitConfig fields a client may set (method rait)"
 )

@@ -76,6 +76,19 @@ HCNR_RUNS: dict[str, dict[str, Any]] = {
     "honesty_only": {"selection": "honesty_only"},
     "no_compensation": {"compensation": "none"},
 }
+# Issue #13's research on real models, run into a saved result with `--add NAME ...`:
+# smaller budgets of the paper's mode, the sequential (GPTQ-style) Hessians, the
+# Fisher-mass column budget and a weaker task term. Named, so a result names its setting.
+RESEARCH_RUNS: dict[str, dict[str, Any]] = {
+    "hcnr_paper_cw0.2": {"r_cw": 0.2},
+    "hcnr_sequential": {"hessian_inputs": "sequential"},
+    "hcnr_fisher_mass0.5": {"column_budget": "fisher_mass", "fisher_mass": 0.5},
+    "hcnr_task_aware_mu0.3": {"compensation": "task_aware", "task_weight": 0.3},
+    "hcnr_paper_iw0.25": {"r_iw": 0.25},
+    "hcnr_exact_sequential": {"compensation": "exact", "hessian_inputs": "sequential"},
+    "hcnr_sequential_cw0.2": {"hessian_inputs": "sequential", "r_cw": 0.2},
+    "hcnr_fisher_mass0.5_cw0.2": {"column_budget": "fisher_mass", "fisher_mass": 0.5, "r_cw": 0.2},
+}
 SWEEP_R_IW = (0.1, 0.5, 0.9)
 SWEEP_R_CW = (0.4, 1.0)
 SWEEP_TASK_WEIGHT = (1.0, 7.0)
@@ -176,7 +189,7 @@ def run_auto(paths: dict, out: Path) -> dict[str, Any]:
 
 
 # Entries `--add` can run into a saved result (a new method measured without redoing all).
-EXTRA = ("auto",)
+EXTRA = ("auto", *RESEARCH_RUNS)
 
 
 def probe(paths: dict[str, Path]) -> dict[str, Any]:
@@ -265,9 +278,14 @@ def one_seed(
             runs[name] = {"metrics": from_manifest(manifest["metrics"][name])}
         sweep[:] = [e for e in previous["sweep"] if e["name"] not in add]
         partial.update({k: v for k, v in previous.items() if k not in ("runs", "sweep")})
+        cache: dict[str, Any] = {}  # the research runs share one pair of Fisher passes
         for name in add:
-            sweep.append({"method": name, "name": name})
-            record(name, run_auto(paths, out))
+            if name == "auto":
+                sweep.append({"method": name, "name": name})
+                record(name, run_auto(paths, out))
+            else:
+                sweep.append({"method": "hcnr_research", "name": name})
+                record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
         return partial
 
     cache: dict[str, Any] = {}
@@ -391,6 +409,25 @@ def calibration_rows(results: list[dict]) -> list[str]:
     return lines
 
 
+def research_section(results: list[dict], names: tuple[str, ...]) -> list[str]:
+    """Issue #13's research modes measured on this model (`--add`), with their settings."""
+    if not names:
+        return []
+    settings = [
+        f"- `{n}`: {', '.join(f'{k}={v}' for k, v in RESEARCH_RUNS[n].items())}" for n in names
+    ]
+    return [
+        "### Research modes (issue #13)",
+        "",
+        *settings,
+        "",
+        *table(results, ("hcnr_paper", *names), QUALITY),
+        "",
+        *table(results, ("hcnr_paper", *names), COST),
+        "",
+    ]
+
+
 def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
     points = pareto_points(results)
     seeds = ", ".join(str(r["seed"]) for r in results)
@@ -430,6 +467,7 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
         "",
         *table(results, measured(TABLE3), QUALITY),
         "",
+        *research_section(results, measured(tuple(RESEARCH_RUNS))),
         "### Calibration of the answers (ECE / MCE, 10 bins)",
         "",
         *calibration_rows(results),

@@ -19,6 +19,8 @@ from hcnr_core.devices import parse_devices
 
 Compensation = Literal["paper", "exact", "task_aware", "none"]
 Selection = Literal["hcnr", "random", "honesty_only"]
+ColumnBudget = Literal["fraction", "fisher_mass"]
+HessianInputs = Literal["base", "sequential"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Every nn.Linear inside the decoder blocks (Llama: q,k,v,o,gate,up,down); never
@@ -52,10 +54,26 @@ class RepairConfig(FileConfig):
     selection: Selection = Field(
         "hcnr", description="hcnr (priority r), random or honesty_only (ablations)"
     )
+    column_budget: ColumnBudget = Field(
+        "fraction",
+        description="Columns per matrix: fraction = round(r_iw·in) (paper); fisher_mass = "
+        "the fewest top-priority columns holding `fisher_mass` of the matrix's positive "
+        "priority, at most round(r_iw·in)",
+    )
+    fisher_mass: float = Field(
+        0.5, gt=0.0, le=1.0, description="Share of priority mass kept by column_budget=fisher_mass"
+    )
+    hessian_inputs: HessianInputs = Field(
+        "base",
+        description="Inputs of compensation's H: base = the base model on D_hon (paper); "
+        "sequential = the model being repaired, block by block, each block seeing the "
+        "blocks already repaired (GPTQ's sequential calibration)",
+    )
     damping: float = Field(0.01, ge=0.0, description="λ: H += λ·mean(diag H)·I")
     task_weight: float = Field(
         1.0,
         ge=0.0,
+        le=1e6,
         description="μ of compensation=task_aware: weight of keeping the fine-tuned "
         "outputs on D_task against restoring the base outputs on D_hon",
     )
@@ -100,6 +118,11 @@ class RepairConfig(FileConfig):
     def _supported(self) -> RepairConfig:
         if self.compensation == "task_aware" and self.layerwise:
             raise ValueError("compensation='task_aware' does not support layerwise yet")
+        if self.hessian_inputs == "sequential":
+            if self.compensation == "none":
+                raise ValueError("hessian_inputs='sequential' needs a compensation that uses H")
+            if self.layerwise:
+                raise ValueError("hessian_inputs='sequential' does not support layerwise yet")
         return self
 
 

@@ -404,7 +404,12 @@ class RepairPipeline:
         for i, module in enumerate(prep.targets):
             weight = f"{module}.weight"
             columns[weight] = select_columns(
-                cfg.selection, hon["scores"][module], task["scores"][module], cfg.r_iw, generator
+                cfg.selection,
+                hon["scores"][module],
+                task["scores"][module],
+                cfg.r_iw,
+                generator,
+                cfg.fisher_mass if cfg.column_budget == "fisher_mass" else None,
             )
             displacements[weight] = displacement(
                 base_source.get(weight), ft_source.get(weight), columns[weight]
@@ -419,6 +424,12 @@ class RepairPipeline:
         pad_id = self._pad_id(prep)
         if self.config.compensation == "none" or not modules:
             yield modules, None
+        elif self.config.hessian_inputs == "sequential":
+            # One block at a time: `_compensate` writes each block's repaired matrices into
+            # the models before this generator computes the next block's Hessians.
+            for block in _blocks(modules):
+                for chunk in self._hessian_chunks(models[0], block):
+                    yield chunk, self._hessians(models, prep.honesty, pad_id, chunk)
         elif isinstance(models[0], LayerwiseLM):
             shares = shard(self._batches(prep.honesty), len(models))
             tick = lambda *_: self._check_cancel()  # noqa: E731
@@ -508,6 +519,8 @@ class RepairPipeline:
                 new = new.cpu()
                 if keep:
                     repaired[weight] = new
+                if cfg.hessian_inputs == "sequential":
+                    _set_weight(models, module, new)
                 done += 1
                 self._tick(done, len(kept))
             del hessians
@@ -558,10 +571,18 @@ class RepairPipeline:
             del models
             _release_memory()
             task_hessians = self._task_hessians(prep, kept, dtype)
-            models = self._load_base(prep, base_source, dtype)
+            models = None
             self._leave(started)
 
         started = self._enter("compensate")
+        if cfg.hessian_inputs == "sequential" and kept:
+            # H from the model being repaired: the fine-tuned model, whose matrices are
+            # replaced block by block as they are repaired.
+            del models
+            _release_memory()
+            models, _ = self._load_finetuned(prep, dtype)
+        elif models is None:
+            models = self._load_base(prep, base_source, dtype)
         repaired, changed = self._compensate(
             models, prep, kept, columns, base_source, ft_source, out is not None, task_hessians
         )
@@ -666,6 +687,33 @@ def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> li
     if hessians is None:
         return list(chunk)
     return [hessians.group_of.get(module, module) for module in chunk]
+
+
+_BLOCK = re.compile(r"(?:^|\.)(\d+)\.")
+
+
+def _blocks(modules: list[str]) -> list[list[str]]:
+    """`modules` (in model order) grouped by their first numeric path component (the
+    decoder block: `model.layers.3.mlp.up_proj` → 3); a module without one is alone."""
+    blocks: list[list[str]] = []
+    last: str | None = None
+    for module in modules:
+        found = _BLOCK.search(module)
+        key = found.group(1) if found else None
+        if blocks and key is not None and key == last:
+            blocks[-1].append(module)
+        else:
+            blocks.append([module])
+        last = key
+    return blocks
+
+
+def _set_weight(models: list[Any], module: str, weight: torch.Tensor) -> None:
+    """Put a repaired matrix into every replica (a new tensor: storage shared with a
+    weight source is never written)."""
+    for model in models:
+        param = model.get_submodule(module).weight
+        param.data = weight.to(device=param.device, dtype=param.dtype)
 
 
 def _release_memory() -> None:

@@ -27,18 +27,39 @@ def top_columns(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(order[:count]).values
 
 
+def mass_count(scores: torch.Tensor, mass: float) -> int:
+    """Fewest top columns holding `mass` of the positive score mass:
+    k = min{k : Σ_{i≤k} r⁺_(i) ≥ mass · Σ_i r⁺_i}, with r_(1) ≥ r_(2) ≥ … (0 if none is > 0).
+
+    A matrix whose honesty priority sits in a few columns restores few; one where it is
+    spread restores many — instead of the same fraction everywhere.
+    """
+    positive = torch.sort(scores.double().clamp(min=0.0), descending=True).values
+    total = positive.sum()
+    if total <= 0:
+        return 0
+    reached = torch.cumsum(positive, 0) >= mass * total
+    return int(torch.nonzero(reached)[0]) + 1
+
+
 def select_columns(
     mode: str,
     s_hon: torch.Tensor,
     s_task: torch.Tensor,
     r_iw: float,
     generator: torch.Generator | None = None,
+    fisher_mass: float | None = None,
 ) -> torch.Tensor:
-    """Candidate mask M of one matrix as sorted column indices (`round(r_iw·in)` of them)."""
+    """Candidate mask M of one matrix as sorted column indices: `round(r_iw·in)` of them,
+    or with `fisher_mass` the `mass_count` of the priority r, capped at `round(r_iw·in)`
+    (the ablations take the same number of columns as "hcnr" would)."""
     n_in = s_hon.numel()
     count = round_half_up(r_iw * n_in)
+    scores = priority(s_hon, s_task)
+    if fisher_mass is not None:
+        count = min(count, mass_count(scores, fisher_mass))
     if mode == "hcnr":
-        return top_columns(priority(s_hon, s_task), count)
+        return top_columns(scores, count)
     if mode == "honesty_only":
         return top_columns(s_hon.double(), count)
     if mode == "random":

@@ -1,0 +1,145 @@
+"""The research modes of issue #13, checked against independent re-computations:
+`hessian_inputs="sequential"` (GPTQ-style calibration block by block) and
+`column_budget="fisher_mass"` (a per-matrix column count from the priority mass)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hcnr_core import RepairConfig
+from hcnr_core.compensation import repair_matrix
+from hcnr_core.data import encode_samples, load_jsonl
+from hcnr_core.pipeline import RepairPipeline
+from hcnr_core.scoring import InputHessians, pad_batch
+from hcnr_core.selection import mass_count, priority, select_columns
+
+
+def repair(toy, out: Path | None, **cfg) -> dict:
+    pipeline = RepairPipeline(RepairConfig(**cfg))
+    prepared = pipeline.prepare(toy["base"], toy["full"], toy["honesty"], toy["task"])
+    return pipeline.run(prepared, out)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def block_of(weight: str) -> int:
+    return int(re.search(r"layers\.(\d+)\.", weight).group(1))
+
+
+@pytest.mark.parametrize("compensation", ["paper", "exact"])
+def test_sequential_hessians_come_from_the_blocks_already_repaired(toy, tmp_path, compensation):
+    """Oracle: for block b, the fine-tuned model with blocks < b replaced by the published
+    repaired matrices gives H; `repair_matrix` with that H must give block b's output."""
+    out = tmp_path / "seq"
+    report = repair(toy, out, compensation=compensation, hessian_inputs="sequential", r_cw=1.0)
+    got, base, ft = tensors(out), tensors(toy["base"]), tensors(toy["full"])
+    selected = {m["name"]: torch.tensor(m["columns"]) for m in report["selected_matrices"]}
+    blocks = sorted({block_of(w) for w in selected})
+    assert len(blocks) >= 2  # otherwise nothing is sequential
+
+    tokenizer = AutoTokenizer.from_pretrained(toy["full"])
+    honesty = encode_samples(tokenizer, load_jsonl(toy["honesty"]), 512)
+    model = AutoModelForCausalLM.from_pretrained(toy["full"], torch_dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id
+    for b in blocks:
+        in_block = [w for w in selected if block_of(w) == b]
+        hessians = InputHessians(model, [w.removesuffix(".weight") for w in in_block])
+        for sample in honesty:
+            hessians.add_batch(*pad_batch([sample], pad, torch.device("cpu")))
+        for weight in in_block:
+            expected = repair_matrix(
+                compensation,
+                base[weight],
+                ft[weight],
+                selected[weight],
+                hessians.hessian(weight.removesuffix(".weight")),
+                0.01,
+            )
+            torch.testing.assert_close(got[weight], expected, rtol=1e-3, atol=1e-4)
+        with torch.no_grad():  # block b repaired before block b+1 is calibrated
+            for weight in in_block:
+                model.get_parameter(weight).copy_(got[weight])
+
+
+def test_sequential_differs_from_base_inputs_after_the_first_block(toy, tmp_path):
+    """Same selection; different H (fine-tuned, then repaired inputs vs the base's)."""
+    base_inputs = repair(toy, tmp_path / "a", r_cw=1.0)
+    sequential = repair(toy, tmp_path / "b", r_cw=1.0, hessian_inputs="sequential")
+    assert base_inputs["selected_matrices"] == sequential["selected_matrices"]
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    differs = [w for w in a if not torch.equal(a[w], b[w])]
+    assert differs and all(
+        w in {m["name"] for m in sequential["selected_matrices"]} for w in differs
+    )
+
+
+def test_sequential_needs_a_hessian():
+    with pytest.raises(ValueError, match="needs a compensation"):
+        RepairConfig(hessian_inputs="sequential", compensation="none")
+    with pytest.raises(ValueError, match="layerwise"):
+        RepairConfig(hessian_inputs="sequential", layerwise=True)
+
+
+@pytest.mark.parametrize(
+    ("scores", "mass", "expected"),
+    [
+        ([4.0, 3.0, 2.0, 1.0], 0.4, 1),  # 4/10 reaches 0.4
+        ([4.0, 3.0, 2.0, 1.0], 0.41, 2),  # 7/10
+        ([1.0, 2.0, 3.0, 4.0], 0.7, 2),  # order of columns does not matter
+        ([5.0, -9.0, 0.0, 5.0], 1.0, 2),  # negative priority is never mass
+        ([-1.0, 0.0], 0.5, 0),  # nothing honesty-critical: nothing restored
+        ([1.0, 1.0, 1.0, 1.0], 1.0, 4),
+    ],
+)
+def test_mass_count_is_the_fewest_columns_holding_the_mass(scores, mass, expected):
+    assert mass_count(torch.tensor(scores), mass) == expected
+
+
+def test_fisher_mass_budget_caps_at_r_iw_and_keeps_the_top_priority():
+    torch.manual_seed(0)
+    s_hon, s_task = torch.rand(100) ** 4, torch.rand(100)
+    r = priority(s_hon, s_task)
+    picked = select_columns("hcnr", s_hon, s_task, 0.5, fisher_mass=0.6)
+    count = mass_count(r, 0.6)
+    assert picked.numel() == min(count, 50) > 0
+    assert set(picked.tolist()) == set(torch.topk(r, picked.numel()).indices.tolist())
+    capped = select_columns("hcnr", s_hon, s_task, 0.05, fisher_mass=0.99)
+    assert capped.numel() == 5  # r_iw caps the budget
+    # ablations take as many columns as "hcnr" would
+    generator = torch.Generator().manual_seed(0)
+    assert select_columns("random", s_hon, s_task, 0.5, generator, 0.6).numel() == picked.numel()
+
+
+def test_fisher_mass_repair_reports_per_matrix_counts(toy, tmp_path):
+    fraction = repair(toy, None, r_cw=1.0)
+    mass = repair(toy, None, r_cw=1.0, column_budget="fisher_mass", fisher_mass=0.5)
+    counts = {m["name"]: m["n_columns"] for m in mass["selected_matrices"]}
+    fixed = {m["name"]: m["n_columns"] for m in fraction["selected_matrices"]}
+    assert counts and all(0 < c <= fixed[name] for name, c in counts.items())
+    assert len(set(counts.values())) > 1  # the budget follows each matrix's mass, not one fraction
+    assert mass["restored_params"] < fraction["restored_params"]
+
+
+def test_the_api_takes_the_library_fields_so_new_modes_reach_jobs():
+    """One spec: the job API's HCNR hyper-parameters are RepairConfig's fields minus the
+    worker's run options (a field added to the library cannot be missing from the API)."""
+    from api.schemas import RUN_OPTIONS, Hyperparameters, RepairJobCreate
+
+    assert set(Hyperparameters.model_fields) == set(RepairConfig.model_fields) - RUN_OPTIONS
+    body = {"base": "path:b", "finetuned": "path:f", "honesty_file": "a", "task_file": "b"}
+    job = RepairJobCreate(**body, hyperparameters={"hessian_inputs": "sequential"})
+    assert job.hyperparameters.model_dump()["hessian_inputs"] == "sequential"
+    assert job.hyperparameters.model_dump()["dtype"] == RepairConfig().dtype  # no drift
+    with pytest.raises(ValueError, match="layerwise"):
+        RepairJobCreate(**body, hyperparameters={"layerwise": True})  # the worker's choice
