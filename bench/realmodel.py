@@ -160,15 +160,17 @@ def run_baseline(method: str, paths: dict, out: Path, n_samples: int) -> dict[st
     }
 
 
-def run_auto(paths: dict, out: Path) -> dict[str, Any]:
+def run_auto(paths: dict, out: Path, validation: Path | None = None) -> dict[str, Any]:
     """`auto` with its defaults, as a user's job runs it: a validation split carved from the
-    repair sets, five HCNR candidates, the most honest within 2 domain points published
-    (or none: `no_acceptable_candidate`, recorded as such)."""
+    repair sets (or the given `validation` file), five HCNR candidates, the most honest
+    within 2 domain points published (or none: `no_acceptable_candidate`, recorded)."""
     from hcnr_core.errors import NoAcceptableCandidateError
     from hcnr_core.methods import MethodInputs, get_method
 
     method = get_method("auto")
-    inputs = MethodInputs(paths["base"], paths["adapter"], paths["honesty"], paths["task"])
+    inputs = MethodInputs(
+        paths["base"], paths["adapter"], paths["honesty"], paths["task"], validation=validation
+    )
     started = time.perf_counter()
     try:
         report = method.run(method.make_config({}), inputs, out)
@@ -188,8 +190,20 @@ def run_auto(paths: dict, out: Path) -> dict[str, Any]:
     }
 
 
+def validation_file(paths: dict, seed: int) -> Path:
+    """auto_validated's validation set: the build's 128 held-out SelfAware rows and 100
+    reading rows about people no split uses (hcnr_core.realmodel.validation)."""
+    from hcnr_core.realmodel.validation import auto_validation_rows
+
+    honesty = [json.loads(line) for line in paths["validation"].read_text().splitlines()]
+    path = paths["root"] / "data" / "validation_auto.jsonl"
+    rows = auto_validation_rows(honesty, seed)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
 # Entries `--add` can run into a saved result (a new method measured without redoing all).
-EXTRA = ("auto", *RESEARCH_RUNS)
+EXTRA = ("auto", "auto_validated", *RESEARCH_RUNS)
 
 
 def probe(paths: dict[str, Path]) -> dict[str, Any]:
@@ -283,6 +297,9 @@ def one_seed(
             if name == "auto":
                 sweep.append({"method": name, "name": name})
                 record(name, run_auto(paths, out))
+            elif name == "auto_validated":
+                sweep.append({"method": name, "name": name})
+                record(name, run_auto(paths, out, validation_file(paths, seed)))
             else:
                 sweep.append({"method": "hcnr_research", "name": name})
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
@@ -365,29 +382,41 @@ def probe_rows(results: list[dict]) -> list[str]:
     return lines
 
 
+AUTO_RUNS = {
+    "auto": "auto (validation carved from the repair sets)",
+    "auto_validated": "auto with a validation file (128 SelfAware + 100 reading rows)",
+}
+LABELS.update(AUTO_RUNS)
+
+
 def auto_goal(results: list[dict], points: dict) -> list[str]:
     """Issue #13's goal for the service's own choice: auto's published model."""
-    if any("auto" not in r["runs"] for r in results):
-        return ["- auto: not measured in this run."]
-    failed = [str(r["seed"]) for r in results if "error" in r["runs"]["auto"]]
-    if failed:
-        return [
-            f"- auto: no candidate stayed within 2 domain points on the validation split "
-            f"(seeds {', '.join(failed)}): the job publishes nothing there."
-        ]
-    rec = statistics.fmean(per_seed(results, "auto", "recovery"))
-    drop = statistics.fmean(per_seed(results, "auto", "domain_drop"))
-    chosen = ", ".join(sorted({r["runs"]["auto"]["chosen"] for r in results}))
-    baselines = points.get("rait", []) + points.get("dpo", [])
-    ours = points.get("auto", [])
-    on = bool([p for p in frontier(baselines + ours) if p in ours])
-    ok = rec >= 0.33 and drop <= 0.02 and on
-    return [
-        f"- auto (the service's measured choice; chose {chosen}): recovery {100 * rec:.1f}%, "
-        f"domain accuracy lost {100 * drop:.1f} points on the eval sets, "
-        f"{'on' if on else 'not on'} the joint frontier with RAIT/DPO → issue #13's goal "
-        f"(≥ 33%, ≤ 2 points, on the frontier) {'**met**' if ok else '**not met**'}."
-    ]
+    lines = []
+    for name, label in AUTO_RUNS.items():
+        if any(name not in r["runs"] for r in results):
+            lines.append(f"- {label}: not measured in this run.")
+            continue
+        failed = [str(r["seed"]) for r in results if "error" in r["runs"][name]]
+        if failed:
+            lines.append(
+                f"- {label}: no candidate stayed within 2 domain points on the validation "
+                f"split (seeds {', '.join(failed)}): the job publishes nothing there."
+            )
+            continue
+        rec = statistics.fmean(per_seed(results, name, "recovery"))
+        drop = statistics.fmean(per_seed(results, name, "domain_drop"))
+        chosen = ", ".join(sorted({r["runs"][name]["chosen"] for r in results}))
+        baselines = points.get("rait", []) + points.get("dpo", [])
+        ours = points.get(name, [])
+        on = bool([p for p in frontier(baselines + ours) if p in ours])
+        ok = rec >= 0.33 and drop <= 0.02 and on
+        lines.append(
+            f"- {label} (chose {chosen}): recovery {100 * rec:.1f}%, domain accuracy lost "
+            f"{100 * drop:.1f} points on the eval sets, {'on' if on else 'not on'} the joint "
+            f"frontier with RAIT/DPO → issue #13's goal (≥ 33%, ≤ 2 points, on the frontier) "
+            f"{'**met**' if ok else '**not met**'}."
+        )
+    return lines
 
 
 def calibration_rows(results: list[dict]) -> list[str]:
@@ -457,11 +486,11 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
         "",
         "### Table 1: honesty and domain",
         "",
-        *table(results, measured(("base", "finetuned", *TABLE1, "auto")), QUALITY),
+        *table(results, measured(("base", "finetuned", *TABLE1, *AUTO_RUNS)), QUALITY),
         "",
         "### Table 2: cost (wall time = load + compute + save, without evaluation)",
         "",
-        *table(results, measured((*TABLE1, "auto")), COST),
+        *table(results, measured((*TABLE1, *AUTO_RUNS)), COST),
         "",
         "### Table 3: ablations",
         "",

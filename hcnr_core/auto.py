@@ -25,6 +25,7 @@ reader can judge the resolution of a 2-point limit.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -110,6 +111,14 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
     if not val_domain:
         raise DataValidationError(where, [(0, "auto needs domain rows to measure the domain")])
     warnings = []
+    point = 100 / len(val_domain)
+    if config.max_domain_drop > 0 and point > config.max_domain_drop:
+        warnings.append(
+            f"one domain row is {point:.1f} points of validation accuracy, more than "
+            f"max_domain_drop ({config.max_domain_drop:g}): a smaller loss cannot be seen; "
+            f"give a validation file with at least {math.ceil(100 / config.max_domain_drop)} "
+            "graded domain rows"
+        )
     if not any(s.answerable for s in val_honesty):
         warnings.append(
             "the validation split has no answerable honesty samples: over-refusal shows "

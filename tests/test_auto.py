@@ -210,5 +210,9 @@ def test_a_given_validation_set_is_used_whole(toy: dict[str, Path], tmp_path: Pa
     parts = split(AutoConfig(), inputs)
     assert parts["summary"]["source"] == "given"
     assert (parts["summary"]["n_unanswerable"], parts["summary"]["n_answerable"]) == (4, 2)
-    assert parts["summary"]["n_domain"] == 3 and not parts["warnings"]
+    assert parts["summary"]["n_domain"] == 3
+    # 3 domain rows cannot resolve a 2-point loss: said, with the rows it would take
+    (warning,) = parts["warnings"]
+    assert "33.3 points" in warning and "at least 50 graded domain rows" in warning
+    assert not split(AutoConfig(max_domain_drop=40), inputs)["warnings"]
     assert len(parts["inputs"].honesty) == len(load_jsonl(toy["honesty"]))  # nothing carved

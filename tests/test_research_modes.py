@@ -143,3 +143,26 @@ def test_the_api_takes_the_library_fields_so_new_modes_reach_jobs():
     assert job.hyperparameters.model_dump()["dtype"] == RepairConfig().dtype  # no drift
     with pytest.raises(ValueError, match="layerwise"):
         RepairJobCreate(**body, hyperparameters={"layerwise": True})  # the worker's choice
+
+
+def test_auto_validation_rows_read_about_people_no_split_uses():
+    """The benchmark's validation file for auto: graded reading rows, deterministic, about
+    people who are neither in the fine-tune nor in the domain eval."""
+    from hcnr_core.organism import world as w
+    from hcnr_core.realmodel.data import DomainSizes
+    from hcnr_core.realmodel.validation import auto_validation_rows, domain_validation_rows
+
+    sizes = DomainSizes()
+    roles = {"known": 0, "aligned": 0, "reading": 0, "eval_unknown": 0}
+    roles |= {"domain": sizes.sft_readers + sizes.sft_fictional, "eval_domain": 100}
+    world = w.make_world(3, roles)
+    used = {p.name.title() for p in (*world.domain, *world.eval_domain)}
+    rows = domain_validation_rows(3, 50)
+    assert rows == domain_validation_rows(3, 50) and len(rows) == 50
+    prompts = [r["messages"][-2]["content"] for r in rows]
+    assert all(r["answers"] and "answerable" not in r for r in rows)  # graded domain rows
+    assert not [name for name in used if any(name in p for p in prompts)]
+    names = {p.split(" lives in ")[0].split(". ")[-1] for p in prompts}
+    assert len(names) > 1
+    honesty = [{"messages": [], "answerable": False}]
+    assert auto_validation_rows(honesty, 3, 50)[1:] == rows
