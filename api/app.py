@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from fastapi import FastAPI
@@ -10,6 +11,7 @@ from api.errors import install_error_handlers
 from api.limits import UploadSizeLimit
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, files, health, jobs
+from hcnr_core.bounded import warm_up
 from store.db import make_engine, make_session_factory, migrate
 from store.settings import Settings
 from store.storage import make_storage
@@ -24,6 +26,8 @@ def create_app(
     settings = settings or Settings()
     settings.ensure_dirs()
     _preload_transformers()
+    if settings.validation_isolation:  # the validation forkserver imports torch: start it now
+        threading.Thread(target=warm_up, daemon=True, name="hcnr-validation-warmup").start()
     if settings.auto_migrate if run_migrations is None else run_migrations:
         migrate(settings.db_url)
     app = FastAPI(

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorResponse
-from hcnr_core.errors import DataValidationError, HCNRError
+from hcnr_core.errors import DataValidationError, HCNRError, LimitExceededError
 
 log = logging.getLogger("hcnr.api")
 
@@ -25,6 +25,15 @@ CLIENT_ERROR_CODES = {
     "invalid_reference",
     "reference_not_found",
     "invalid_hyperparameters",
+    "checkpoint_config_mismatch",
+    # the limits of hcnr_core.limits (issue 14)
+    "limit_exceeded",
+    "checkpoint_too_large",
+    "too_many_samples",
+    "too_many_tokens",
+    "data_too_large",
+    "validation_timeout",
+    "validation_out_of_memory",
 }
 HTTP_CODES = {
     400: "bad_request",
@@ -58,6 +67,8 @@ def hcnr_error_details(exc: HCNRError) -> Any:
             "source": exc.source,
             "problems": [{"line": line, "message": message} for line, message in exc.problems],
         }
+    if isinstance(exc, LimitExceededError):
+        return exc.details()
     return None
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
 from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
+from hcnr_core.bounded import validate_bounded
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
 from hcnr_core.errors import DataValidationError
 from hcnr_core.methods import MethodInputs, get_method
@@ -250,7 +251,8 @@ def validate_job(
         try:
             held_out = local_file(storage, validation, Path(scratch)) if validation else None
             inputs = MethodInputs(base, finetuned, paths[0], paths[1], held_out)
-            get_method(body.method).check(config, inputs)
+            # In a child process under the wall-clock, CPU and memory limits (issue 14).
+            validate_bounded(body.method, config, inputs, settings.limits)
         except TemplateError as exc:  # the model's chat template refuses these samples
             code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
             raise APIError(422, code, f"the chat template refused a sample: {exc}") from exc

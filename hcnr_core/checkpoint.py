@@ -21,6 +21,7 @@ from hcnr_core.errors import (
     IncompatibleCheckpointsError,
     UnsafeCheckpointError,
 )
+from hcnr_core.limits import check_checkpoint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -244,6 +245,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         if not (root / ADAPTER_WEIGHTS).exists():
             _refuse_pickle_only(root, "adapter")
         files = _single_weight_files(root, ADAPTER_WEIGHTS)
+        check_checkpoint(root, {}, files)
         return CheckpointInfo(root, "adapter", {}, adapter_config, files)
 
     if not (root / "config.json").is_file():
@@ -255,6 +257,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         files = _single_weight_files(root, SAFE_SINGLE)
     else:
         _refuse_pickle_only(root, "checkpoint")
+    check_checkpoint(root, config, files)  # sizes and config vs weights, before any model
     return CheckpointInfo(root, "full", config, {}, files)
 
 

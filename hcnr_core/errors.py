@@ -96,3 +96,70 @@ class NoAcceptableCandidateError(HCNRError):
     """auto: no candidate stayed within the allowed domain-accuracy drop."""
 
     code = "no_acceptable_candidate"
+
+
+class LimitExceededError(HCNRError):
+    """An input asks for more work than a limit of `hcnr_core.limits.Limits` allows.
+    `limit` names the setting, `value` is what the input asked for, `allowed` the limit."""
+
+    code = "limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: str = "",
+        value: float | None = None,
+        allowed: float | None = None,
+    ):
+        super().__init__(message)
+        self.limit, self.value, self.allowed = limit, value, allowed
+
+    def details(self) -> dict:
+        return {"limit": self.limit, "value": self.value, "allowed": self.allowed}
+
+
+class CheckpointTooLargeError(LimitExceededError):
+    """config.json or the safetensors declare more than max_hidden_size, max_layers,
+    max_vocab_size, max_parameters or max_checkpoint_bytes allow."""
+
+    code = "checkpoint_too_large"
+
+
+class CheckpointMismatchError(CheckpointError):
+    """config.json describes a far larger model than its safetensors hold."""
+
+    code = "checkpoint_config_mismatch"
+
+
+class TooManySamplesError(LimitExceededError):
+    code = "too_many_samples"
+
+
+class TooManyTokensError(LimitExceededError):
+    """A sample over max_tokens_per_sample, or all samples over max_tokens_per_job."""
+
+    code = "too_many_tokens"
+
+
+class DataTooLargeError(LimitExceededError):
+    code = "data_too_large"
+
+
+class ValidationTimeoutError(LimitExceededError):
+    """The validation (template, tokenizer, meta model) ran past its wall-clock or CPU
+    limit, or found no free slot in time; it was stopped and nothing was written."""
+
+    code = "validation_timeout"
+
+
+class ValidationMemoryError(LimitExceededError):
+    """The validation's child process ran out of its memory limit."""
+
+    code = "validation_out_of_memory"
+
+
+class JobTimeoutError(LimitExceededError):
+    """A job ran past job_timeout_seconds."""
+
+    code = "timeout"

@@ -62,9 +62,17 @@ from hcnr_core.layerwise import (
     layerwise_fisher,
     layerwise_hessians,
 )
+from hcnr_core.limits import check_data
 from hcnr_core.progress import ProgressEvent
 from hcnr_core.report import build_model_card, versions
-from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, combine_fisher, pad_batch
+from hcnr_core.scoring import (
+    ColumnFisher,
+    CrossInputs,
+    FisherShare,
+    InputHessians,
+    combine_fisher,
+    pad_batch,
+)
 from hcnr_core.selection import displacement, select_columns, select_matrices
 from hcnr_core.writer import REPORT_NAME, StagedOutput, check_output_dir, sha256_file
 
@@ -231,6 +239,11 @@ class RepairPipeline:
         tokenizer = load_tokenizer(ft_info, base_info)
         hon_samples, hon_meta = _samples(honesty, "honesty")
         task_samples, task_meta = _samples(task, "task")
+        check_data(
+            tokenizer,
+            {"honesty": hon_samples, "task": task_samples},
+            {"honesty": hon_meta.get("path"), "task": task_meta.get("path")},
+        )
         max_len = self.config.max_seq_len
         hon = encode_samples(tokenizer, hon_samples, max_len, hon_meta.get("path") or "honesty")
         tsk = encode_samples(tokenizer, task_samples, max_len, task_meta.get("path") or "task")
@@ -417,19 +430,38 @@ class RepairPipeline:
             self._tick(i + 1, len(prep.targets))
         return columns, displacements, select_matrices(displacements, cfg.r_cw)
 
+    def _cross_inputs(
+        self, model: Any, reference: Any, prep: PreparedRepair, modules: list[str]
+    ) -> CrossInputs:
+        """H and C of `modules` (asymmetric calibration), on the first device."""
+        stats = CrossInputs(model, reference, modules)
+        device = next(model.parameters()).device
+        for batch in self._batches(prep.honesty):
+            stats.add_batch(*pad_batch(batch, self._pad_id(prep), device))
+            self._check_cancel()
+        return stats
+
     def _hessian_stream(
-        self, models: list[Any], prep: PreparedRepair, modules: list[str]
-    ) -> Iterator[tuple[list[str], InputHessians | None]]:
-        """(modules, their Hessians) chunk by chunk; Hessians are None without compensation."""
+        self,
+        models: list[Any],
+        prep: PreparedRepair,
+        modules: list[str],
+        reference: Any = None,
+    ) -> Iterator[tuple[list[str], InputHessians | CrossInputs | None]]:
+        """(modules, their Hessians) chunk by chunk; Hessians are None without compensation.
+        `reference` (the base, asymmetric calibration): CrossInputs with H and C."""
         pad_id = self._pad_id(prep)
         if self.config.compensation == "none" or not modules:
             yield modules, None
-        elif self.config.hessian_inputs == "sequential":
+        elif self.config.hessian_inputs != "base":
             # One block at a time: `_compensate` writes each block's repaired matrices into
             # the models before this generator computes the next block's Hessians.
             for block in _blocks(modules):
                 for chunk in self._hessian_chunks(models[0], block):
-                    yield chunk, self._hessians(models, prep.honesty, pad_id, chunk)
+                    if reference is None:
+                        yield chunk, self._hessians(models, prep.honesty, pad_id, chunk)
+                    else:
+                        yield chunk, self._cross_inputs(models[0], reference, prep, chunk)
         elif isinstance(models[0], LayerwiseLM):
             shares = shard(self._batches(prep.honesty), len(models))
             tick = lambda *_: self._check_cancel()  # noqa: E731
@@ -470,6 +502,7 @@ class RepairPipeline:
         ft_source: Any,
         keep: bool = True,
         task_hessians: dict[str, torch.Tensor] | None = None,
+        reference: Any = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Repaired matrices (stored dtype, CPU; none kept if not `keep`) and the number
         of weights that changed; Hessians built chunk by chunk."""
@@ -479,7 +512,7 @@ class RepairPipeline:
         repaired: dict[str, torch.Tensor] = {}
         changed, done = 0, 0
         hessian_seconds = 0.0
-        stream = self._hessian_stream(models, prep, modules)
+        stream = self._hessian_stream(models, prep, modules, reference)
         while True:
             started = time.perf_counter()
             chunk, hessians = next(stream, (None, None))
@@ -496,12 +529,14 @@ class RepairPipeline:
                     # damped H (and for "paper" H⁻¹) once per shared input, not per matrix
                     hessian = hessians.hessian(module) if hessians else None
                     task_h = None if task_hessians is None else task_hessians[module]
+                    cross = hessians.cross(module) if reference is not None else None
                     prepared[leader] = prepare_hessian(
                         cfg.compensation,
                         hessian,
                         cfg.damping,
                         None if task_h is None else task_h.to(device),
                         cfg.task_weight,
+                        cross,
                     )
                 new = repair_prepared(
                     prepared.get(leader, RESTORE_ONLY),
@@ -519,7 +554,7 @@ class RepairPipeline:
                 new = new.cpu()
                 if keep:
                     repaired[weight] = new
-                if cfg.hessian_inputs == "sequential":
+                if cfg.hessian_inputs != "base":
                     _set_weight(models, module, new)
                 done += 1
                 self._tick(done, len(kept))
@@ -575,18 +610,30 @@ class RepairPipeline:
             self._leave(started)
 
         started = self._enter("compensate")
-        if cfg.hessian_inputs == "sequential" and kept:
+        reference = None
+        if cfg.hessian_inputs != "base" and kept:
             # H from the model being repaired: the fine-tuned model, whose matrices are
-            # replaced block by block as they are repaired.
+            # replaced block by block as they are repaired; "asymmetric" keeps the base
+            # beside it for the base's own inputs.
+            if cfg.hessian_inputs == "asymmetric":
+                reference = (models or self._load_base(prep, base_source, dtype))[0]
             del models
             _release_memory()
             models, _ = self._load_finetuned(prep, dtype)
         elif models is None:
             models = self._load_base(prep, base_source, dtype)
         repaired, changed = self._compensate(
-            models, prep, kept, columns, base_source, ft_source, out is not None, task_hessians
+            models,
+            prep,
+            kept,
+            columns,
+            base_source,
+            ft_source,
+            out is not None,
+            task_hessians,
+            reference,
         )
-        del models
+        del models, reference
         _release_memory()
         self._leave(started)
         self.stage_seconds["compensate"] = round(

@@ -8,13 +8,19 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from hcnr_core.limits import Limits
 
 DEFAULT_SECRET = "hcnr-insecure-development-secret"
 
 
-class Settings(BaseSettings):
-    """Everything the API, the worker and the CLI need; defaults give the embedded mode."""
+class Settings(Limits):
+    """Everything the API, the worker and the CLI need; defaults give the embedded mode.
+
+    The work limits of one repair (`max_parameters`, `max_tokens_per_job`,
+    `validation_timeout_seconds`, ...) are inherited from `hcnr_core.limits.Limits`,
+    which the library and the CLI read from the same environment variables."""
 
     model_config = SettingsConfigDict(env_prefix="HCNR_", env_file=None, extra="ignore")
 
@@ -30,7 +36,6 @@ class Settings(BaseSettings):
     secret_key: str = Field(DEFAULT_SECRET, description="Signs webhooks (HMAC-SHA256)")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     min_samples: int = Field(8, ge=1, description="Fewest samples an honesty/task file may have")
-    max_samples: int = Field(100_000, ge=1)
     max_line_bytes: int = Field(
         1024 * 1024, ge=256, description="Longest JSONL line (one sample) an upload may have"
     )
@@ -52,6 +57,24 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(2.0, ge=0)
     webhook_allow_private: bool = Field(
         False, description="Allow webhooks to loopback/private addresses (SSRF guard when off)"
+    )
+    job_timeout_seconds: float = Field(
+        12 * 3600,
+        gt=0,
+        description="Wall-clock limit of one job run (repair + evaluation); past it the job "
+        "is stopped and failed with code timeout, and its lease is no longer renewed",
+    )
+    job_timeout_grace_seconds: float = Field(
+        30,
+        ge=0,
+        description="After job_timeout_seconds, how long a job may take to stop by itself "
+        "before the worker records it failed (timeout) anyway",
+    )
+    shutdown_grace_seconds: float = Field(
+        5,
+        ge=0,
+        description="`hcnr serve` on SIGTERM: seconds in-flight requests and the worker's "
+        "running job get before they are cut off (the job is re-queued by its lease)",
     )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
@@ -85,6 +108,11 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("unsafe production settings: " + "; ".join(problems))
         return self
+
+    @cached_property
+    def limits(self) -> Limits:
+        """The work limits of one repair, as the library reads them."""
+        return Limits.model_construct(**{name: getattr(self, name) for name in Limits.model_fields})
 
     @cached_property
     def db_url(self) -> str:
