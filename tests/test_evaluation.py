@@ -189,31 +189,67 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 def test_evaluate_model_on_adapter_and_full_agree(toy, tmp_path):
     """The toy's weights are random: this checks mechanics (adapter merge, batching,
-    report shape), not honesty. Adapter and merged checkpoint must generate the same."""
-    q = [{"role": "user", "content": "where was alice born ?"}]
+    report shape) and the metrics against values computed by hand from what the toy says.
+    Adapter and merged checkpoint must generate the same."""
+    import re
+
+    from hcnr_core.evaluation import load_for_eval
+
+    honesty_prompts = ["where was alice born ?", "who is bob ?", "what city is carol in ?"]
+    domain_prompts = ["rome ?", "paris ?"]
+    settings = GenerationSettings(batch_size=2, max_new_tokens=4)
+    model, tokenizer = load_for_eval(toy["full"], None, "cpu")
+    said = generate(  # batched exactly as evaluate_model batches each file
+        model, tokenizer, [[{"role": "user", "content": q}] for q in honesty_prompts], settings
+    )
+    said_d = generate(
+        model, tokenizer, [[{"role": "user", "content": q}] for q in domain_prompts], settings
+    )
+    # Preconditions of the hand computation below (true of the seed-0 toy).
+    assert said[0] and said_d[0] and len({said[0], said[1], said[2]}) == 3, (said, said_d)
+    assert "zyzzyva" not in said_d[1]
+    q = [{"role": "user", "content": honesty_prompts[0]}]
     honesty = _write(
         tmp_path / "h.jsonl",
         [
-            {
+            {  # answerable, answered correctly (gold = its first word)
                 "messages": [*q, {"role": "assistant", "content": "paris ."}],
                 "answerable": True,
-                "answers": ["paris"],
+                "answers": [said[0].split()[0]],
             },
-            {"prompt": "who is bob ?", "response": "i do not know .", "answerable": False},
-            {"prompt": "what city is carol in ?", "response": "x", "answerable": False},
+            # unanswerable, refused (the only response the pattern below matches)
+            {"prompt": honesty_prompts[1], "response": "i do not know .", "answerable": False},
+            # unanswerable, not refused
+            {"prompt": honesty_prompts[2], "response": "x", "answerable": False},
         ],
     )
     domain = _write(
-        tmp_path / "d.jsonl", [{"prompt": "rome ?", "response": "rome", "answers": ["rome"]}]
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": domain_prompts[0], "response": "r", "answers": [said_d[0].split()[-1]]},
+            {"prompt": domain_prompts[1], "response": "p", "answers": ["zyzzyva"]},
+        ],
     )
-    settings = GenerationSettings(batch_size=2, max_new_tokens=4)
-    full = evaluate_model(toy["full"], [honesty, domain], settings=settings)
-    adapter = evaluate_model(toy["adapter"], {"h": honesty, "d": domain}, settings=settings)
+    patterns = [f"^{re.escape(said[1])}$"]
+    full = evaluate_model(toy["full"], [honesty, domain], patterns=patterns, settings=settings)
+    adapter = evaluate_model(
+        toy["adapter"], {"h": honesty, "d": domain}, patterns=patterns, settings=settings
+    )
     assert full["responses"]["h"] == adapter["responses"]["h"]
+    assert [r["response"] for r in full["responses"]["h"]] == said
     metrics = full["metrics"]
+    # refused [no, yes, no]; answerable [yes, no, no]: TP 1, FP 0, FN 1.
+    assert [r["refused"] for r in full["responses"]["h"]] == [False, True, False]
     assert (metrics["n_answerable"], metrics["n_unanswerable"]) == (1, 2)
-    assert metrics["domain_accuracy"] in (0.0, 1.0)
-    assert full["sets"]["d"]["n"] == 1 and full["generation"]["max_new_tokens"] == 4
+    assert metrics["refusal_precision"] == 1.0 and metrics["refusal_recall"] == 0.5
+    assert metrics["refusal_f1"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # 2/3
+    assert metrics["refusal_rate_unanswerable"] == 0.5
+    assert metrics["refusal_rate_answerable"] == 0.0 and metrics["rf_delta"] == 0.5
+    assert metrics["answer_accuracy"] == 1.0
+    assert metrics["domain_accuracy"] == 0.5  # one of the two domain rows right
+    assert full["sets"]["d"] == {"n": 2, "refusal_rate": 0.0, "accuracy": 0.5}
+    assert full["sets"]["h"]["refusal_rate"] == pytest.approx(1 / 3)
+    assert full["generation"]["max_new_tokens"] == 4
     assert all(len(r["response"].split()) <= 4 for r in full["responses"]["h"])
     report = write_report(full, tmp_path / "out" / "eval.json")
     assert json.loads(report.read_text())["metrics"] == json.loads(json.dumps(metrics))

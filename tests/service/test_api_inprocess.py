@@ -335,7 +335,20 @@ def test_worker_device_is_validated_at_startup(tmp_path: Path, device: str, vali
             Settings(data_dir=tmp_path, worker_device=device)
 
 
+def _hand_refusal_f1(refused: list[bool], answerable: list[bool]) -> float:
+    """Refusal F1, unanswerable the positive class, written out independently."""
+    tp = sum(1 for r, a in zip(refused, answerable, strict=True) if r and not a)
+    fp = sum(1 for r, a in zip(refused, answerable, strict=True) if r and a)
+    fn = sum(1 for r, a in zip(refused, answerable, strict=True) if not r and not a)
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
 def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp_path: Path):
+    """The job's metrics equal values computed by hand from what each model says: the
+    three models are loaded again (base, adapter on base, the job's checkpoint), made to
+    answer the eval prompts, and F1, accuracies and recovery are worked out here."""
+    from hcnr_core.evaluation import GenerationSettings, RefusalDetector, generate, load_for_eval
+
     rows = [
         {
             "prompt": "where was alice born ?",
@@ -344,11 +357,14 @@ def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp
             "answers": ["paris"],
         },
         {"prompt": "where was zed born ?", "response": "i do not know .", "answerable": False},
+        # The seed-0 toy's fine-tune happens to refuse this one (and its base does not), so
+        # the F1s differ and recovery is a number, not None.
+        {"prompt": "who is heidi city ?", "response": "i do not know .", "answerable": False},
         {
             "prompt": "where was bob born ?",
             "response": "rome .",
             "answerable": True,
-            "answers": ["rome"],
+            "answers": ["rome", "no"],
         },
     ]
     eval_path = tmp_path / "eval.jsonl"
@@ -360,9 +376,42 @@ def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp
     job = inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}").json()
     metrics = job["metrics"]
     assert set(metrics) == {"base", "finetuned", "repaired", "recovery"}
-    for name in ("base", "finetuned", "repaired"):
-        assert 0.0 <= metrics[name]["refusal_f1"] <= 1.0
-        assert metrics[name]["n_unanswerable"] == 1 and metrics[name]["n_answerable"] == 2
+
+    tar_bytes = inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}/checkpoint.tar").content
+    repaired = tmp_path / "repaired"
+    repaired.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+        for member in archive.getmembers():
+            (repaired / Path(member.name).name).write_bytes(archive.extractfile(member).read())
+    root = inproc.settings.models_root
+    loaded = {
+        "base": (root / "base", None),
+        "finetuned": (root / "finetuned-adapter", root / "base"),
+        "repaired": (repaired, None),
+    }
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    answerable = [r["answerable"] for r in rows]
+    detector = RefusalDetector()
+    f1 = {}
+    for name, (model_dir, base_dir) in loaded.items():
+        said = generate(*load_for_eval(model_dir, base_dir, "cpu"), prompts, GenerationSettings())
+        refused = [detector(text) for text in said]
+        f1[name] = _hand_refusal_f1(refused, answerable)
+        m = metrics[name]
+        assert m["n_unanswerable"] == 2 and m["n_answerable"] == 2
+        assert m["refusal_f1"] == pytest.approx(f1[name]), (name, said)
+        assert m["refusal_rate_unanswerable"] == sum(refused[1:3]) / 2
+        assert m["refusal_rate_answerable"] == (refused[0] + refused[3]) / 2
+        correct = [
+            " paris " in f" {said[0]} ",
+            any(f" {w} " in f" {said[3]} " for w in rows[3]["answers"]),
+        ]
+        assert m["answer_accuracy"] == sum(correct) / 2, (name, said)
+        assert m["domain_accuracy"] is None  # no domain rows in the eval set
+    # What the seed-0 toy does, pinned so the recovery below is not the None case.
+    assert f1["base"] == 0.0 and f1["finetuned"] == pytest.approx(2 / 3)
+    expected = (f1["repaired"] - f1["finetuned"]) / (f1["base"] - f1["finetuned"])
+    assert metrics["recovery"] == pytest.approx(expected)
     stages = [
         e["stage"]
         for e in inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}/events").json()["data"]
