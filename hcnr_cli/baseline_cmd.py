@@ -45,7 +45,13 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
     """The same method as `hcnr repair --method rait|dpo`, with typed flags."""
     from pydantic import ValidationError
 
-    from hcnr_cli.main import ProgressPrinter, fail, quiet_libraries, summary_of
+    from hcnr_cli.main import (
+        ProgressPrinter,
+        fail,
+        quiet_libraries,
+        summary_of,
+        validate_within_limits,
+    )
 
     quiet_libraries()
     from hcnr_core import HCNRError
@@ -65,6 +71,7 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
     except (ValidationError, ValueError, OSError, HCNRError) as exc:
         fail(exc)
     inputs = MethodInputs(paths["base"], paths["finetuned"], paths["honesty"])
+    validate_within_limits(method, cfg, inputs)
     try:
         with ProgressPrinter(enabled=not paths["no_progress"] and sys.stderr.isatty()) as bar:
             report = spec.run(cfg, inputs, paths["out"], progress=bar)

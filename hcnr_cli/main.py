@@ -68,6 +68,25 @@ class ProgressPrinter:
         self.progress.update(self.task, completed=event.fraction, description=event.stage)
 
 
+def validate_within_limits(method: str, cfg: Any, inputs: Any) -> None:
+    """The method's checks in a child process under the limits (`HCNR_*`, see README
+    "Limits"): a hostile config, chat template or tokenizer fails with a code instead of
+    hanging the command; the run that follows repeats the same, now bounded, work."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    from hcnr_core import HCNRError
+    from hcnr_core.bounded import validate_bounded
+    from hcnr_core.limits import Limits
+
+    try:
+        validate_bounded(method, cfg, inputs, Limits(), fork=True)
+    except HCNRError as exc:
+        fail(exc)
+    except TemplateError as exc:  # the chat template refuses a sample
+        exc.code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
+        fail(exc)
+
+
 # Options every method shares; the rest of `repair`'s flags are HCNR's own.
 SHARED_FLAGS = ("seed", "device", "dtype", "max_seq_len")
 
@@ -233,9 +252,11 @@ def repair(
         resolve_devices(cfg.device)  # before reading any data
     except HCNRError as exc:
         fail(exc)
+    inputs = MethodInputs(base, finetuned, honesty, task)
+    validate_within_limits(method, cfg, inputs)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
-            report = spec.run(cfg, MethodInputs(base, finetuned, honesty, task), out, progress=bar)
+            report = spec.run(cfg, inputs, out, progress=bar)
     except HCNRError as exc:
         fail(exc)
     typer.echo(json.dumps(summary_of(method, out, report)))

@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Annotated
 
 import typer
 
 WORKER_SHUTDOWN_SECONDS = 20
+WORKER_SHUTDOWN_EXTRA_SECONDS = 3  # after the grace: the worker's kill and our own exit
 
 
 def worker_command(concurrency: int = 1, name: str = "hcnr-embedded@%h") -> list[str]:
@@ -57,11 +59,13 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def stop_worker(process: subprocess.Popen) -> None:
+def stop_worker(process: subprocess.Popen, grace: float = WORKER_SHUTDOWN_SECONDS) -> None:
+    """SIGTERM (Celery's warm shutdown), SIGKILL after `grace` seconds: a job it was
+    running is re-queued by its expired lease."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(WORKER_SHUTDOWN_SECONDS)
+            process.wait(grace)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
@@ -76,6 +80,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from hcnr_core.bounded import stop_children
     from store.settings import Settings
 
     settings = Settings()
@@ -87,11 +92,45 @@ def serve(
     typer.echo(
         f"HCNR API on http://{host}:{port} (data in {settings.data_dir.resolve()})", err=True
     )
+    grace = settings.shutdown_grace_seconds
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        # In-flight requests get `grace` seconds after SIGTERM, not forever (issue 14).
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=max(1, round(grace)),
+        )
+        _server(config, process, stop_children).run()
     finally:
-        if process is not None:
-            stop_worker(process)
+        _exit_soon(WORKER_SHUTDOWN_EXTRA_SECONDS)
+        if process is not None:  # it got SIGTERM with the server: the grace has passed
+            stop_worker(process, 1.0)
+        stop_children()  # validations still running in child processes
+
+
+def _server(config: object, worker: subprocess.Popen | None, stop_children) -> object:
+    """A uvicorn.Server that, on SIGTERM/SIGINT, also stops the worker and the validation
+    children at once (not after the requests' grace)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if worker is not None and worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown starts now
+            stop_children()
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def _exit_soon(seconds: float) -> None:
+    """Leave within `seconds` even if a request thread (not a daemon) is still busy:
+    Python would wait for it at exit."""
+    timer = threading.Timer(seconds, lambda: os._exit(128 + signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
 
 
 def migrate() -> None:

@@ -213,14 +213,17 @@ def _decode_error(data: dict[str, Any]) -> BaseException:
 # --- the parent ---------------------------------------------------------------------------
 
 
-def run_bounded(fn: Any, args: tuple, limits: Limits | None = None) -> Any:
+def run_bounded(fn: Any, args: tuple, limits: Limits | None = None, *, fork: bool = False) -> Any:
     """fn(*args) in a child process under `limits` (see the module's docstring);
-    in this process, unbounded, when `validation_isolation` is off."""
+    in this process, unbounded, when `validation_isolation` is off. `fork`: fork this
+    process instead of asking the forkserver (no second torch import), for a
+    single-threaded caller that has run no torch work yet (the CLI)."""
     limits = limits or current_limits()
     if not limits.validation_isolation:
         with use_limits(limits):
             return fn(*args)
-    warm_up()  # the forkserver's start (importing torch) does not count towards the limit
+    if not fork:
+        warm_up()  # the forkserver's start (importing torch) does not count
     timeout = limits.validation_timeout_seconds
     deadline = time.monotonic() + timeout
     slot = _slot(limits)
@@ -233,15 +236,16 @@ def run_bounded(fn: Any, args: tuple, limits: Limits | None = None) -> Any:
             allowed=timeout,
         )
     try:
-        return _run_child(fn, args, limits, deadline)
+        return _run_child(fn, args, limits, deadline, fork)
     finally:
         slot.release()
 
 
-def _run_child(fn: Any, args: tuple, limits: Limits, deadline: float) -> Any:
-    context = _mp_context()
+def _run_child(fn: Any, args: tuple, limits: Limits, deadline: float, fork: bool) -> Any:
+    context = multiprocessing.get_context("fork") if fork else _mp_context()
     receiver, sender = context.Pipe(duplex=False)
-    process = _BoundedProcess(target=_child, args=(sender, fn, args, limits), daemon=True)
+    kind = context.Process if fork else _BoundedProcess
+    process = kind(target=_child, args=(sender, fn, args, limits), daemon=True)
     started = time.monotonic()
     process.start()
     sender.close()
@@ -301,6 +305,8 @@ def _died(exitcode: int | None, limits: Limits) -> HCNRError:
     return HCNRError(f"the validation process died (exit code {exitcode})")
 
 
-def validate_bounded(method: str, config: Any, inputs: Any, limits: Limits | None = None) -> Any:
+def validate_bounded(
+    method: str, config: Any, inputs: Any, limits: Limits | None = None, *, fork: bool = False
+) -> Any:
     """`validate_inputs` under the limits: the warnings, or the check's error."""
-    return run_bounded(validate_inputs, (method, config, inputs), limits)
+    return run_bounded(validate_inputs, (method, config, inputs), limits, fork=fork)

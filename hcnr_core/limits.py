@@ -35,6 +35,7 @@ from hcnr_core.errors import (
     CheckpointMismatchError,
     CheckpointTooLargeError,
     DataTooLargeError,
+    HCNRError,
     TooManySamplesError,
     TooManyTokensError,
 )
@@ -321,8 +322,8 @@ def check_tokens(
     total = 0
     for name, samples in sets.items():
         for sample in samples:
-            prompt = tokenizer(render_prompt(tokenizer, sample.messages), add_special_tokens=False)
-            response = tokenizer(sample.response, add_special_tokens=False)
+            rendered = render_prompt(tokenizer, sample.messages)
+            prompt, response = _tokenize(tokenizer, (rendered, sample.response), name, sample)
             count = len(prompt["input_ids"]) + len(response["input_ids"]) + 1
             if count > limits.max_tokens_per_sample:
                 raise TooManyTokensError(
@@ -342,6 +343,20 @@ def check_tokens(
                     allowed=limits.max_tokens_per_job,
                 )
     return total
+
+
+def _tokenize(tokenizer: Any, texts: tuple[str, str], name: str, sample: Any) -> list[Any]:
+    """The tokenizer on each text; its failures (a Rust panic is a BaseException: a
+    regex over its backtracking limit) become a checkpoint error with the line."""
+    try:
+        return [tokenizer(text, add_special_tokens=False) for text in texts]
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, HCNRError):
+        raise
+    except BaseException as exc:
+        raise CheckpointError(
+            f"the tokenizer fails on {name} line {sample.line}: {type(exc).__name__}: "
+            f"{str(exc)[:300]}"
+        ) from exc
 
 
 def check_data(

@@ -29,6 +29,13 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=_transport_options(settings),
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # A job stuck past its limit (and its lease thread's grace) loses its pool child:
+        # the row is already failed (timeout) by the lease thread or the reconciler.
+        task_time_limit=int(
+            settings.job_timeout_seconds
+            + settings.job_timeout_grace_seconds
+            + settings.lease_seconds
+        ),
     )
     app.conf.hcnr_settings = settings
     return app

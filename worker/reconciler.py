@@ -28,7 +28,7 @@ def reconcile_once(
     now = utcnow()
     with session_scope(session_factory) as session:
         for job in repositories.expired_jobs(session, now):
-            changed[job.id] = _recover(session, job, settings.max_attempts)
+            changed[job.id] = _recover(session, job, settings)
         stale = now - timedelta(seconds=settings.requeue_queued_seconds)
         for job in repositories.stale_queued_jobs(session, stale):
             # The message may be lost (broker down at create time, broker data lost): send
@@ -53,12 +53,34 @@ def _remove_leftovers(settings: Settings, job_id: str) -> None:
         log.exception("could not remove the leftovers of job %s", job_id)
 
 
-def _recover(session: Session, job: Job, max_attempts: int) -> str:
-    lost = job.worker_id
+def _past_job_timeout(job: Job, settings: Settings) -> bool:
+    """Did the lost attempt run past job_timeout_seconds? Then another run would too."""
+    if job.started_at is None:
+        return False
+    limit = settings.job_timeout_seconds + settings.job_timeout_grace_seconds
+    return utcnow() - _aware(job.started_at) > timedelta(seconds=limit)
+
+
+def _aware(moment):
+    from datetime import timezone
+
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _recover(session: Session, job: Job, settings: Settings) -> str:
+    lost, max_attempts = job.worker_id, settings.max_attempts
     job.worker_id, job.lease_expires_at = None, None
     if job.status == "cancelling":
         job.status, job.finished_at = "cancelled", utcnow()
         repositories.add_event(session, job, "cancelled", f"worker {lost} lost while cancelling")
+    elif _past_job_timeout(job, settings):
+        job.status, job.finished_at = "failed", utcnow()
+        job.error_code = "timeout"
+        job.error_message = (
+            f"the job ran past its {settings.job_timeout_seconds:g}-second limit "
+            f"(job_timeout_seconds) and its worker {lost} stopped answering"
+        )
+        repositories.add_event(session, job, "failed", job.error_message, {"code": "timeout"})
     elif job.attempts >= max_attempts:
         job.status, job.finished_at = "failed", utcnow()
         job.error_code = "worker_lost"

@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from hcnr_core.errors import HCNRError, RepairCancelled
+from hcnr_core.errors import HCNRError, JobTimeoutError, RepairCancelled
+from hcnr_core.limits import use_limits
 from hcnr_core.methods import MethodInputs, get_method
 from hcnr_core.progress import ProgressEvent
 from hcnr_core.writer import sha256_file
@@ -55,11 +56,18 @@ def checkpoint_prefix(job_id: str) -> str:
 
 
 class Lease:
-    """Renews the job's lease in a thread and notices cancellation requests."""
+    """Renews the job's lease in a thread and notices cancellation requests.
+
+    It also enforces `job_timeout_seconds` (issue 14): at the limit it asks the job to
+    stop (`timed_out`, `cancelled`); if the job has not stopped
+    `job_timeout_grace_seconds` later, it records the job failed (code timeout) itself
+    and renews no more, so a stuck job is never kept alive by its lease."""
 
     def __init__(self, ctx: Context, job_id: str):
         self.ctx, self.job_id = ctx, job_id
         self.cancelled, self._stop = threading.Event(), threading.Event()
+        self.timed_out = threading.Event()
+        self.deadline = time.monotonic() + ctx.settings.job_timeout_seconds
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"lease-{job_id}")
 
     def __enter__(self) -> Lease:
@@ -71,11 +79,28 @@ class Lease:
         self._thread.join(timeout=5)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
-            try:
-                self.renew()
-            except Exception:
-                log.exception("lease renewal of %s failed", self.job_id)
+        settings = self.ctx.settings
+        give_up = self.deadline + settings.job_timeout_grace_seconds
+        next_renewal = time.monotonic() + settings.heartbeat_seconds
+        while True:
+            now = time.monotonic()
+            wake = min(next_renewal, give_up if self.timed_out.is_set() else self.deadline)
+            if self._stop.wait(max(0.0, wake - now)):
+                return
+            now = time.monotonic()
+            if now >= self.deadline and not self.timed_out.is_set():
+                log.warning("job %s: past job_timeout_seconds; stopping it", self.job_id)
+                self.timed_out.set()
+                self.cancelled.set()
+            if self.timed_out.is_set() and now >= give_up:
+                self._record_timeout()
+                return  # no more renewals: the row is terminal now
+            if now >= next_renewal:
+                next_renewal = now + settings.heartbeat_seconds
+                try:
+                    self.renew()
+                except Exception:
+                    log.exception("lease renewal of %s failed", self.job_id)
 
     def renew(self) -> None:
         with session_scope(self.ctx.session_factory) as session:
@@ -86,6 +111,22 @@ class Lease:
             if status is None and not self.cancelled.is_set():
                 log.warning("job %s: lease lost to another attempt; stopping", self.job_id)
             self.cancelled.set()
+
+    def _record_timeout(self) -> None:
+        """The job did not stop within the grace: failed (timeout), recorded from here."""
+        outcome = timeout_outcome(self.ctx.settings)
+        try:
+            _finish(self.ctx, self.job_id, "failed", outcome)
+        except Exception:
+            log.exception("could not record the timeout of %s", self.job_id)
+
+
+def timeout_outcome(settings: Settings) -> dict[str, str]:
+    limit = settings.job_timeout_seconds
+    return {
+        "code": JobTimeoutError.code,
+        "message": f"the job ran past its {limit:g}-second limit (job_timeout_seconds)",
+    }
 
 
 class ProgressRecorder:
@@ -166,8 +207,12 @@ def _execute(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[st
         report, out = _repair(ctx, job_id, lease, scratch)
         return "succeeded", {"report": report, "out": out}
     except RepairCancelled:
+        if lease.timed_out.is_set():
+            return "failed", timeout_outcome(ctx.settings)
         return "cancelled", {}
     except HCNRError as exc:
+        if lease.timed_out.is_set():
+            return "failed", timeout_outcome(ctx.settings)
         return "failed", {"code": exc.code, "message": str(exc)}
     except Exception as exc:  # recorded on the row: the user sees what went wrong
         log.exception("job %s failed", job_id)
@@ -213,19 +258,20 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
     delay = faults.progress_delay(job.metadata_dict)
     recorder = ProgressRecorder(ctx, job_id, lease, delay)
     out = _output_dir(ctx, job_id, scratch)
-    report = method.run(
-        config,
-        MethodInputs(
-            inputs["base"],
-            inputs["finetuned"],
-            inputs["honesty"],
-            inputs["task"],
-            inputs["validation"],
-        ),
-        out,
-        progress=recorder,
-        should_cancel=recorder.should_cancel,
-    )
+    with use_limits(ctx.settings.limits):  # the service's limits apply in `prepare` too
+        report = method.run(
+            config,
+            MethodInputs(
+                inputs["base"],
+                inputs["finetuned"],
+                inputs["honesty"],
+                inputs["task"],
+                inputs["validation"],
+            ),
+            out,
+            progress=recorder,
+            should_cancel=recorder.should_cancel,
+        )
     report["report_name"] = method.report_name
     try:  # from here on a published local checkpoint must go if anything stops the job
         if inputs["eval"] is not None:

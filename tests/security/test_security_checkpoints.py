@@ -9,10 +9,18 @@ import json
 import os
 import pickle
 
+import hostile
 import pytest
 from hostile import AppEnv, CheckpointCase, FileAudit, error_code, python_roots, violations
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+@pytest.fixture(scope="module")
+def app_env(world: hostile.World, tmp_path_factory: pytest.TempPathFactory) -> AppEnv:
+    """Validation in this process: the audit hook sees this process only. The same cases
+    through the isolated validation (a child process): test_security_bounded.py."""
+    return hostile.make_app_env(world, tmp_path_factory.mktemp("app"), validation_isolation=False)
 
 
 def post_case(env: AppEnv, case: CheckpointCase, role: str):

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import hostile
 import httpx
 import pytest
 import service_procs as procs
@@ -43,6 +44,13 @@ ALLOWED_CODES = {
     "invalid_request",
     "invalid_checkpoint",
 }
+
+
+@pytest.fixture(scope="module")
+def app_env(world: World, tmp_path_factory: pytest.TempPathFactory) -> AppEnv:
+    """Validation in this process: the audit hook sees this process only (the strace test
+    below follows `hcnr serve`'s validation children)."""
+    return hostile.make_app_env(world, tmp_path_factory.mktemp("app"), validation_isolation=False)
 
 
 def fuzz_results(env: AppEnv) -> list[dict]:
@@ -173,7 +181,12 @@ def strace_fuzz(world: World, workdir: Path) -> dict:
     roots = [str(world.models), str(data_dir.resolve()), *python_roots(), hub_cache()]
     records = server.records(start, end)
     control_records = server.records(control_start, control_end)
-    opens_outside = [r for r in records if r.call in OPEN_CALLS and not inside_any(r.path, roots)]
+    # The validation child (hcnr_core.bounded, multiprocessing) reopens stdin on /dev/null.
+    opens_outside = [
+        r
+        for r in records
+        if r.call in OPEN_CALLS and not inside_any(r.path, roots) and r.path != os.devnull
+    ]
     # realpath(models_root) lstat()s the root's own ancestors (/tmp, ...): the way to the
     # root, not outside it. Anything else is a probe outside.
     ancestors = {str(p) for root in roots[:2] + roots[-1:] for p in Path(root).parents}
@@ -184,6 +197,10 @@ def strace_fuzz(world: World, workdir: Path) -> dict:
         and r.call != "connect"
         and not inside_any(r.path, roots)
         and r.path not in ancestors
+        # The validation child (hcnr_core.bounded) enters the server's own cwd and reads
+        # its own /proc entry: neither is a path a request chose.
+        and not (r.call == "chdir" and r.path == str(server.cwd))
+        and not r.path.startswith("/proc/self/")
     ]
     connects = [r for r in records if r.call == "connect"]
     return {

@@ -1,0 +1,393 @@
+"""Issue 14: hostile or heavy inputs cannot stall anything.
+
+Every hostile-work case of `hostile_work` (an enormous config over tiny weights, tensors
+over the size limits, a looping or quadratic chat template, a tokenizer regex that
+backtracks exponentially, too many samples / tokens / bytes) is refused with its code
+within its limit, through the HTTP API (validation in a child process) and through
+`hcnr repair`; nothing is queued or written. A job past `job_timeout_seconds` fails with
+code `timeout`, even when it is stuck; `hcnr serve` stops on SIGTERM within seconds with
+a hostile validation in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import hostile_work as hw
+import pytest
+from hostile import error_code
+
+pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> hw.WorkWorld:
+    from hcnr_core.toy import build_toy
+
+    top = tmp_path_factory.mktemp("bounded")
+    toy = build_toy(top / "models", seed=0)
+    return hw.build_work_world(top / "models", toy)
+
+
+@pytest.fixture(scope="module")
+def api(work: hw.WorkWorld, tmp_path_factory: pytest.TempPathFactory):
+    from service_support import Models, make_inprocess
+
+    toy = work.toy
+    models = Models(work.models, toy["honesty"], toy["task"], toy["honesty"], toy["task"])
+    inproc = make_inprocess(tmp_path_factory.mktemp("app"), models, **hw.WORK_LIMITS)
+    for tenant, client in list(inproc.clients.items()):
+        inproc.clients[tenant] = type(client)(
+            inproc.app, headers=dict(client.headers), raise_server_exceptions=False
+        )
+    return inproc
+
+
+def _job_ids(api) -> list[str]:
+    return [j["id"] for j in api.clients["alice"].get("/v1/repair-jobs").json()["data"]]
+
+
+def _post(api, work: hw.WorkWorld, case: hw.WorkCase | None, files: dict[str, str]):
+    body = {
+        "base": case.ref if case and case.ref else "path:base",
+        "finetuned": "path:finetuned-adapter",
+        "honesty_file": files["honesty"],
+        "task_file": files["task"],
+        "hyperparameters": {"check_adapter_base_name": False},
+    }
+    return api.clients["alice"].post("/v1/repair-jobs", json=body)
+
+
+@pytest.fixture(scope="module")
+def api_results(api, work: hw.WorkWorld) -> dict[str, dict]:
+    from hcnr_core.bounded import warm_up
+
+    warm_up()
+    toy_files = {
+        purpose: api.upload("alice", work.toy[purpose], purpose).json()["id"]
+        for purpose in ("honesty", "task")
+    }
+    results = {}
+    for case in [None, *work.cases]:  # None: the toy itself, the positive control
+        name = case.name if case else "control"
+        files = dict(toy_files)
+        if case and case.honesty:
+            upload = api.upload("alice", work.honesty(case), "honesty")
+            if upload.status_code != 201:
+                results[name] = {"stage": "upload", "code": error_code(upload), "seconds": 0}
+                continue
+            files["honesty"] = upload.json()["id"]
+        before = _job_ids(api)
+        started = time.monotonic()
+        response = _post(api, work, case, files)
+        seconds = time.monotonic() - started
+        queued = list(api.queued)
+        if response.status_code == 201:
+            api.clients["alice"].post(f"/v1/repair-jobs/{response.json()['id']}/cancel")
+            api.queued.clear()
+        results[name] = {
+            "stage": "job",
+            "status": response.status_code,
+            "code": error_code(response),
+            "details": response.json().get("error", {}).get("details"),
+            "seconds": seconds,
+            "queued": queued,
+            "jobs_added": len(_job_ids(api)) - len(before),
+        }
+    return results
+
+
+def test_the_control_job_is_accepted_under_the_same_limits(api_results):
+    assert api_results["control"]["status"] == 201
+
+
+def test_api_refuses_every_hostile_work_case_with_its_code(api_results, work):
+    expected = {c.name: c.code for c in work.cases}
+    # Over max_samples is refused at upload already (the upload's own check).
+    expected["file-over-sample-limit"] = "invalid_data"
+    got = {name: r["code"] for name, r in api_results.items() if name != "control"}
+    assert got == expected
+    assert all(
+        r["status"] == 422 for r in api_results.values() if r.get("stage") == "job" and r["code"]
+    )
+
+
+def test_api_refuses_each_within_its_limit(api_results, work):
+    for case in work.cases:
+        result = api_results[case.name]
+        limit = hw.VALIDATION_TIMEOUT + hw.MARGIN if case.timed else hw.MARGIN
+        assert result["seconds"] <= limit, (case.name, result["seconds"])
+        if case.timed:  # it really ran into the wall clock, it did not fail early
+            assert result["seconds"] >= hw.VALIDATION_TIMEOUT * 0.9, case.name
+            assert result["details"]["limit"] == "validation_timeout_seconds"
+
+
+def test_api_queues_and_records_nothing_for_a_refused_case(api_results):
+    refused = {n: r for n, r in api_results.items() if n != "control" and r["stage"] == "job"}
+    assert refused
+    assert not [n for n, r in refused.items() if r["queued"] or r["jobs_added"]]
+
+
+def test_limit_errors_say_which_limit(api_results):
+    result = api_results["job-over-token-limit"]
+    assert result["details"]["limit"] == "max_tokens_per_job"
+    assert result["details"]["allowed"] == hw.WORK_LIMITS["max_tokens_per_job"]
+    assert result["details"]["value"] > result["details"]["allowed"]
+
+
+def test_no_validation_child_is_left_running(api_results):
+    from hcnr_core import bounded
+
+    time.sleep(0.5)
+    assert not [p for p in bounded._children if p.is_alive()]
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_results(work: hw.WorkWorld, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("cli-out")
+    cases = []
+    for case in [None, *work.cases]:
+        name = case.name if case else "control"
+        argv = [
+            "repair",
+            "--base", str(work.base(case) if case else work.toy["base"]),
+            "--finetuned", str(work.toy["adapter"]),
+            "--honesty", str(work.honesty(case) if case else work.toy["honesty"]),
+            "--task", str(work.toy["task"]),
+            "--out", str(out / name),
+            "--no-progress",
+            "--set", "check_adapter_base_name=false",
+        ]  # fmt: skip
+        cases.append({"name": name, "argv": argv})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HCNR_")}
+    env.update({f"HCNR_{k.upper()}": str(v) for k, v in hw.WORK_LIMITS.items()})
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
+    process = subprocess.run(
+        [sys.executable, str(HERE / "bounded_cli.py"), json.dumps(cases)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    results = {r["name"]: r for r in json.loads(process.stdout.strip().splitlines()[-1])}
+    for name, result in results.items():
+        result["wrote"] = (out / name).exists() and any((out / name).iterdir())
+    return results
+
+
+def test_cli_control_repairs(cli_results):
+    assert cli_results["control"]["exit_code"] == 0, cli_results["control"]["stderr"]
+
+
+def test_cli_refuses_every_hostile_work_case_with_its_code(cli_results, work):
+    wrong = {
+        c.name: cli_results[c.name]["stderr"][-300:]
+        for c in work.cases
+        if cli_results[c.name]["exit_code"] != 2
+        or f"[{c.code}]" not in cli_results[c.name]["stderr"]
+    }
+    assert not wrong
+
+
+def test_cli_refuses_each_within_its_limit_and_writes_nothing(cli_results, work):
+    for case in work.cases:
+        result = cli_results[case.name]
+        limit = hw.VALIDATION_TIMEOUT + hw.MARGIN if case.timed else hw.MARGIN
+        assert result["seconds"] <= limit, (case.name, result["seconds"])
+        assert not result["wrote"], case.name
+
+
+# --- the library: config vs weights --------------------------------------------------------
+
+
+def test_config_that_does_not_match_its_weights(work: hw.WorkWorld, tmp_path: Path):
+    """Within the default limits, a config describing far more than the safetensors
+    hold (the meta model would be built from it) is refused before any model exists."""
+    import shutil
+
+    from hcnr_core.checkpoint import inspect_checkpoint
+    from hcnr_core.errors import CheckpointMismatchError
+    from hcnr_core.limits import Limits, use_limits
+
+    with use_limits(Limits()):
+        for name, changes in (
+            ("wide", {"hidden_size": 4096, "num_hidden_layers": 6}),
+            ("deep", {"num_hidden_layers": 4}),  # the weights hold 2 layers
+        ):
+            target = tmp_path / name
+            shutil.copytree(work.toy["base"], target)
+            hw._edit_json(target / "config.json", **changes)
+            with pytest.raises(CheckpointMismatchError) as caught:
+                inspect_checkpoint(target)
+            assert caught.value.code == "checkpoint_config_mismatch"
+        assert inspect_checkpoint(work.toy["base"]).kind == "full"
+
+
+# --- the job-level time limit ----------------------------------------------------------------
+
+
+@pytest.fixture
+def timed_api(work: hw.WorkWorld, tmp_path: Path):
+    from service_support import Models, make_inprocess
+
+    toy = work.toy
+    models = Models(work.models, toy["honesty"], toy["task"], toy["honesty"], toy["task"])
+    return make_inprocess(
+        tmp_path,
+        models,
+        job_timeout_seconds=1.5,
+        job_timeout_grace_seconds=1.0,
+        heartbeat_seconds=0.25,
+        lease_seconds=5,
+    )
+
+
+def _create_job(inproc, work: hw.WorkWorld, **metadata: str) -> str:
+    files = {p: inproc.upload("alice", work.toy[p], p).json()["id"] for p in ("honesty", "task")}
+    body = {
+        "base": "path:base",
+        "finetuned": "path:finetuned-adapter",
+        "honesty_file": files["honesty"],
+        "task_file": files["task"],
+        "metadata": metadata,
+    }
+    response = inproc.clients["alice"].post("/v1/repair-jobs", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def test_slow_job_fails_with_timeout(timed_api, work, monkeypatch):
+    """Each progress event sleeps 1 s (fault injection): past 1.5 s the job stops at its
+    next cancellation check and is failed (timeout), not cancelled, not retried."""
+    monkeypatch.setenv("HCNR_ENV", "test")
+    monkeypatch.setenv("HCNR_FAULT_INJECTION", "slow_on_label=speed:slow:1")
+    job_id = _create_job(timed_api, work, speed="slow")
+    started = time.monotonic()
+    assert timed_api.run_queued() == ["failed"]
+    assert time.monotonic() - started < 1.5 + 1.0 + 5
+    job = timed_api.clients["alice"].get(f"/v1/repair-jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "timeout", job
+
+
+def test_stuck_job_is_failed_by_its_lease_and_not_renewed(timed_api, work, monkeypatch):
+    """A repair stuck where no cancellation check runs (simulated: `_repair` sleeps, deaf
+    to cancellation): the lease thread records failed (timeout) after the grace and
+    stops renewing; the late result is not recorded over it."""
+    from store import repositories
+    from store.db import session_scope
+    from worker import runner
+
+    def stuck(ctx, job_id, lease, scratch):
+        time.sleep(5)
+        raise RuntimeError("the stuck step returned at last")
+
+    monkeypatch.setattr(runner, "_repair", stuck)
+    job_id = _create_job(timed_api, work)
+    thread = threading.Thread(target=timed_api.run_queued)
+    thread.start()
+    time.sleep(1.5 + 1.0 + 1.0)
+    factory = timed_api.app.state.session_factory
+    with session_scope(factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+        status, code, lease = job.status, job.error_code, job.lease_expires_at
+    assert thread.is_alive()  # still stuck...
+    assert (status, code) == ("failed", "timeout")  # ...but already failed, for good
+    time.sleep(0.6)
+    with session_scope(factory) as session:  # and the lease is renewed no more
+        assert repositories.get_job_by_id(session, job_id).lease_expires_at == lease
+    thread.join(10)
+    with session_scope(factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+        assert (job.status, job.error_code) == ("failed", "timeout")
+
+
+def test_reconciler_fails_a_lost_job_past_its_limit_instead_of_requeueing(timed_api, work):
+    from store import repositories
+    from store.db import session_scope
+    from store.models import utcnow
+    from worker.reconciler import reconcile_once
+
+    job_id = _create_job(timed_api, work)
+    factory = timed_api.app.state.session_factory
+    with session_scope(factory) as session:
+        assert repositories.claim_job(session, job_id, "gone:1", 5)
+        job = repositories.get_job_by_id(session, job_id)
+        job.started_at = utcnow() - timedelta(seconds=10)  # ran past 1.5 s + 1 s grace
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)  # and its worker is gone
+    changed = reconcile_once(factory, timed_api.settings, lambda _: None)
+    assert changed == {job_id: "failed"}
+    with session_scope(factory) as session:
+        job = repositories.get_job_by_id(session, job_id)
+        assert (job.status, job.error_code) == ("failed", "timeout")
+
+
+# --- hcnr serve and SIGTERM --------------------------------------------------------------------
+
+
+def test_serve_stops_on_sigterm_within_seconds_with_a_request_in_flight(work, tmp_path):
+    import httpx
+    import service_procs as procs
+
+    env = procs.service_env(
+        env="test",
+        data_dir=tmp_path / "data",
+        models_root=work.models,
+        validation_timeout_seconds=120,  # the in-flight validation would run for minutes
+        shutdown_grace_seconds=2,
+    )
+    key = procs.create_key(env, "alice")
+    process, url = procs.start_api(env, tmp_path / "serve.log", worker=True)
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=180) as client:
+            files = {}
+            for purpose in ("honesty", "task"):
+                path = work.toy[purpose]
+                upload = {"file": (path.name, path.read_bytes(), "application/jsonl")}
+                files[purpose] = client.post(
+                    "/v1/files", files=upload, data={"purpose": purpose}
+                ).json()["id"]
+            loop = next(c for c in work.cases if c.name == "chat-template-loops")
+            body = {
+                "base": loop.ref,
+                "finetuned": "path:finetuned-adapter",
+                "honesty_file": files["honesty"],
+                "task_file": files["task"],
+                "hyperparameters": {"check_adapter_base_name": False},
+            }
+            in_flight = threading.Thread(
+                target=lambda: _quietly(client.post, "/v1/repair-jobs", json=body), daemon=True
+            )
+            in_flight.start()
+            time.sleep(3)  # the validation is running now (it would take minutes)
+            assert in_flight.is_alive()
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)  # serve only: it must stop the rest
+            process.wait(30)
+            stopped = time.monotonic() - started
+    finally:
+        procs.kill_group(process)
+    assert stopped < 2 + 5, stopped
+
+
+def _quietly(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except Exception:
+        return None
