@@ -80,6 +80,14 @@ HCNR_RUNS: dict[str, dict[str, Any]] = {
 # smaller budgets of the paper's mode, the sequential (GPTQ-style) Hessians, the
 # Fisher-mass column budget and a weaker task term. Named, so a result names its setting.
 RESEARCH_RUNS: dict[str, dict[str, Any]] = {
+    "hcnr_asym_ta7_cw1": {
+        "hessian_inputs": "asymmetric",
+        "compensation": "task_aware",
+        "task_weight": 7.0,
+        "r_cw": 1.0,
+    },
+    "hcnr_asym_exact": {"hessian_inputs": "asymmetric", "compensation": "exact"},
+    "hcnr_asym_ta1": {"hessian_inputs": "asymmetric", "compensation": "task_aware"},
     "hcnr_paper_cw0.2": {"r_cw": 0.2},
     "hcnr_sequential": {"hessian_inputs": "sequential"},
     "hcnr_fisher_mass0.5": {"column_budget": "fisher_mass", "fisher_mass": 0.5},
@@ -113,6 +121,19 @@ def from_manifest(metrics: dict[str, Any]) -> dict[str, float]:
 FISHER_STAGES = ("fisher_task", "fisher_honesty")
 
 
+class FisherCache(dict):
+    """`run_hcnr`'s cache, saved to `path` once the Fisher passes ran and loaded from it by
+    the next process: the scores are keyed by a digest of the checkpoints' paths, the data
+    and the dtype (RepairPipeline), so a stale entry is never used, only unused."""
+
+    def __init__(self, path: Path):
+        super().__init__(torch.load(path, weights_only=True) if path.is_file() else {})
+        self.path = path
+
+    def save(self) -> None:
+        torch.save(dict(self), self.path)
+
+
 def run_hcnr(paths: dict, out: Path, cache: dict, **overrides: Any) -> dict[str, Any]:
     """One repair; the runs of a seed share `cache`, so the two Fisher passes run once.
 
@@ -132,6 +153,8 @@ def run_hcnr(paths: dict, out: Path, cache: dict, **overrides: Any) -> dict[str,
     stages = report["stage_seconds"]
     if fresh:
         cache["fisher_seconds"] = sum(stages[s] for s in FISHER_STAGES)
+        if isinstance(cache, FisherCache):
+            cache.save()
     reused = 0.0 if fresh else cache["fisher_seconds"]
     return {
         "seconds": seconds + reused,
@@ -292,7 +315,8 @@ def one_seed(
             runs[name] = {"metrics": from_manifest(manifest["metrics"][name])}
         sweep[:] = [e for e in previous["sweep"] if e["name"] not in add]
         partial.update({k: v for k, v in previous.items() if k not in ("runs", "sweep")})
-        cache: dict[str, Any] = {}  # the research runs share one pair of Fisher passes
+        # The runs share one pair of Fisher passes, kept on disk for the next `--add`.
+        cache = FisherCache(work / f"fisher-{model}-{seed}.pt")
         for name in add:
             if name == "auto":
                 sweep.append({"method": name, "name": name})

@@ -128,6 +128,39 @@ def compensate_task_aware(
     return out
 
 
+def compensate_asymmetric(
+    w_base: torch.Tensor,
+    w_ft: torch.Tensor,
+    columns: torch.Tensor,
+    hessian: torch.Tensor,
+    cross: torch.Tensor,
+    task_hessian: torch.Tensor | None = None,
+    task_weight: float = 0.0,
+) -> torch.Tensor:
+    """Asymmetric calibration (GPTAQ-style): the repaired matrix sees inputs X of the model
+    being repaired but aims at the base's outputs on the base's own inputs X°,
+    min ‖W X − W_o X°‖² (+ μ‖(W − W_s) X_task‖²) over W[:, F], W[:, T] = W_s[:, T] fixed.
+    With H = 2XXᵀ/N, C = 2X°Xᵀ/N and H_task, setting the gradient to 0:
+    W[:, F] = (W_o C[:, F] − W_s[:, T] H[T,F] + μ W_s[:, F] H_task[F,F]) (H[F,F] + μ H_task[F,F])⁻¹.
+    With X° = X (C = H) this is `exact` (μ = 0) or `task_aware`. `hessian` and `cross`
+    carry the same damping on their diagonals, so that limit holds with damping too.
+    """
+    compute = torch.promote_types(hessian.dtype, torch.float32)
+    w_base, w_ft = w_base.to(compute), w_ft.to(compute)
+    h, c = hessian.to(compute), cross.to(compute)
+    others = complement(columns, w_ft.shape[1])
+    system = h[columns[:, None], columns]
+    rhs = w_base @ c[:, columns] - w_ft[:, others] @ h[others[:, None], columns]
+    if task_hessian is not None and task_weight:
+        h_task_ff = task_hessian.to(compute)[columns[:, None], columns]
+        system = system + task_weight * h_task_ff
+        rhs = rhs + task_weight * w_ft[:, columns] @ h_task_ff
+    solved = torch.cholesky_solve(rhs.T, _cholesky(system))  # system is symmetric
+    out = w_ft.clone()
+    out[:, columns] = solved.T
+    return out
+
+
 MODES = ("paper", "exact", "task_aware", "none")
 
 
@@ -140,6 +173,7 @@ class PreparedHessian:
     inverse: torch.Tensor | None = None
     task: torch.Tensor | None = None  # "task_aware": H_task of the fine-tuned model
     task_weight: float = 0.0
+    cross: torch.Tensor | None = None  # asymmetric calibration: C, damped like H
 
 
 RESTORE_ONLY = PreparedHessian("none")
@@ -151,8 +185,10 @@ def prepare_hessian(
     damping: float,
     task_hessian: torch.Tensor | None = None,
     task_weight: float = 1.0,
+    cross: torch.Tensor | None = None,
 ) -> PreparedHessian:
-    """Damp (and for "paper" invert) a group's H once, for `repair_prepared`."""
+    """Damp (and for "paper" invert) a group's H once, for `repair_prepared`. With `cross`
+    (asymmetric calibration; "exact" or "task_aware") C gets the same diagonal increment."""
     if mode not in MODES:
         raise ValueError(f"unknown compensation mode {mode!r}")
     if mode == "none":
@@ -160,6 +196,15 @@ def prepare_hessian(
     if hessian is None:
         raise ValueError(f"compensation={mode!r} needs a Hessian")
     damped = damped_hessian(hessian, damping)
+    if cross is not None:
+        if mode == "paper":
+            raise ValueError("asymmetric calibration needs compensation 'exact' or 'task_aware'")
+        increment = torch.diagonal(damped) - torch.diagonal(hessian)
+        cross = cross + torch.diag(increment.to(cross.dtype))
+        if mode == "task_aware" and task_hessian is None:
+            raise ValueError("compensation='task_aware' needs the task Hessian")
+        weight = task_weight if mode == "task_aware" else 0.0
+        return PreparedHessian(mode, damped, None, task_hessian, weight, cross)
     if mode == "paper":  # only H⁻¹ is used: the damped H is not kept
         return PreparedHessian(mode, inverse=inverse_hessian(damped))
     if mode == "task_aware":
@@ -178,6 +223,16 @@ def repair_prepared(
     if prepared.mode == "paper":
         return compensate_paper(w_base, w_ft, columns, None, h_inv=prepared.inverse)
     assert prepared.damped is not None
+    if prepared.cross is not None:
+        return compensate_asymmetric(
+            w_base,
+            w_ft,
+            columns,
+            prepared.damped,
+            prepared.cross,
+            prepared.task,
+            prepared.task_weight,
+        )
     if prepared.mode == "task_aware":
         assert prepared.task is not None
         return compensate_task_aware(

@@ -20,7 +20,7 @@ from hcnr_core.devices import parse_devices
 Compensation = Literal["paper", "exact", "task_aware", "none"]
 Selection = Literal["hcnr", "random", "honesty_only"]
 ColumnBudget = Literal["fraction", "fisher_mass"]
-HessianInputs = Literal["base", "sequential"]
+HessianInputs = Literal["base", "sequential", "asymmetric"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Every nn.Linear inside the decoder blocks (Llama: q,k,v,o,gate,up,down); never
@@ -67,7 +67,9 @@ class RepairConfig(FileConfig):
         "base",
         description="Inputs of compensation's H: base = the base model on D_hon (paper); "
         "sequential = the model being repaired, block by block, each block seeing the "
-        "blocks already repaired (GPTQ's sequential calibration)",
+        "blocks already repaired (GPTQ's sequential calibration); asymmetric = the same "
+        "inputs, aiming at the base's outputs on the base's own inputs (GPTAQ-style; exact "
+        "or task_aware; the base stays resident beside the model being repaired)",
     )
     damping: float = Field(0.01, ge=0.0, description="λ: H += λ·mean(diag H)·I")
     task_weight: float = Field(
@@ -118,11 +120,14 @@ class RepairConfig(FileConfig):
     def _supported(self) -> RepairConfig:
         if self.compensation == "task_aware" and self.layerwise:
             raise ValueError("compensation='task_aware' does not support layerwise yet")
-        if self.hessian_inputs == "sequential":
+        if self.hessian_inputs != "base":
+            what = f"hessian_inputs={self.hessian_inputs!r}"
             if self.compensation == "none":
-                raise ValueError("hessian_inputs='sequential' needs a compensation that uses H")
+                raise ValueError(f"{what} needs a compensation that uses H")
+            if self.hessian_inputs == "asymmetric" and self.compensation == "paper":
+                raise ValueError(f"{what} needs compensation 'exact' or 'task_aware'")
             if self.layerwise:
-                raise ValueError("hessian_inputs='sequential' does not support layerwise yet")
+                raise ValueError(f"{what} does not support layerwise yet")
         return self
 
 

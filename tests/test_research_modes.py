@@ -166,3 +166,118 @@ def test_auto_validation_rows_read_about_people_no_split_uses():
     assert len(names) > 1
     honesty = [{"messages": [], "answerable": False}]
     assert auto_validation_rows(honesty, 3, 50)[1:] == rows
+
+
+# --- asymmetric calibration ---------------------------------------------------------------
+
+
+def _random_problem(seed: int, n_tok: int = 300, n_in: int = 12, n_out: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tok, n_in, generator=g, dtype=torch.float64)
+    x_ref = x + 0.5 * torch.randn(n_tok, n_in, generator=g, dtype=torch.float64)
+    w_base = torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    w_ft = w_base + 0.3 * torch.randn(n_out, n_in, generator=g, dtype=torch.float64)
+    x_task = torch.randn(n_tok, n_in, generator=g, dtype=torch.float64)
+    columns = torch.tensor([1, 4, 5, 9])
+    return x, x_ref, w_base, w_ft, x_task, columns
+
+
+@pytest.mark.parametrize("task_weight", [0.0, 3.0])
+def test_asymmetric_compensation_is_the_least_squares_solution(task_weight):
+    """Oracle: lstsq over the stacked token rows of ‖W X − W_o X°‖² (+ μ‖(W − W_s)X_t‖²)
+    with W[:, T] = W_s[:, T]."""
+    from hcnr_core.compensation import compensate_asymmetric
+
+    x, x_ref, w_base, w_ft, x_task, columns = _random_problem(0)
+    n = x.shape[0]
+    h, c, h_task = 2 * x.T @ x / n, 2 * x_ref.T @ x / n, 2 * x_task.T @ x_task / n
+    got = compensate_asymmetric(w_base, w_ft, columns, h, c, h_task, task_weight)
+    others = torch.tensor([k for k in range(x.shape[1]) if k not in columns.tolist()])
+    # rows: tokens of both terms; unknowns: W[:, F] (solved for all output rows at once)
+    a = torch.cat([x[:, columns], task_weight**0.5 * x_task[:, columns]])
+    target = torch.cat(
+        [
+            x_ref @ w_base.T - x[:, others] @ w_ft[:, others].T,
+            task_weight**0.5 * (x_task[:, columns] @ w_ft[:, columns].T),
+        ]
+    )
+    expected_f = torch.linalg.lstsq(a, target).solution.T
+    torch.testing.assert_close(got[:, columns], expected_f)
+    torch.testing.assert_close(got[:, others], w_ft[:, others])  # T stays W_s
+
+
+@pytest.mark.parametrize("mode", ["exact", "task_aware"])
+def test_asymmetric_with_the_same_inputs_is_the_symmetric_mode(mode):
+    """X° = X (C = H): the damped asymmetric solution is `exact` / `task_aware` exactly."""
+    from hcnr_core.compensation import prepare_hessian, repair_prepared
+
+    x, _, w_base, w_ft, x_task, columns = _random_problem(1)
+    h, h_task = 2 * x.T @ x / len(x), 2 * x_task.T @ x_task / len(x)
+    symmetric = prepare_hessian(mode, h, 0.05, h_task, 2.0)
+    asymmetric = prepare_hessian(mode, h, 0.05, h_task, 2.0, cross=h.clone())
+    torch.testing.assert_close(
+        repair_prepared(asymmetric, w_base, w_ft, columns),
+        repair_prepared(symmetric, w_base, w_ft, columns),
+    )
+    with pytest.raises(ValueError, match="exact' or 'task_aware"):
+        prepare_hessian("paper", h, 0.05, cross=h)
+
+
+def test_asymmetric_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="exact' or 'task_aware"):
+        RepairConfig(hessian_inputs="asymmetric")  # compensation defaults to paper
+    with pytest.raises(ValueError, match="layerwise"):
+        RepairConfig(hessian_inputs="asymmetric", compensation="exact", layerwise=True)
+
+
+def _token_inputs(model, modules, honesty, pad) -> dict[str, torch.Tensor]:
+    """Every module's inputs over all non-padding tokens, sample by sample (hooks)."""
+    seen: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    handles = [
+        model.get_submodule(m).register_forward_pre_hook(
+            lambda _mod, args, m=m: seen[m].append(args[0][0].detach().double())
+        )
+        for m in modules
+    ]
+    with torch.no_grad():
+        for sample in honesty:
+            model(input_ids=torch.tensor([sample.input_ids]))
+    for handle in handles:
+        handle.remove()
+    return {m: torch.cat(v) for m, v in seen.items()}
+
+
+def test_asymmetric_repair_matches_a_token_level_least_squares_oracle(toy, tmp_path):
+    """Block by block: the fine-tuned model with earlier blocks repaired gives X, the base
+    gives X° for the same tokens; each published matrix must solve
+    min ‖W X − W_o X°‖² over its restored columns (no damping: plain lstsq)."""
+    out = tmp_path / "asym"
+    report = repair(
+        toy, out, compensation="exact", hessian_inputs="asymmetric", r_cw=1.0, damping=0.0
+    )
+    got, base, ft = tensors(out), tensors(toy["base"]), tensors(toy["full"])
+    selected = {m["name"]: torch.tensor(m["columns"]) for m in report["selected_matrices"]}
+    tokenizer = AutoTokenizer.from_pretrained(toy["full"])
+    honesty = encode_samples(tokenizer, load_jsonl(toy["honesty"]), 512)
+    model = AutoModelForCausalLM.from_pretrained(toy["full"], torch_dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(toy["base"], torch_dtype=torch.float32)
+    pad = tokenizer.pad_token_id
+    for b in sorted({block_of(w) for w in selected}):
+        in_block = [w for w in selected if block_of(w) == b]
+        modules = [w.removesuffix(".weight") for w in in_block]
+        ours = _token_inputs(model, modules, honesty, pad)
+        theirs = _token_inputs(reference.eval(), modules, honesty, pad)
+        for weight, module in zip(in_block, modules, strict=True):
+            cols = selected[weight]
+            others = torch.tensor([k for k in range(ft[weight].shape[1]) if k not in cols])
+            x, x_ref = ours[module], theirs[module]
+            target = (
+                x_ref @ base[weight].double().T - x[:, others] @ ft[weight][:, others].T.double()
+            )
+            expected = torch.linalg.lstsq(x[:, cols], target).solution.T
+            torch.testing.assert_close(
+                got[weight][:, cols].double(), expected, rtol=1e-3, atol=1e-4
+            )
+        with torch.no_grad():
+            for weight in in_block:
+                model.get_parameter(weight).copy_(got[weight])
