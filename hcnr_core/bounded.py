@@ -222,7 +222,10 @@ def run_bounded(fn: Any, args: tuple, limits: Limits | None = None, *, fork: boo
     if not limits.validation_isolation:
         with use_limits(limits):
             return fn(*args)
-    if not fork:
+    if fork:  # what the child needs, imported once here (the run needs it next anyway)
+        for module in PRELOAD:
+            importlib.import_module(module)
+    else:
         warm_up()  # the forkserver's start (importing torch) does not count
     timeout = limits.validation_timeout_seconds
     deadline = time.monotonic() + timeout
