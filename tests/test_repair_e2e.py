@@ -91,12 +91,82 @@ def test_adapter_and_merged_give_the_same_repair(toy, tmp_path):
         torch.testing.assert_close(ta[name], tb[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("compensation", ["paper", "exact", "task_aware"])
-def test_hessian_budget_changes_passes_not_results(toy, tmp_path, compensation):
-    repair(toy, tmp_path / "one-pass", compensation=compensation)
-    repair(toy, tmp_path / "many-passes", compensation=compensation, hessian_budget_mb=1)
-    a, b = tensors(tmp_path / "one-pass"), tensors(tmp_path / "many-passes")
-    assert all(torch.equal(a[n], b[n]) for n in a)
+@pytest.fixture(scope="module")
+def wide_toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A toy wide enough that one input Hessian is a sizeable part of a 1-2 MiB budget:
+    hidden 384 (q/v/up inputs: 384² x 4 B = 576 KiB each), MLP 768 (down: 2.25 MiB)."""
+    from hcnr_core.toy import build_toy
+
+    return build_toy(tmp_path_factory.mktemp("wide-toy"), seed=3, hidden=384)
+
+
+@pytest.mark.parametrize("compensation", ["paper", "task_aware"])
+def test_hessian_budget_changes_passes_not_results(wide_toy, tmp_path, monkeypatch, compensation):
+    """The budget splits the kept matrices into chunks, one forward pass over D_hon each
+    (and over D_task for task-aware), and changes nothing in the output. Passes are seen
+    through public seams: the InputHessians built (one per pass, with its modules) and the
+    model's forward calls counted by a global hook."""
+    from transformers import LlamaForCausalLM
+
+    from hcnr_core.scoring import InputHessians
+
+    built: list[list[str]] = []
+    init = InputHessians.__init__
+
+    def recording(self, model, target_modules):
+        built.append([m.split(".")[2] + "." + m.split(".")[-1] for m in target_modules])
+        init(self, model, target_modules)
+
+    monkeypatch.setattr(InputHessians, "__init__", recording)
+    forwards = [0]
+
+    def count(module, _args):
+        if isinstance(module, LlamaForCausalLM):
+            forwards[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    runs = {}
+    try:
+        for name, budget in (("one", 4096), ("four", 2), ("eight", 1)):
+            built.clear()
+            forwards[0] = 0
+            repair(
+                wide_toy, tmp_path / name, compensation=compensation, r_cw=1.0,
+                hessian_budget_mb=budget,
+            )  # fmt: skip
+            runs[name] = ([list(c) for c in built], forwards[0])
+    finally:
+        handle.remove()
+    # R_CW = 1 keeps every matrix the adapter moved: per layer q, v, up (576 KiB each),
+    # down (2.25 MiB, alone over any budget below it), in model order.
+    kept = [f"{layer}.{m}" for layer in "01" for m in ("q_proj", "v_proj", "up_proj", "down_proj")]
+    by_budget = {
+        "one": [kept],
+        "four": [kept[0:3], kept[3:4], kept[4:7], kept[7:8]],  # 3 x 576 KiB fit in 2 MiB
+        "eight": [[m] for m in kept],  # 2 x 576 KiB > 1 MiB: a pass per matrix
+    }
+    sets = 2 if compensation == "task_aware" else 1  # D_hon, and D_task for H_task
+    n_batches = 2  # 16 samples of each set, batch size 8
+    for name, expected in by_budget.items():
+        chunks, n_forwards = runs[name]
+        assert chunks[-len(expected) :] == expected, (name, chunks)  # H of D_hon, last
+        if sets == 2:  # H_task, first: the kept matrices in the order selection kept them,
+            # so the chunks hold other neighbours, but as many passes and each matrix once
+            task = chunks[: -len(expected)]
+            assert len(task) == len(expected) and sorted(m for c in task for m in c) == sorted(
+                kept
+            ), task
+        assert len(chunks) == len(expected) * sets, (name, chunks)
+        # Each extra chunk is one more forward over each set's batches; the rest (Fisher
+        # passes) is the same for every budget.
+        extra = (len(expected) - 1) * sets * n_batches
+        assert n_forwards - runs["one"][1] == extra, (name, n_forwards)
+    one = tensors(tmp_path / "one")
+    for name in ("four", "eight"):
+        other = tensors(tmp_path / name)
+        assert set(other) == set(one) and all(torch.equal(one[n], other[n]) for n in one), name
+    report = json.loads((tmp_path / "eight" / "hcnr_report.json").read_text())
+    assert len(report["selected_matrices"]) == len(kept)
 
 
 @pytest.mark.parametrize("layerwise", [False, True])
