@@ -99,7 +99,7 @@ def api_results(api, work: hw.WorkWorld) -> dict[str, dict]:
             "stage": "job",
             "status": response.status_code,
             "code": error_code(response),
-            "details": response.json().get("error", {}).get("details"),
+            "details": (response.json().get("error") or {}).get("details"),
             "seconds": seconds,
             "queued": queued,
             "jobs_added": len(_job_ids(api)) - len(before),
