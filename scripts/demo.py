@@ -117,7 +117,8 @@ def print_metrics(metrics: dict) -> None:
 
 
 def main() -> None:
-    from hcnr_cli.client import HCNRClient
+    from hcnr_client import HCNRClient
+
     from hcnr_cli.main import quiet_libraries
 
     quiet_libraries()
@@ -142,38 +143,37 @@ def main() -> None:
     service_dir.mkdir(parents=True, exist_ok=True)
     server = start_server(env, port, service_dir / "serve.log")
     try:
-        with HCNRClient(f"http://127.0.0.1:{port}", key) as client:
+        with HCNRClient(base_url=f"http://127.0.0.1:{port}", api_key=key) as client:
             uploads = {
-                "honesty_file": client.upload_file(data / "honesty.jsonl", "honesty").id,
-                "task_file": client.upload_file(data / "task.jsonl", "task").id,
+                "honesty_file": client.files.create(file=data / "honesty.jsonl", purpose="honesty"),
+                "task_file": client.files.create(file=data / "task.jsonl", purpose="task"),
             }
             if eval_file is not None:
-                uploads["eval_file"] = client.upload_file(eval_file, "eval").id
+                uploads["eval_file"] = client.files.create(file=eval_file, purpose="eval")
             hyperparameters = {}
             if root.name == "organism" and not os.environ.get("HCNR_DEMO_DEFAULTS"):
                 hyperparameters = ORGANISM_HYPERPARAMETERS
             say(f"hyperparameters: {hyperparameters or 'the defaults'}")
-            job = client.create_job(
-                {
-                    "base": f"path:{paths['base'].relative_to(models)}",
-                    "finetuned": f"path:{paths['adapter'].relative_to(models)}",
-                    **uploads,
-                    "hyperparameters": hyperparameters,
-                    "metadata": {"run": "demo"},
-                }
+            job = client.repair_jobs.create(
+                base=f"path:{paths['base'].relative_to(models)}",
+                finetuned=f"path:{paths['adapter'].relative_to(models)}",
+                **uploads,
+                hyperparameters=hyperparameters,
+                metadata={"run": "demo"},
             )
             say(f"job {job.id}: {job.status}")
-            for event in client.stream_events(job.id):
+            for event in client.repair_jobs.stream_events(job.id):
                 say(f"  {event.type:<8} {event.message}")
-            job = client.get_job(job.id)
+            job = client.repair_jobs.retrieve(job.id)
             say(f"job {job.id}: {job.status} ({json.dumps(job.stage_seconds)})")
             if job.status != "succeeded":
                 raise SystemExit(f"job {job.status}: {job.error}")
 
             out = WORK / "repaired"
             shutil.rmtree(out, ignore_errors=True)
-            client.download_checkpoint(job.id, out)
-            listed = {a.name: a.sha256 for a in client.artifacts(job.id).data}
+            # file by file with HTTP Range; every sha256 is checked against the listing
+            client.repair_jobs.download(job.id, out)
+            listed = {a.name: a.sha256 for a in client.repair_jobs.list_artifacts(job.id).data}
             bad = [n for n, digest in listed.items() if sha256(out / n) != digest]
             if bad or set(listed) != {p.name for p in out.iterdir()}:
                 raise SystemExit(f"downloaded checkpoint does not match its sha256 list: {bad}")

@@ -30,10 +30,10 @@ from typing import Any
 
 import pytest
 import torch
+from hcnr_client import HCNRClient
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from hcnr_cli.client import HCNRClient
 from hcnr_cli.main import app
 from hcnr_core.evaluation import is_correct
 from hcnr_core.writer import sha256_file
@@ -237,10 +237,10 @@ def service_job(
         key = procs.create_key(env, "alice")
         process, url = procs.start_api(env, data_dir / "serve.log")
         started.append(process)
-        client = HCNRClient(url, key)
+        client = HCNRClient(base_url=url, api_key=key)
         started.append(client)
         files = flows.upload_inputs(client, smol.honesty, smol.task)
-        return ServiceJob(client, client.create_job(job_body(files)).id, data_dir)
+        return ServiceJob(client, client.repair_jobs.create(**job_body(files)).id, data_dir)
 
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(submit)
@@ -455,20 +455,20 @@ def test_service_job_on_smollm2(
     bit (the same config and one thread on both sides)."""
     submitted = service_job.result()
     client, job_id = submitted.client, submitted.job_id
-    job = client.wait(job_id, timeout=900, poll=0.5)
+    job = client.repair_jobs.wait(job_id, timeout=900, poll_interval=0.5)
     log = (submitted.data_dir / "serve.log").read_text(errors="replace")[-3000:]
     assert job.status == "succeeded", f"{job.error}\n{log}"
     assert job.progress == 1.0 and job.attempts == 1
-    events = client.all_events(job_id)
+    events = list(client.repair_jobs.list_events(job_id, limit=1000))
     assert [e.type for e in events][:3] == ["created", "queued", "running"]
     assert events[-1].type == "succeeded"
 
-    checkpoint = client.download_checkpoint(job_id, tmp_path / "download")
-    listed = {a.name: a.sha256 for a in client.artifacts(job_id).data}
+    checkpoint = client.repair_jobs.download(job_id, tmp_path / "download")
+    listed = {a.name: a.sha256 for a in client.repair_jobs.list_artifacts(job_id).data}
     files = {p.name: sha256_file(p) for p in checkpoint.iterdir()}
     assert "hcnr_report.json" in files and files.items() <= listed.items()
     assert digests(checkpoint) == digests(repaired[0])  # model, tokenizer, configs
-    report = client.report(job_id)
+    report = client.repair_jobs.retrieve_report(job_id)
     assert report["n_selected_matrices"] == repaired[1]["selected_matrices"]
     assert report["inputs"]["finetuned_kind"] == "adapter"
     check_smollm2_checkpoint(checkpoint, smol)

@@ -28,8 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "service"))  # service_procs: the servers of tests/service
 
 import service_procs as procs  # noqa: E402
-
-from hcnr_cli.client import HCNRClient  # noqa: E402
+from hcnr_client import HCNRClient  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -229,7 +228,7 @@ class Cluster:
     # --- clients and the database --------------------------------------------------------
 
     def client(self, tenant: str = "alice") -> HCNRClient:
-        client = HCNRClient(self.api.url, self.create_key(tenant), timeout=120)
+        client = HCNRClient(base_url=self.api.url, api_key=self.create_key(tenant), timeout=120)
         self._clients.append(client)
         return client
 
@@ -366,14 +365,14 @@ def submit(
         }
         for key, value in overrides.items():
             body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
-        ids.append(client.create_job(body).id)
+        ids.append(client.repair_jobs.create(**body).id)
     return ids
 
 
 def upload(client: HCNRClient, inputs: Inputs) -> dict[str, str]:
     return {
-        "honesty": client.upload_file(inputs.honesty, "honesty").id,
-        "task": client.upload_file(inputs.task, "task").id,
+        "honesty": client.files.create(file=inputs.honesty, purpose="honesty").id,
+        "task": client.files.create(file=inputs.task, purpose="task").id,
     }
 
 

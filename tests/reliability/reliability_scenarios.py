@@ -13,9 +13,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from hcnr_client import APIStatusError
 from reliability_cluster import TERMINAL, Cluster, poll, rss_bytes, submit, upload
-
-from hcnr_cli.client import APIError
 
 
 def _median(values: list[float]) -> float | None:
@@ -253,7 +252,7 @@ def cancel_running(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[s
             "task_file": slow_files["task"],
             "metadata": {"slow": "yes"},  # each progress event sleeps (worker/faults.py)
         }
-        job_id = client.create_job(body).id
+        job_id = client.repair_jobs.create(**body).id
         running = poll(lambda: cluster.running_job([job_id]), timeout, interval=0.05)
         assert running is not None, "the long job never ran"
         peak = 0
@@ -263,7 +262,7 @@ def cancel_running(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[s
             time.sleep(0.05)
         progress_at_cancel = cluster.jobs([job_id])[job_id].progress
         requested = time.monotonic()
-        status_after_request = client.cancel_job(job_id).status
+        status_after_request = client.repair_jobs.cancel(job_id).status
         done = poll(
             lambda: cluster.jobs([job_id])[job_id].status in ("cancelled", "succeeded", "failed"),
             timeout,
@@ -276,9 +275,9 @@ def cancel_running(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[s
             time.sleep(0.1)
         row = cluster.jobs([job_id])[job_id]
         try:
-            client.artifacts(job_id)
+            client.repair_jobs.list_artifacts(job_id)
             artifacts_error = None
-        except APIError as exc:
+        except APIStatusError as exc:
             artifacts_error = exc.code
         same_child = pid in worker.pool_pids()
     finally:
@@ -335,7 +334,7 @@ def stalled_worker(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[s
     }
     first = cluster.start_worker()
     try:
-        job_id = client.create_job(body).id
+        job_id = client.repair_jobs.create(**body).id
         assert poll(lambda: cluster.running_job([job_id]), timeout), cluster.diagnose([job_id])
         os.killpg(first.process.pid, signal.SIGSTOP)
         cluster.start_worker()

@@ -7,15 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+from hcnr_client import APIStatusError, HCNRClient
 from service_support import Models, digests
-
-from hcnr_cli.client import APIError, HCNRClient
 
 
 def upload_inputs(client: HCNRClient, honesty: Path, task: Path) -> dict[str, str]:
     return {
-        "honesty": client.upload_file(honesty, "honesty").id,
-        "task": client.upload_file(task, "task").id,
+        "honesty": client.files.create(file=honesty, purpose="honesty").id,
+        "task": client.files.create(file=task, purpose="task").id,
     }
 
 
@@ -29,25 +28,25 @@ def full_flow(client: HCNRClient, models: Models, direct_repair: Path, out: Path
         "task_file": files["task"],
         "metadata": {"pipeline": "ci"},
     }
-    job = client.create_job(body, idempotency_key=f"flow-{out.name}")
+    job = client.repair_jobs.create(**body, idempotency_key=f"flow-{out.name}")
     assert job.status == "queued"
-    assert client.create_job(body, idempotency_key=f"flow-{out.name}").id == job.id
+    assert client.repair_jobs.create(**body, idempotency_key=f"flow-{out.name}").id == job.id
     seen_running = _poll_until_done(client, job.id)
-    done = client.get_job(job.id)
+    done = client.repair_jobs.retrieve(job.id)
     assert done.status == "succeeded", done.error
     assert done.progress == 1.0 and done.attempts == 1 and done.finished_at is not None
     assert seen_running or done.started_at is not None
 
-    paged = client.all_events(job.id)
+    paged = list(client.repair_jobs.list_events(job.id, limit=1000))
     assert [e.type for e in paged][:3] == ["created", "queued", "running"]
     assert paged[-1].type == "succeeded"
     assert {e.stage for e in paged if e.type == "stage"} >= {"fisher_task", "save"}
-    streamed = list(client.stream_events(job.id))
+    streamed = list(client.repair_jobs.stream_events(job.id))
     assert [e.id for e in streamed] == [e.id for e in paged]
 
-    checkpoint = client.download_checkpoint(job.id, out)
+    checkpoint = client.repair_jobs.download(job.id, out)
     assert digests(checkpoint) == digests(direct_repair)  # bit for bit
-    listed = {a.name: a.sha256 for a in client.artifacts(job.id).data}
+    listed = {a.name: a.sha256 for a in client.repair_jobs.list_artifacts(job.id).data}
     assert digests(checkpoint).items() <= listed.items()
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +57,7 @@ def full_flow(client: HCNRClient, models: Models, direct_repair: Path, out: Path
 def _poll_until_done(client: HCNRClient, job_id: str, timeout: float = 180) -> bool:
     deadline, seen_running = time.monotonic() + timeout, False
     while time.monotonic() < deadline:
-        job = client.get_job(job_id)
+        job = client.repair_jobs.retrieve(job_id)
         assert 0.0 <= job.progress <= 1.0
         seen_running |= job.status == "running"
         if job.status in ("succeeded", "failed", "cancelled"):
@@ -75,13 +74,13 @@ def slow_job(client: HCNRClient, models: Models) -> str:
         "honesty_file": files["honesty"],
         "task_file": files["task"],
     }
-    return client.create_job(body).id
+    return client.repair_jobs.create(**body).id
 
 
 def wait_running(client: HCNRClient, job_id: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get_job(job_id)
+        job = client.repair_jobs.retrieve(job_id)
         if job.status == "running" and job.progress > 0:
             return
         assert job.status in ("queued", "running"), job
@@ -93,20 +92,27 @@ def cancel_flow(client: HCNRClient, models: Models, artifacts_root: Path) -> Non
     """Cancel a running job: it ends `cancelled` and publishes nothing."""
     job_id = slow_job(client, models)
     wait_running(client, job_id)
-    assert client.cancel_job(job_id).status in ("cancelling", "cancelled")
-    job = client.wait(job_id, timeout=120, poll=0.2)
+    assert client.repair_jobs.cancel(job_id).status in ("cancelling", "cancelled")
+    job = client.repair_jobs.wait(job_id, timeout=120, poll_interval=0.2)
     assert job.status == "cancelled" and job.error is None
-    with pytest.raises(APIError) as excinfo:
-        client.artifacts(job_id)
+    with pytest.raises(APIStatusError) as excinfo:
+        client.repair_jobs.list_artifacts(job_id)
     assert excinfo.value.code == "artifacts_not_ready"
     assert not (artifacts_root / "jobs" / job_id).exists()
     assert not [p for p in artifacts_root.rglob("*staging*")]
-    assert client.all_events(job_id)[-1].type == "cancelled"
+    assert list(client.repair_jobs.list_events(job_id, limit=1000))[-1].type == "cancelled"
 
 
 def other_tenant_flow(owner: HCNRClient, other: HCNRClient, job_id: str) -> None:
-    for call in (other.get_job, other.cancel_job, other.artifacts, other.report, other.events):
-        with pytest.raises(APIError) as excinfo:
+    jobs = other.repair_jobs
+    for call in (
+        jobs.retrieve,
+        jobs.cancel,
+        jobs.list_artifacts,
+        jobs.retrieve_report,
+        jobs.list_events,
+    ):
+        with pytest.raises(APIStatusError) as excinfo:
             call(job_id)
-        assert excinfo.value.status == 404, call
-    assert owner.get_job(job_id).id == job_id
+        assert excinfo.value.status_code == 404, call
+    assert owner.repair_jobs.retrieve(job_id).id == job_id

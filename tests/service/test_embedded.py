@@ -11,9 +11,8 @@ from pathlib import Path
 import flows
 import pytest
 import service_procs as procs
+from hcnr_client import HCNRClient
 from service_support import Models
-
-from hcnr_cli.client import HCNRClient
 
 
 @dataclass
@@ -31,7 +30,7 @@ def embedded(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     env = procs.service_env(env="test", data_dir=data_dir, models_root=models.root)
     keys = {tenant: procs.create_key(env, tenant) for tenant in ("alice", "bob")}
     process, url = procs.start_api(env, data_dir / "serve.log")
-    clients = {tenant: HCNRClient(url, key) for tenant, key in keys.items()}
+    clients = {tenant: HCNRClient(base_url=url, api_key=key) for tenant, key in keys.items()}
     yield Deployment(clients["alice"], clients["bob"], data_dir, url, keys)
     for client in clients.values():
         client.close()
@@ -138,7 +137,7 @@ def test_embedded_job_on_cuda(models: Models, tmp_path: Path):
     key = procs.create_key(env, "gpu")
     process, url = procs.start_api(env, tmp_path / "serve.log")
     try:
-        with HCNRClient(url, key) as client:
+        with HCNRClient(base_url=url, api_key=key) as client:
             files = flows.upload_inputs(client, models.honesty, models.task)
             body = {
                 "base": "path:base",
@@ -146,8 +145,8 @@ def test_embedded_job_on_cuda(models: Models, tmp_path: Path):
                 "honesty_file": files["honesty"],
                 "task_file": files["task"],
             }
-            job = client.wait(client.create_job(body).id, timeout=300)
+            job = client.repair_jobs.wait(client.repair_jobs.create(**body).id, timeout=300)
             assert job.status == "succeeded", job.error
-            assert client.report(job.id)["config"]["device"] == "cuda"
+            assert client.repair_jobs.retrieve_report(job.id)["config"]["device"] == "cuda"
     finally:
         procs.stop(process)

@@ -11,9 +11,8 @@ from pathlib import Path
 import flows
 import pytest
 import service_procs as procs
+from hcnr_client import HCNRClient
 from service_support import Models
-
-from hcnr_cli.client import HCNRClient
 
 
 @dataclass
@@ -43,7 +42,7 @@ def stack(
     )
     keys = {tenant: procs.create_key(env, tenant) for tenant in ("alice", "bob")}
     api, url = procs.start_api(env, data_dir / "api.log", worker=False)
-    clients = {tenant: HCNRClient(url, key) for tenant, key in keys.items()}
+    clients = {tenant: HCNRClient(base_url=url, api_key=key) for tenant, key in keys.items()}
     yield Stack(clients["alice"], clients["bob"], env, data_dir, postgres_url, data_dir)
     for client in clients.values():
         client.close()
@@ -75,15 +74,15 @@ def test_dead_worker_job_is_requeued_and_finished(stack: Stack, models: Models):
     job_id = flows.slow_job(stack.alice, models)
     flows.wait_running(stack.alice, job_id)
     procs.kill_group(first)
-    assert stack.alice.get_job(job_id).status == "running"  # the row still says so
+    assert stack.alice.repair_jobs.retrieve(job_id).status == "running"  # the row still says so
     second = procs.start_celery_worker(stack.env, stack.logs / "worker-b.log", "wb")
     try:
-        job = stack.alice.wait(job_id, timeout=240, poll=0.5)
+        job = stack.alice.repair_jobs.wait(job_id, timeout=240, poll_interval=0.5)
     finally:
         procs.stop(second)
     assert job.status == "succeeded", job.error
     assert job.attempts == 2
-    types = [e.type for e in stack.alice.all_events(job_id)]
+    types = [e.type for e in list(stack.alice.repair_jobs.list_events(job_id, limit=1000))]
     assert "requeued" in types and types[-1] == "succeeded"
 
 
@@ -113,7 +112,7 @@ def test_attempt_cap_fails_the_job(stack: Stack, models: Models):
     sent: list[str] = []
     assert reconcile_once(factory, settings, sent.append) == {job_id: "failed"}
     assert sent == []
-    failed = stack.alice.get_job(job_id)
+    failed = stack.alice.repair_jobs.retrieve(job_id)
     assert failed.status == "failed" and failed.error.code == "worker_lost"
     with session_scope(factory) as session:
         assert repositories.expired_jobs(session, utcnow()) == []

@@ -9,9 +9,8 @@ from pathlib import Path
 import flows
 import pytest
 import service_procs as procs
+from hcnr_client import HCNRClient
 from service_support import Models
-
-from hcnr_cli.client import HCNRClient
 
 BUCKET = "hcnr-artifacts"
 CREDENTIALS = {
@@ -60,7 +59,7 @@ def s3_service(s3, models: Models, tmp_path_factory) -> Iterator[HCNRClient]:
     env.update(CREDENTIALS)
     key = procs.create_key(env, "alice")
     process, url = procs.start_api(env, data_dir / "serve.log")
-    with HCNRClient(url, key) as client:
+    with HCNRClient(base_url=url, api_key=key) as client:
         yield client
     procs.stop(process)
 
@@ -69,19 +68,22 @@ def test_flow_with_s3_artifacts(s3, s3_service: HCNRClient, models, direct_repai
     _, bucket = s3
     job_id = flows.full_flow(s3_service, models, direct_repair, tmp_path / "download")
     stored = keys_under(bucket, f"hcnr/jobs/{job_id}/checkpoint/")
-    listed = {a.name for a in s3_service.artifacts(job_id).data}
+    listed = {a.name for a in s3_service.repair_jobs.list_artifacts(job_id).data}
     assert {key.rsplit("/", 1)[1] for key in stored} == listed
     assert keys_under(bucket, "hcnr/files/")  # uploads live in the bucket too
-    config = s3_service.download_artifact(job_id, "config.json")
-    assert s3_service.download_artifact(job_id, "config.json", (5, 20)) == config[5:21]
+    config = s3_service.repair_jobs.artifact_content(job_id, "config.json")
+    assert (
+        s3_service.repair_jobs.artifact_content(job_id, "config.json", byte_range=(5, 20))
+        == config[5:21]
+    )
 
 
 def test_cancelled_job_leaves_nothing_in_s3(s3, s3_service: HCNRClient, models: Models):
     _, bucket = s3
     job_id = flows.slow_job(s3_service, models)
     flows.wait_running(s3_service, job_id)
-    s3_service.cancel_job(job_id)
-    assert s3_service.wait(job_id, timeout=120, poll=0.2).status == "cancelled"
+    s3_service.repair_jobs.cancel(job_id)
+    assert s3_service.repair_jobs.wait(job_id, timeout=120, poll_interval=0.2).status == "cancelled"
     assert keys_under(bucket, f"hcnr/jobs/{job_id}/") == []
 
 

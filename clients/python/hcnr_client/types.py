@@ -1,0 +1,114 @@
+"""Response objects of the HCNR API, mirrored from its OpenAPI document (api/openapi.json):
+FilePublic -> FileObject, RepairJobPublic -> RepairJob, EventPublic -> JobEvent,
+ArtifactPublic -> Artifact. Unknown fields are kept (a newer server stays readable)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+FilePurpose = Literal["honesty", "task", "eval"]
+JobStatus = Literal[
+    "validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
+]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class BaseObject(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class FileObject(BaseObject):
+    """An uploaded JSONL file (`POST /v1/files`, `GET /v1/files/{file_id}`)."""
+
+    object: Literal["file"] = "file"
+    id: str
+    purpose: FilePurpose
+    filename: str
+    bytes: int
+    sha256: str
+    samples: int
+    created_at: datetime
+
+
+class RepairJobError(BaseObject):
+    code: str
+    message: str
+
+
+class RepairJob(BaseObject):
+    """A repair job (`/v1/repair-jobs`)."""
+
+    object: Literal["repair_job"] = "repair_job"
+    id: str
+    method: str
+    status: JobStatus
+    stage: str | None
+    progress: float
+    eta_seconds: float | None
+    base: str
+    finetuned: str
+    honesty_file: str
+    task_file: str
+    eval_file: str | None
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any]
+    metadata: dict[str, str]
+    webhook_url: str | None
+    webhook_status: str | None = None
+    stage_seconds: dict[str, float]
+    metrics: dict[str, Any] | None
+    error: RepairJobError | None
+    attempts: int
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class JobEvent(BaseObject):
+    """One event of a job (`/v1/repair-jobs/{job_id}/events`)."""
+
+    object: Literal["event"] = "event"
+    id: int
+    created_at: datetime
+    type: str
+    stage: str | None
+    progress: float | None
+    message: str
+    data: dict[str, Any] | None
+
+
+class Artifact(BaseObject):
+    """One file of a succeeded job's repaired checkpoint."""
+
+    object: Literal["artifact"] = "artifact"
+    name: str
+    bytes: int
+    sha256: str
+    url: str
+
+
+class ArtifactList(BaseObject):
+    object: Literal["list"] = "list"
+    data: list[Artifact]
+
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "Artifact",
+    "ArtifactList",
+    "BaseObject",
+    "FileObject",
+    "FilePurpose",
+    "JobEvent",
+    "JobStatus",
+    "RepairJob",
+    "RepairJobError",
+]
