@@ -252,7 +252,7 @@ def repair(
         resolve_devices(cfg.device)  # before reading any data
     except HCNRError as exc:
         fail(exc)
-    inputs = MethodInputs(base, finetuned, honesty, task)
+    inputs = MethodInputs(base, finetuned, honesty, task, validation)
     validate_within_limits(method, cfg, inputs)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:

@@ -216,3 +216,28 @@ def test_a_given_validation_set_is_used_whole(toy: dict[str, Path], tmp_path: Pa
     assert "33.3 points" in warning and "at least 50 graded domain rows" in warning
     assert not split(AutoConfig(max_domain_drop=40), inputs)["warnings"]
     assert len(parts["inputs"].honesty) == len(load_jsonl(toy["honesty"]))  # nothing carved
+
+
+def test_the_cli_passes_validation_to_auto(toy: dict[str, Path], tmp_path: Path) -> None:
+    """`hcnr repair --method auto --validation FILE` measures on FILE (it was once accepted
+    and silently ignored: auto carved its own split)."""
+    from typer.testing import CliRunner
+
+    from hcnr_cli.main import app
+
+    rows = [json.loads(line) for line in toy["honesty"].read_text().splitlines()][:4]
+    rows += [
+        {**json.loads(line), "answers": ["x"]} for line in toy["task"].read_text().splitlines()[:3]
+    ]
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["repair", "--method", "auto", "--base", str(toy["base"])]
+    args += ["--finetuned", str(toy["adapter"]), "--honesty", str(toy["honesty"])]
+    args += ["--task", str(toy["task"]), "--out", str(out), "--validation", str(validation)]
+    args += ["--set", "max_domain_drop=100", "--set", "max_new_tokens=4", "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "auto_report.json").read_text())
+    assert report["validation"]["source"] == "given"
+    assert (report["validation"]["n_unanswerable"], report["validation"]["n_domain"]) == (4, 3)
