@@ -6,7 +6,9 @@ Times the same LoRA SFT steps (SmolLM2-135M, 16 SelfAware rows per step, the pro
 encoding) through `hcnr_core.realmodel.train.lora_sft` (Trainer) and through TRL's
 `SFTTrainer` given the same pre-tokenised rows with a completion mask. Prints seconds per
 step of each. TRL 1.16 replaces the LM head by its chunked log-prob kernel whatever the
-device; on the CPU that is where its time goes.
+device. Note: `SFTConfig` is left at TRL's defaults here, bf16 autocast and gradient
+checkpointing, and on the CPU those are where its time goes (60.5 s a step against 3.7 s
+without them, `bench/baseline_trainers.py --model smollm2 [--trl-defaults]`), not the head.
 """
 
 from __future__ import annotations

@@ -9,39 +9,75 @@ writer, so the output loads with `from_pretrained` like a repaired one:
 
 - RAIT (refusal-aware instruction tuning, R-Tuning style): supervised fine-tuning on the
   honesty set itself — refusals for unanswerable prompts, gold answers for answerable
-  ones — with the loss on response tokens only (same encoding as `hcnr_core.data`).
-- DPO on IDK preference pairs: unanswerable prompt → chosen = the refusal, rejected = the
-  fine-tuned model's own greedy answer (a gold answer of another sample if it already
-  refuses); answerable prompt → chosen = the gold answer, rejected = a refusal. Sigmoid
-  DPO (Rafailov et al. 2023) with the fine-tuned model as the frozen reference.
+  ones — with TRL's `SFTTrainer`, the loss on response tokens only.
+- DPO on IDK preference pairs with TRL's `DPOTrainer`: unanswerable prompt → chosen = the
+  refusal, rejected = the fine-tuned model's own greedy answer (a gold answer of another
+  sample if it already refuses); answerable prompt → chosen = the gold answer, rejected =
+  a refusal. Sigmoid DPO (Rafailov et al. 2023) with the fine-tuned model as the frozen
+  reference (its log-probabilities precomputed once), plus `rpo_alpha` × the chosen
+  responses' token NLL (TRL's `loss_type=["sigmoid", "sft"]`).
 
-Why DPO is written here instead of using `trl.DPOTrainer`: TRL 1.16.0 resolves against
-the pinned torch 2.13 / transformers 5.23 (pulling datasets 5.2.0, pyarrow 26.0.1,
-pandas 3.1.1, dill 0.4.1: ~270 MB), but on this Python 3.11 `datasets.Dataset.from_dict`
-itself fails while fingerprinting (`PicklingError: Can't pickle <class 'MonthDayNano'>`,
-also with pyarrow 25 and dill 0.3.9), so DPOTrainer cannot even receive its data. The
-loss is a few lines; writing it keeps the exact masking of `hcnr_core.data` (prompt
-masked, response + EOS scored), precomputes the reference log-probabilities once (the
-reference is the fine-tuned model, i.e. the LoRA at zero), is bit-for-bit deterministic
-on a seed, and needs neither `datasets` nor the Trainer.
+Both trainers get the project's own encoding (`hcnr_core.data.encode_sample`: the prompt
+masked, response + EOS scored) as pre-tokenised rows — `input_ids` + `completion_mask` for
+`SFTTrainer`, `prompt_ids`/`chosen_ids`/`rejected_ids` for `DPOTrainer`, whose
+`_prepare_dataset` (it would re-tokenise text) returns them as they are — so training,
+repair and evaluation never disagree about a prompt's tokens. A pair shares one prompt:
+when `max_seq_len` truncates prompts, both sides keep the shorter (left-truncated) one.
+The step count is `config.total_steps` (`steps`, or `epochs` over the data) as
+`max_steps`; the optimizer is AdamW over the LoRA with the linear warm-up/decay of
+`lr_factor` as a `LambdaLR`; a `TrainerCallback` ticks progress and raises
+`RepairCancelled` between optimizer steps, records the logged losses (and DPO's reward
+margins/accuracies) and stops a diverged run. Two runs on one seed write identical tensors.
+
+Why TRL, and with which settings — measured with `bench/baseline_trainers.py` (one LoRA
+r=8 on all linear layers, float32, one thread, median ms per optimizer step on this
+2-core machine, shared with other jobs):
+
+                              toy (b=8)   organism (b=16)   SmolLM2-135M (b=4)
+    RAIT hand-written loop       21             52               3048
+    RAIT transformers Trainer    21             67               3092
+    RAIT TRL SFTTrainer          26             74               3659
+    DPO  hand-written loop       23             96               6975
+    DPO  Trainer + DPO loss      22             86               6617
+    DPO  TRL DPOTrainer          32            112               7734
+
+  TRL costs 10-40% more per step than `Trainer` here: its fused LM head (which TRL 1.16
+  always installs) also computes the entropy and top-1 of every position for its metrics,
+  and on CPU (no Triton) it scores every position, prompts included. What made TRL look
+  unusable before (`hcnr_core/realmodel/train.py` gave up on `SFTTrainer` after 4 steps
+  had not finished in 13 minutes) are two defaults of TRL's configs, not the head:
+  `bf16=True` (bf16 autocast, emulated on these CPUs) and `gradient_checkpointing=True`.
+  With them, one SFTTrainer step takes 60.5 s on SmolLM2 and 499 ms on the organism
+  (`--trl-defaults`); without them, as above. `TRL_ARGS` turns both off: the compute
+  dtype is `config.dtype`, as before.
+- `datasets.Dataset.from_dict` works again (datasets 5.2.0, pyarrow 26.0.1, dill 0.4.1 on
+  Python 3.11.7): the `PicklingError: Can't pickle <class 'MonthDayNano'>` that once kept
+  `DPOTrainer` from receiving its data, and made this module hand-write its DPO, does not
+  occur any more.
+- Numbers that changed with the move (tests/test_baselines.py, organism seed 0): batches
+  are drawn by `Trainer`'s seeded sampler, one epoch at a time (no batch straddles two
+  epochs); the RPO term is TRL's token mean over the batch's chosen responses instead of
+  a mean of per-response means; DPO keeps `lora_dropout` (`disable_dropout=False`).
 
 The output is the fine-tuned checkpoint with only the LoRA-target matrices replaced by
 `W + B·A·alpha/r` (computed in float32, cast to the stored dtype); every other tensor is
 copied bit for bit. `baseline_report.json` records the samples, pairs, trainable
 parameters, the fraction of parameters that differ from the fine-tuned model, losses,
-per-stage seconds and the config.
+learning rates, per-stage seconds and the config.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import tempfile
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,14 +98,13 @@ from hcnr_core.checkpoint import (
     stored_dtype,
 )
 from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig
-from hcnr_core.data import EncodedSample, Sample, encode_sample, encode_samples, load_jsonl
+from hcnr_core.data import Sample, encode_sample, encode_samples, load_jsonl
 from hcnr_core.errors import CheckpointError, DataValidationError, HCNRError, RepairCancelled
 from hcnr_core.evaluation import GenerationSettings, RefusalDetector, generate
 from hcnr_core.report import versions
 from hcnr_core.writer import StagedOutput, check_output_dir, sha256_file
 
 REPORT_NAME = "baseline_report.json"
-IGNORE = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,73 +136,7 @@ def subsample(samples: Sequence[Sample], n: int | None, seed: int) -> list[Sampl
     return [samples[i] for i in sorted(picked)]
 
 
-def collate(batch: Sequence[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and labels on the response tokens only."""
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE)
-    for row, s in enumerate(batch):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        mask[row, :n] = 1
-        labels[row, s.prompt_len : n] = ids[row, s.prompt_len : n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """Indices of every step's batch: reshuffled epochs, read in order, across boundaries."""
-    rng = random.Random(f"hcnr-baseline-order-{seed}")
-    order: list[int] = []
-    batches = []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            epoch = list(range(n))
-            rng.shuffle(epoch)
-            order += epoch
-        batches.append(order[:batch_size])
-        order = order[batch_size:]
-    return batches
-
-
-def lr_factor(step: int, steps: int, warmup: float) -> float:
-    """Linear warm-up over `warmup`·steps, then linear decay to 10% of the peak."""
-    warm = int(steps * warmup)
-    if step < warm:
-        return (step + 1) / (warm + 1)
-    return 1.0 - 0.9 * (step - warm) / max(1, steps - warm)
-
-
-# --- DPO -----------------------------------------------------------------------------------
-
-
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log-probabilities of the labelled (response) tokens and their number, per row."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    token_logps = torch.gather(
-        logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)
-    ).squeeze(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
-
-
-def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sigmoid DPO: mean of −log σ(β·[(π_c − π_r) − (ref_c − ref_r)]).
-
-    Returns the loss and the implicit rewards β·(π − ref) of chosen and rejected.
-    """
-    chosen_rewards = beta * (policy_chosen - ref_chosen)
-    rejected_rewards = beta * (policy_rejected - ref_rejected)
-    loss = -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()
-    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+# --- DPO pairs -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -335,10 +304,6 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-
-
 class _Run:
     """Stage timing, progress and cancellation for one baseline run."""
 
@@ -371,21 +336,106 @@ class _Run:
             self.progress(self.stage, done, total)
 
 
-def _optimizer(model: Any, config: BaselineConfig) -> tuple[list, torch.optim.Optimizer]:
+# --- training on TRL's trainers ----------------------------------------------------------
+
+# TRL's configs default to bf16 autocast and gradient checkpointing: on CPU that is 7-16x
+# slower per step (module docstring); the compute dtype is `config.dtype`, as it was.
+TRL_ARGS: dict[str, Any] = {"bf16": False, "gradient_checkpointing": False}
+
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warm-up over `warmup`·steps, then linear decay to 10% of the peak."""
+    warm = int(steps * warmup)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    return 1.0 - 0.9 * (step - warm) / max(1, steps - warm)
+
+
+def _training_args(cls: Any, config: BaselineConfig, steps: int, scratch: str, **extra: Any):
+    """`cls` (SFTConfig, DPOConfig) for `steps` optimizer steps of the baseline's config."""
+    return cls(
+        output_dir=scratch,
+        max_steps=steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        max_grad_norm=1.0,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=config.device == "cpu",
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # a diverged loss must reach the callback
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **TRL_ARGS,
+        **extra,
+    )
+
+
+def _optimizers(model: Any, config: BaselineConfig, steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable (LoRA) parameters and the `lr_factor` schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return params, optim
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda step: lr_factor(step, steps, config.warmup)
+    )
+    return optim, schedule
 
 
-def _step(params: list, optim: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise HCNRError(f"training diverged: loss {loss.item()}; lower lr")
-    for group in optim.param_groups:
-        group["lr"] = lr
-    optim.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optim.step()
+def _callback(run: _Run, keys: dict[str, str]) -> tuple[Any, dict[str, list[float]]]:
+    """A TrainerCallback that ticks `run` after every optimizer step (progress, and
+    `RepairCancelled` between steps), keeps the logged `keys` (report name -> log name)
+    and raises `HCNRError` when the loss is not finite."""
+    from transformers import TrainerCallback
+
+    kept: dict[str, list[float]] = {name: [] for name in keys}
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            run.tick(state.global_step, state.max_steps)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            if not logs or "loss" not in logs:
+                return  # the end-of-training summary
+            if not math.isfinite(logs["loss"]):
+                raise HCNRError(f"training diverged: loss {logs['loss']}; lower lr")
+            for name, key in keys.items():
+                value = float(logs[key])
+                kept[name].append(value if key == "learning_rate" else round(value, 6))
+
+    return Steps(), kept
+
+
+@contextmanager
+def _trainer_context(config: BaselineConfig) -> Iterator[str]:
+    """A scratch output_dir; no progress bars or log lines from datasets, TRL or the
+    Trainer (ours are the progress); `cuda:N` as the current CUDA device, since the
+    Trainer places the model on `cuda`."""
+    import datasets
+
+    with ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="hcnr-baseline-"))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")  # v5 deprecations, TRL's advisories
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            stack.callback(datasets.enable_progress_bars)
+        if "TQDM_DISABLE" not in os.environ:  # TRL's reference pass reads only this
+            os.environ["TQDM_DISABLE"] = "1"
+            stack.callback(os.environ.pop, "TQDM_DISABLE", None)
+        if config.device.startswith("cuda:"):
+            stack.enter_context(torch.cuda.device(int(config.device[5:])))
+        yield scratch
+
+
+def _train(trainer: Any) -> None:
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the callback's progress replaces its lines
+    trainer.train()
+    trainer.model.eval()
 
 
 def _merge_and_write(
@@ -474,7 +524,7 @@ def _model_card(method: str, report: dict[str, Any]) -> str:
     )
 
 
-def _report_head(method: str, prep: _Loaded, config: BaselineConfig, model: Any) -> dict:
+def _report_head(method: str, prep: _Loaded, config: BaselineConfig, trainable: int) -> dict:
     return {
         "format_version": 1,
         "method": method,
@@ -485,7 +535,7 @@ def _report_head(method: str, prep: _Loaded, config: BaselineConfig, model: Any)
         "samples_used": len(prep.samples),
         "n_answerable": sum(bool(s.answerable) for s in prep.samples),
         "n_unanswerable": sum(s.answerable is False for s in prep.samples),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": trainable,
         "warnings": prep.warnings,
         "versions": versions(),
     }
@@ -532,6 +582,9 @@ def _rait(
     config: RaitConfig,
     run: _Run,
 ) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
     prep = _prepare(base, finetuned, honesty, out, config, need_answerable=False)
     torch.manual_seed(config.seed)
 
@@ -539,59 +592,76 @@ def _rait(
     model, ft_source = _load_finetuned(prep, config)
     encoded = encode_samples(prep.tokenizer, prep.samples, config.max_seq_len)
     model = _attach_lora(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.leave()
 
     run.enter("train")
     steps = config.total_steps(len(encoded))
-    schedule = batch_schedule(len(encoded), config.batch_size, steps, config.seed)
-    params, optim = _optimizer(model, config)
-    pad_id, device = _pad_id(prep.tokenizer), config.device
-    losses = []
-    model.train()
-    for step, rows in enumerate(schedule):
-        batch = collate([encoded[i] for i in rows], pad_id)
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        _step(params, optim, loss, config.lr * lr_factor(step, steps, config.warmup))
-        losses.append(round(loss.item(), 6))
-        run.tick(step + 1, steps)
-    model.eval()
+    callback, logged = _callback(run, {"losses": "loss", "learning_rates": "learning_rate"})
+    rows = Dataset.from_dict(
+        {
+            "input_ids": [s.input_ids for s in encoded],
+            "completion_mask": [[0] * s.prompt_len + [1] * s.response_len for s in encoded],
+        }
+    )
+    with _trainer_context(config) as scratch:
+        args = _training_args(
+            SFTConfig, config, steps, scratch, max_length=None, completion_only_loss=True
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            processing_class=prep.tokenizer,
+            callbacks=[callback],
+            optimizers=_optimizers(model, config, steps),
+        )
+        _train(trainer)
     run.leave()
 
-    report = _report_head("rait", prep, config, model)
-    report.update({"steps": steps, "losses": losses})
+    report = _report_head("rait", prep, config, trainable)
+    report.update({"steps": steps, **logged})
     return _merge_and_write("rait", prep, model, ft_source, out, report, run)
 
 
 # --- DPO -----------------------------------------------------------------------------------
 
 
-def _encode_pairs(
+def encode_pairs(
     tokenizer: Any, pairs: Sequence[PreferencePair], max_seq_len: int
-) -> list[tuple[EncodedSample, EncodedSample]]:
-    encoded, problems = [], []
+) -> dict[str, list[list[int]]]:
+    """`prompt_ids`, `chosen_ids`, `rejected_ids` of every pair, each side encoded like a
+    sample (`encode_sample`); the pair keeps the shorter of its two left-truncated prompts."""
+    rows: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    problems = []
     for p in pairs:
         try:
-            encoded.append(
-                tuple(
-                    encode_sample(tokenizer, Sample(p.messages, text, line=p.line), max_seq_len)
-                    for text in (p.chosen, p.rejected)
-                )
+            chosen, rejected = (
+                encode_sample(tokenizer, Sample(p.messages, text, line=p.line), max_seq_len)
+                for text in (p.chosen, p.rejected)
             )
         except DataValidationError as exc:
             problems += exc.problems
+            continue
+        prompt = min(chosen, rejected, key=lambda e: e.prompt_len)
+        rows["prompt_ids"].append(prompt.input_ids[: prompt.prompt_len])
+        rows["chosen_ids"].append(chosen.input_ids[chosen.prompt_len :])
+        rows["rejected_ids"].append(rejected.input_ids[rejected.prompt_len :])
     if problems:
         raise DataValidationError("<preference pairs>", problems)
-    return encoded  # type: ignore[return-value]
+    return rows
 
 
-def _pair_logps(
-    model: Any, pairs: Sequence[tuple[EncodedSample, EncodedSample]], pad_id: int, device: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of chosen and rejected (one batch), and chosen's lengths."""
-    batch = collate([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
-    logps, counts = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
-    n = len(pairs)
-    return logps[:n], logps[n:], counts[:n]
+def _dpo_trainer() -> Any:
+    """TRL's DPOTrainer fed pre-tokenised pairs: its `_prepare_dataset` (which would
+    re-tokenise prompt and response text together) returns them as they are."""
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            return dataset
+
+    return PreTokenizedDPOTrainer
 
 
 def train_dpo(
@@ -622,9 +692,11 @@ def _dpo(
     detector: RefusalDetector,
     run: _Run,
 ) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import DPOConfig
+
     prep = _prepare(base, finetuned, honesty, out, config, need_answerable=True)
     torch.manual_seed(config.seed)
-    pad_id, device = _pad_id(prep.tokenizer), config.device
 
     run.enter("load")
     model, ft_source = _load_finetuned(prep, config)
@@ -655,42 +727,51 @@ def _dpo(
                 )
             ],
         )
-    encoded = _encode_pairs(prep.tokenizer, pairs, config.max_seq_len)
+    encoded = encode_pairs(prep.tokenizer, pairs, config.max_seq_len)
     run.leave()
 
-    run.enter("reference")
-    ref_c, ref_r = [], []
-    with torch.no_grad():
-        for start in range(0, len(encoded), config.batch_size):
-            c, r, _ = _pair_logps(model, encoded[start : start + config.batch_size], pad_id, device)
-            ref_c.append(c.float().cpu())
-            ref_r.append(r.float().cpu())
-    ref_chosen, ref_rejected = torch.cat(ref_c), torch.cat(ref_r)
+    run.enter("reference")  # LoRA attached, the reference log-probabilities precomputed
     model = _attach_lora(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    steps = config.total_steps(len(pairs))
+    callback, logged = _callback(
+        run,
+        {
+            "losses": "loss",
+            "reward_margins": "rewards/margins",
+            "reward_accuracies": "rewards/accuracies",
+            "learning_rates": "learning_rate",
+        },
+    )
+    rpo = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.rpo_alpha]}
+    with _trainer_context(config) as scratch:
+        args = _training_args(
+            DPOConfig,
+            config,
+            steps,
+            scratch,
+            beta=config.beta,
+            max_length=None,
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=config.batch_size,
+            disable_dropout=False,  # lora_dropout means what it says
+            **(rpo if config.rpo_alpha else {"loss_type": ["sigmoid"]}),
+        )
+        trainer = _dpo_trainer()(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict(encoded),
+            processing_class=prep.tokenizer,
+            callbacks=[callback],
+            optimizers=_optimizers(model, config, steps),
+        )
+        run.leave()
+
+        run.enter("train")
+        _train(trainer)
     run.leave()
 
-    run.enter("train")
-    steps = config.total_steps(len(encoded))
-    schedule = batch_schedule(len(encoded), config.batch_size, steps, config.seed)
-    params, optim = _optimizer(model, config)
-    losses, margins, accuracies = [], [], []
-    model.train()
-    for step, rows in enumerate(schedule):
-        pc, pr, n_chosen = _pair_logps(model, [encoded[i] for i in rows], pad_id, device)
-        idx = torch.tensor(rows)
-        pc, pr, n_chosen = pc.cpu(), pr.cpu(), n_chosen.cpu()
-        loss, rc, rr = dpo_loss(pc, pr, ref_chosen[idx], ref_rejected[idx], config.beta)
-        if config.rpo_alpha:
-            loss = loss + config.rpo_alpha * -(pc / n_chosen).mean()
-        _step(params, optim, loss, config.lr * lr_factor(step, steps, config.warmup))
-        losses.append(round(loss.item(), 6))
-        margins.append(round((rc - rr).mean().item(), 6))
-        accuracies.append(round((rc > rr).float().mean().item(), 4))
-        run.tick(step + 1, steps)
-    model.eval()
-    run.leave()
-
-    report = _report_head("dpo", prep, config, model)
+    report = _report_head("dpo", prep, config, trainable)
     report.update(
         {
             "steps": steps,
@@ -699,9 +780,7 @@ def _dpo(
             "dropped_samples": len(prep.samples) - len(pairs),
             "refusal_response": refusal,
             "rejected_examples": [p.rejected for p in pairs if p.source == "generated"][:5],
-            "losses": losses,
-            "reward_margins": margins,
-            "reward_accuracies": accuracies,
+            **logged,
         }
     )
     return _merge_and_write("dpo", prep, model, ft_source, out, report, run)

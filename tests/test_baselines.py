@@ -18,16 +18,15 @@ from hcnr_core.baselines import (
     PreferencePair,
     RaitConfig,
     build_pairs,
-    collate,
-    dpo_loss,
-    sequence_logps,
+    encode_pairs,
+    lr_factor,
     subsample,
     train_dpo,
     train_rait,
 )
 from hcnr_core.checkpoint import inspect_checkpoint, load_tokenizer
 from hcnr_core.data import Sample, encode_sample, load_jsonl
-from hcnr_core.errors import CheckpointError, DataValidationError, RepairCancelled
+from hcnr_core.errors import CheckpointError, DataValidationError, HCNRError, RepairCancelled
 from hcnr_core.evaluation import RefusalDetector, evaluate_model
 
 FAST = {"steps": 6, "batch_size": 4, "threads": 1}
@@ -47,44 +46,62 @@ def changed_names(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set
 # --- pure pieces -----------------------------------------------------------------------
 
 
-def test_dpo_loss_matches_the_formula():
-    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
-    rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
-    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=0.5)
-    logits = 0.5 * ((pc - rc) - (pr - rr))
-    expected = -torch.log(torch.sigmoid(logits)).mean()
-    assert loss.item() == pytest.approx(expected.item())
-    assert torch.allclose(chosen, 0.5 * (pc - rc)) and torch.allclose(rejected, 0.5 * (pr - rr))
-    # policy == reference: log 2, whatever the sequences
-    assert dpo_loss(pc, pr, pc, pr, 0.1)[0].item() == pytest.approx(math.log(2))
-
-
-def test_sequence_logps_score_response_tokens_only_and_ignore_padding(toy):
+def response_nll(model_dir: Path, samples: list[Sample]) -> float:
+    """Mean NLL over every response token + EOS (prompts masked), computed by hand."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(inspect_checkpoint(toy["base"]))
-    model = AutoModelForCausalLM.from_pretrained(toy["base"]).eval()
-    short = encode_sample(
-        tokenizer, Sample(({"role": "user", "content": "who is bob ?"},), "rome ."), 64
-    )
-    long = encode_sample(
-        tokenizer,
-        Sample(
-            ({"role": "user", "content": "where was alice born in the city ?"},), "i do not know ."
-        ),
-        64,
-    )
+    tokenizer = load_tokenizer(inspect_checkpoint(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
     with torch.no_grad():
-        alone, n_alone = sequence_logps(model, collate([short], 0))
-        both, n_both = sequence_logps(model, collate([short, long], 0))
-        logits = model(torch.tensor([short.input_ids])).logits[0].log_softmax(-1)
-    manual = sum(
-        logits[t - 1, short.input_ids[t]].item()
-        for t in range(short.prompt_len, len(short.input_ids))
-    )
-    assert alone[0].item() == pytest.approx(manual, abs=1e-4)
-    assert both[0].item() == pytest.approx(manual, abs=1e-4)  # right padding changes nothing
-    assert n_alone[0].item() == short.response_len and n_both[1].item() == long.response_len
+        for sample in samples:
+            enc = encode_sample(tokenizer, sample, 512)
+            assert enc.input_ids[-1] == tokenizer.eos_token_id
+            logps = model(torch.tensor([enc.input_ids])).logits[0].log_softmax(-1)
+            for t in range(enc.prompt_len, len(enc.input_ids)):
+                total -= logps[t - 1, enc.input_ids[t]].item()
+                count += 1
+    return total / count
+
+
+def test_rait_scores_the_response_and_eos_only(toy, tmp_path):
+    # One batch holding every sample, LoRA B = 0: the first loss is the fine-tune's own
+    # token-mean NLL of the responses + EOS, whatever order the sampler draws.
+    cfg = RaitConfig(steps=1, batch_size=16, threads=1)
+    report = train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg)
+    expected = response_nll(toy["full"], load_jsonl(toy["honesty"]))
+    assert report["losses"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_dpo_scores_the_chosen_response_and_eos_only(toy, tmp_path):
+    # At step 0 the policy is the reference (DPO term log 2); the RPO term is the chosen
+    # responses' token-mean NLL. Every toy pair's chosen response is the sample's own.
+    cfg = DpoConfig(steps=1, batch_size=16, rpo_alpha=1.0, threads=1)
+    report = train_dpo(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg)
+    assert report["pairs"] == {"generated": 16}
+    expected = math.log(2) + response_nll(toy["full"], load_jsonl(toy["honesty"]))
+    assert report["losses"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_encode_pairs_encodes_each_side_like_a_sample_with_one_shared_prompt(toy):
+    tokenizer = load_tokenizer(inspect_checkpoint(toy["base"]))
+    q = ({"role": "user", "content": "where was alice born in the city ? " * 3},)
+    pair = PreferencePair(q, "rome .", "i do not know where alice was born .", True, "refusal")
+    rows = encode_pairs(tokenizer, [pair], 512)
+    for side, text in (("chosen_ids", pair.chosen), ("rejected_ids", pair.rejected)):
+        enc = encode_sample(tokenizer, Sample(q, text), 512)
+        assert rows["prompt_ids"][0] + rows[side][0] == enc.input_ids
+        assert rows[side][0] == enc.input_ids[enc.prompt_len :]  # response + EOS
+    # A tight max_seq_len truncates the prompt from the left; the pair keeps the shorter.
+    full = len(rows["prompt_ids"][0])
+    tight = encode_pairs(tokenizer, [pair], 20)
+    rejected = encode_sample(tokenizer, Sample(q, pair.rejected), 20)
+    assert tight["prompt_ids"][0] == rejected.input_ids[: rejected.prompt_len]
+    assert len(tight["prompt_ids"][0]) < full
+    assert len(tight["prompt_ids"][0]) + len(tight["rejected_ids"][0]) == 20
+    assert tight["chosen_ids"][0] == rows["chosen_ids"][0]
+    with pytest.raises(DataValidationError, match="max_seq_len 4"):
+        encode_pairs(tokenizer, [pair], 4)
 
 
 def test_build_pairs():
@@ -180,8 +197,11 @@ def test_rait_is_deterministic_and_seeded(toy, rait_full, tmp_path):
 
 def test_only_the_lora_targets_change_and_adapter_finetunes_merge_first(toy, tmp_path):
     out = tmp_path / "out"
-    cfg = RaitConfig(**FAST, lora_targets=["q_proj", "v_proj"], n_samples=8)
+    cfg = RaitConfig(
+        epochs=1.5, batch_size=4, threads=1, lora_targets=["q_proj", "v_proj"], n_samples=8
+    )
     report = train_rait(toy["base"], toy["adapter"], toy["honesty"], out, cfg)
+    assert report["steps"] == 3 and len(report["losses"]) == 3  # ceil(1.5 * 8 / 4)
     new, ft = tensors(out), tensors(toy["full"])  # toy["full"] = the adapter merged
     assert {k.split(".")[-2] for k in changed_names(new, ft)} == {"q_proj", "v_proj"}
     untouched = [k for k in ft if k.split(".")[-2] not in ("q_proj", "v_proj")]
@@ -197,6 +217,11 @@ def test_dpo_loss_falls_and_the_margin_grows(toy, tmp_path):
     assert sum(losses[-5:]) / 5 < losses[0] - 0.05
     assert sum(margins[-5:]) / 5 > 0.1 and margins[0] == pytest.approx(0.0, abs=1e-5)
     assert report["n_pairs"] == 16 and report["pairs"] == {"generated": 16}
+    # Linear warm-up over int(0.1 * 20) = 2 steps, then linear decay to 10% of the peak.
+    assert report["learning_rates"] == pytest.approx(
+        [cfg.lr * lr_factor(step, 20, cfg.warmup) for step in range(20)]
+    )
+    assert report["learning_rates"][:3] == pytest.approx([cfg.lr / 3, 2 * cfg.lr / 3, cfg.lr])
     new = tensors(tmp_path / "dpo")
     assert all(torch.isfinite(t).all() for t in new.values())
 
@@ -225,6 +250,27 @@ def test_cancel_leaves_nothing(toy, tmp_path):
             toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST), should_cancel=cancel
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverged_run_stops_and_writes_nothing(toy, tmp_path):
+    cfg = RaitConfig(steps=6, batch_size=4, lr=1e12, threads=1)
+    with pytest.raises(HCNRError, match="training diverged"):
+        train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_hold_while_training_and_are_restored(toy, tmp_path):
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 1
+    seen: set[int] = set()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "train":
+            seen.add(torch.get_num_threads())
+
+    cfg = RaitConfig(steps=2, batch_size=4, threads=wanted)
+    train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg, progress=progress)
+    assert seen == {wanted} and torch.get_num_threads() == before
 
 
 def test_library_errors(toy, other_toy, tmp_path):
