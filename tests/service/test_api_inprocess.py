@@ -212,6 +212,40 @@ def test_job_result_matches_a_direct_repair(inproc: InProcess, finished_job, dir
     assert got == expected  # weights, config, tokenizer: bit for bit
 
 
+def test_job_output_is_byte_identical_to_hcnr_repair(
+    inproc: InProcess, finished_job, models, tmp_path
+):
+    """What a user gets from `hcnr repair` on the same inputs and what the service's job
+    gives are the same bytes: every weight shard, the index, config and tokenizer files
+    (the report and model card carry timings and paths; their repair content is compared)."""
+    from toy_cli import repair_argv
+    from typer.testing import CliRunner
+
+    from hcnr_cli.main import app
+
+    toy = {
+        "base": models.root / "base",
+        "adapter": models.root / "finetuned-adapter",
+        "honesty": models.honesty,
+        "task": models.task,
+    }
+    result = CliRunner().invoke(app, repair_argv(toy, tmp_path / "cli"))
+    assert result.exit_code == 0, result.output
+    client = inproc.clients["alice"]
+    tar_bytes = client.get(f"/v1/repair-jobs/{finished_job}/checkpoint.tar").content
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+        served = {Path(m.name).name: archive.extractfile(m).read() for m in archive.getmembers()}
+    cli = {p.name: p.read_bytes() for p in (tmp_path / "cli").iterdir()}
+    assert set(cli) == set(served)
+    varying = {"hcnr_report.json", "README.md"}
+    assert any(name.endswith(".safetensors") for name in cli)
+    for name in set(cli) - varying:
+        assert cli[name] == served[name], name
+    reports = [json.loads(files["hcnr_report.json"]) for files in (cli, served)]
+    for key in ("selected_matrices", "config", "n_selected_matrices"):
+        assert reports[0][key] == reports[1][key], key
+
+
 def test_range_requests(inproc: InProcess, finished_job):
     client = inproc.clients["alice"]
     url = f"/v1/repair-jobs/{finished_job}/artifacts/model-00001-of-00001.safetensors"
