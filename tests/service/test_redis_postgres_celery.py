@@ -95,13 +95,11 @@ def test_attempt_cap_fails_the_job(stack: Stack, models: Models):
     from worker.reconciler import reconcile_once
 
     files = flows.upload_inputs(stack.alice, models.honesty, models.task)
-    job_id = stack.alice.create_job(
-        {
-            "base": "path:base",
-            "finetuned": "path:finetuned",
-            "honesty_file": files["honesty"],
-            "task_file": files["task"],
-        }
+    job_id = stack.alice.repair_jobs.create(
+        base="path:base",
+        finetuned="path:finetuned",
+        honesty_file=files["honesty"],
+        task_file=files["task"],
     ).id
     factory = make_session_factory(make_engine(stack.database_url))
     settings = Settings(database_url=stack.database_url, max_attempts=3)
