@@ -128,30 +128,58 @@ def test_run_parallel_returns_in_order_and_ticks_every_step():
     assert threading.get_ident() not in seen
 
 
+def _until_stopped(stopped: list[str], name: str, ready: threading.Event | None = None):
+    """A replica that steps until run_parallel stops it (or 60 s pass, which the tests
+    read as "never stopped"); `ready` is set after its first step. Whether it is stopped
+    does not depend on how fast the threads are scheduled, only on the stop itself."""
+
+    def run(step) -> str:
+        deadline = time.monotonic() + 60
+        first = True
+        while time.monotonic() < deadline:
+            try:
+                step()
+            except BaseException:
+                stopped.append(name)
+                raise
+            if first and ready is not None:
+                ready.set()
+            first = False
+            time.sleep(0.001)
+        return "ran to the deadline"
+
+    return run
+
+
 def test_run_parallel_stops_everyone_when_a_replica_fails():
-    seen: list[int] = []
+    stopped: list[str] = []
+    healthy_started = threading.Event()
 
     def broken(step) -> None:
         step()
+        assert healthy_started.wait(60)  # fail only once the other one is running
         raise RuntimeError("replica 1 ran out of memory")
 
-    work = [_counting_work(1000, seen, 0.001), broken]
+    work = [_until_stopped(stopped, "healthy", healthy_started), broken]
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_parallel([CPU, CPU], work, lambda d, t: None, 1001)
-    assert len(seen) < 1000  # the healthy replica stopped early
+        run_parallel([CPU, CPU], work, lambda d, t: None, 10**9)
+    assert stopped == ["healthy"]  # stopped at a step, not left to run to its end
 
 
 def test_run_parallel_cancellation_from_the_caller_stops_replicas():
-    seen: list[int] = []
+    stopped: list[str] = []
+    ticks: list[int] = []
 
     def tick(done: int, _total: int) -> None:
+        ticks.append(done)
         if done >= 5:
             raise RepairCancelled("cancelled")
 
-    work = [_counting_work(1000, seen, 0.001) for _ in range(2)]
+    work = [_until_stopped(stopped, name) for name in ("a", "b")]
     with pytest.raises(RepairCancelled):
-        run_parallel([CPU, CPU], work, tick, 2000)
-    assert len(seen) < 100
+        run_parallel([CPU, CPU], work, tick, 10**9)
+    assert ticks == [1, 2, 3, 4, 5]  # no tick after the one that raised
+    assert sorted(stopped) == ["a", "b"]  # both stopped, neither ran to its end
 
 
 def test_hessians_of_different_groups_do_not_combine(toy):
@@ -160,9 +188,14 @@ def test_hessians_of_different_groups_do_not_combine(toy):
     model = AutoModelForCausalLM.from_pretrained(toy["base"])
     a = InputHessians(model, ["model.layers.0.self_attn.q_proj"])
     b = InputHessians(model, ["model.layers.1.self_attn.q_proj"])
-    a.group_of, b.group_of = {"x": "x"}, {"y": "y"}
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    for hessians in (a, b):  # a batch each: their groups are discovered, not set here
+        hessians.add_batch(ids, torch.ones_like(ids))
     with pytest.raises(ValueError, match="different module groups"):
         a.absorb(b)
+    same = InputHessians(model, ["model.layers.0.self_attn.q_proj"])
+    same.add_batch(ids, torch.ones_like(ids))
+    assert a.absorb(same).n_tokens == 10  # the same modules do combine
 
 
 def _repair(toy, out: Path, kind: str, **cfg) -> tuple[dict, list[float]]:
