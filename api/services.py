@@ -29,7 +29,7 @@ from api.errors import APIError, not_found
 from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
 from hcnr_core.bounded import validate_bounded
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
-from hcnr_core.errors import DataValidationError
+from hcnr_core.errors import DataValidationError, TooManySamplesError
 from hcnr_core.methods import MethodInputs, get_method
 from store import repositories
 from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
@@ -104,7 +104,8 @@ def validate_jsonl_stream(
 ) -> int:
     """`hcnr_core.data.parse_jsonl`'s checks, line by line: memory stays at one line (at
     most `max_line_bytes`) whatever the file size. Returns the number of samples; raises
-    DataValidationError with line numbers. Also refuses what would break later stages:
+    DataValidationError with line numbers (TooManySamplesError, code too_many_samples,
+    over `max_samples`, as hcnr_core.limits). Also refuses what would break later stages:
     over-long lines, nesting too deep for the JSON decoder, lone surrogates."""
     problems: list[tuple[int, str]] = []
     count, number = 0, 0
@@ -126,8 +127,13 @@ def validate_jsonl_stream(
     if not problems:
         if count < min_samples:
             problems.append((0, f"{count} samples; at least {min_samples} required"))
-        elif count > max_samples:
-            problems.append((0, f"{count} samples; at most {max_samples} allowed"))
+        elif count > max_samples:  # the same code and details as hcnr_core.limits
+            raise TooManySamplesError(
+                f"{source}: {count} samples; the limit is {max_samples}",
+                limit="max_samples",
+                value=count,
+                allowed=max_samples,
+            )
     if problems:
         raise DataValidationError(source, problems)
     return count

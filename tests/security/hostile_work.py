@@ -207,7 +207,7 @@ def build_work_world(models: Path, toy: dict[str, Path]) -> WorkWorld:
         WorkCase("job-over-token-limit", "too_many_tokens", honesty="many-tokens.jsonl"),
         WorkCase("data-over-byte-limit", "data_too_large", honesty="many-bytes.jsonl"),
     ]
-    # Over max_samples: the API refuses it at upload (invalid_data), the CLI at validation.
+    # Over max_samples: the API refuses it at upload, the CLI at validation (same code).
     world.cases.append(
         WorkCase("file-over-sample-limit", "too_many_samples", honesty="many-samples.jsonl")
     )

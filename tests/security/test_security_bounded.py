@@ -113,8 +113,6 @@ def test_the_control_job_is_accepted_under_the_same_limits(api_results):
 
 def test_api_refuses_every_hostile_work_case_with_its_code(api_results, work):
     expected = {c.name: c.code for c in work.cases}
-    # Over max_samples is refused at upload already (the upload's own check).
-    expected["file-over-sample-limit"] = "invalid_data"
     got = {name: r["code"] for name, r in api_results.items() if name != "control"}
     assert got == expected
     assert all(
@@ -150,6 +148,47 @@ def test_no_validation_child_is_left_running(api_results):
 
     time.sleep(0.5)
     assert not [p for p in bounded._children if p.is_alive()]
+
+
+def test_validation_without_isolation_runs_in_this_process_under_the_same_limits(
+    work: hw.WorkWorld, tmp_path_factory: pytest.TempPathFactory
+):
+    """`validation_isolation` off: no child process, the check runs here, under the
+    limits given (not the environment's) and refuses with the same codes; with it on,
+    the same call runs in another process."""
+    from service_support import Models, make_inprocess
+
+    from hcnr_core import bounded
+    from hcnr_core.limits import Limits, current_limits
+
+    off = Limits(validation_isolation=False, max_tokens_per_sample=123)
+    assert bounded.run_bounded(os.getpid, (), off) == os.getpid()
+    assert bounded.run_bounded(current_limits, (), off).max_tokens_per_sample == 123
+    on = Limits(max_tokens_per_sample=123, validation_timeout_seconds=60)
+    assert bounded.run_bounded(os.getpid, (), on) != os.getpid()
+
+    toy = work.toy
+    models = Models(work.models, toy["honesty"], toy["task"], toy["honesty"], toy["task"])
+    limits = {**hw.WORK_LIMITS, "validation_isolation": False}
+    inproc = make_inprocess(tmp_path_factory.mktemp("in-process"), models, **limits)
+    toy_files = {
+        purpose: inproc.upload("alice", toy[purpose], purpose).json()["id"]
+        for purpose in ("honesty", "task")
+    }
+    got = {}
+    for name in ("control", "huge-hidden-size", "sample-over-token-limit", "job-over-token-limit"):
+        case = next((c for c in work.cases if c.name == name), None)
+        files = dict(toy_files)
+        if case and case.honesty:
+            files["honesty"] = inproc.upload("alice", work.honesty(case), "honesty").json()["id"]
+        response = _post(inproc, work, case, files)
+        got[name] = (response.status_code, error_code(response))
+    assert got == {
+        "control": (201, None),
+        "huge-hidden-size": (422, "checkpoint_too_large"),
+        "sample-over-token-limit": (422, "too_many_tokens"),  # 2048 here, 32768 by default
+        "job-over-token-limit": (422, "too_many_tokens"),
+    }
 
 
 # --- the CLI -------------------------------------------------------------------------------

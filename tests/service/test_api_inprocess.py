@@ -60,6 +60,22 @@ def test_upload_needs_enough_samples(inproc: InProcess, tmp_path: Path, models):
     assert "at least 8" in response.json()["error"]["details"]["problems"][0]["message"]
 
 
+def test_upload_over_max_samples_is_too_many_samples(models, tmp_path: Path):
+    """The upload's count check gives the code and details of hcnr_core.limits (the CLI
+    and the job validation say too_many_samples for the same file); max_samples is fine."""
+    rows = models.honesty.read_text().splitlines()
+    small = make_inprocess(tmp_path, models, max_samples=len(rows))
+    assert small.upload("alice", models.honesty, "honesty").status_code == 201
+    over = tmp_path / "over.jsonl"
+    over.write_text("\n".join([*rows, rows[0]]) + "\n")
+    stored = sorted((tmp_path / "data").rglob("*.jsonl"))
+    response = small.upload("alice", over, "honesty")
+    assert response.status_code == 422 and error_code(response) == "too_many_samples"
+    details = response.json()["error"]["details"]
+    assert details == {"limit": "max_samples", "value": len(rows) + 1, "allowed": len(rows)}
+    assert sorted((tmp_path / "data").rglob("*.jsonl")) == stored
+
+
 def test_oversized_upload_is_413_and_nothing_stored(models, tmp_path: Path):
     small = make_inprocess(tmp_path, models, max_upload_bytes=1024)
     response = small.upload("alice", models.honesty, "honesty")  # 2.5 kB > 1 kB
