@@ -230,15 +230,16 @@ def test_full_restoration_without_compensation_gives_base(toy, tmp_path):
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_cancellation_in_any_stage_leaves_nothing(toy, tmp_path, stage):
-    seen = []
+    started: list[str] = []  # stages as the public progress events announce them
 
     def cancel_in_stage() -> bool:
-        seen.append(pipeline._stage)
-        return seen.count(stage) >= 2  # past the start of the stage
+        return bool(started) and started[-1] == stage  # past the start of the stage
 
     # the task Hessians exist only for compensation="task_aware"
     cfg = RepairConfig(compensation="task_aware" if stage == "task_hessians" else "paper")
-    pipeline = RepairPipeline(cfg, should_cancel=cancel_in_stage)
+    pipeline = RepairPipeline(
+        cfg, progress=lambda e: started.append(e.stage), should_cancel=cancel_in_stage
+    )
     prepared = pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
     with pytest.raises(RepairCancelled, match=stage):
         pipeline.run(prepared, tmp_path / "out")
