@@ -22,6 +22,7 @@ from hcnr_core import RepairConfig
 from hcnr_core.data import encode_samples, load_jsonl
 from hcnr_core.errors import UnsupportedArchitectureError
 from hcnr_core.pipeline import RepairPipeline
+from hcnr_core.scoring import InputHessians
 from hcnr_core.toy import WORDS, build_word_tokenizer, toy_samples, write_jsonl
 
 HIDDEN, LAYERS, N_SAMPLES = 32, 2, 8
@@ -185,28 +186,32 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def repairs(checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """(arch, kind, compensation, layerwise) -> Repaired, each run once per session."""
     done: dict[tuple[str, str, str, bool], Repaired] = {}
-    real = pipeline_module._shared_input_groups
 
     def run(name: str, kind: str, compensation: str, layerwise: bool = False) -> Repaired:
         key = (name, kind, compensation, layerwise)
         if key in done:
             return done[key]
         paths = checkpoints(name)
-        groups: dict[str, tuple[str, tuple[int, ...]]] = {}
+        # Every InputHessians the repair builds (public class): after the run, each one's
+        # groups() and hessian() say which H each module was compensated with.
+        built: list[InputHessians] = []
+        init = InputHessians.__init__
 
-        def spy(chunk: list[str], hessians: Any) -> list[str]:
-            leaders = real(chunk, hessians)
-            if hessians is not None:
-                for module, leader in zip(chunk, leaders, strict=True):
-                    groups[module] = (leader, tuple(hessians.hessian(module).shape))
-            return leaders
+        def recording(self, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            built.append(self)
 
         cfg = RepairConfig(compensation=compensation, layerwise=layerwise, r_cw=R_CW[compensation])
         pipeline = RepairPipeline(cfg)
         prepared = pipeline.prepare(paths["base"], paths[kind], paths["honesty"], paths["task"])
         out = tmp_path_factory.mktemp("-".join(map(str, key))) / "out"
-        with mock.patch.object(pipeline_module, "_shared_input_groups", spy):
+        with mock.patch.object(InputHessians, "__init__", recording):
             report = pipeline.run(prepared, out)
+        groups: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for hessians in built:
+            for leader, members in hessians.groups().items():
+                for module in members:
+                    groups[module] = (leader, tuple(hessians.hessian(module).shape))
         done[key] = Repaired(out, report, prepared.targets, groups)
         return done[key]
 
