@@ -118,16 +118,12 @@ class RepairConfig(FileConfig):
 
     @model_validator(mode="after")
     def _supported(self) -> RepairConfig:
-        if self.compensation == "task_aware" and self.layerwise:
-            raise ValueError("compensation='task_aware' does not support layerwise yet")
         if self.hessian_inputs != "base":
             what = f"hessian_inputs={self.hessian_inputs!r}"
             if self.compensation == "none":
                 raise ValueError(f"{what} needs a compensation that uses H")
             if self.hessian_inputs == "asymmetric" and self.compensation == "paper":
                 raise ValueError(f"{what} needs compensation 'exact' or 'task_aware'")
-            if self.layerwise:
-                raise ValueError(f"{what} does not support layerwise yet")
         return self
 
 

@@ -38,7 +38,15 @@ from hcnr_core.checkpoint import CheckpointInfo
 from hcnr_core.data import EncodedSample
 from hcnr_core.devices import run_parallel
 from hcnr_core.errors import CheckpointError, UnsupportedArchitectureError
-from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, pad_batch, response_nll
+from hcnr_core.scoring import (
+    ColumnFisher,
+    CrossInputs,
+    FisherShare,
+    InputHessians,
+    capture_inputs,
+    pad_batch,
+    response_nll,
+)
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -204,6 +212,10 @@ class LayerwiseLM:
     def release(self, index: int) -> None:
         self.core.layers[index].to("meta")
 
+    def get_submodule(self, name: str) -> nn.Module:
+        """A module of the skeleton (a block's weights are real only while it is out)."""
+        return self.model.get_submodule(name)
+
     def prefix(
         self, ids: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -336,3 +348,75 @@ def layerwise_hessians(
             for part in parts[1:]:
                 merged.absorb(part)
             yield names, merged
+
+
+def layerwise_sequential(
+    lm: LayerwiseLM,
+    batches: list[list[EncodedSample]],
+    modules: Sequence[str],
+    pad_id: int,
+    reference: LayerwiseLM | None = None,
+    tick: Callable[[int, int], None] = lambda done, total: None,
+) -> Iterator[tuple[list[str], InputHessians | CrossInputs]]:
+    """Sequential calibration, one block at a time on one device: block b's statistics
+    come from `lm` (the model being repaired) on the hidden states that left the blocks
+    before it, *after* their repair. For each block with `modules` it yields (names,
+    statistics) with the block still on the device; the caller writes the repaired
+    matrices into it (`lm.get_submodule(name).weight`) before the next `next()`, which
+    then carries the hidden states through the repaired block. With `reference` (the
+    base) it yields `CrossInputs` (H and C: asymmetric calibration), the reference's own
+    hidden states carried alongside.
+    """
+    by_block: dict[int, list[str]] = {}
+    for name in modules:
+        by_block.setdefault(int(name.split(".")[2]), []).append(name)
+    if not by_block:
+        return
+    ours = [_Batch(lm, b, pad_id) for b in batches]
+    theirs = [_Batch(reference, b, pad_id) for b in batches] if reference else []
+    last = max(by_block)
+    for index in range(last + 1):
+        names = by_block.get(index, [])
+        block = lm.block(index)
+        ref_block = reference.block(index) if reference else None
+        with torch.no_grad():
+            if names:
+                stats: InputHessians | CrossInputs
+                if reference is None:
+                    stats = InputHessians(lm.model, names)
+                    for st in ours:
+                        hidden = st.hidden[-1].to(lm.device)
+                        forward = partial(_run_block, block, hidden, st.kwargs[index])
+                        stats.observe(st.mask, forward, stop_early=True)
+                else:
+                    assert ref_block is not None
+                    stats = CrossInputs(names)
+                    for st, ref in zip(ours, theirs, strict=True):
+                        hidden = st.hidden[-1].to(lm.device)
+                        x = capture_inputs(
+                            lm.model,
+                            names,
+                            st.mask,
+                            partial(_run_block, block, hidden, st.kwargs[index]),
+                        )
+                        ref_hidden = ref.hidden[-1].to(reference.device)
+                        x_ref = capture_inputs(
+                            reference.model,
+                            names,
+                            ref.mask,
+                            partial(_run_block, ref_block, ref_hidden, ref.kwargs[index]),
+                        )
+                        stats.add(x, x_ref, int(st.mask.sum()))
+                yield names, stats  # the caller repairs the block's matrices in place
+            if index < last:  # carry the hidden states through the (repaired) block
+                for st in ours:
+                    out = _run_block(block, st.hidden[-1].to(lm.device), st.kwargs[index])
+                    st.hidden[-1] = out.to("cpu")
+                if reference is not None:
+                    for ref in theirs:
+                        hidden = ref.hidden[-1].to(reference.device)
+                        ref.hidden[-1] = _run_block(ref_block, hidden, ref.kwargs[index]).to("cpu")
+        lm.release(index)
+        if reference is not None:
+            reference.release(index)
+        tick(index + 1, last + 1)

@@ -61,6 +61,7 @@ from hcnr_core.layerwise import (
     check_layerwise_layout,
     layerwise_fisher,
     layerwise_hessians,
+    layerwise_sequential,
 )
 from hcnr_core.limits import check_data
 from hcnr_core.progress import ProgressEvent
@@ -434,7 +435,7 @@ class RepairPipeline:
         self, model: Any, reference: Any, prep: PreparedRepair, modules: list[str]
     ) -> CrossInputs:
         """H and C of `modules` (asymmetric calibration), on the first device."""
-        stats = CrossInputs(model, reference, modules)
+        stats = CrossInputs(modules, model, reference)
         device = next(model.parameters()).device
         for batch in self._batches(prep.honesty):
             stats.add_batch(*pad_batch(batch, self._pad_id(prep), device))
@@ -453,6 +454,10 @@ class RepairPipeline:
         pad_id = self._pad_id(prep)
         if self.config.compensation == "none" or not modules:
             yield modules, None
+        elif self.config.hessian_inputs != "base" and self.config.layerwise:
+            tick = lambda *_: self._check_cancel()  # noqa: E731
+            batches = self._batches(prep.honesty)
+            yield from layerwise_sequential(models[0], batches, modules, pad_id, reference, tick)
         elif self.config.hessian_inputs != "base":
             # One block at a time: `_compensate` writes each block's repaired matrices into
             # the models before this generator computes the next block's Hessians.
@@ -477,10 +482,21 @@ class RepairPipeline:
         One model resident at a time, so the fine-tuned model is loaded again; members of
         a shared-input group share one tensor."""
         models, _ = self._load_finetuned(prep, dtype)
-        modules = [w.removesuffix(".weight") for w in kept]
+        order = {f"{m}.weight": i for i, m in enumerate(prep.targets)}
+        modules = [w.removesuffix(".weight") for w in sorted(kept, key=order.__getitem__)]
         found: dict[str, torch.Tensor] = {}
-        for chunk in self._hessian_chunks(models[0], modules):
-            hessians = self._hessians(models, prep.task, self._pad_id(prep), chunk)
+        pad_id = self._pad_id(prep)
+        stream: Iterable[tuple[list[str], InputHessians]]
+        if self.config.layerwise:
+            shares = shard(self._batches(prep.task), len(models))
+            tick = lambda *_: self._check_cancel()  # noqa: E731
+            stream = layerwise_hessians(models[: len(shares)], shares, modules, pad_id, tick)
+        else:
+            stream = (
+                (chunk, self._hessians(models, prep.task, pad_id, chunk))
+                for chunk in self._hessian_chunks(models[0], modules)
+            )
+        for chunk, hessians in stream:
             by_leader: dict[str, torch.Tensor] = {}
             for module in chunk:
                 leader = hessians.group_of[module]

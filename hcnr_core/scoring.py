@@ -280,18 +280,50 @@ class InputHessians:
         return out
 
 
+def capture_inputs(
+    root: nn.Module, names: Sequence[str], mask: torch.Tensor, forward: Callable[[], Any]
+) -> dict[str, torch.Tensor]:
+    """Inputs (n_tok, in) of modules `names` of `root` while `forward()` runs, padding
+    excluded (`mask`); the pass stops once every module has seen its input."""
+    keep = mask.bool()
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def capture(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen[name] = args[0][keep].float()
+            if len(seen) == len(names):
+                raise _StopForward
+
+        return capture
+
+    handles = [root.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        forward()
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 class CrossInputs:
     """Paired input statistics for asymmetric calibration (GPTAQ-style), per module:
 
         H = (2/N_tok) Σ_t x_t x_tᵀ      C = (2/N_tok) Σ_t x°_t x_tᵀ
 
-    where x_t is the module's input at token t when `model` (the one being repaired) runs,
-    and x°_t its input at the same token when `reference` (the base) runs. Compensation can
+    where x_t is the module's input at token t when the model being repaired runs, and
+    x°_t its input at the same token when the reference (the base) runs. Compensation can
     then aim at the base's outputs on the base's own inputs, W_o x°, instead of W_o x.
-    Both passes stop after the last hooked module.
+    `add_batch` runs two whole models; `add` takes inputs captured elsewhere (layer by layer).
     """
 
-    def __init__(self, model: nn.Module, reference: nn.Module, target_modules: Sequence[str]):
+    def __init__(
+        self,
+        target_modules: Sequence[str],
+        model: nn.Module | None = None,
+        reference: nn.Module | None = None,
+    ):
         self.model, self.reference = model, reference
         self.names = list(target_modules)
         self.group_of = {name: name for name in self.names}  # no shared H here
@@ -299,36 +331,10 @@ class CrossInputs:
         self.c: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
 
-    def _inputs(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        mask = attention_mask.bool()
-        seen: dict[str, torch.Tensor] = {}
-
-        def hook(name: str) -> Callable[..., None]:
-            def capture(_module: nn.Module, args: tuple[Any, ...]) -> None:
-                seen[name] = args[0][mask].float()  # (n_tok, in), padding excluded
-                if len(seen) == len(self.names):
-                    raise _StopForward
-
-            return capture
-
-        handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in self.names]
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        return seen
-
-    @torch.no_grad()
-    def add_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        ref_ids = input_ids.to(next(self.reference.parameters()).device)
-        ref_mask = attention_mask.to(ref_ids.device)
-        ours = self._inputs(self.model, input_ids, attention_mask)
-        theirs = self._inputs(self.reference, ref_ids, ref_mask)
+    def add(
+        self, ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], n_tokens: int
+    ) -> None:
+        """Accumulate one batch: `ours`/`theirs` = inputs of the same tokens, per module."""
         for name in self.names:
             x, x_ref = ours[name], theirs[name].to(ours[name].device)
             if name not in self.h:
@@ -337,7 +343,27 @@ class CrossInputs:
                 self.c[name] = torch.zeros(size, size, dtype=torch.float32, device=x.device)
             self.h[name].addmm_(x.T, x, alpha=2.0)
             self.c[name].addmm_(x_ref.T, x, alpha=2.0)
-        self.n_tokens += int(attention_mask.sum())
+        self.n_tokens += n_tokens
+
+    @torch.no_grad()
+    def add_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        assert self.model is not None and self.reference is not None
+        model, reference = self.model, self.reference
+        ref_ids = input_ids.to(next(reference.parameters()).device)
+        ref_mask = attention_mask.to(ref_ids.device)
+        ours = capture_inputs(
+            model,
+            self.names,
+            attention_mask,
+            lambda: model(input_ids=input_ids, attention_mask=attention_mask),
+        )
+        theirs = capture_inputs(
+            reference,
+            self.names,
+            ref_mask,
+            lambda: reference(input_ids=ref_ids, attention_mask=ref_mask),
+        )
+        self.add(ours, theirs, int(attention_mask.sum()))
 
     def hessian(self, name: str) -> torch.Tensor:
         if self.n_tokens == 0:

@@ -315,9 +315,9 @@ def test_dry_run_reports_without_writing(toy, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_task_aware_compensation_needs_whole_model_mode():
-    with pytest.raises(ValueError, match="layerwise"):
-        RepairConfig(compensation="task_aware", layerwise=True)
+def test_task_aware_compensation_is_accepted_layer_by_layer():
+    # equality with the whole-model run: tests/test_research_modes.py
+    assert RepairConfig(compensation="task_aware", layerwise=True).layerwise
     assert RepairConfig(compensation="task_aware").task_weight == 1.0
 
 

@@ -87,8 +87,6 @@ def test_sequential_differs_from_base_inputs_after_the_first_block(toy, tmp_path
 def test_sequential_needs_a_hessian():
     with pytest.raises(ValueError, match="needs a compensation"):
         RepairConfig(hessian_inputs="sequential", compensation="none")
-    with pytest.raises(ValueError, match="layerwise"):
-        RepairConfig(hessian_inputs="sequential", layerwise=True)
 
 
 @pytest.mark.parametrize(
@@ -226,8 +224,36 @@ def test_asymmetric_with_the_same_inputs_is_the_symmetric_mode(mode):
 def test_asymmetric_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="exact' or 'task_aware"):
         RepairConfig(hessian_inputs="asymmetric")  # compensation defaults to paper
-    with pytest.raises(ValueError, match="layerwise"):
-        RepairConfig(hessian_inputs="asymmetric", compensation="exact", layerwise=True)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"compensation": "task_aware", "task_weight": 3.0},
+        {"hessian_inputs": "sequential"},
+        {"hessian_inputs": "asymmetric", "compensation": "exact"},
+        {"hessian_inputs": "asymmetric", "compensation": "task_aware", "task_weight": 3.0},
+    ],
+    ids=["task_aware", "sequential", "asymmetric_exact", "asymmetric_task_aware"],
+)
+@pytest.mark.parametrize("kind", ["full", "adapter"])
+def test_layer_by_layer_gives_the_whole_model_result(toy, tmp_path, cfg, kind):
+    """The research modes and task_aware under --layerwise (one block on the device at a
+    time, hidden states carried through the repaired blocks) equal the whole-model run."""
+    results = []
+    for layerwise in (False, True):
+        out = tmp_path / f"lw{layerwise}"
+        pipeline = RepairPipeline(RepairConfig(**cfg, r_cw=1.0, layerwise=layerwise))
+        prepared = pipeline.prepare(toy["base"], toy[kind], toy["honesty"], toy["task"])
+        report = pipeline.run(prepared, out)
+        results.append((report["selected_matrices"], tensors(out)))
+    (sel_a, a), (sel_b, b) = results
+    assert sel_a == sel_b
+    ft = tensors(toy["full"])
+    moved = [name for name in a if not torch.equal(a[name], ft[name])]
+    assert len(moved) == len(sel_a) > 1
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
 def _token_inputs(model, modules, honesty, pad) -> dict[str, torch.Tensor]:
