@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
+from api.routing import end_transaction
 from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
 from hcnr_core.bounded import validate_bounded
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
@@ -252,6 +253,11 @@ def validate_job(
     base = resolve_reference(body.base, settings.models_dir)
     finetuned = resolve_reference(body.finetuned, settings.models_dir)
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    # The validation can take up to validation_timeout_seconds, mostly waiting for a
+    # slot or a child: its pooled database connection goes back first (nothing is
+    # pending yet; the rows read stay loaded), or 20 of them would hold the pool and
+    # every other request would wait for a connection (issue 14).
+    end_transaction(session, failed=False)
     with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
         paths = [local_file(storage, f, Path(scratch)) for f in (honesty, task)]
         try:

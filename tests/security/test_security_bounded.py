@@ -150,6 +150,30 @@ def test_no_validation_child_is_left_running(api_results):
     assert not [p for p in bounded._children if p.is_alive()]
 
 
+def test_a_running_validation_holds_no_database_connection(api, work: hw.WorkWorld):
+    """A validation may run for validation_timeout_seconds (or wait that long for a
+    slot): its request gives its pooled connection back first, or 20 of them hold the
+    pool and every other request waits (bench/reliability.py --only hostile_work)."""
+    from hcnr_core.bounded import warm_up
+
+    warm_up()  # the forkserver's start is not what is measured
+    engine = api.app.state.session_factory.kw["bind"]
+    toy_files = {p: api.upload("alice", work.toy[p], p).json()["id"] for p in ("honesty", "task")}
+    loop = next(c for c in work.cases if c.name == "chat-template-loops")
+    idle = engine.pool.checkedout()
+    answer: list = []
+    thread = threading.Thread(target=lambda: answer.append(_post(api, work, loop, toy_files)))
+    started = time.monotonic()
+    thread.start()
+    time.sleep(3)  # validating now (it takes VALIDATION_TIMEOUT)
+    assert thread.is_alive()
+    held = engine.pool.checkedout()
+    thread.join(60)
+    assert error_code(answer[0]) == "validation_timeout"
+    assert time.monotonic() - started <= hw.VALIDATION_TIMEOUT + hw.MARGIN
+    assert held == idle, (held, idle)
+
+
 def test_validation_without_isolation_runs_in_this_process_under_the_same_limits(
     work: hw.WorkWorld, tmp_path_factory: pytest.TempPathFactory
 ):
