@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,60 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+PORT_ATTEMPTS = 5
+BIND_ERRORS = ("address already in use", "could not bind", "error while attempting to bind")
+
+
+class PortTaken(Exception):
+    """The server could not bind the port free_port() gave: another process took it."""
+
+
+def on_free_port(start: Callable[[int], Any], what: str) -> Any:
+    """free_port() is check-then-use: on a shared machine another process may bind the
+    port before our server does. `start(port)` raises PortTaken when its server could
+    not bind (or answered as some other process); then it runs again on a new port."""
+    for _ in range(PORT_ATTEMPTS):
+        try:
+            return start(free_port())
+        except PortTaken:
+            continue
+    raise RuntimeError(f"{what}: every one of {PORT_ATTEMPTS} free ports was taken first")
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds the socket listening on `port` (Linux /proc): a server
+    that answers on the port may be another one that took it first."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False
+
+
+def _bind_failed(process: subprocess.Popen, log: Path, timeout: float = 10) -> bool:
+    """True when the process exited (within `timeout`) saying it could not bind."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    text = log.read_text(errors="replace").lower() if log.exists() else ""
+    return any(error in text for error in BIND_ERRORS)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -70,8 +125,12 @@ def redis_binary() -> str | None:
 
 
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    return on_free_port(lambda port: _start_redis(workdir, port), "redis-server")
+
+
+def _start_redis(workdir: Path, port: int) -> tuple[subprocess.Popen, str]:
+    log = workdir / "redis.log"
     process = subprocess.Popen(
         [
             redis_binary(),
@@ -88,17 +147,27 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
             "--save",
             "",
         ],
-        stdout=(workdir / "redis.log").open("w"),
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
     url = f"redis://127.0.0.1:{port}/0"
 
-    def ping() -> bool:
+    def ours() -> bool:  # answering, and as this process (not whoever took the port)
         import redis
 
-        return bool(redis.Redis.from_url(url).ping())
+        if process.poll() is not None:
+            raise RuntimeError("redis-server exited")
+        return redis.Redis.from_url(url).info("server")["process_id"] == process.pid
 
-    wait_until(ping, 20, "redis-server")
+    try:
+        wait_until(_raising(ours), 20, "redis-server")
+    except _Fatal:
+        if _bind_failed(process, log):
+            raise PortTaken(port) from None
+        raise RuntimeError(f"redis-server exited; see {log}") from None
+    except BaseException:
+        stop(process)
+        raise
     return process, url
 
 
@@ -122,7 +191,7 @@ class Postgres:
         self.bindir = postgres_bindir()
         self.workdir = workdir
         self.data = workdir / "pgdata"
-        self.port = free_port()
+        self.port = 0  # chosen by start()
         self.prefix = _as_postgres_user()
 
     def _run(self, *args: str) -> None:
@@ -144,20 +213,7 @@ class Postgres:
             "UTF8",
             "--no-sync",
         )
-        options = f"-p {self.port} -k {self.workdir} -h 127.0.0.1 -F"
-        self._run(
-            str(self.bindir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            options,
-            "-l",
-            str(self.workdir / "postgres.log"),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        )
+        self.port = on_free_port(self._start_on, "postgres")
         self._run(
             str(self.bindir / "createdb"),
             "-h",
@@ -169,6 +225,31 @@ class Postgres:
             "hcnr",
         )
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/hcnr"
+
+    def _start_on(self, port: int) -> int:
+        log = self.workdir / "postgres.log"
+        options = f"-p {port} -k {self.workdir} -h 127.0.0.1 -F"
+        try:
+            self._run(
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            )
+        except subprocess.CalledProcessError:
+            text = log.read_text(errors="replace").lower() if log.exists() else ""
+            if any(error in text for error in BIND_ERRORS):
+                log.unlink()  # the next attempt's log is read afresh
+                raise PortTaken(port) from None
+            raise
+        return port
 
     def stop(self) -> None:
         subprocess.run(
@@ -210,7 +291,12 @@ def create_key(env: dict[str, str], tenant: str) -> str:
 
 def start_api(env: dict[str, str], log: Path, worker: bool = True) -> tuple[subprocess.Popen, str]:
     """`hcnr serve` (API, plus the embedded worker unless worker=False)."""
-    port = free_port()
+    return on_free_port(lambda port: _start_api(env, log, worker, port), "hcnr serve")
+
+
+def _start_api(
+    env: dict[str, str], log: Path, worker: bool, port: int
+) -> tuple[subprocess.Popen, str]:
     command = [HCNR, "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += [] if worker else ["--no-worker"]
     process = subprocess.Popen(
@@ -221,9 +307,20 @@ def start_api(env: dict[str, str], log: Path, worker: bool = True) -> tuple[subp
     def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"hcnr serve exited; see {log}")
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        ok = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        return ok and listens_on(process.pid, port)  # answered by this server
 
-    _start_or_stop(process, lambda: wait_until(_raising(ready), 90, "hcnr serve"))
+    try:
+        wait_until(_raising(ready), 90, "hcnr serve")
+    except _Fatal:
+        if _bind_failed(process, log):
+            stop(process)
+            raise PortTaken(port) from None
+        stop(process)
+        raise
+    except BaseException:
+        stop(process)
+        raise
     return process, url
 
 
@@ -244,15 +341,33 @@ def start_celery_worker(env: dict[str, str], log: Path, name: str) -> subprocess
 
 
 def start_moto(workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    return on_free_port(lambda port: _start_moto(workdir, port), "moto server")
+
+
+def _start_moto(workdir: Path, port: int) -> tuple[subprocess.Popen, str]:
+    log = workdir / "moto.log"
     process = subprocess.Popen(
         [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=(workdir / "moto.log").open("w"),
+        stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(url, timeout=2).status_code < 500, 60, "moto server")
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited; see {log}")
+        return httpx.get(url, timeout=2).status_code < 500 and listens_on(process.pid, port)
+
+    try:
+        wait_until(_raising(ready), 60, "moto server")
+    except _Fatal:
+        if _bind_failed(process, log):
+            raise PortTaken(port) from None
+        raise RuntimeError(f"moto server exited; see {log}") from None
+    except BaseException:
+        stop(process)
+        raise
     return process, url
 
 
