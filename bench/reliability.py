@@ -16,6 +16,10 @@ tests/reliability/reliability_scenarios.py at full size and records its figures:
   API SIGKILLed and restarted, with jobs queued and running.
 - cancel: cancel a running job; seconds to `cancelled`, pool-child RSS, storage.
 - load: async httpx users creating and polling jobs against the API.
+- hostile_work: the hostile-work checkpoints and data of tests/security/hostile_work.py
+  (issue 14) posted to `hcnr serve --no-worker` one by one (each refused with its code
+  within its limit), then 20 at once while GET routes and /healthz are timed against
+  their idle latency.
 
 Results accumulate in bench/results/reliability.json (a section run again replaces its
 entry); reliability.md is regenerated from all of them. Every figure is measured here.
@@ -44,6 +48,7 @@ from typing import Any, ClassVar
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "tests" / "reliability"))
+sys.path.insert(0, str(ROOT / "tests" / "security"))  # hostile_work: the issue-14 cases
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -69,6 +74,8 @@ class Options:
         "users": 200,
         "seconds": 60.0,
         "think": 0.5,
+        "burst": 20,
+        "sample_seconds": 15.0,
     }
 
     def __init__(self, args: argparse.Namespace):
@@ -298,12 +305,293 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
     }
 
 
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def _time_gets(url: str, key: str, routes: list[str], until: Callable[[], bool]) -> dict:
+    """GET each route in turn (one client, 20 ms between requests) until `until()`;
+    milliseconds per route and non-200 answers."""
+    import httpx
+
+    times: dict[str, list[float]] = {route: [] for route in routes}
+    failures: list[str] = []
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+        while not until():
+            for route in routes:
+                started = time.perf_counter()
+                try:
+                    status = client.get(route).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                times[route].append((time.perf_counter() - started) * 1000)
+                if status != 200:
+                    failures.append(f"{route}: {status}")
+                time.sleep(0.02)
+    return {"times": times, "failures": failures}
+
+
+def _latency(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    return {
+        route: {
+            "requests": len(values),
+            "p50_ms": round(_percentile(values, 50) or 0, 1),
+            "p95_ms": round(_percentile(values, 95) or 0, 1),
+            "max_ms": round(max(values, default=0), 1),
+        }
+        for route, values in times.items()
+    }
+
+
+def hostile_work(options: Options, workdir: Path) -> dict[str, Any]:
+    """Issue 14 on a real `hcnr serve`: every hostile-work case refused with its code within
+    its limit; then `burst` of them validated at once while GETs and /healthz are timed."""
+    import threading
+
+    import hostile_work as hw
+    import httpx
+    import service_procs as procs
+
+    from hcnr_core.toy import build_toy
+
+    load_average = os.getloadavg()[0]
+    toy = build_toy(workdir / "models", seed=0)
+    world = hw.build_work_world(workdir / "models", toy)
+    env = procs.service_env(data_dir=workdir / "data", models_root=world.models, **hw.WORK_LIMITS)
+    key = procs.create_key(env, "alice")
+    process, url = procs.start_api(env, workdir / "serve.log", worker=False)
+    headers = {"Authorization": f"Bearer {key}"}
+    limit_of = {
+        c.name: hw.VALIDATION_TIMEOUT + hw.MARGIN if c.timed else hw.MARGIN for c in world.cases
+    }
+    try:
+        client = httpx.Client(base_url=url, headers=headers, timeout=180)
+
+        def upload(path: Path, purpose: str) -> httpx.Response:
+            files = {"file": (path.name, path.read_bytes(), "application/jsonl")}
+            return client.post("/v1/files", files=files, data={"purpose": purpose})
+
+        def body(case: hw.WorkCase | None, files: dict[str, str]) -> dict[str, Any]:
+            return {
+                "base": case.ref if case and case.ref else "path:base",
+                "finetuned": "path:finetuned-adapter",
+                "honesty_file": files["honesty"],
+                "task_file": files["task"],
+                "hyperparameters": {"check_adapter_base_name": False},
+            }
+
+        def jobs() -> int:
+            return len(client.get("/v1/repair-jobs", params={"limit": 100}).json()["data"])
+
+        def code(response: httpx.Response) -> str | None:
+            try:
+                return (response.json().get("error") or {}).get("code")
+            except ValueError:
+                return None
+
+        toy_files = {p: upload(toy[p], p).json()["id"] for p in ("honesty", "task")}
+        # 1. one at a time (the control first: it is accepted and stays queued)
+        control = client.post("/v1/repair-jobs", json=body(None, toy_files))
+        control_id = control.json().get("id")
+        single: dict[str, dict[str, Any]] = {}
+        bodies: dict[str, dict[str, Any]] = {}
+        for case in world.cases:
+            files = dict(toy_files)
+            before, started = jobs(), time.monotonic()
+            if case.honesty:
+                response = upload(world.honesty(case), "honesty")
+                if response.status_code == 201:
+                    files["honesty"] = response.json()["id"]
+            if not case.honesty or response.status_code == 201:
+                bodies[case.name] = body(case, files)
+                response = client.post("/v1/repair-jobs", json=bodies[case.name])
+            seconds = round(time.monotonic() - started, 2)
+            single[case.name] = {
+                "stage": "job" if case.name in bodies else "upload",
+                "status": response.status_code,
+                "code": code(response),
+                "expected": case.code,
+                "seconds": seconds,
+                "limit_seconds": limit_of[case.name],
+                "jobs_added": jobs() - before,
+            }
+        # 2. GET latency idle, then while `burst` hostile validations run, then idle again
+        routes = [
+            "/v1/repair-jobs",
+            f"/v1/repair-jobs/{control_id}",
+            f"/v1/repair-jobs/{control_id}/events",
+            f"/v1/files/{toy_files['honesty']}",
+            "/healthz",
+        ]
+
+        def timed_for(seconds: float) -> dict:
+            end = time.monotonic() + seconds
+            return _time_gets(url, key, routes, lambda: time.monotonic() >= end)
+
+        idle = timed_for(options.sample_seconds)
+        names = [n for n in bodies]  # every case refused at job creation
+        burst_cases = [names[i % len(names)] for i in range(options.burst)]
+        outcomes: list[dict[str, Any]] = []
+        lock, in_flight, seen_in_flight = threading.Lock(), [0], []
+        window_end = time.monotonic() + options.sample_seconds
+
+        def post(name: str) -> None:
+            """Post `name` again and again until the window ends: `burst` requests are
+            being validated (or waiting for a slot) all through it."""
+            with httpx.Client(base_url=url, headers=headers, timeout=180) as own:
+                while time.monotonic() < window_end:
+                    started = time.monotonic()
+                    with lock:
+                        in_flight[0] += 1
+                    response = own.post("/v1/repair-jobs", json=bodies[name])
+                    with lock:
+                        in_flight[0] -= 1
+                        outcomes.append(
+                            {
+                                "case": name,
+                                "status": response.status_code,
+                                "code": code(response),
+                                "seconds": round(time.monotonic() - started, 2),
+                            }
+                        )
+
+        def window_over() -> bool:
+            seen_in_flight.append(in_flight[0])
+            return time.monotonic() >= window_end
+
+        before = jobs()
+        threads = [threading.Thread(target=post, args=(n,), daemon=True) for n in burst_cases]
+        burst_started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # every thread has posted
+        busy = _time_gets(url, key, routes, window_over)
+        for thread in threads:
+            thread.join()
+        burst_seconds = round(time.monotonic() - burst_started, 1)
+        jobs_added_burst = jobs() - before
+        after = timed_for(options.sample_seconds)
+        client.close()
+    finally:
+        procs.stop(process)
+    idle_l, busy_l, after_l = (_latency(x["times"]) for x in (idle, busy, after))
+    ratios = {
+        route: round(busy_l[route]["p95_ms"] / idle_l[route]["p95_ms"], 2)
+        if idle_l[route]["p95_ms"]
+        else None
+        for route in routes
+    }
+    expected_single = {n: r["expected"] for n, r in single.items()}
+    right = [n for n, r in single.items() if r["code"] == r["expected"] and r["status"] == 422]
+    within = [n for n, r in single.items() if r["seconds"] <= r["limit_seconds"]]
+    timed = [c.name for c in world.cases if c.timed]
+    refused_burst = [o for o in outcomes if o["status"] == 422 and o["code"]]
+    expected_of = {c.name: c.code for c in world.cases}
+    own_code = [o for o in refused_burst if o["code"] == expected_of[o["case"]]]
+    burst_within = [o for o in outcomes if o["seconds"] <= limit_of[o["case"]]]
+    codes: dict[str, int] = {}
+    for o in outcomes:
+        codes[str(o["code"])] = codes.get(str(o["code"]), 0) + 1
+    label = {
+        r: r.replace(control_id or "", "{job}").replace(toy_files["honesty"], "{file}")
+        for r in routes
+    }
+    goal = all(r is not None and r <= 2 for route, r in ratios.items() if route != "/healthz")
+    health = busy_l["/healthz"]
+    health_failures = [f for f in busy["failures"] if f.startswith("/healthz")]
+    rows: list[tuple[str, Any]] = [
+        ("load average (1 min) when the section started", f"{load_average:.1f}"),
+        ("control job (the toy, same limits): status", control.status_code),
+        (
+            "hostile-work cases refused with their expected code (one at a time)",
+            f"{len(right)} of {len(single)}",
+        ),
+        (
+            "… refused within their limit (timed: timeout + 10 s, others: 10 s)",
+            f"{len(within)} of {len(single)}",
+        ),
+        (
+            "jobs created or queued for a refused case",
+            sum(r["jobs_added"] for r in single.values()),
+        ),
+        (
+            f"wall-clock cases (limit {hw.VALIDATION_TIMEOUT:g} s): seconds to the refusal",
+            ", ".join(f"{n} {single[n]['seconds']}" for n in timed),
+        ),
+        (
+            "other cases: slowest refusal (s)",
+            "{1} {0}".format(*max((r["seconds"], n) for n, r in single.items() if n not in timed)),
+        ),
+        (
+            f"{options.burst} clients posting hostile cases for {options.sample_seconds:g} s: "
+            "requests in flight when GETs were sent (min / median)",
+            f"{min(seen_in_flight)} / {sorted(seen_in_flight)[len(seen_in_flight) // 2]}",
+        ),
+        (
+            "… their requests: refused (422 with a code) / with the case's own code / "
+            "within the case's limit",
+            f"{len(refused_burst)} / {len(own_code)} / {len(burst_within)} of {len(outcomes)}",
+        ),
+        ("… codes", ", ".join(f"{k} {v}" for k, v in sorted(codes.items()))),
+        ("… jobs created", jobs_added_burst),
+        ("… wall from the first post to the last refusal (s)", burst_seconds),
+    ]
+    for route in routes:
+        rows.append(
+            (
+                f"GET {label[route]}: p95 idle / during the burst / idle after (ms), "
+                "ratio during/idle",
+                f"{idle_l[route]['p95_ms']} / {busy_l[route]['p95_ms']} / "
+                f"{after_l[route]['p95_ms']}, {ratios[route]}",
+            )
+        )
+    rows += [
+        (
+            "/healthz during the burst: answered 200 / requests, max (ms)",
+            f"{health['requests'] - len(health_failures)} / {health['requests']}, "
+            f"{health['max_ms']}",
+        ),
+        ("GET p95 within 2x idle during the burst (every route but /healthz)", _yes(goal)),
+    ]
+    return {
+        "title": "Hostile work: refused within limits; the API stays responsive (issue 14)",
+        "rows": rows,
+        "command": options.command("hostile_work", "burst", "sample_seconds"),
+        "notes": "`hcnr serve --no-worker` (SQLite, embedded broker; no worker: refusals "
+        "must not queue anything, the control job stays queued) under the small limits "
+        "the tests use (tests/security/hostile_work.py WORK_LIMITS: validation "
+        f"{hw.VALIDATION_TIMEOUT:g} s, 1 M parameters, 4 MiB of weights, 2048 tokens per "
+        "sample, 20000 per job, 1000 samples, 1 MiB of data), defaults otherwise "
+        "(max_concurrent_validations 2: a validation waiting for a slot is refused "
+        "validation_timeout when its wait reaches the limit, whatever the case). The "
+        f"burst: {options.burst} clients, each posting one case (cycling through the cases "
+        "refused at job creation; the too-many-samples file is refused at upload) again "
+        f"as soon as it is refused, for {options.sample_seconds:g} s. GET latency: one "
+        "client, the routes in turn, 20 ms apart, for the same time idle before and after "
+        "and during the burst; p95 by nearest rank. Validation children run at nice 10. "
+        "The machine is shared (see the load average): latencies are what it gave then.",
+        "details": {
+            "single": single,
+            "expected": expected_single,
+            "burst": outcomes,
+            "latency": {"idle": idle_l, "burst": busy_l, "idle_after": after_l},
+            "ratios": ratios,
+            "failures": {"idle": idle["failures"], "burst": busy["failures"]},
+        },
+    }
+
+
 OWN: dict[str, Callable[[Options, Path], dict[str, Any]]] = {
     "kill_storm": kill_storm,
     "poison": poison,
     "restarts": restarts,
     "cancel": cancel,
     "load": load,
+    "hostile_work": hostile_work,
 }
 
 
