@@ -71,7 +71,19 @@ def test_repair_end_to_end(toy, tmp_path, kind, compensation):
     assert on_disk["config"]["compensation"] == compensation
     skipped = set() if compensation == "task_aware" else {"task_hessians"}
     assert set(on_disk["stage_seconds"]) == set(TIMED_STAGES) - skipped
-    assert 0 < on_disk["fraction_target_params_changed"] <= 1
+    # Counts by hand from the tensors: targets are every linear of the blocks (7 a layer).
+    targets = [n for n in ft if ".layers." in n and n.endswith("_proj.weight")]
+    assert len(targets) == on_disk["n_target_matrices"] == 7 * 2
+    target_params = sum(ft[n].numel() for n in targets)
+    changed = sum(int((got[n] != ft[n]).sum()) for n in got)
+    restored = sum(ft[n].shape[0] * len(cols) for n, cols in selected.items())
+    all_params = sum(t.numel() for t in ft.values())
+    assert on_disk["target_params"] == target_params
+    assert on_disk["changed_params"] == changed > 0
+    assert on_disk["restored_params"] == restored
+    assert on_disk["fraction_target_params_changed"] == pytest.approx(changed / target_params)
+    assert on_disk["fraction_target_params_restored"] == pytest.approx(restored / target_params)
+    assert on_disk["fraction_model_params_changed"] == pytest.approx(changed / all_params)
     assert {"torch", "transformers", "peft", "hcnr"} <= set(on_disk["versions"])
     listed = on_disk["files"]
     assert set(listed) == {p.name for p in out.iterdir()} - {"hcnr_report.json"}
