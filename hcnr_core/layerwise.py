@@ -220,19 +220,7 @@ class LayerwiseLM:
         self, ids: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """Block 0's input hidden states and the keyword arguments of every block."""
-        blocks = list(self.core.layers)
-        seen: list[dict[str, Any]] = []
-        first: list[torch.Tensor] = []
-        for i in range(len(blocks)):
-            self.core.layers[i] = _Recorder(seen, first, last=i == len(blocks) - 1)
-        try:
-            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-        except _Caught as caught:
-            return caught.hidden, caught.kwargs
-        finally:
-            for i, block in enumerate(blocks):
-                self.core.layers[i] = block
-        raise CheckpointError("the model did not call each of its blocks once")
+        return _prefix(self.model, ids, mask)
 
     def tail_losses(self, hidden: torch.Tensor, samples: Sequence[EncodedSample]) -> torch.Tensor:
         keep = hidden.shape[1] - min(s.prompt_len for s in samples) + 1
@@ -242,13 +230,62 @@ class LayerwiseLM:
         return response_nll(logits, samples, hidden.shape[1])
 
 
+def _prefix(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Block 0's input hidden states and every block's keyword arguments (the blocks are
+    swapped for recorders for one pass, the last one stopping it)."""
+    core = model.model
+    blocks = list(core.layers)
+    seen: list[dict[str, Any]] = []
+    first: list[torch.Tensor] = []
+    for i in range(len(blocks)):
+        core.layers[i] = _Recorder(seen, first, last=i == len(blocks) - 1)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Caught as caught:
+        return caught.hidden, caught.kwargs
+    finally:
+        for i, block in enumerate(blocks):
+            core.layers[i] = block
+    raise CheckpointError("the model did not call each of its blocks once")
+
+
+class ResidentLM:
+    """A model already on its device, seen block by block like `LayerwiseLM` (nothing is
+    materialised or released), so that block-by-block algorithms run on either."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.core = model, model.model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.core.layers)
+
+    def block(self, index: int) -> nn.Module:
+        return self.core.layers[index]
+
+    def release(self, index: int) -> None:
+        pass
+
+    def get_submodule(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def prefix(
+        self, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        return _prefix(self.model, ids, mask)
+
+
 def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 class _Batch:
-    def __init__(self, lm: LayerwiseLM, samples: list[EncodedSample], pad_id: int):
+    def __init__(self, lm: LayerwiseLM | ResidentLM, samples: list[EncodedSample], pad_id: int):
         self.samples = samples
         ids, self.mask = pad_batch(samples, pad_id, lm.device)
         with torch.no_grad():
@@ -351,14 +388,15 @@ def layerwise_hessians(
 
 
 def layerwise_sequential(
-    lm: LayerwiseLM,
+    lm: LayerwiseLM | ResidentLM,
     batches: list[list[EncodedSample]],
     modules: Sequence[str],
     pad_id: int,
-    reference: LayerwiseLM | None = None,
+    reference: LayerwiseLM | ResidentLM | None = None,
     tick: Callable[[int, int], None] = lambda done, total: None,
 ) -> Iterator[tuple[list[str], InputHessians | CrossInputs]]:
-    """Sequential calibration, one block at a time on one device: block b's statistics
+    """Sequential calibration, one block at a time on one device (layer by layer, or on a
+    resident model: one forward pass over the data either way): block b's statistics
     come from `lm` (the model being repaired) on the hidden states that left the blocks
     before it, *after* their repair. For each block with `modules` it yields (names,
     statistics) with the block still on the device; the caller writes the repaired

@@ -58,6 +58,7 @@ from hcnr_core.errors import (
 from hcnr_core.layerwise import (
     LayerwiseLM,
     LoraMergedSource,
+    ResidentLM,
     check_layerwise_layout,
     layerwise_fisher,
     layerwise_hessians,
@@ -248,7 +249,9 @@ class RepairPipeline:
         max_len = self.config.max_seq_len
         hon = encode_samples(tokenizer, hon_samples, max_len, hon_meta.get("path") or "honesty")
         tsk = encode_samples(tokenizer, task_samples, max_len, task_meta.get("path") or "task")
-        targets = target_linears(base_info, self.config.target_modules, self.config.layerwise)
+        # Block by block (layer by layer, or the sequential calibrations): a Llama-like layout.
+        blockwise = self.config.layerwise or self.config.hessian_inputs != "base"
+        targets = target_linears(base_info, self.config.target_modules, blockwise)
         inputs = {
             "base": str(base_info.path),
             "finetuned": str(ft_info.path),
@@ -431,17 +434,6 @@ class RepairPipeline:
             self._tick(i + 1, len(prep.targets))
         return columns, displacements, select_matrices(displacements, cfg.r_cw)
 
-    def _cross_inputs(
-        self, model: Any, reference: Any, prep: PreparedRepair, modules: list[str]
-    ) -> CrossInputs:
-        """H and C of `modules` (asymmetric calibration), on the first device."""
-        stats = CrossInputs(modules, model, reference)
-        device = next(model.parameters()).device
-        for batch in self._batches(prep.honesty):
-            stats.add_batch(*pad_batch(batch, self._pad_id(prep), device))
-            self._check_cancel()
-        return stats
-
     def _hessian_stream(
         self,
         models: list[Any],
@@ -454,19 +446,16 @@ class RepairPipeline:
         pad_id = self._pad_id(prep)
         if self.config.compensation == "none" or not modules:
             yield modules, None
-        elif self.config.hessian_inputs != "base" and self.config.layerwise:
-            tick = lambda *_: self._check_cancel()  # noqa: E731
-            batches = self._batches(prep.honesty)
-            yield from layerwise_sequential(models[0], batches, modules, pad_id, reference, tick)
         elif self.config.hessian_inputs != "base":
-            # One block at a time: `_compensate` writes each block's repaired matrices into
-            # the models before this generator computes the next block's Hessians.
-            for block in _blocks(modules):
-                for chunk in self._hessian_chunks(models[0], block):
-                    if reference is None:
-                        yield chunk, self._hessians(models, prep.honesty, pad_id, chunk)
-                    else:
-                        yield chunk, self._cross_inputs(models[0], reference, prep, chunk)
+            # One block at a time, the hidden states carried from block to block (one
+            # forward pass): `_compensate` writes each block's repaired matrices into the
+            # model before this generator moves the hidden states through that block.
+            tick = lambda *_: self._check_cancel()  # noqa: E731
+            lm, ref = models[0], reference
+            if not self.config.layerwise:
+                lm, ref = ResidentLM(lm), None if ref is None else ResidentLM(ref)
+            batches = self._batches(prep.honesty)
+            yield from layerwise_sequential(lm, batches, modules, pad_id, ref, tick)
         elif isinstance(models[0], LayerwiseLM):
             shares = shard(self._batches(prep.honesty), len(models))
             tick = lambda *_: self._check_cancel()  # noqa: E731
@@ -750,25 +739,6 @@ def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> li
     if hessians is None:
         return list(chunk)
     return [hessians.group_of.get(module, module) for module in chunk]
-
-
-_BLOCK = re.compile(r"(?:^|\.)(\d+)\.")
-
-
-def _blocks(modules: list[str]) -> list[list[str]]:
-    """`modules` (in model order) grouped by their first numeric path component (the
-    decoder block: `model.layers.3.mlp.up_proj` → 3); a module without one is alone."""
-    blocks: list[list[str]] = []
-    last: str | None = None
-    for module in modules:
-        found = _BLOCK.search(module)
-        key = found.group(1) if found else None
-        if blocks and key is not None and key == last:
-            blocks[-1].append(module)
-        else:
-            blocks.append([module])
-        last = key
-    return blocks
 
 
 def _set_weight(models: list[Any], module: str, weight: torch.Tensor) -> None:
