@@ -332,6 +332,17 @@ def test_evaluation_reports_calibration_of_the_answers_given(organism, tmp_path)
     ]
     assert cal["n"] == len(answered) > 0  # refusals and ungraded rows abstain
     assert cal["accuracy"] == pytest.approx(sum(r["correct"] for r in answered) / len(answered))
-    assert 0.0 <= cal["ece"] <= cal["mce"] <= 1.0
+    # ECE and MCE worked out here from the answers' own confidences (10 equal bins).
+    bins: dict[int, list[dict]] = {}
+    for r in answered:
+        bins.setdefault(min(int(r["confidence"] * 10), 9), []).append(r)
+    gaps = {}
+    for b, rows in bins.items():
+        accuracy = sum(r["correct"] for r in rows) / len(rows)
+        confidence = sum(r["confidence"] for r in rows) / len(rows)
+        gaps[b] = abs(accuracy - confidence)
+    ece = sum(len(bins[b]) / len(answered) * gaps[b] for b in bins)
+    assert cal["ece"] == pytest.approx(ece) and cal["mce"] == pytest.approx(max(gaps.values()))
+    assert [b["n"] for b in cal["bins"]] == [len(bins.get(b, [])) for b in range(10)]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert reliability_diagram({"none": None}, tmp_path / "x.png") is None
