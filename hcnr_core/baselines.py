@@ -29,9 +29,9 @@ The step count is `config.total_steps` (`steps`, or `epochs` over the data) as
 `RepairCancelled` between optimizer steps, records the logged losses (and DPO's reward
 margins/accuracies) and stops a diverged run. Two runs on one seed write identical tensors.
 
-Why TRL, and with which settings — measured with `bench/baseline_trainers.py` (one LoRA
-r=8 on all linear layers, float32, one thread, median ms per optimizer step on this
-2-core machine, shared with other jobs):
+Why TRL, and with which settings. `bench/baseline_trainers.py` times one optimizer step
+of each option on the same LoRA (r=8, all linear layers), data and encoding, float32, one
+thread, on this 2-core machine shared with other jobs (median ms, steps 2..N):
 
                               toy (b=8)   organism (b=16)   SmolLM2-135M (b=4)
     RAIT hand-written loop       21             52               3048
@@ -41,23 +41,28 @@ r=8 on all linear layers, float32, one thread, median ms per optimizer step on t
     DPO  Trainer + DPO loss      22             86               6617
     DPO  TRL DPOTrainer          32            112               7734
 
-  TRL costs 10-40% more per step than `Trainer` here: its fused LM head (which TRL 1.16
-  always installs) also computes the entropy and top-1 of every position for its metrics,
-  and on CPU (no Triton) it scores every position, prompts included. What made TRL look
-  unusable before (`hcnr_core/realmodel/train.py` gave up on `SFTTrainer` after 4 steps
-  had not finished in 13 minutes) are two defaults of TRL's configs, not the head:
-  `bf16=True` (bf16 autocast, emulated on these CPUs) and `gradient_checkpointing=True`.
-  With them, one SFTTrainer step takes 60.5 s on SmolLM2 and 499 ms on the organism
-  (`--trl-defaults`); without them, as above. `TRL_ARGS` turns both off: the compute
-  dtype is `config.dtype`, as before.
-- `datasets.Dataset.from_dict` works again (datasets 5.2.0, pyarrow 26.0.1, dill 0.4.1 on
-  Python 3.11.7): the `PicklingError: Can't pickle <class 'MonthDayNano'>` that once kept
-  `DPOTrainer` from receiving its data, and made this module hand-write its DPO, does not
-  occur any more.
-- Numbers that changed with the move (tests/test_baselines.py, organism seed 0): batches
-  are drawn by `Trainer`'s seeded sampler, one epoch at a time (no batch straddles two
-  epochs); the RPO term is TRL's token mean over the batch's chosen responses instead of
-  a mean of per-response means; DPO keeps `lora_dropout` (`disable_dropout=False`).
+- TRL costs 10-45% more per step than `Trainer`: the fused LM head TRL 1.16 always
+  installs also computes each position's entropy and top-1 for its metrics, and without
+  Triton (CPU) it scores every position, prompts included. On the organism's default
+  run (60 steps) that is 0.4 s (RAIT) to 1.6 s (DPO); for it the baselines get the maintained
+  trainers — DPO's losses, the reference pass, the reward metrics — instead of a third
+  copy of a training loop (`hcnr_core/realmodel/train.py` is the second).
+- What made TRL look unusable (`hcnr_core/realmodel/train.py` gave up on `SFTTrainer`
+  when 4 SmolLM2 steps had not finished in 13 minutes, blaming the head) are two defaults
+  of TRL's configs: `bf16=True` (bf16 autocast, emulated on these CPUs) and
+  `gradient_checkpointing=True`. With them one `SFTTrainer` step takes 60.5 s on SmolLM2
+  (16x) and 499 ms on the organism (7x) (`--trl-defaults`). `TRL_ARGS` turns both off;
+  the compute dtype stays `config.dtype`.
+- `datasets.Dataset.from_dict` works (datasets 5.2.0, pyarrow 26.0.1, dill 0.4.1, Python
+  3.11.7): the `PicklingError: Can't pickle <class 'MonthDayNano'>` that once kept
+  `DPOTrainer` from receiving its data, and made this module hand-write its DPO, no
+  longer occurs.
+- What changed numerically: batches come from `Trainer`'s seeded sampler, one epoch at a
+  time (a batch no longer straddles two epochs); the RPO term is TRL's token mean over
+  the batch's chosen responses, not a mean of per-response means; DPO keeps
+  `lora_dropout` (`disable_dropout=False`). With the defaults, the organism tests
+  (tests/test_baselines.py: refusal on unknowns up by >= 0.25, known questions refused
+  <= 0.25 and answered >= 0.6) pass for both, as they did with the hand-written loops.
 
 The output is the fine-tuned checkpoint with only the LoRA-target matrices replaced by
 `W + B·A·alpha/r` (computed in float32, cast to the stored dtype); every other tensor is
@@ -582,10 +587,10 @@ def _rait(
     config: RaitConfig,
     run: _Run,
 ) -> dict[str, Any]:
-    from datasets import Dataset
+    prep = _prepare(base, finetuned, honesty, out, config, need_answerable=False)
+    from datasets import Dataset  # after the checks: a bad input fails without importing TRL
     from trl import SFTConfig, SFTTrainer
 
-    prep = _prepare(base, finetuned, honesty, out, config, need_answerable=False)
     torch.manual_seed(config.seed)
 
     run.enter("load")
@@ -692,10 +697,10 @@ def _dpo(
     detector: RefusalDetector,
     run: _Run,
 ) -> dict[str, Any]:
-    from datasets import Dataset
+    prep = _prepare(base, finetuned, honesty, out, config, need_answerable=True)
+    from datasets import Dataset  # after the checks: a bad input fails without importing TRL
     from trl import DPOConfig
 
-    prep = _prepare(base, finetuned, honesty, out, config, need_answerable=True)
     torch.manual_seed(config.seed)
 
     run.enter("load")
