@@ -263,6 +263,21 @@ DEFAULT_CANDIDATES: tuple[AutoCandidate, ...] = (
         hyperparameters={"compensation": "task_aware", "task_weight": 7.0, "r_cw": 1.0},
     ),
     AutoCandidate(name="hcnr-paper-rcw0.2", hyperparameters={"r_cw": 0.2}),
+    # Asymmetric calibration (README, "Implementation notes"): the base's outputs on the
+    # base's own inputs, block by block through the repaired model.
+    AutoCandidate(
+        name="hcnr-asymmetric-task-aware-mu7-rcw1",
+        hyperparameters={
+            "hessian_inputs": "asymmetric",
+            "compensation": "task_aware",
+            "task_weight": 7.0,
+            "r_cw": 1.0,
+        },
+    ),
+    AutoCandidate(
+        name="hcnr-asymmetric-exact",
+        hyperparameters={"hessian_inputs": "asymmetric", "compensation": "exact"},
+    ),
 )
 BASELINE_CANDIDATES: tuple[AutoCandidate, ...] = (
     AutoCandidate(name="rait", method="rait", hyperparameters={"epochs": 1.0}),
