@@ -86,6 +86,11 @@ RESEARCH_RUNS: dict[str, dict[str, Any]] = {
         "task_weight": 7.0,
         "r_cw": 1.0,
     },
+    "hcnr_asym_ta30": {
+        "hessian_inputs": "asymmetric",
+        "compensation": "task_aware",
+        "task_weight": 30.0,
+    },
     "hcnr_asym_exact": {"hessian_inputs": "asymmetric", "compensation": "exact"},
     "hcnr_asym_ta1": {"hessian_inputs": "asymmetric", "compensation": "task_aware"},
     "hcnr_paper_cw0.2": {"r_cw": 0.2},
