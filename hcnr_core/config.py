@@ -274,6 +274,14 @@ DEFAULT_CANDIDATES: tuple[AutoCandidate, ...] = (
             "r_cw": 1.0,
         },
     ),
+    AutoCandidate(  # on the RAIT/DPO frontier on SmolLM2 (bench/results/realmodel.md)
+        name="hcnr-asymmetric-task-aware-mu30",
+        hyperparameters={
+            "hessian_inputs": "asymmetric",
+            "compensation": "task_aware",
+            "task_weight": 30.0,
+        },
+    ),
     AutoCandidate(
         name="hcnr-asymmetric-exact",
         hyperparameters={"hessian_inputs": "asymmetric", "compensation": "exact"},
