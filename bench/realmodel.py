@@ -91,6 +91,16 @@ RESEARCH_RUNS: dict[str, dict[str, Any]] = {
         "compensation": "task_aware",
         "task_weight": 30.0,
     },
+    "hcnr_asym_ta100": {
+        "hessian_inputs": "asymmetric",
+        "compensation": "task_aware",
+        "task_weight": 100.0,
+    },
+    "hcnr_asym_ta15": {
+        "hessian_inputs": "asymmetric",
+        "compensation": "task_aware",
+        "task_weight": 15.0,
+    },
     "hcnr_asym_exact": {"hessian_inputs": "asymmetric", "compensation": "exact"},
     "hcnr_asym_ta1": {"hessian_inputs": "asymmetric", "compensation": "task_aware"},
     "hcnr_paper_cw0.2": {"r_cw": 0.2},

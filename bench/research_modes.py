@@ -58,7 +58,7 @@ RUNS: dict[str, dict[str, Any]] = {
             "task_weight": mu,
             "r_cw": cw,
         }
-        for mu in (1.0, 3.0, 7.0, 15.0)
+        for mu in (1.0, 3.0, 7.0, 15.0, 30.0, 100.0)
         for cw in (0.4, 1.0)
     },
 }
