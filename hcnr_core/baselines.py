@@ -77,11 +77,12 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -572,11 +573,41 @@ def train_rait(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    columns: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
-    """SFT a LoRA on the honesty set, merge it and publish the checkpoint at `out`."""
+    """SFT a LoRA on the honesty set, merge it and publish the checkpoint at `out`.
+
+    `columns` (weight name -> input columns, e.g. `restored_columns(hcnr_report)`)
+    confines the update to those columns of those matrices: the LoRA wraps only the named
+    matrices and its A is zero outside their columns, at initialisation and in every
+    gradient, so ΔW = B·(A⊙M) is zero in every other column. AdamW moves a parameter whose
+    gradient and moments are zero by exactly zero (and weight decay keeps zero at zero)."""
     config = config or RaitConfig()
+    run = _Run(progress, should_cancel)
     with _torch_threads(config.threads):
-        return _rait(base, finetuned, honesty, Path(out), config, _Run(progress, should_cancel))
+        return _rait(base, finetuned, honesty, Path(out), config, run, columns)
+
+
+def restored_columns(report: str | Path | Mapping[str, Any]) -> dict[str, list[int]]:
+    """Weight name -> the input columns an HCNR repair restored (its `hcnr_report.json`)."""
+    if not isinstance(report, Mapping):
+        report = json.loads(Path(report).read_text(encoding="utf-8"))
+    return {m["name"]: list(m["columns"]) for m in report["selected_matrices"] if m["columns"]}
+
+
+def _confine_to_columns(peft_model: Any, columns: Mapping[str, Sequence[int]]) -> None:
+    """Zero each LoRA A outside its matrix's `columns` and keep its gradient zero there."""
+    layers = _lora_layers(peft_model)
+    missing = sorted(set(columns) - set(layers))
+    if missing:
+        raise CheckpointError(f"no LoRA layer wraps {missing[:3]} (columns of unknown matrices)")
+    for name, layer in layers.items():
+        weight = layer.lora_A["default"].weight  # (r, in)
+        mask = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
+        mask[torch.as_tensor(list(columns[name]), dtype=torch.long)] = 1
+        with torch.no_grad():
+            weight.mul_(mask)
+        weight.register_hook(lambda grad, mask=mask: grad * mask)
 
 
 def _rait(
@@ -586,7 +617,14 @@ def _rait(
     out: Path,
     config: RaitConfig,
     run: _Run,
+    columns: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
+    if columns is not None:
+        if not columns:
+            raise HCNRError("columns: no matrix has columns to train")
+        # peft full-matches a regex string against module names: exactly these matrices.
+        names = "|".join(re.escape(w.removesuffix(".weight")) for w in sorted(columns))
+        config = config.model_copy(update={"lora_targets": f"^(?:{names})$"})
     prep = _prepare(base, finetuned, honesty, out, config, need_answerable=False)
     from datasets import Dataset  # after the checks: a bad input fails without importing TRL
     from trl import SFTConfig, SFTTrainer
@@ -597,6 +635,8 @@ def _rait(
     model, ft_source = _load_finetuned(prep, config)
     encoded = encode_samples(prep.tokenizer, prep.samples, config.max_seq_len)
     model = _attach_lora(model, config)
+    if columns is not None:
+        _confine_to_columns(model, columns)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.leave()
 
@@ -626,6 +666,11 @@ def _rait(
 
     report = _report_head("rait", prep, config, trainable)
     report.update({"steps": steps, **logged})
+    if columns is not None:
+        report["confined_to_columns"] = {
+            "matrices": len(columns),
+            "columns": sum(len(c) for c in columns.values()),
+        }
     return _merge_and_write("rait", prep, model, ft_source, out, report, run)
 
 

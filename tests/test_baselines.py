@@ -20,6 +20,7 @@ from hcnr_core.baselines import (
     build_pairs,
     encode_pairs,
     lr_factor,
+    restored_columns,
     subsample,
     train_dpo,
     train_rait,
@@ -207,6 +208,41 @@ def test_only_the_lora_targets_change_and_adapter_finetunes_merge_first(toy, tmp
     untouched = [k for k in ft if k.split(".")[-2] not in ("q_proj", "v_proj")]
     assert all(torch.allclose(new[k], ft[k], atol=1e-6) for k in untouched)
     assert report["samples_used"] == 8 and report["inputs"]["finetuned_kind"] == "adapter"
+
+
+def test_rait_confined_to_restored_columns_changes_only_those_columns(toy, tmp_path):
+    """Restoration then RAIT on the restored columns only (issue #13's research item): the
+    LoRA wraps exactly the repair's selected matrices and moves only their restored input
+    columns; everything else stays the repaired model's, bit for bit."""
+    from hcnr_core.config import RepairConfig
+    from hcnr_core.pipeline import RepairPipeline
+
+    pipeline = RepairPipeline(RepairConfig(r_cw=0.5))
+    repaired = tmp_path / "repaired"
+    report = pipeline.run(
+        pipeline.prepare(toy["base"], toy["full"], toy["honesty"], toy["task"]), repaired
+    )
+    columns = restored_columns(repaired / "hcnr_report.json")
+    assert columns and len(columns) == report["n_selected_matrices"]
+
+    out = tmp_path / "out"
+    rait = train_rait(None, repaired, toy["honesty"], out, RaitConfig(**FAST), columns=columns)
+    new, old = tensors(out), tensors(repaired)
+    assert changed_names(new, old) == set(columns)
+    for name, cols in columns.items():
+        delta = new[name] != old[name]  # (out, in)
+        kept = torch.ones(delta.shape[1], dtype=torch.bool)
+        kept[cols] = False
+        assert not delta[:, kept].any(), f"{name}: a column outside the restored set moved"
+        assert delta[:, cols].any(), f"{name}: no restored column moved"
+    assert rait["confined_to_columns"] == {
+        "matrices": len(columns),
+        "columns": sum(map(len, columns.values())),
+    }
+    assert rait["lora_target_matrices"] == len(columns)
+
+    with pytest.raises(HCNRError, match="no matrix has columns"):
+        train_rait(None, repaired, toy["honesty"], tmp_path / "x", RaitConfig(**FAST), columns={})
 
 
 def test_dpo_loss_falls_and_the_margin_grows(toy, tmp_path):
