@@ -96,6 +96,11 @@ RESEARCH_RUNS: dict[str, dict[str, Any]] = {
         "compensation": "task_aware",
         "task_weight": 100.0,
     },
+    "hcnr_asym_ta50": {
+        "hessian_inputs": "asymmetric",
+        "compensation": "task_aware",
+        "task_weight": 50.0,
+    },
     "hcnr_asym_ta15": {
         "hessian_inputs": "asymmetric",
         "compensation": "task_aware",

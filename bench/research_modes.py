@@ -17,6 +17,7 @@ import json
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,10 @@ from paper_tables import (  # noqa: E402
     table,
 )
 
+from hcnr_core.baselines import restored_columns, train_rait  # noqa: E402
+from hcnr_core.config import RaitConfig  # noqa: E402
 from hcnr_core.organism import build_organism  # noqa: E402
+from hcnr_core.writer import REPORT_NAME  # noqa: E402
 
 ASYM = {"hessian_inputs": "asymmetric"}
 RUNS: dict[str, dict[str, Any]] = {
@@ -63,6 +67,36 @@ RUNS: dict[str, dict[str, Any]] = {
     },
 }
 SAMPLES = (16, 32, 64, 128)
+# Restoration, then RAIT on the restored columns only (train_rait(columns=...)): the repair
+# named, then a LoRA confined to its columns trained on n honesty samples.
+RESTORE_THEN_RAIT: dict[str, tuple[str, int]] = {
+    "paper_then_rait16_cols": ("hcnr_paper", 16),
+    "paper_then_rait128_cols": ("hcnr_paper", 128),
+    "asym_ta30_then_rait16_cols": ("asym_task_aware_mu30_cw0.4", 16),
+}
+
+
+def run_restore_then_rait(paths: dict, out: Path, repair: str, n_samples: int) -> dict:
+    """RUNS[repair] into a scratch directory, then RAIT on its restored columns into `out`."""
+    scratch = out.with_name(out.name + "-restored")
+    shutil.rmtree(scratch, ignore_errors=True)
+    restored = run_hcnr(paths, scratch, **RUNS[repair])
+    started = time.perf_counter()
+    report = train_rait(
+        None,
+        scratch,
+        paths["honesty"],
+        out,
+        RaitConfig(n_samples=n_samples, threads=1),
+        columns=restored_columns(scratch / REPORT_NAME),
+    )
+    shutil.rmtree(scratch)
+    return {
+        "seconds": restored["seconds"] + time.perf_counter() - started,
+        "samples": 256,
+        "fraction_changed": report["fraction_model_params_changed"],
+        "config": {"repair": repair, "rait_n_samples": n_samples},
+    }
 
 
 def one_seed(seed: int, organisms: Path, work: Path, log: Any) -> dict[str, Any]:
@@ -83,6 +117,8 @@ def one_seed(seed: int, organisms: Path, work: Path, log: Any) -> dict[str, Any]
 
     for name, overrides in RUNS.items():
         record(name, run_hcnr(paths, out, **overrides))
+    for name, (repair, n) in RESTORE_THEN_RAIT.items():
+        record(name, run_restore_then_rait(paths, out, repair, n))
     for method in ("rait", "dpo"):
         for n in SAMPLES:
             record(f"{method}_n{n}", run_baseline(method, paths, out, n_samples=n))
@@ -97,6 +133,8 @@ def points_of(results: list[dict]) -> dict[str, list[tuple[float, float, str]]]:
         method = name.split("_n")[0] if name.startswith(("rait_n", "dpo_n")) else "hcnr"
         if name.startswith("asym"):
             method = "hcnr_asymmetric"
+        if name in RESTORE_THEN_RAIT:
+            method = "restore_then_rait"
         dom = statistics.fmean(per_seed(results, name, "domain_accuracy"))
         f1 = statistics.fmean(per_seed(results, name, "f1"))
         points.setdefault(method, []).append((dom, f1, name))
