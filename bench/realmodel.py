@@ -349,7 +349,7 @@ def one_seed(
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
         return partial
 
-    cache: dict[str, Any] = {}
+    cache = FisherCache(work / f"fisher-{model}-{seed}.pt")  # for a later `--add`
     # Table 1 first (the three HCNR modes, then the baselines), then the ablations.
     for name in ("hcnr_paper", "hcnr_exact", "hcnr_task_aware"):
         sweep.append({"method": name, "name": name})
