@@ -494,14 +494,43 @@ def research_section(results: list[dict], names: tuple[str, ...]) -> list[str]:
         "",
         *settings,
         "",
-        *table(results, ("hcnr_paper", *names), QUALITY),
+        *seed_table(results, ("hcnr_paper", *names), QUALITY),
         "",
-        *table(results, ("hcnr_paper", *names), COST),
+        *seed_table(results, ("hcnr_paper", *names), COST),
         "",
     ]
 
 
+def has(result: dict, name: str) -> bool:
+    return "metrics" in result["runs"].get(name, {})
+
+
+def on_every_seed(results: list[dict]) -> list[dict]:
+    """`results` with each seed's sweep cut to the settings every seed measured: goals and
+    the frontier compare means over the same seeds only."""
+    common = [e for e in results[0]["sweep"] if all(has(r, e["name"]) for r in results)]
+    return [{**r, "sweep": common} for r in results]
+
+
+def seed_table(results: list[dict], names: tuple[str, ...], columns: list[tuple]) -> list[str]:
+    """`table`, each row the mean over the seeds that measured it, labelled when that is
+    not every seed (an entry added with `--add` to some seeds only)."""
+    lines = table(results, (), columns)
+    for name in names:
+        measured = [r for r in results if has(r, name)]
+        if not measured:
+            continue
+        row = table(measured, (name,), columns)[-1]
+        if len(measured) < len(results):
+            label = LABELS.get(name, name)
+            seeds = ", ".join(str(r["seed"]) for r in measured)
+            row = row.replace(f"| {label} |", f"| {label} (seed {seeds} only) |", 1)
+        lines.append(row)
+    return lines
+
+
 def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
+    results = on_every_seed(results)
     points = pareto_points(results)
     seeds = ", ".join(str(r["seed"]) for r in results)
     png = f"realmodel_{model}_pareto.png"
@@ -509,7 +538,7 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
     plot(points, results, out_dir / png, title, "refusal F1 on SelfAware (%)")
 
     def measured(names: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(n for n in names if all("metrics" in r["runs"].get(n, {}) for r in results))
+        return tuple(n for n in names if any(has(r, n) for r in results))
 
     try:
         verdicts = goals(results, points) + auto_goal(results, points)
@@ -530,15 +559,15 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
         "",
         "### Table 1: honesty and domain",
         "",
-        *table(results, measured(("base", "finetuned", *TABLE1, *AUTO_RUNS)), QUALITY),
+        *seed_table(results, measured(("base", "finetuned", *TABLE1, *AUTO_RUNS)), QUALITY),
         "",
         "### Table 2: cost (wall time = load + compute + save, without evaluation)",
         "",
-        *table(results, measured((*TABLE1, *AUTO_RUNS)), COST),
+        *seed_table(results, measured((*TABLE1, *AUTO_RUNS)), COST),
         "",
         "### Table 3: ablations",
         "",
-        *table(results, measured(TABLE3), QUALITY),
+        *seed_table(results, measured(TABLE3), QUALITY),
         "",
         *research_section(results, measured(tuple(RESEARCH_RUNS))),
         "### Calibration of the answers (ECE / MCE, 10 bins)",
