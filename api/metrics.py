@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from store import repositories
 from store.db import session_scope
-from store.models import JOB_STATES
+from store.job_state import STATES
 
 
 class JobsCollector:
@@ -27,7 +27,7 @@ class JobsCollector:
                 counts = repositories.count_jobs_by_status(session)
         except Exception:
             return
-        for status in JOB_STATES:
+        for status in STATES:
             gauge.add_metric([status], counts.get(status, 0))
         yield gauge
 

@@ -19,11 +19,10 @@ from pydantic import (
 )
 
 from hcnr_core.config import AutoConfig, DpoConfig, FileConfig, RaitConfig, RepairConfig
+from store.job_state import STATES
 
 FilePurpose = Literal["honesty", "task", "eval"]
-JobStatus = Literal[
-    "validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"
-]
+JobStatus = Literal[STATES]  # type: ignore[valid-type]  # store/job_state.py lists them
 
 
 def _storable(text: str) -> str:

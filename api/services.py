@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 from fastapi import UploadFile
 from jinja2.exceptions import SecurityError, TemplateError
 from pydantic import ValidationError
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,8 +31,8 @@ from hcnr_core.bounded import validate_bounded
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
 from hcnr_core.errors import DataValidationError, TooManySamplesError
 from hcnr_core.methods import MethodInputs, get_method
-from store import repositories
-from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
+from store import job_state, repositories
+from store.models import Artifact, File, Job, JobLabel, Tenant, new_id
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage
@@ -315,8 +314,7 @@ def create_job(
             raise
         return winner, False
     repositories.add_event(session, job, "created", "job created")
-    job.status, job.queued_at = "queued", utcnow()
-    repositories.add_event(session, job, "queued", "validated; waiting for a worker")
+    job = job_state.queue(session, job.id)
     session.commit()
     _send(enqueue, job.id)
     return job, True
@@ -332,7 +330,6 @@ def _new_job(
     return Job(
         id=new_id("job"),
         tenant_id=tenant.id,
-        status="validating",
         base_ref=body.base,
         finetuned_ref=body.finetuned,
         method=body.method,
@@ -370,29 +367,12 @@ def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     """queued → cancelled at once; running → cancelling (the worker stops between steps)."""
     job = get_job(session, tenant, job_id)
-    now = utcnow()
-    done = _transition(
-        session, job_id, ("validating", "queued"), status="cancelled", finished_at=now
-    )
-    if not done:
-        done = _transition(session, job_id, ("running",), status="cancelling")
-    session.refresh(job)
-    if not done and job.status != "cancelling":
-        raise APIError(409, "job_not_cancellable", f"job is already {job.status}")
-    if done:
-        repositories.add_event(session, job, job.status, "cancellation requested")
-        session.commit()
+    try:
+        job = job_state.cancel(session, job.id)
+    except job_state.TransitionRefused as exc:
+        raise APIError(409, "job_not_cancellable", f"job is already {exc.status}") from None
+    session.commit()
     return job
-
-
-def _transition(session: Session, job_id: str, from_states: tuple[str, ...], **values) -> bool:
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(from_states))
-        .values(updated_at=utcnow(), **values)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
 
 
 # --- artifacts -------------------------------------------------------------------------------

@@ -21,10 +21,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATES = ("validating", "queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-ACTIVE_STATES = frozenset({"running", "cancelling"})
-
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -101,6 +97,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    # Written only by store/job_state.py, which lists the states and their transitions.
     status: Mapped[str] = mapped_column(String(16), default="validating")
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0)

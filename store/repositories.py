@@ -7,14 +7,13 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store.models import (
-    ACTIVE_STATES,
     ApiKey,
     Artifact,
     File,
@@ -151,60 +150,6 @@ def list_events(session: Session, job_id: str, after: int, limit: int) -> list[J
         .where(JobEvent.job_id == job_id, JobEvent.id > after)
         .order_by(JobEvent.id)
         .limit(limit)
-    )
-    return list(session.scalars(query).all())
-
-
-def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: int) -> bool:
-    """Atomically move a queued job to running for `worker_id` (False if someone else,
-    or nobody, may run it)."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(
-            status="running",
-            worker_id=worker_id,
-            attempts=Job.attempts + 1,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
-
-
-def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: int) -> str | None:
-    """Extend the lease if `worker_id` still holds it and return the job's status; None
-    when it no longer does (a stalled worker whose job was re-queued, maybe running
-    elsewhere now: it must stop, whatever the status says)."""
-    now = utcnow()
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(ACTIVE_STATES))
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        return None
-    return session.scalar(select(Job.status).where(Job.id == job_id))
-
-
-def expired_jobs(session: Session, now: datetime) -> list[Job]:
-    query = (
-        select(Job)
-        .where(Job.status.in_(ACTIVE_STATES), Job.lease_expires_at < now)
-        .with_for_update(skip_locked=True)
-    )
-    return list(session.scalars(query).all())
-
-
-def stale_queued_jobs(session: Session, before: datetime) -> list[Job]:
-    query = (
-        select(Job)
-        .where(Job.status == "queued", Job.queued_at < before)
-        .with_for_update(skip_locked=True)
     )
     return list(session.scalars(query).all())
 

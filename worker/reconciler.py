@@ -10,9 +10,9 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from store import repositories
+from store import job_state
 from store.db import session_scope
-from store.models import Job, utcnow
+from store.models import utcnow
 from store.settings import Settings
 from worker.cleanup import remove_leftovers
 from worker.webhooks import notify_job
@@ -27,15 +27,19 @@ def reconcile_once(
     changed: dict[str, str] = {}
     now = utcnow()
     with session_scope(session_factory) as session:
-        for job in repositories.expired_jobs(session, now):
-            changed[job.id] = _recover(session, job, settings)
+        for job in job_state.expired_jobs(session, now):
+            changed[job.id] = job_state.recover_expired(
+                session,
+                job,
+                max_attempts=settings.max_attempts,
+                job_timeout_seconds=settings.job_timeout_seconds,
+                grace_seconds=settings.job_timeout_grace_seconds,
+            )
         stale = now - timedelta(seconds=settings.requeue_queued_seconds)
-        for job in repositories.stale_queued_jobs(session, stale):
+        for job in job_state.stale_queued_jobs(session, stale):
             # The message may be lost (broker down at create time, broker data lost): send
             # it again. A duplicate is harmless: only one worker can claim a queued job.
-            waited = (now - job.queued_at).total_seconds()
-            job.queued_at = now
-            repositories.add_event(session, job, "resent", f"re-sent after {waited:.0f}s queued")
+            job_state.resend(session, job, now)
             changed[job.id] = "queued"
     for job_id, status in changed.items():
         if status == "queued":
@@ -51,46 +55,6 @@ def _remove_leftovers(settings: Settings, job_id: str) -> None:
         remove_leftovers(settings, job_id)
     except Exception:
         log.exception("could not remove the leftovers of job %s", job_id)
-
-
-def _past_job_timeout(job: Job, settings: Settings) -> bool:
-    """Did the lost attempt run past job_timeout_seconds? Then another run would too."""
-    if job.started_at is None:
-        return False
-    limit = settings.job_timeout_seconds + settings.job_timeout_grace_seconds
-    return utcnow() - _aware(job.started_at) > timedelta(seconds=limit)
-
-
-def _aware(moment):
-    from datetime import timezone
-
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-
-
-def _recover(session: Session, job: Job, settings: Settings) -> str:
-    lost, max_attempts = job.worker_id, settings.max_attempts
-    job.worker_id, job.lease_expires_at = None, None
-    if job.status == "cancelling":
-        job.status, job.finished_at = "cancelled", utcnow()
-        repositories.add_event(session, job, "cancelled", f"worker {lost} lost while cancelling")
-    elif _past_job_timeout(job, settings):
-        job.status, job.finished_at = "failed", utcnow()
-        job.error_code = "timeout"
-        job.error_message = (
-            f"the job ran past its {settings.job_timeout_seconds:g}-second limit "
-            f"(job_timeout_seconds) and its worker {lost} stopped answering"
-        )
-        repositories.add_event(session, job, "failed", job.error_message, {"code": "timeout"})
-    elif job.attempts >= max_attempts:
-        job.status, job.finished_at = "failed", utcnow()
-        job.error_code = "worker_lost"
-        job.error_message = f"the worker died {job.attempts} times (limit {max_attempts})"
-        repositories.add_event(session, job, "failed", job.error_message, {"code": "worker_lost"})
-    else:
-        job.status, job.stage, job.progress, job.eta_seconds = "queued", None, 0.0, None
-        job.queued_at = utcnow()
-        repositories.add_event(session, job, "requeued", f"worker {lost} lost its lease")
-    return job.status
 
 
 class ReconcilerThread(threading.Thread):

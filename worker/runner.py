@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from hcnr_core.errors import HCNRError, JobTimeoutError, RepairCancelled
@@ -23,9 +22,9 @@ from hcnr_core.limits import use_limits
 from hcnr_core.methods import MethodInputs, get_method
 from hcnr_core.progress import ProgressEvent
 from hcnr_core.writer import sha256_file
-from store import repositories
+from store import job_state, repositories
 from store.db import session_scope
-from store.models import ACTIVE_STATES, Artifact, File, Job, utcnow
+from store.models import Artifact, File, Job
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage
@@ -104,7 +103,7 @@ class Lease:
 
     def renew(self) -> None:
         with session_scope(self.ctx.session_factory) as session:
-            status = repositories.renew_lease(
+            status = job_state.renew_lease(
                 session, self.job_id, self.ctx.worker, self.ctx.settings.lease_seconds
             )
         if status != "running":  # cancelling, or no longer ours (None): stop
@@ -182,11 +181,10 @@ class ProgressRecorder:
 def run_job(job_id: str, ctx: Context) -> str:
     """Run one job if it can be claimed; returns its final (or current) status."""
     with session_scope(ctx.session_factory) as session:
-        if not repositories.claim_job(session, job_id, ctx.worker, ctx.settings.lease_seconds):
+        job = job_state.claim(session, job_id, ctx.worker, ctx.settings.lease_seconds)
+        if job is None:
             job = repositories.get_job_by_id(session, job_id)
             return job.status if job else "missing"
-        job = repositories.get_job_by_id(session, job_id)
-        repositories.add_event(session, job, "running", f"attempt {job.attempts} on {ctx.worker}")
         labels, attempt = job.metadata_dict, job.attempts
     faults.crash_if_poisoned(job_id, labels)  # a no-op unless a test switched it on
     if attempt > 1:  # earlier attempts died (the claim needed their lease gone): clear up
@@ -379,38 +377,23 @@ def _artifacts(job_id: str, report: dict, out: Path) -> list[Artifact]:
 
 def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> None:
     """Record the terminal state, only if this worker still holds the job."""
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "eta_seconds": None}
-    if status == "succeeded":
-        report = outcome["report"]
-        values.update(
-            progress=1.0,
-            report=report,
-            stage_seconds=report.get("stage_seconds", {}),
-            metrics=report.get("metrics"),
-        )
-    elif status == "failed":
-        values.update(error_code=outcome["code"], error_message=outcome["message"][:4000])
     with session_scope(ctx.session_factory) as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker_id == ctx.worker, Job.status.in_(ACTIVE_STATES))
-            .values(updated_at=utcnow(), **values)
-            .execution_options(synchronize_session=False)
+        job = job_state.finish(
+            session,
+            job_id,
+            ctx.worker,
+            status,
+            report=outcome.get("report"),
+            error_code=outcome.get("code"),
+            error_message=outcome.get("message"),
         )
-        if result.rowcount != 1:
+        if job is None:
             log.warning("job %s: lease lost before recording %s", job_id, status)
             if status == "succeeded":
                 _discard(ctx, job_id, outcome["out"])
             return
         if status == "succeeded":
             session.add_all(_artifacts(job_id, outcome["report"], outcome["out"]))
-        job = repositories.get_job_by_id(session, job_id)
-        message = outcome.get("message", f"job {status}")
-        repositories.add_event(session, job, status, message, _event_data(outcome))
-
-
-def _event_data(outcome: dict) -> dict | None:
-    return {"code": outcome["code"]} if "code" in outcome else None
 
 
 def notify(ctx: Context, job_id: str) -> None:

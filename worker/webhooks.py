@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store import repositories
 from store.db import session_scope
-from store.models import TERMINAL_STATES, Job
+from store.job_state import TERMINAL_STATES
+from store.models import Job
 from store.settings import Settings
 
 log = logging.getLogger("hcnr.webhooks")

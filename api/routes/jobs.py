@@ -27,7 +27,8 @@ from api.schemas import (
 )
 from store import repositories
 from store.db import session_scope
-from store.models import TERMINAL_STATES, Job, JobEvent
+from store.job_state import TERMINAL_STATES
+from store.models import Job, JobEvent
 from worker.webhooks import notify_job
 
 POLL_SECONDS = 0.5

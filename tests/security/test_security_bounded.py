@@ -381,7 +381,7 @@ def test_stuck_job_is_failed_by_its_lease_and_not_renewed(timed_api, work, monke
 
 
 def test_reconciler_fails_a_lost_job_past_its_limit_instead_of_requeueing(timed_api, work):
-    from store import repositories
+    from store import job_state, repositories
     from store.db import session_scope
     from store.models import utcnow
     from worker.reconciler import reconcile_once
@@ -389,7 +389,7 @@ def test_reconciler_fails_a_lost_job_past_its_limit_instead_of_requeueing(timed_
     job_id = _create_job(timed_api, work)
     factory = timed_api.app.state.session_factory
     with session_scope(factory) as session:
-        assert repositories.claim_job(session, job_id, "gone:1", 5)
+        assert job_state.claim(session, job_id, "gone:1", 5)
         job = repositories.get_job_by_id(session, job_id)
         job.started_at = utcnow() - timedelta(seconds=10)  # ran past 1.5 s + 1 s grace
         job.lease_expires_at = utcnow() - timedelta(seconds=1)  # and its worker is gone

@@ -88,7 +88,7 @@ def test_dead_worker_job_is_requeued_and_finished(stack: Stack, models: Models):
 
 def test_attempt_cap_fails_the_job(stack: Stack, models: Models):
     """A job whose worker died `max_attempts` times is failed, not re-queued forever."""
-    from store import repositories
+    from store import job_state
     from store.db import make_engine, make_session_factory, session_scope
     from store.models import Job, utcnow
     from store.settings import Settings
@@ -113,7 +113,7 @@ def test_attempt_cap_fails_the_job(stack: Stack, models: Models):
     failed = stack.alice.repair_jobs.retrieve(job_id)
     assert failed.status == "failed" and failed.error.code == "worker_lost"
     with session_scope(factory) as session:
-        assert repositories.expired_jobs(session, utcnow()) == []
+        assert job_state.expired_jobs(session, utcnow()) == []
 
 
 def test_schema_matches_models_on_postgres(stack: Stack):
