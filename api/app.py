@@ -11,6 +11,7 @@ from api.errors import install_error_handlers
 from api.limits import UploadSizeLimit
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, files, health, jobs
+from api.ui import routes as ui
 from hcnr_core.bounded import warm_up
 from store.db import make_engine, make_session_factory, migrate
 from store.settings import Settings
@@ -42,10 +43,12 @@ def create_app(
     app.state.storage = make_storage(settings)
     app.state.enqueue, app.state.broker_check = _broker(settings, enqueue)
     app.state.metrics = Metrics(app.state.session_factory)
-    for module in (files, jobs, artifacts, health):
+    for module in (files, jobs, artifacts, health, ui):
         app.include_router(module.router)
     install_error_handlers(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
+    # the dashboard's job form carries up to four uploads
+    app.add_middleware(UploadSizeLimit, max_bytes=4 * settings.max_upload_bytes, path_prefix="/ui")
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app
 

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Install the servers the service integration tests start themselves (redis-server,
-# PostgreSQL) and strace (the security tests trace a real server's system calls) from
-# Debian packages. Idempotent: does nothing when all are present.
+# PostgreSQL), strace (the security tests trace a real server's system calls) and
+# chromium + chromium-driver (the dashboard's browser test) from Debian packages.
+# Idempotent: does nothing when all are present.
 set -euo pipefail
 
 need=()
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -eq 0 ]; then
-    echo "install-services: redis-server, postgresql and strace already installed"
+    echo "install-services: redis-server, postgresql, strace and chromium already installed"
     exit 0
 fi
 

@@ -1,0 +1,371 @@
+"""The dashboard at /ui through the in-process app (TestClient): login and its cookie,
+CSRF and same-origin checks, tenant isolation of every /ui route, and a job created
+from the form whose page shows exactly the job's report. The browser test is
+test_ui_browser.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import ui_support as ui
+from fastapi.testclient import TestClient
+from service_support import InProcess, Models, job_body
+
+MISSING = "job_" + "0" * 24
+
+
+@pytest.fixture(scope="module")
+def keys(inproc: InProcess) -> dict[str, str]:
+    return {t: c.headers["Authorization"].split()[1] for t, c in inproc.clients.items()}
+
+
+@pytest.fixture(scope="module")
+def eval_file(models: Models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Unanswerable (the honesty rows), answerable and domain rows (the task rows with
+    their answers) in one eval set: every metric of the table is a number."""
+    tasks = [json.loads(line) for line in models.task.read_text().splitlines()]
+    rows = [
+        *(json.loads(line) for line in models.honesty.read_text().splitlines()),
+        *({**t, "answers": [t["response"].rstrip(" .")]} for t in tasks[:8]),
+        *({**t, "answers": [t["response"].rstrip(" .")], "answerable": True} for t in tasks[8:]),
+    ]
+    path = tmp_path_factory.mktemp("ui-eval") / "eval.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def queued_job(inproc: InProcess, models: Models) -> str:
+    """A job of alice's that stays queued (never run): the target of refused posts."""
+    files = {
+        p: inproc.upload("alice", path, p).json()["id"]
+        for p, path in (("honesty", models.honesty), ("task", models.task))
+    }
+    response = inproc.clients["alice"].post("/v1/repair-jobs", json=job_body(files))
+    assert response.status_code == 201, response.text
+    inproc.queued.remove(response.json()["id"])
+    return response.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def finished(inproc: InProcess, models: Models, keys, eval_file: Path) -> dict:
+    """A job created through the dashboard's form (three uploads), run to the end."""
+    client = ui.login(inproc.app, keys["alice"])
+    token = ui.csrf_of(client)
+    uploads = {
+        "honesty_upload": ("honesty.jsonl", models.honesty.read_bytes(), "application/jsonl"),
+        "task_upload": ("task.jsonl", models.task.read_bytes(), "application/jsonl"),
+        "eval_upload": ("eval.jsonl", eval_file.read_bytes(), "application/jsonl"),
+    }
+    form = {
+        "csrf_token": token,
+        "method": "hcnr",
+        "base": "path:base",
+        "finetuned": "path:finetuned-adapter",
+        "hyperparameters": '{"r_iw": 0.3}',
+        "metadata": "run=ui-form, team=honesty",
+    }
+    response = client.post("/ui/jobs", data=form, files=uploads, follow_redirects=False)
+    assert response.status_code == 303, response.text
+    job_id = response.headers["location"].rsplit("/", 1)[1]
+    queued_page = ui.parse(client.get(f"/ui/jobs/{job_id}").text)
+    assert queued_page.by_id("job-status").text == "queued"
+    assert queued_page.by_id("cancel").tag == "button"
+    assert inproc.run_queued() == ["succeeded"]
+    return {"id": job_id, "client": client}
+
+
+def test_login_sets_a_strict_httponly_cookie_and_refuses_bad_keys(inproc: InProcess, keys):
+    anonymous = TestClient(inproc.app)
+    response = anonymous.get("/ui/jobs", follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (303, "/ui/login")
+    bad = anonymous.post("/ui/login", data={"api_key": "hcnr_nope_nope"}, follow_redirects=False)
+    assert bad.status_code == 401 and "set-cookie" not in bad.headers
+    assert ui.parse(bad.text).by_id("login-error").text.startswith("That API key is not valid")
+
+    good = anonymous.post("/ui/login", data={"api_key": keys["alice"]}, follow_redirects=False)
+    assert (good.status_code, good.headers["location"]) == (303, "/ui/jobs")
+    cookie = good.headers["set-cookie"].lower()
+    assert {"httponly", "samesite=strict", "path=/ui"} <= {p.strip() for p in cookie.split(";")}
+    assert keys["alice"] not in good.headers["location"]
+    page = anonymous.get("/ui/jobs")
+    assert page.status_code == 200 and ui.parse(page.text).by_id("tenant-name").text == "alice"
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert keys["alice"] not in page.text  # the key never comes back in a page
+
+
+def test_a_revoked_key_ends_the_session(inproc: InProcess):
+    from store import repositories
+    from store.db import session_scope
+
+    with session_scope(inproc.app.state.session_factory) as session:
+        record, key = repositories.create_api_key(session, "alice")
+        key_id = record.id
+    client = ui.login(inproc.app, key)
+    assert client.get("/ui/jobs", follow_redirects=False).status_code == 200
+    with session_scope(inproc.app.state.session_factory) as session:
+        assert repositories.revoke_api_key(session, key_id)
+    response = client.get("/ui/jobs", follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (303, "/ui/login")
+
+
+def _posts(job_id: str, models: Models) -> list[tuple[str, dict, dict]]:
+    """Every state-changing /ui form post, with a body that would succeed."""
+    jsonl = {"file": ("h.jsonl", models.honesty.read_bytes(), "application/jsonl")}
+    job = {"base": "path:base", "finetuned": "path:finetuned-adapter"}
+    return [
+        (f"/ui/jobs/{job_id}/cancel", {}, {}),
+        ("/ui/files", {"purpose": "honesty"}, jsonl),
+        ("/ui/jobs", job, {}),
+        ("/ui/logout", {}, {}),
+    ]
+
+
+def test_form_posts_need_a_session_the_csrf_token_and_the_same_origin(
+    inproc: InProcess, keys, queued_job: str, models: Models
+):
+    alice = ui.login(inproc.app, keys["alice"])
+    bob = ui.login(inproc.app, keys["bob"])
+    token, bobs_token = ui.csrf_of(alice), ui.csrf_of(bob)
+    assert token != bobs_token
+    anonymous = TestClient(inproc.app)
+    for path, data, files in _posts(queued_job, models):
+        refused = [
+            anonymous.post(path, data={**data, "csrf_token": token}, files=files or None),
+            alice.post(path, data=data, files=files or None),
+            alice.post(path, data={**data, "csrf_token": "0" * 64}, files=files or None),
+            alice.post(path, data={**data, "csrf_token": bobs_token}, files=files or None),
+            alice.post(
+                path,
+                data={**data, "csrf_token": token},
+                files=files or None,
+                headers={"Origin": "https://evil.example"},
+            ),
+        ]
+        assert [r.status_code for r in refused] == [401, 403, 403, 403, 403], path
+    assert inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json()["status"] == (
+        "queued"
+    )
+    assert inproc.queued == []  # no job was created
+    assert alice.get("/ui/jobs", follow_redirects=False).status_code == 200  # still logged in
+    # The same post with the token and no foreign Origin goes through.
+    out = alice.post("/ui/logout", data={"csrf_token": token}, follow_redirects=False)
+    assert (out.status_code, out.headers["location"]) == (303, "/ui/login")
+    assert alice.get("/ui/jobs", follow_redirects=False).status_code == 303
+
+
+def _id_routes(routes: list) -> set[tuple[str, str]]:
+    """(method, path) of every /ui route that takes a job id (FastAPI may wrap routers)."""
+    from fastapi.routing import APIRoute
+
+    found = set()
+    for route in routes:
+        router = getattr(route, "original_router", None)
+        found |= _id_routes(router.routes) if router else set()
+        if (
+            isinstance(route, APIRoute)
+            and route.path.startswith("/ui/")
+            and "{job_id}" in route.path
+        ):
+            found |= {(method, route.path) for method in route.methods}
+    return found
+
+
+def test_every_ui_route_is_tenant_isolated(inproc: InProcess, keys, finished, queued_job):
+    """Bob gets 404 for every /ui route with one of alice's job ids, as for an unknown id;
+    alice's jobs are not in his list and her files cannot be used in his jobs."""
+    bob = ui.login(inproc.app, keys["bob"])
+    token = ui.csrf_of(bob)
+    job_id = finished["id"]
+    requests = {
+        ("GET", "/ui/jobs/{job_id}"): lambda j: bob.get(f"/ui/jobs/{j}"),
+        ("GET", "/ui/jobs/{job_id}/stream"): lambda j: bob.get(f"/ui/jobs/{j}/stream"),
+        ("POST", "/ui/jobs/{job_id}/cancel"): lambda j: bob.post(
+            f"/ui/jobs/{j}/cancel", data={"csrf_token": token}
+        ),
+        ("GET", "/ui/jobs/{job_id}/artifacts/{name}"): lambda j: bob.get(
+            f"/ui/jobs/{j}/artifacts/config.json"
+        ),
+        ("GET", "/ui/jobs/{job_id}/checkpoint.tar"): lambda j: bob.get(
+            f"/ui/jobs/{j}/checkpoint.tar"
+        ),
+    }
+    assert set(requests) == _id_routes(inproc.app.routes)  # a new route needs a line here
+    for route, request in requests.items():
+        for target in (job_id, queued_job):
+            theirs, unknown = request(target), request(MISSING)
+            assert (theirs.status_code, unknown.status_code) == (404, 404), route
+            # the same page as for an unknown id (the id bob sent is echoed, nothing else)
+            assert theirs.text.replace(target, MISSING) == unknown.text, route
+    assert inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json()["status"] == (
+        "queued"
+    )
+    listing = bob.get("/ui/jobs")
+    assert job_id not in listing.text and queued_job not in listing.text
+    alices = inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}").json()
+    form = {
+        "csrf_token": token,
+        "base": "path:base",
+        "finetuned": "path:finetuned-adapter",
+        "honesty_file": alices["honesty_file"],
+        "task_file": alices["task_file"],
+    }
+    refused = bob.post("/ui/jobs", data=form)
+    assert refused.status_code == 404
+    assert ui.parse(refused.text).by_id("form-error").attrs["data-code"] == "not_found"
+    assert inproc.queued == []
+
+
+def test_the_job_page_shows_the_jobs_report(inproc: InProcess, finished):
+    client, job_id = finished["client"], finished["id"]
+    api = inproc.clients["alice"]
+    report = api.get(f"/v1/repair-jobs/{job_id}/report").json()
+    job = api.get(f"/v1/repair-jobs/{job_id}").json()
+    response = client.get(f"/ui/jobs/{job_id}")
+    assert response.status_code == 200
+    page = ui.parse(response.text)
+    assert page.by_id("job-status").text == "succeeded"
+    assert page.find_all(id="cancel") == []  # nothing to cancel any more
+
+    # The before/after table: every value is the report's, and is printed to 3 places.
+    shown = ui.honesty_values(page)
+    assert shown == ui.expected_honesty(report["metrics"])
+    f1 = page.find("tr", data_metric="refusal_f1").find("td", data_model="repaired").text
+    assert f1 == f"{report['metrics']['repaired']['refusal_f1']:.3f}"
+    domain = report["metrics"]["finetuned"]["domain_accuracy"]
+    assert domain is not None  # the eval set has domain rows: a real number is compared
+    bars = {
+        (r.attrs["data-metric"], r.attrs["data-model"]): float(r.attrs["data-value"])
+        for r in page.by_id("honesty-chart").find_all("rect")
+        if "data-metric" in r.attrs
+    }
+    assert bars[("domain_accuracy", "finetuned")] == domain
+    assert bars[("refusal_f1", "repaired")] == report["metrics"]["repaired"]["refusal_f1"]
+
+    # Timings, the heat map and the artifacts: the job's, the report's and the API's.
+    stages = {r.attrs["data-stage"] for r in page.by_id("timings-table").find_all("tr")
+              if "data-stage" in r.attrs}  # fmt: skip
+    assert stages == set(job["stage_seconds"])
+    assert ui.page_cells(page) == ui.expected_cells(report)
+    assert sum(ui.page_cells(page).values()) == sum(
+        m["n_columns"] for m in report["selected_matrices"]
+    )
+    listed = {}
+    for row in page.by_id("artifacts-table").find_all("tr"):
+        if "data-artifact" in row.attrs:
+            size = next(td for td in row.find_all("td") if "data-bytes" in td.attrs)
+            listed[row.attrs["data-artifact"]] = (
+                int(size.attrs["data-bytes"]),
+                row.find("code").text,
+            )
+    from_api = api.get(f"/v1/repair-jobs/{job_id}/artifacts").json()["data"]
+    assert listed == {a["name"]: (a["bytes"], a["sha256"]) for a in from_api}
+    download = client.get(f"/ui/jobs/{job_id}/artifacts/config.json")
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).hexdigest() == listed["config.json"][1]
+    assert (
+        client.get(f"/ui/jobs/{job_id}/checkpoint.tar").content
+        == api.get(f"/v1/repair-jobs/{job_id}/checkpoint.tar").content
+    )
+
+
+def test_the_jobs_list_filters_and_streams(inproc: InProcess, finished, monkeypatch):
+    from api.ui import routes
+
+    client, job_id = finished["client"], finished["id"]
+
+    def ids(**params) -> list[str]:
+        page = ui.parse(client.get("/ui/jobs", params=params).text)
+        return [r.attrs["data-job-id"] for r in page.by_id("jobs").find_all("tr")
+                if "data-job-id" in r.attrs]  # fmt: skip
+
+    assert job_id in ids()
+    assert ids(metadata="run=ui-form") == [job_id]
+    assert ids(metadata="run=ui-form, team=honesty", status="succeeded") == [job_id]
+    assert job_id not in ids(status="failed") + ids(metadata="run=other")
+    bad = client.get("/ui/jobs", params={"status": "nonsense"})
+    assert bad.status_code == 422
+    assert ui.parse(bad.text).by_id("error-message").attrs["data-code"] == "invalid_request"
+
+    monkeypatch.setattr(routes, "STREAM_MAX_SECONDS", 0)  # one poll, then the stream ends
+    stream = client.get("/ui/jobs/stream", params={"metadata": "run=ui-form"})
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    (data,) = [line[6:] for line in stream.text.splitlines() if line.startswith("data: ")]
+    assert [(j["id"], j["status"], j["progress"]) for j in json.loads(data)] == [
+        (job_id, "succeeded", 1.0)
+    ]
+    monkeypatch.undo()
+    # A finished job's own stream replays its events, then ends.
+    events = client.get(f"/ui/jobs/{job_id}/stream").text
+    assert "event: log" in events and events.rstrip().endswith('data: {"status": "succeeded"}')
+
+
+def test_upload_page_stores_and_validates_files(inproc: InProcess, keys, models: Models):
+    client = ui.login(inproc.app, keys["alice"])
+    token = ui.csrf_of(client)
+    good = client.post(
+        "/ui/files",
+        data={"csrf_token": token, "purpose": "task"},
+        files={"file": ("task.jsonl", models.task.read_bytes(), "application/jsonl")},
+    )
+    assert good.status_code == 201
+    file_id = ui.parse(good.text).by_id("uploaded-id").text
+    stored = inproc.clients["alice"].get(f"/v1/files/{file_id}").json()
+    assert stored["purpose"] == "task"
+    assert stored["sha256"] == hashlib.sha256(models.task.read_bytes()).hexdigest()
+    bad = client.post(
+        "/ui/files",
+        data={"csrf_token": token, "purpose": "honesty"},
+        files={"file": ("bad.jsonl", b'{"prompt": "x"}\nnot json\n', "application/jsonl")},
+    )
+    assert bad.status_code == 422
+    error = ui.parse(bad.text).by_id("form-error")
+    assert error.attrs["data-code"] == "invalid_data" and "line 2" in error.text
+
+
+def test_ui_routes_are_not_in_the_openapi_document(inproc: InProcess):
+    paths = inproc.clients["alice"].get("/openapi.json").json()["paths"]
+    assert paths and not [p for p in paths if p.startswith("/ui")]
+
+
+def test_frontier_chart_marks_the_choice_and_the_non_dominated_candidates():
+    from api.ui import charts
+
+    report = {
+        "config": {"max_domain_drop": 2.0},
+        "reference": {
+            "finetuned": {"refusal_f1": 0.2, "domain_accuracy": 0.9},
+            "base": {"refusal_f1": 0.7, "domain_accuracy": 0.6},
+        },
+        "candidates": [
+            {"name": "a", "method": "hcnr", "status": "ok", "refusal_f1": 0.5,
+             "domain_accuracy": 0.89, "domain_drop_points": 1.0, "qualified": True},
+            {"name": "b", "method": "hcnr", "status": "ok", "refusal_f1": 0.4,
+             "domain_accuracy": 0.85, "domain_drop_points": 5.0, "qualified": False},
+            {"name": "c", "method": "rait", "status": "ok", "refusal_f1": 0.8,
+             "domain_accuracy": 0.7, "domain_drop_points": 20.0, "qualified": False},
+            {"name": "d", "method": "dpo", "status": "failed"},
+        ],
+        "chosen": "a",
+    }  # fmt: skip
+    assert charts.pareto([(0.89, 0.5), (0.85, 0.4), (0.7, 0.8)]) == [(0.7, 0.8), (0.89, 0.5)]
+    svg = ui.parse(str(charts.frontier(report)))
+    marks = {
+        g.attrs["data-name"]: g
+        for g in svg.find_all("g")
+        if "candidate" in g.attrs.get("class", "")
+    }
+    assert set(marks) == {"a", "b", "c"}  # the failed candidate has no point
+    assert [n for n, g in marks.items() if g.find_all("circle", **{"class": "chosen"})] == ["a"]
+    assert {n: g.attrs["data-qualified"] for n, g in marks.items()} == {
+        "a": "true", "b": "false", "c": "false"
+    }  # fmt: skip
+    # The frontier joins c and a (b is dominated by a); the limit line sits at 88%.
+    (line,) = svg.find_all("polyline")
+    assert len(line.attrs["points"].split()) == 2
+    (limit,) = [e for e in svg.find_all("line") if e.attrs.get("class") == "limit"]
+    assert "88.0%" in limit.text
