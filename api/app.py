@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.limits import UploadSizeLimit
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import artifacts, files, health, jobs
+from api.routes import artifacts, files, health, jobs, webhooks
 from api.ui import routes as ui
 from hcnr_core.bounded import warm_up
 from store.db import make_engine, make_session_factory, migrate
@@ -22,8 +22,11 @@ def create_app(
     settings: Settings | None = None,
     *,
     enqueue: Callable[[str], None] | None = None,
+    notify: Callable[[str], None] | None = None,
     run_migrations: bool | None = None,
 ) -> FastAPI:
+    """`enqueue(job_id)` sends a job to the workers and `notify(job_id)` its webhook
+    delivery task; both default to the Celery producer (tests pass their own)."""
     settings = settings or Settings()
     settings.ensure_dirs()
     _preload_transformers()
@@ -41,10 +44,11 @@ def create_app(
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = make_storage(settings)
-    app.state.enqueue, app.state.broker_check = _broker(settings, enqueue)
+    app.state.enqueue, app.state.broker_check, app.state.notify = _broker(settings, enqueue, notify)
     app.state.metrics = Metrics(app.state.session_factory)
     for module in (files, jobs, artifacts, health, ui):
         app.include_router(module.router)
+    app.include_router(webhooks.router)
     install_error_handlers(app)
     app.add_middleware(UploadSizeLimit, max_bytes=settings.max_upload_bytes)
     # the dashboard's job form carries up to four uploads
@@ -60,11 +64,16 @@ def _preload_transformers() -> None:
     from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
 
-def _broker(settings: Settings, enqueue: Callable[[str], None] | None):
-    """The Celery producer, unless a test gives its own `enqueue`."""
-    from worker.celery_app import broker_check_with, enqueue_with, make_celery
+def _broker(
+    settings: Settings,
+    enqueue: Callable[[str], None] | None,
+    notify: Callable[[str], None] | None,
+):
+    """The Celery producer, unless a test gives its own `enqueue` (and `notify`: none
+    given with an own `enqueue` sends no webhooks)."""
+    from worker.celery_app import broker_check_with, enqueue_with, make_celery, notify_with
 
     celery = make_celery(settings)
     if enqueue is not None:
-        return enqueue, lambda: None
-    return enqueue_with(celery), broker_check_with(celery)
+        return enqueue, lambda: None, notify or (lambda _job_id: None)
+    return enqueue_with(celery), broker_check_with(celery), notify or notify_with(celery)

@@ -66,6 +66,15 @@ class FilePublic(BaseModel):
     created_at: datetime
 
 
+class WebhookSecret(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str = Field(
+        description="Signs this tenant's webhooks (Standard Webhooks: `webhook-signature: "
+        'v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`, keyed by '
+        "the base64-decoded part after `whsec_`)"
+    )
+
+
 # What the worker decides, never the client: where and how it computes.
 RUN_OPTIONS = frozenset({"device", "threads", "hessian_budget_mb", "layerwise"})
 
@@ -189,7 +198,11 @@ class RepairJobPublic(BaseModel):
     hyperparameters: dict[str, Any]
     metadata: dict[str, str]
     webhook_url: str | None
-    webhook_status: str | None = Field(None, description="delivered, failed or rejected_<code>")
+    webhook_status: str | None = Field(
+        None,
+        description="retrying, delivered, failed, rejected_<code> or refused_address "
+        "(the host resolved to a non-public address at send time)",
+    )
     stage_seconds: dict[str, float]
     metrics: dict[str, Any] | None
     error: JobError | None

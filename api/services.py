@@ -6,17 +6,14 @@ Routes stay thin and call these; every lookup here is scoped by the caller's ten
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
 import re
-import socket
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 from fastapi import UploadFile
 from jinja2.exceptions import SecurityError, TemplateError
@@ -31,7 +28,7 @@ from hcnr_core.bounded import validate_bounded
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
 from hcnr_core.errors import DataValidationError, TooManySamplesError
 from hcnr_core.methods import MethodInputs, get_method
-from store import job_state, repositories
+from store import job_state, repositories, webhooks
 from store.models import Artifact, File, Job, JobLabel, Tenant, new_id
 from store.references import resolve_reference
 from store.settings import Settings
@@ -210,17 +207,12 @@ def repair_config(body: RepairJobCreate, settings: Settings) -> Any:
 
 def check_webhook_url(url: str | None, settings: Settings) -> None:
     """Refuse webhooks to loopback, private or link-local addresses unless allowed."""
-    if url is None or settings.webhook_allow_private:
+    if url is None:
         return
-    host = urlsplit(url).hostname or ""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError as exc:
-        raise APIError(422, "invalid_webhook_url", f"cannot resolve {host!r}") from exc
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved:
-            raise APIError(422, "invalid_webhook_url", f"{host!r} is not a public address")
+        webhooks.check_address(url, settings.webhook_allow_private)
+    except webhooks.UnsafeWebhookAddress as exc:
+        raise APIError(422, "invalid_webhook_url", str(exc)) from exc
 
 
 def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) -> File:
@@ -343,6 +335,13 @@ def _new_job(
         request_hash=request_hash,
         labels=[JobLabel(key=k, value=v) for k, v in body.metadata.items()],
     )
+
+
+def send_webhook(notify: Callable[[str], None], job_id: str) -> None:
+    try:
+        notify(job_id)
+    except Exception:
+        log.exception("could not send the webhook task of job %s", job_id)
 
 
 def _send(enqueue: Callable[[str], None], job_id: str) -> None:

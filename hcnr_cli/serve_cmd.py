@@ -16,7 +16,8 @@ WORKER_SHUTDOWN_EXTRA_SECONDS = 3  # after the grace: the worker's kill and our 
 
 
 def worker_command(concurrency: int = 1, name: str = "hcnr-embedded@%h") -> list[str]:
-    """One prefork child per GPU: CUDA is initialised in the child, never in the parent."""
+    """One prefork child per GPU: CUDA is initialised in the child, never in the parent.
+    It consumes the jobs and the webhook deliveries (worker.celery_app.QUEUES)."""
     return [
         sys.executable,
         "-m",
@@ -29,7 +30,7 @@ def worker_command(concurrency: int = 1, name: str = "hcnr-embedded@%h") -> list
         "--concurrency",
         str(concurrency),
         "-Q",
-        "hcnr",
+        "hcnr,hcnr.webhooks",
         "--loglevel",
         "INFO",
         "-n",

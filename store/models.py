@@ -57,6 +57,8 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Signs this tenant's webhooks (store/webhooks.py); the tenant can read it.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class ApiKey(Base):

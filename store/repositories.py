@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from store import webhooks
 from store.models import (
     ApiKey,
     Artifact,
@@ -63,6 +64,15 @@ def authenticate(session: Session, token: str) -> Tenant | None:
     if not hmac.compare_digest(key.secret_hash, _hash_secret(parts[2])):
         return None
     return key.tenant
+
+
+def webhook_secret(session: Session, tenant_id: str, rotate: bool = False) -> str:
+    """The tenant's webhook signing secret, created on first use (or replaced)."""
+    tenant = session.get(Tenant, tenant_id, with_for_update=True)
+    if tenant.webhook_secret is None or rotate:
+        tenant.webhook_secret = webhooks.new_secret()
+        session.flush()
+    return tenant.webhook_secret
 
 
 def revoke_api_key(session: Session, key_id: str) -> bool:

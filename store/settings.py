@@ -33,7 +33,11 @@ class Settings(Limits):
         None, description="Local directory or fsspec URL (s3://bucket/prefix) for artifacts"
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO...)")
-    secret_key: str = Field(DEFAULT_SECRET, description="Signs webhooks (HMAC-SHA256)")
+    secret_key: str = Field(
+        DEFAULT_SECRET,
+        description="The operator's service-wide secret (webhooks are signed with each "
+        "tenant's own secret instead: GET /v1/webhook-secret)",
+    )
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     min_samples: int = Field(8, ge=1, description="Fewest samples an honesty/task file may have")
     max_line_bytes: int = Field(

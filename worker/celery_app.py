@@ -1,6 +1,10 @@
 """The Celery app: one worker process per GPU, `acks_late`, prefetch 1.
 
-celery -A worker.celery_app worker --concurrency 1 --pool prefork -Q hcnr
+celery -A worker.celery_app worker --concurrency 1 --pool prefork -Q hcnr,hcnr.webhooks
+
+Webhook deliveries are tasks of their own (queue `hcnr.webhooks`, retried with backoff):
+a GPU worker consuming both queues delivers them between jobs; a CPU worker with
+`-Q hcnr.webhooks --pool threads` delivers them at once.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from store.settings import Settings
 
 TASK_NAME = "hcnr.run_repair_job"
 QUEUE = "hcnr"
+WEBHOOK_TASK = "hcnr.deliver_webhook"
+WEBHOOK_QUEUE = "hcnr.webhooks"
+QUEUES = (QUEUE, WEBHOOK_QUEUE)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -22,7 +29,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         task_ignore_result=True,  # the database is the source of truth
         task_default_queue=QUEUE,
-        task_routes={TASK_NAME: {"queue": QUEUE}},
+        task_routes={TASK_NAME: {"queue": QUEUE}, WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
@@ -53,6 +60,15 @@ def enqueue_with(celery: Celery):
         celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
 
     return enqueue
+
+
+def notify_with(celery: Celery):
+    """Producer of webhook deliveries: the task looks the job up and sends (or not)."""
+
+    def notify(job_id: str) -> None:
+        celery.send_task(WEBHOOK_TASK, args=[job_id], queue=WEBHOOK_QUEUE)
+
+    return notify
 
 
 def broker_check_with(celery: Celery):

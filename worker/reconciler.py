@@ -15,15 +15,18 @@ from store.db import session_scope
 from store.models import utcnow
 from store.settings import Settings
 from worker.cleanup import remove_leftovers
-from worker.webhooks import notify_job
 
 log = logging.getLogger("hcnr.reconciler")
 
 
 def reconcile_once(
-    session_factory: sessionmaker[Session], settings: Settings, enqueue: Callable[[str], None]
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    enqueue: Callable[[str], None],
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
-    """One pass; returns {job_id: new status} for every job it touched."""
+    """One pass; returns {job_id: new status} for every job it touched. `notify` sends
+    the webhook of a job it finished (worker.celery_app.notify_with)."""
     changed: dict[str, str] = {}
     now = utcnow()
     with session_scope(session_factory) as session:
@@ -46,8 +49,16 @@ def reconcile_once(
             enqueue(job_id)
         else:  # failed or cancelled for good: what its dead attempts left must go
             _remove_leftovers(settings, job_id)
-            notify_job(session_factory, settings, job_id)
+            if notify is not None:
+                _notify(notify, job_id)
     return changed
+
+
+def _notify(notify: Callable[[str], None], job_id: str) -> None:
+    try:
+        notify(job_id)
+    except Exception:
+        log.exception("could not send the webhook task of job %s", job_id)
 
 
 def _remove_leftovers(settings: Settings, job_id: str) -> None:
@@ -60,9 +71,15 @@ def _remove_leftovers(settings: Settings, job_id: str) -> None:
 class ReconcilerThread(threading.Thread):
     """Runs `reconcile_once` every `settings.reconcile_seconds` until stopped."""
 
-    def __init__(self, session_factory, settings: Settings, enqueue: Callable[[str], None]):
+    def __init__(
+        self,
+        session_factory,
+        settings: Settings,
+        enqueue: Callable[[str], None],
+        notify: Callable[[str], None] | None = None,
+    ):
         super().__init__(daemon=True, name="hcnr-reconciler")
-        self.args_ = (session_factory, settings, enqueue)
+        self.args_ = (session_factory, settings, enqueue, notify)
         self.stopped = threading.Event()
 
     def run(self) -> None:

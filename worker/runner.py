@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from store.models import Artifact, File, Job
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage
-from worker import cleanup, faults, webhooks
+from worker import cleanup, faults
 
 log = logging.getLogger("hcnr.worker")
 
@@ -45,6 +46,9 @@ class Context:
     session_factory: sessionmaker[Session]
     storage: Storage
     worker: str = field(default_factory=worker_id)
+    # Sends the webhook delivery task of a finished job (worker.celery_app.notify_with);
+    # None: no webhooks (the delivery itself never runs here, in the GPU worker's job).
+    notify: Callable[[str], None] | None = None
 
 
 def checkpoint_prefix(job_id: str) -> str:
@@ -397,4 +401,9 @@ def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> None:
 
 
 def notify(ctx: Context, job_id: str) -> None:
-    webhooks.notify_job(ctx.session_factory, ctx.settings, job_id)
+    if ctx.notify is None:
+        return
+    try:
+        ctx.notify(job_id)
+    except Exception:  # the job's outcome is recorded; only its webhook is lost
+        log.exception("could not send the webhook task of job %s", job_id)

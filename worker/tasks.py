@@ -7,13 +7,17 @@ is initialised in the pool child that runs the job, never in the parent before f
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from celery import signals
 
 from store.db import make_engine, make_session_factory, worker_engine_options
 from store.storage import make_storage
-from worker.celery_app import TASK_NAME, app, enqueue_with
+from worker.celery_app import TASK_NAME, WEBHOOK_TASK, app, enqueue_with, notify_with
+from worker.webhooks import RetryableDelivery
 
 _contexts: dict[int, Any] = {}
 
@@ -26,8 +30,26 @@ def context() -> Any:
     if pid not in _contexts:
         settings = app.conf.hcnr_settings
         engine = make_engine(settings.db_url, **_engine_options(settings))
-        _contexts[pid] = Context(settings, make_session_factory(engine), make_storage(settings))
+        factory = make_session_factory(engine)
+        _contexts[pid] = Context(settings, factory, make_storage(settings), notify=notify_with(app))
     return _contexts[pid]
+
+
+_webhook_contexts: dict[int, tuple[Any, Any]] = {}
+_inline: ContextVar[tuple[Any, Any] | None] = ContextVar("hcnr_inline_webhooks", default=None)
+
+
+def _webhook_context() -> tuple[Any, Any]:
+    """(session factory, settings) for deliveries: no runner (no torch) needed."""
+    inline = _inline.get()
+    if inline is not None:
+        return inline
+    pid = os.getpid()
+    if pid not in _webhook_contexts:
+        settings = app.conf.hcnr_settings
+        engine = make_engine(settings.db_url, **_engine_options(settings))
+        _webhook_contexts[pid] = (make_session_factory(engine), settings)
+    return _webhook_contexts[pid]
 
 
 def _engine_options(settings: Any) -> dict[str, Any]:
@@ -41,10 +63,55 @@ def run_repair_job(job_id: str) -> str:
     return run_job(job_id, context())
 
 
+_WEBHOOK_SETTINGS = app.conf.hcnr_settings
+
+
+@app.task(
+    name=WEBHOOK_TASK,
+    bind=True,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(RetryableDelivery,),
+    # countdown of retry n (from 0): backoff * 2**n seconds (2, 4, 8 s by default)
+    retry_backoff=_WEBHOOK_SETTINGS.webhook_backoff_seconds or False,
+    retry_backoff_max=600,
+    retry_jitter=False,
+    retry_kwargs={"countdown": 0},  # used only when the backoff is 0
+    max_retries=None,  # the body stops after settings.webhook_attempts attempts
+)
+def deliver_webhook(self: Any, job_id: str) -> str | None:
+    from worker.webhooks import deliver_job
+
+    factory, settings = _webhook_context()
+    final = self.request.retries + 1 >= settings.webhook_attempts
+    return deliver_job(factory, settings, job_id, final=final)
+
+
+def deliver_inline(session_factory: Any, settings: Any) -> Callable[[str], None]:
+    """Run the delivery task in this process (Celery's eager `apply`, retries included,
+    without their countdown) against these settings and database: for tests and
+    embedding without a broker."""
+
+    def notify(job_id: str) -> None:
+        with _using(session_factory, settings):
+            deliver_webhook.apply(args=[job_id])
+
+    return notify
+
+
+@contextmanager
+def _using(session_factory: Any, settings: Any) -> Iterator[None]:
+    token = _inline.set((session_factory, settings))
+    try:
+        yield
+    finally:
+        _inline.reset(token)
+
+
 @signals.worker_ready.connect
 def start_reconciler(**_: Any) -> None:
     from worker.reconciler import ReconcilerThread
 
     settings = app.conf.hcnr_settings
     factory = make_session_factory(make_engine(settings.db_url, **_engine_options(settings)))
-    ReconcilerThread(factory, settings, enqueue_with(app)).start()
+    ReconcilerThread(factory, settings, enqueue_with(app), notify_with(app)).start()

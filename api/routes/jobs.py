@@ -29,7 +29,6 @@ from store import repositories
 from store.db import session_scope
 from store.job_state import TERMINAL_STATES
 from store.models import Job, JobEvent
-from worker.webhooks import notify_job
 
 POLL_SECONDS = 0.5
 KEEPALIVE_POLLS = 30
@@ -161,15 +160,13 @@ def cancel_job(
     job_id: str,
     tenant: TenantDep,
     session: SessionDep,
-    settings: SettingsDep,
     background: BackgroundTasks,
     request: Request,
 ) -> RepairJobPublic:
     """Queued jobs are cancelled at once; running ones go to `cancelling` first."""
     job = services.cancel_job(session, tenant, job_id)
-    if job.status == "cancelled" and job.webhook_url:
-        factory = request.app.state.session_factory
-        background.add_task(notify_job, factory, settings, job.id)
+    if job.status == "cancelled" and job.webhook_url:  # a delivery task, after the response
+        background.add_task(services.send_webhook, request.app.state.notify, job.id)
     return job_public(job)
 
 

@@ -55,7 +55,9 @@ class InProcess:
         from store.storage import make_storage
         from worker.runner import Context, run_job
 
-        ctx = Context(self.settings, self.app.state.session_factory, make_storage(self.settings))
+        factory = self.app.state.session_factory
+        notify = self.app.state.notify  # the delivery task, run in this process
+        ctx = Context(self.settings, factory, make_storage(self.settings), notify=notify)
         statuses = [run_job(job_id, ctx) for job_id in self.queued]
         self.queued.clear()
         return statuses
@@ -66,10 +68,12 @@ def make_inprocess(tmp: Path, models: Models, **settings) -> InProcess:
     from store import repositories
     from store.db import session_scope
     from store.settings import Settings
+    from worker.tasks import deliver_inline
 
     config = Settings(env="test", data_dir=tmp / "data", models_root=models.root, **settings)
     queued: list[str] = []
     app = create_app(config, enqueue=queued.append)
+    app.state.notify = deliver_inline(app.state.session_factory, config)
     env = InProcess(app, config, queued)
     with session_scope(app.state.session_factory) as session:
         for tenant in ("alice", "bob"):
