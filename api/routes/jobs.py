@@ -160,6 +160,7 @@ def cancel_job(
     job_id: str,
     tenant: TenantDep,
     session: SessionDep,
+    settings: SettingsDep,  # unused here; kept: the dashboard (api/ui) passes it
     background: BackgroundTasks,
     request: Request,
 ) -> RepairJobPublic:
