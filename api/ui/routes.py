@@ -9,6 +9,7 @@ validation and error codes are exactly the API's. Not part of the OpenAPI docume
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -99,6 +100,14 @@ class UiRoute(ReleasingRoute):
 router = APIRouter(prefix="/ui", include_in_schema=False, route_class=UiRoute)
 
 
+def api_call(route: Callable[..., Any], **available: Any) -> Any:
+    """Call an API route function with the arguments of `available` it takes, by name: the
+    dashboard does what the API does (same checks, same tenant scoping) and keeps working
+    when a route gains or drops a dependency (settings, background tasks, ...)."""
+    params = inspect.signature(route).parameters
+    return route(**{name: value for name, value in available.items() if name in params})
+
+
 def _page(request: Request, name: str, http_status: int = 200, **context: Any) -> HTMLResponse:
     return templates.TemplateResponse(request, name, context, status_code=http_status)
 
@@ -181,8 +190,14 @@ def jobs_page(
 ) -> HTMLResponse:
     _remember(request, ui)
     wanted, labels = _filters(status, metadata)
-    page = job_routes.list_jobs(
-        tenant=ui.tenant, session=session, limit=25, cursor=cursor, status=wanted, metadata=labels
+    page = api_call(
+        job_routes.list_jobs,
+        tenant=ui.tenant,
+        session=session,
+        limit=25,
+        cursor=cursor,
+        status=wanted,
+        metadata=labels,
     )
     return _page(
         request,
@@ -213,17 +228,28 @@ def jobs_stream(
 ) -> StreamingResponse:
     """Server-sent events: `jobs` with the rows whose status, stage or progress changed."""
     wanted, labels = _filters(status, metadata)
-    job_routes.list_jobs(  # refuse bad filters now, before the stream starts
-        tenant=ui.tenant, session=session, limit=1, cursor=None, status=wanted, metadata=labels
+    api_call(
+        job_routes.list_jobs,  # refuse bad filters now, before the stream starts
+        tenant=ui.tenant,
+        session=session,
+        limit=1,
+        cursor=None,
+        status=wanted,
+        metadata=labels,
     )
     factory = request.app.state.session_factory
 
     def poll() -> list[dict[str, Any]]:
         with session_scope(factory) as polled:
-            page = job_routes.list_jobs(
-                tenant=ui.tenant, session=polled, limit=100, cursor=None, status=wanted,
+            page = api_call(
+                job_routes.list_jobs,
+                tenant=ui.tenant,
+                session=polled,
+                limit=100,
+                cursor=None,
+                status=wanted,
                 metadata=labels,
-            )  # fmt: skip
+            )
             return [_snapshot(j) for j in page.data]
 
     async def source() -> AsyncIterator[str]:
@@ -276,10 +302,24 @@ def upload(
 ) -> HTMLResponse:
     _remember(request, ui)
     if purpose not in ("honesty", "task", "eval"):
-        return _page(request, "upload.html", 422, ui=ui, uploaded=None,
-                     error=_error("invalid_request", f"unknown purpose {purpose!r}"))  # fmt: skip
+        return _page(
+            request,
+            "upload.html",
+            422,
+            ui=ui,
+            uploaded=None,
+            error=_error("invalid_request", f"unknown purpose {purpose!r}"),
+        )
     try:
-        stored = file_routes.upload_file(ui.tenant, session, storage, settings, file, purpose)
+        stored = api_call(
+            file_routes.upload_file,
+            tenant=ui.tenant,
+            session=session,
+            storage=storage,
+            settings=settings,
+            file=file,
+            purpose=purpose,
+        )
     except (APIError, HCNRError) as exc:
         status, error = _status_and_error(exc)
         return _page(request, "upload.html", status, ui=ui, uploaded=None, error=error)
@@ -311,9 +351,14 @@ def _new_job_page(request: Request, ui: UiSession, status: int = 200, **form: An
         **{f"{name}_file": "" for name in PURPOSES},
     }
     return _page(
-        request, "new_job.html", status, ui=ui, methods=METHODS,
-        form={**defaults, **form.pop("form", {})}, **{"error": None, **form},
-    )  # fmt: skip
+        request,
+        "new_job.html",
+        status,
+        ui=ui,
+        methods=METHODS,
+        form={**defaults, **form.pop("form", {})},
+        **{"error": None, **form},
+    )
 
 
 @router.get("/jobs/new")
@@ -350,11 +395,17 @@ def create_job(
     the ids of the files already uploaded."""
     _remember(request, ui)
     form = {
-        "method": method, "base": base, "finetuned": finetuned,
-        "hyperparameters": hyperparameters, "metadata": metadata, "webhook_url": webhook_url,
-        "honesty_file": honesty_file.strip(), "task_file": task_file.strip(),
-        "eval_file": eval_file.strip(), "validation_file": validation_file.strip(),
-    }  # fmt: skip
+        "method": method,
+        "base": base,
+        "finetuned": finetuned,
+        "hyperparameters": hyperparameters,
+        "metadata": metadata,
+        "webhook_url": webhook_url,
+        "honesty_file": honesty_file.strip(),
+        "task_file": task_file.strip(),
+        "eval_file": eval_file.strip(),
+        "validation_file": validation_file.strip(),
+    }
     uploads = {
         "honesty": honesty_upload,
         "task": task_upload,
@@ -364,13 +415,27 @@ def create_job(
     try:
         for name, upload in uploads.items():
             if upload is not None and upload.filename:
-                stored = file_routes.upload_file(
-                    ui.tenant, session, storage, settings, upload, PURPOSES[name]
+                stored = api_call(
+                    file_routes.upload_file,
+                    tenant=ui.tenant,
+                    session=session,
+                    storage=storage,
+                    settings=settings,
+                    file=upload,
+                    purpose=PURPOSES[name],
                 )
                 form[f"{name}_file"] = stored.id
         body = _job_body(form)
-        job = job_routes.create_job(
-            body, Response(), ui.tenant, session, storage, settings, enqueue, None
+        job = api_call(
+            job_routes.create_job,
+            body=body,
+            response=Response(),
+            tenant=ui.tenant,
+            session=session,
+            storage=storage,
+            settings=settings,
+            enqueue=enqueue,
+            idempotency_key=None,
         )
     except (APIError, HCNRError) as exc:
         status, error = _status_and_error(exc)
@@ -430,15 +495,21 @@ def job_page(
     request: Request, ui: PageSession, session: SessionDep, storage: StorageDep, job_id: str
 ) -> HTMLResponse:
     _remember(request, ui)
-    job = job_routes.get_job(job_id, ui.tenant, session)
+    job = api_call(job_routes.get_job, job_id=job_id, tenant=ui.tenant, session=session)
     report, artifacts, method_report = None, None, None
     if job.status == "succeeded":
-        report = artifact_routes.get_report(job_id, ui.tenant, session)
-        artifacts = artifact_routes.list_artifacts(job_id, ui.tenant, session).data
+        report = api_call(
+            artifact_routes.get_report, job_id=job_id, tenant=ui.tenant, session=session
+        )
+        artifacts = api_call(
+            artifact_routes.list_artifacts, job_id=job_id, tenant=ui.tenant, session=session
+        ).data
         method_report = report
         if job.method == "auto" and report.get("chosen_report"):
             method_report = _stored_json(session, storage, ui, job_id, report["chosen_report"])
-    events = job_routes.list_events(job_id, ui.tenant, session, after=0, limit=200)
+    events = api_call(
+        job_routes.list_events, job_id=job_id, tenant=ui.tenant, session=session, after=0, limit=200
+    )
     metrics = job.metrics
     timings = job.stage_seconds or views.candidate_seconds(report)
     return _page(
@@ -465,14 +536,23 @@ def job_page(
 def job_stream(request: Request, ui: ApiSession, session: SessionDep, job_id: str):
     """Server-sent events of one job: `job` (status, stage, progress), `log` (its events)
     and `end` once it is finished."""
-    job_routes.get_job(job_id, ui.tenant, session)  # 404 for another tenant's id
+    api_call(
+        job_routes.get_job, job_id=job_id, tenant=ui.tenant, session=session
+    )  # 404 for another tenant's id
     factory = request.app.state.session_factory
     after = int(request.headers.get("last-event-id", "0") or 0)
 
     def poll(after: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         with session_scope(factory) as polled:
-            job = job_routes.get_job(job_id, ui.tenant, polled)
-            events = job_routes.list_events(job_id, ui.tenant, polled, after=after, limit=500)
+            job = api_call(job_routes.get_job, job_id=job_id, tenant=ui.tenant, session=polled)
+            events = api_call(
+                job_routes.list_events,
+                job_id=job_id,
+                tenant=ui.tenant,
+                session=polled,
+                after=after,
+                limit=500,
+            )
             return _snapshot(job), [e.model_dump(mode="json") for e in events.data]
 
     async def source() -> AsyncIterator[str]:
@@ -508,7 +588,15 @@ def cancel(
     job_id: str,
 ) -> RedirectResponse:
     _remember(request, ui)
-    job_routes.cancel_job(job_id, ui.tenant, session, settings, background, request)
+    api_call(
+        job_routes.cancel_job,
+        job_id=job_id,
+        tenant=ui.tenant,
+        session=session,
+        settings=settings,
+        background=background,
+        request=request,
+    )
     return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
 
 
@@ -521,14 +609,26 @@ def download(
     job_id: str,
     name: str,
 ) -> Response:
-    return artifact_routes.download_artifact(
-        job_id, name, ui.tenant, session, storage, request.headers.get("range")
+    return api_call(
+        artifact_routes.download_artifact,
+        job_id=job_id,
+        name=name,
+        tenant=ui.tenant,
+        session=session,
+        storage=storage,
+        range_header=request.headers.get("range"),
     )
 
 
 @router.get("/jobs/{job_id}/checkpoint.tar")
 def download_tar(ui: ApiSession, session: SessionDep, storage: StorageDep, job_id: str):
-    return artifact_routes.download_checkpoint(job_id, ui.tenant, session, storage)
+    return api_call(
+        artifact_routes.download_checkpoint,
+        job_id=job_id,
+        tenant=ui.tenant,
+        session=session,
+        storage=storage,
+    )
 
 
 __all__ = ["csrf_token", "router"]

@@ -152,7 +152,17 @@ def test_form_posts_need_a_session_the_csrf_token_and_the_same_origin(
     )
     assert inproc.queued == []  # no job was created
     assert alice.get("/ui/jobs", follow_redirects=False).status_code == 200  # still logged in
-    # The same post with the token and no foreign Origin goes through.
+    # The same posts with the token and no foreign Origin go through.
+    cancel = alice.post(
+        f"/ui/jobs/{queued_job}/cancel",
+        data={"csrf_token": token},
+        headers={"Origin": "http://testserver"},
+        follow_redirects=False,
+    )
+    assert (cancel.status_code, cancel.headers["location"]) == (303, f"/ui/jobs/{queued_job}")
+    assert inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json()["status"] == (
+        "cancelled"
+    )
     out = alice.post("/ui/logout", data={"csrf_token": token}, follow_redirects=False)
     assert (out.status_code, out.headers["location"]) == (303, "/ui/login")
     assert alice.get("/ui/jobs", follow_redirects=False).status_code == 303
@@ -195,15 +205,14 @@ def test_every_ui_route_is_tenant_isolated(inproc: InProcess, keys, finished, qu
         ),
     }
     assert set(requests) == _id_routes(inproc.app.routes)  # a new route needs a line here
+    before = inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json()
     for route, request in requests.items():
         for target in (job_id, queued_job):
             theirs, unknown = request(target), request(MISSING)
             assert (theirs.status_code, unknown.status_code) == (404, 404), route
             # the same page as for an unknown id (the id bob sent is echoed, nothing else)
             assert theirs.text.replace(target, MISSING) == unknown.text, route
-    assert inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json()["status"] == (
-        "queued"
-    )
+    assert inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json() == before
     listing = bob.get("/ui/jobs")
     assert job_id not in listing.text and queued_job not in listing.text
     alices = inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}").json()
