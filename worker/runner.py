@@ -29,7 +29,7 @@ from store.models import Artifact, File, Job
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage
-from worker import cleanup, faults
+from worker import cleanup, faults, hub_card
 
 log = logging.getLogger("hcnr.worker")
 
@@ -280,6 +280,7 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
             recorder(ProgressEvent("evaluate", 0, 1, 1.0, "before/after honesty metrics"))
             report["metrics"] = evaluate(config, inputs, out, recorder.should_cancel)
             _reliability_artifact(report, out)
+        hub_card.publish(job, report, out, eval_name=job.eval_file_id)  # the Hub model card
         if lease.cancelled.is_set():
             raise RepairCancelled("cancelled after the last step")
         if not ctx.storage.is_local:
