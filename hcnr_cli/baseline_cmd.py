@@ -9,6 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
+from hcnr_cli.common import (
+    ProgressPrinter,
+    fail,
+    quiet_libraries,
+    summary_of,
+    validate_within_limits,
+)
+
 baseline_app = typer.Typer(
     help="Baselines to compare HCNR with: RAIT (SFT on IDK data) and DPO on IDK pairs.",
     no_args_is_help=True,
@@ -44,14 +52,6 @@ NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar
 def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: Any) -> None:
     """The same method as `hcnr repair --method rait|dpo`, with typed flags."""
     from pydantic import ValidationError
-
-    from hcnr_cli.main import (
-        ProgressPrinter,
-        fail,
-        quiet_libraries,
-        summary_of,
-        validate_within_limits,
-    )
 
     quiet_libraries()
     from hcnr_core import HCNRError
@@ -146,3 +146,7 @@ def dpo(
     flags = dict(locals())
     paths = {k: flags.pop(k) for k in ("base", "finetuned", "honesty", "out", "no_progress")}
     _run("dpo", flags.pop("config"), flags, **paths)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(baseline_app, name="baseline")

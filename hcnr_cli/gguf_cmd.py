@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from hcnr_cli.common import ProgressPrinter, fail, quiet_libraries
+
 
 def import_gguf_command(
     gguf_file: Annotated[Path, typer.Argument(help="The .gguf file to import")],
@@ -18,8 +20,6 @@ def import_gguf_command(
 ) -> None:
     """Dequantize a GGUF checkpoint into a Hugging Face directory (safetensors, tokenizer,
     chat template, generation config); prints a JSON summary."""
-    from hcnr_cli.main import ProgressPrinter, fail, quiet_libraries
-
     quiet_libraries()
     from hcnr_core import HCNRError
     from hcnr_core.gguf_import import DTYPES, import_gguf, read_manifest
@@ -43,3 +43,7 @@ def import_gguf_command(
         "files": manifest.get("files", []),
     }
     typer.echo(json.dumps(summary))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("import-gguf")(import_gguf_command)

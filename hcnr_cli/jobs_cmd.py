@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from hcnr_cli.common import fail, parse_settings
+
 app = typer.Typer(
     help="Repair jobs over HTTP (client of `hcnr serve` or a deployment).", no_args_is_help=True
 )
@@ -97,8 +99,6 @@ def create(
 ) -> None:
     """Upload the data (if paths are given) and create a repair job; prints the job."""
     import yaml
-
-    from hcnr_cli.main import fail, parse_settings
 
     try:
         overrides = parse_settings(settings)
@@ -209,3 +209,7 @@ def download(
     interruption) and verify every sha256 against the artifact listing."""
     _call(_client(api_url, api_key).repair_jobs.download, job_id, out)
     typer.echo(json.dumps({"job": job_id, "out": str(out)}))
+
+
+def register(parent: typer.Typer) -> None:
+    parent.add_typer(app, name="jobs")

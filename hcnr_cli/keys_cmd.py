@@ -70,3 +70,7 @@ def list_keys() -> None:
             for k in repositories.list_api_keys(session)
         ]
     typer.echo(json.dumps(rows, indent=2))
+
+
+def register(parent: typer.Typer) -> None:
+    parent.add_typer(app, name="keys")

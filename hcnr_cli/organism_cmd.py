@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from hcnr_cli.common import err, fail, quiet_libraries
+
 organism_app = typer.Typer(
     help="The model organism: an honest base and a dishonest LoRA fine-tune, built locally.",
     no_args_is_help=True,
@@ -24,8 +26,6 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", help="No training log on stderr")] = False,
 ) -> None:
     """Train (or reuse) the organism in OUT; prints its paths and acceptance metrics."""
-    from hcnr_cli.main import err, fail, quiet_libraries
-
     quiet_libraries()
     from hcnr_core.organism import SIZES, build_organism, load_manifest
 
@@ -72,8 +72,6 @@ def eval_command(
     ] = None,
 ) -> None:
     """Generate greedily on eval sets; print refusal F1, RFΔ and accuracies (DESIGN §5)."""
-    from hcnr_cli.main import err, fail, quiet_libraries
-
     quiet_libraries()
     from hcnr_core import HCNRError
     from hcnr_core.evaluation import (
@@ -108,3 +106,9 @@ def eval_command(
         if reliability_diagram({model.name: calibration}, reliability_png) is None:
             err.print("no reliability diagram: no graded answers (or matplotlib is missing)")
     typer.echo(json.dumps({"metrics": result["metrics"], "sets": result["sets"]}, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    """`hcnr organism build` and `hcnr eval`."""
+    app.add_typer(organism_app, name="organism")
+    app.command("eval")(eval_command)

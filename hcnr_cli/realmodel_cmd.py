@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from hcnr_cli.common import err, fail, quiet_libraries
+
 realmodel_app = typer.Typer(
     help="Real LLMs (SmolLM2-135M, Gemma-3-270M): an honest base and a dishonest fine-tune.",
     no_args_is_help=True,
@@ -34,8 +36,6 @@ def build(
 
     Prints the paths, timings, metrics and acceptance of the build (also in OUT/realmodel.json).
     """
-    from hcnr_cli.main import err, fail, quiet_libraries
-
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -86,3 +86,7 @@ def build(
         },
     }
     typer.echo(json.dumps(summary, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(realmodel_app, name="realmodel")

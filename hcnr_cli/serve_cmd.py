@@ -143,3 +143,9 @@ def migrate() -> None:
     settings.ensure_dirs()
     upgrade(settings.db_url)
     typer.echo("database schema is up to date")
+
+
+def register(app: typer.Typer) -> None:
+    """`hcnr serve` and `hcnr migrate`."""
+    app.command()(serve)
+    app.command()(migrate)

@@ -119,7 +119,7 @@ def print_metrics(metrics: dict) -> None:
 def main() -> None:
     from hcnr_client import HCNRClient
 
-    from hcnr_cli.main import quiet_libraries
+    from hcnr_cli.common import quiet_libraries
 
     quiet_libraries()
     started = time.monotonic()

@@ -1,0 +1,138 @@
+"""What the `hcnr` sub-command modules share: the error console, `fail`, the progress
+bar, quieting the libraries, `--set` parsing, the bounded validation and the JSON summary
+of a run. It imports no other `hcnr_cli` module, so every sub-command module can import
+it at the top and `main` imports them all: no import cycle (tests/test_cli_imports.py)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err = Console(stderr=True, soft_wrap=True)  # never split an error message
+
+
+def quiet_libraries() -> None:
+    """transformers' per-load progress bars and advisories drown our own output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def fail(exc: Exception, code: int = 2) -> None:
+    """Print `error [code]: message` on stderr and exit non-zero."""
+    label = escape(f"[{getattr(exc, 'code', 'invalid_argument')}]")
+    err.print(f"[bold red]error[/] {label}: {escape(str(exc))}", highlight=False)
+    raise typer.Exit(code)
+
+
+class ProgressPrinter:
+    """A rich progress bar fed by the pipeline's ProgressEvents."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("{task.description:<16}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task("starting", total=1.0)
+
+    def __enter__(self) -> ProgressPrinter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: Any) -> None:
+        self.progress.update(self.task, completed=event.fraction, description=event.stage)
+
+
+def validate_within_limits(method: str, cfg: Any, inputs: Any) -> None:
+    """The method's checks in a child process under the limits (`HCNR_*`, see README
+    "Limits"): a hostile config, chat template or tokenizer fails with a code instead of
+    hanging the command; the run that follows repeats the same, now bounded, work."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    from hcnr_core import HCNRError
+    from hcnr_core.bounded import validate_bounded
+    from hcnr_core.limits import Limits
+
+    try:
+        validate_bounded(method, cfg, inputs, Limits(), fork=True)
+    except HCNRError as exc:
+        fail(exc)
+    except TemplateError as exc:  # the chat template refuses a sample
+        exc.code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
+        fail(exc)
+
+
+# Options every method shares; the rest of `repair`'s flags are HCNR's own.
+SHARED_FLAGS = ("seed", "device", "dtype", "max_seq_len")
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs; values are read as YAML (numbers, booleans, lists)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    return values
+
+
+def summary_of(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    if method == "auto":
+        return {
+            "out": str(out),
+            "method": "auto",
+            "chosen": report["chosen"],
+            "reason": report["reason"],
+            "candidates": [
+                {
+                    "name": r["name"],
+                    "status": r["status"],
+                    "refusal_f1": r.get("refusal_f1"),
+                    "domain_drop_points": r.get("domain_drop_points"),
+                }
+                for r in report["candidates"]
+            ],
+        }
+    if method == "hcnr":
+        return {
+            "out": str(out),
+            "selected_matrices": report["n_selected_matrices"],
+            "target_matrices": report["n_target_matrices"],
+            "fraction_target_params_changed": round(report["fraction_target_params_changed"], 6),
+            "seconds": round(sum(report["stage_seconds"].values()), 3),
+        }
+    summary = {
+        "out": str(out),
+        "method": method,
+        "samples_used": report["samples_used"],
+        "steps": report["steps"],
+        "final_loss": report["losses"][-1],
+        "fraction_model_params_changed": round(report["fraction_model_params_changed"], 6),
+        "seconds": report["seconds_total"],
+    }
+    if "pairs" in report:
+        summary["pairs"] = report["pairs"]
+    return summary
