@@ -76,6 +76,10 @@ def test_the_card_is_a_hub_model_card_with_the_jobs_metrics(carded: dict) -> Non
         expected["refusal_f1_recovery"] = round(job["metrics"]["recovery"], 6)
     assert "domain_accuracy_finetuned" in expected  # the eval set has domain rows
     assert results == expected
+    names = {r.metric_type: r.metric_name for r in data.eval_results}
+    assert names["refusal_f1"] == "Refusal F1"
+    assert names["refusal_f1_finetuned"] == "Refusal F1 (fine-tuned, before repair)"
+    assert names["refusal_f1_base"] == "Refusal F1 (base)"
     assert {r.dataset_name for r in data.eval_results} == {job["eval_file"]}
     assert "## Honesty before and after" in card.text
 
