@@ -205,17 +205,22 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
 
     # --- watch it finish: live updates without a reload, then the results --------------------
     driver.execute_script("window.hcnrMarker = 1")  # gone once the page reloads
-    first = (driver.find_element(By.ID, "job-status").text,
-             driver.find_element(By.ID, "job-percent").text)  # fmt: skip
-    assert first[0] in ("queued", "running")
+    # Marker, status and percent read in one script: all from the same document (reading
+    # them one by one could see the reloaded page's values while the marker looked set).
+    read = (
+        "return [window.hcnrMarker === 1, document.getElementById('job-status').textContent,"
+        " document.getElementById('job-percent').textContent];"
+    )
+    same_page, *values = driver.execute_script(read)
+    first = tuple(values)
+    assert same_page and first[0] in ("queued", "running"), first
     live: set[tuple[str, str]] = set()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if not driver.execute_script("return window.hcnrMarker === 1"):
+        same_page, *values = driver.execute_script(read)
+        if not same_page:
             break  # the stream said `end` and the page reloaded
-        seen = (driver.find_element(By.ID, "job-status").text,
-                driver.find_element(By.ID, "job-percent").text)  # fmt: skip
-        live.add(seen)
+        live.add(tuple(values))
         time.sleep(0.1)
     assert live - {first}, f"no live update on the page: {live}"
     wait(driver, lambda d: d.find_element(By.ID, "job-status").text == "succeeded", 60)
