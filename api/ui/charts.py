@@ -266,3 +266,76 @@ def heatmap(cells: Mapping[tuple[str, str], int], layers: Sequence[str], kinds: 
             )
     desc = "; ".join(f"layer {layer} {kind}: {n}" for (layer, kind), n in sorted(cells.items()))
     return _svg(width, height, "Columns restored per layer and kind", desc, body, "heatmap")
+
+
+def reliability(calibrations: Mapping[str, Mapping[str, Any] | None]) -> Markup:
+    """Reliability diagram: accuracy vs mean confidence of each non-empty bin, per model,
+    with the diagonal of perfect calibration."""
+    models = [m for m in ("base", "finetuned", "repaired") if calibrations.get(m)]
+    if not models:
+        return Markup("")
+    left, top, plot = 56, 30, 260
+    width, height = left + plot + 150, top + plot + 46
+
+    def px(x: float) -> float:
+        return left + plot * max(0.0, min(1.0, x))
+
+    def py(y: float) -> float:
+        return top + plot * (1 - max(0.0, min(1.0, y)))
+
+    body = [
+        f'<rect x="{left}" y="{top}" width="{plot}" height="{plot}" fill="none" stroke="#999"/>',
+        f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(1)}" y2="{py(1)}" stroke="#bbb" '
+        f'stroke-dasharray="4 4"><title>perfect calibration</title></line>',
+        f'<text x="{left + plot / 2}" y="{height - 8}" font-size="12" text-anchor="middle">'
+        "mean confidence</text>",
+        f'<text x="14" y="{top + plot / 2}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + plot / 2})">accuracy</text>',
+    ]
+    for tick in (0, 0.5, 1.0):
+        body.append(
+            f'<text x="{px(tick):.1f}" y="{top + plot + 16}" font-size="11" '
+            f'text-anchor="middle">{tick:g}</text><text x="{left - 6}" y="{py(tick) + 4:.1f}" '
+            f'font-size="11" text-anchor="end">{tick:g}</text>'
+        )
+    shapes = {"base": "rect", "finetuned": "diamond", "repaired": "circle"}
+    for i, model in enumerate(models):
+        calibration = calibrations[model]
+        bins = [b for b in calibration.get("bins", []) if b.get("n")]
+        colour = MODEL_COLOURS[model]
+        if len(bins) > 1:
+            path = " ".join(f"{px(b['confidence']):.1f},{py(b['accuracy']):.1f}" for b in bins)
+            body.append(
+                f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>'
+            )
+        for b in bins:
+            x, y = px(b["confidence"]), py(b["accuracy"])
+            tip = (
+                f"{MODEL_NAMES[model]}, bin {b['bin']}: {b['n']} answers, confidence "
+                f"{b['confidence']:.3f}, accuracy {b['accuracy']:.3f}"
+            )
+            mark = (
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>'
+                if shapes[model] == "circle"
+                else f'<rect x="{x - 4:.1f}" y="{y - 4:.1f}" width="8" height="8" fill="{colour}"/>'
+                if shapes[model] == "rect"
+                else f'<polygon points="{x:.1f},{y - 5:.1f} {x + 5:.1f},{y:.1f} {x:.1f},'
+                f'{y + 5:.1f} {x - 5:.1f},{y:.1f}" fill="{colour}"/>'
+            )
+            body.append(
+                f'<g class="bin" data-model="{model}" data-bin="{b["bin"]}" data-n="{b["n"]}" '
+                f'data-accuracy="{float(b["accuracy"])!r}" '
+                f'data-confidence="{float(b["confidence"])!r}">{mark}<title>{_e(tip)}</title></g>'
+            )
+        ly = top + 10 + 22 * i
+        body.append(
+            f'<rect x="{left + plot + 16}" y="{ly - 9}" width="12" height="12" fill="{colour}"/>'
+            f'<text x="{left + plot + 34}" y="{ly + 1}" font-size="12">{MODEL_NAMES[model]} '
+            f"(ECE {calibration.get('ece', 0):.3f})</text>"
+        )
+    desc = "; ".join(
+        f"{MODEL_NAMES[m]}: ECE {calibrations[m].get('ece', 0):.3f} over "
+        f"{calibrations[m].get('n', 0)} answers"
+        for m in models
+    )
+    return _svg(width, height, "Reliability of the answers given", desc, body, "reliability")

@@ -524,6 +524,7 @@ def job_page(
         honesty=views.honesty_table(metrics),
         recovery=(metrics or {}).get("recovery"),
         bars=views.honesty_bars(metrics),
+        reliability=views.reliability(metrics),
         timings=timings,
         stage_chart=views.charts.stage_bars(timings),
         frontier=views.frontier(report) if job.method == "auto" else None,

@@ -71,6 +71,13 @@ def honesty_bars(metrics: Mapping[str, Any] | None) -> Markup:
     return charts.before_after_bars({m: metrics[m] for m in MODELS}, BAR_ROWS)
 
 
+def reliability(metrics: Mapping[str, Any] | None) -> Markup:
+    """The reliability diagram of the models' answer calibration, when there is any."""
+    if not metrics:
+        return Markup("")
+    return charts.reliability({m: (metrics.get(m) or {}).get("calibration") for m in MODELS})
+
+
 def selected_cells(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Columns restored per (layer, kind) from an HCNR report's selected_matrices; None
     when the report has none (RAIT, DPO)."""

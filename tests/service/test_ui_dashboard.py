@@ -255,6 +255,26 @@ def test_the_job_page_shows_the_jobs_report(inproc: InProcess, finished):
     assert bars[("domain_accuracy", "finetuned")] == domain
     assert bars[("refusal_f1", "repaired")] == report["metrics"]["repaired"]["refusal_f1"]
 
+    # The reliability diagram: every non-empty calibration bin of every model, as reported.
+    models = ("base", "finetuned", "repaired")
+    calibrated = [m for m in models if report["metrics"][m].get("calibration")]
+    assert calibrated  # answered questions with answers to grade: calibration is present
+    points = {
+        (g.attrs["data-model"], int(g.attrs["data-bin"])): (
+            int(g.attrs["data-n"]),
+            float(g.attrs["data-accuracy"]),
+            float(g.attrs["data-confidence"]),
+        )
+        for g in page.by_id("reliability-chart").find_all("g")
+        if g.attrs.get("class") == "bin"
+    }
+    assert points == {
+        (m, b["bin"]): (b["n"], b["accuracy"], b["confidence"])
+        for m in calibrated
+        for b in report["metrics"][m]["calibration"]["bins"]
+        if b["n"]
+    }
+
     # Timings, the heat map and the artifacts: the job's, the report's and the API's.
     stages = {r.attrs["data-stage"] for r in page.by_id("timings-table").find_all("tr")
               if "data-stage" in r.attrs}  # fmt: skip
