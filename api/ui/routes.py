@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -349,6 +350,9 @@ def _new_job_page(request: Request, ui: UiSession, status: int = 200, **form: An
         "metadata": "",
         "webhook_url": "",
         **{f"{name}_file": "" for name in PURPOSES},
+        # One key per rendered form: submitting it twice (a double click, a reload of the
+        # post) replays the first job instead of creating another (the API's Idempotency-Key).
+        "idempotency_key": secrets.token_urlsafe(18),
     }
     return _page(
         request,
@@ -385,6 +389,7 @@ def create_job(
     task_file: Annotated[str, Form()] = "",
     eval_file: Annotated[str, Form()] = "",
     validation_file: Annotated[str, Form()] = "",
+    idempotency_key: Annotated[str, Form(max_length=255)] = "",
     honesty_upload: UploadFile | None = None,
     task_upload: UploadFile | None = None,
     eval_upload: UploadFile | None = None,
@@ -405,6 +410,7 @@ def create_job(
         "task_file": task_file.strip(),
         "eval_file": eval_file.strip(),
         "validation_file": validation_file.strip(),
+        "idempotency_key": idempotency_key,
     }
     uploads = {
         "honesty": honesty_upload,
@@ -435,7 +441,7 @@ def create_job(
             storage=storage,
             settings=settings,
             enqueue=enqueue,
-            idempotency_key=None,
+            idempotency_key=idempotency_key or None,
         )
     except (APIError, HCNRError) as exc:
         status, error = _status_and_error(exc)

@@ -333,6 +333,37 @@ def test_the_jobs_list_filters_and_streams(inproc: InProcess, finished, monkeypa
     assert "event: log" in events and events.rstrip().endswith('data: {"status": "succeeded"}')
 
 
+def test_a_form_submitted_twice_creates_one_job(inproc: InProcess, keys, models: Models):
+    """The form carries an idempotency key: a second post of it replays the first job."""
+    client = ui.login(inproc.app, keys["alice"])
+    page = client.get("/ui/jobs/new").text
+    key = ui.parse(page).find("input", name="idempotency_key").attrs["value"]
+    assert len(key) >= 20 and key not in client.get("/ui/jobs/new").text  # one per form
+    ids = {
+        p: inproc.upload("alice", path, p).json()["id"]
+        for p, path in (("honesty", models.honesty), ("task", models.task))
+    }
+    form = {
+        "csrf_token": ui.CSRF.search(page).group(1),
+        "idempotency_key": key,
+        "base": "path:base",
+        "finetuned": "path:finetuned-adapter",
+        "honesty_file": ids["honesty"],
+        "task_file": ids["task"],
+    }
+    first = client.post("/ui/jobs", data=form, follow_redirects=False)
+    again = client.post("/ui/jobs", data=form, follow_redirects=False)
+    assert first.status_code == again.status_code == 303
+    assert first.headers["location"] == again.headers["location"]
+    job_id = first.headers["location"].rsplit("/", 1)[1]
+    assert inproc.queued == [job_id]  # queued once
+    changed = client.post("/ui/jobs", data={**form, "metadata": "x=y"})
+    assert changed.status_code == 409
+    assert ui.parse(changed.text).by_id("form-error").attrs["data-code"] == "idempotency_conflict"
+    assert inproc.queued == [job_id]
+    inproc.queued.clear()
+
+
 def test_upload_page_stores_and_validates_files(inproc: InProcess, keys, models: Models):
     client = ui.login(inproc.app, keys["alice"])
     token = ui.csrf_of(client)
