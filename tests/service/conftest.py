@@ -49,6 +49,16 @@ def inproc(models: Models, tmp_path_factory: pytest.TempPathFactory) -> InProces
     return make_inprocess(tmp_path_factory.mktemp("inproc"), models)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_queue(request: pytest.FixtureRequest) -> None:
+    """The module's app shares one enqueue list: empty it at the start of each test, so
+    what a test asserts about `queued` is what that test (and its fixtures) enqueued,
+    whatever ran before it. Jobs an earlier test left queued stay in the database, as a
+    stopped worker would leave them."""
+    if "inproc" in request.fixturenames:
+        request.getfixturevalue("inproc").queued.clear()
+
+
 # --- real servers -----------------------------------------------------------------------------
 
 

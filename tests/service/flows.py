@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import service_procs as procs
 from hcnr_client import APIStatusError, HCNRClient
 from service_support import Models, digests
 
@@ -67,12 +68,16 @@ def _poll_until_done(client: HCNRClient, job_id: str, timeout: float = 180) -> b
 
 
 def slow_job(client: HCNRClient, models: Models) -> str:
+    """A job that stays running long enough to cancel or kill: the bigger toy, and the
+    `slow` label that the test services' fault injection slows deterministically
+    (service_procs.SLOW_FAULT), so the test does not depend on the machine's speed."""
     files = upload_inputs(client, models.slow_honesty, models.slow_task)
     body = {
         "base": "path:slow/base",
         "finetuned": "path:slow/finetuned-adapter",
         "honesty_file": files["honesty"],
         "task_file": files["task"],
+        "metadata": procs.SLOW_LABEL,
     }
     return client.repair_jobs.create(**body).id
 

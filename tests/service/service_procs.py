@@ -270,9 +270,17 @@ class Postgres:
 # --- hcnr processes --------------------------------------------------------------------
 
 
+# worker/faults.py (HCNR_ENV=test only): a job labelled slow=yes sleeps 0.2 s per progress
+# event, so a "mid-run" cancel or kill finds it running on any machine, however fast.
+SLOW_LABEL = {"slow": "yes"}
+SLOW_FAULT = "slow_on_label=slow:yes:0.2"
+
+
 def service_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HCNR_")}
     env.update({f"HCNR_{k.upper()}": str(v) for k, v in settings.items()})
+    if settings.get("env") == "test":
+        env.setdefault("HCNR_FAULT_INJECTION", SLOW_FAULT)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return env

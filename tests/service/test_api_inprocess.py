@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,15 @@ def test_oversized_chunked_upload_is_413(models, tmp_path: Path):
 # --- job validation: nothing is queued on bad input -------------------------------------
 
 
+@pytest.fixture
+def escape_link(models) -> Iterator[Path]:
+    """A symlink out of the models root, for this test only: the session's root is shared."""
+    escape = models.root / "escape"
+    escape.symlink_to(models.root.parent)
+    yield escape
+    escape.unlink()
+
+
 @pytest.mark.parametrize(
     ("overrides", "status", "code"),
     [
@@ -114,11 +124,8 @@ def test_oversized_chunked_upload_is_413(models, tmp_path: Path):
     ],
 )
 def test_bad_job_input_is_rejected_and_not_queued(
-    inproc: InProcess, alice_files, models, overrides, status, code
+    inproc: InProcess, alice_files, escape_link, overrides, status, code
 ):
-    escape = models.root / "escape"
-    if not escape.exists():
-        escape.symlink_to(models.root.parent)
     before = inproc.clients["alice"].get("/v1/repair-jobs").json()["data"]
     response = inproc.clients["alice"].post(
         "/v1/repair-jobs", json=job_body(alice_files, **overrides)
