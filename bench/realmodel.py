@@ -494,6 +494,11 @@ def research_section(results: list[dict], names: tuple[str, ...]) -> list[str]:
         "",
         *settings,
         "",
+        "Wall time of these rows = the repair measured + the seed's two Fisher passes, "
+        "measured once per seed by the run that computed them (`fisher_reused_seconds` in "
+        "`realmodel.json`; seed 0's were measured on a machine at load 6–7: 1507 s, against "
+        "268 s for the Table 1 rows on a quiet one).",
+        "",
         *seed_table(results, ("hcnr_paper", *names), QUALITY),
         "",
         *seed_table(results, ("hcnr_paper", *names), COST),
