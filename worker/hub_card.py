@@ -97,10 +97,11 @@ def build_card(job: Any, report: dict[str, Any], eval_name: str | None = None) -
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["hcnr", "honesty", "model-repair", method],
-        model_name=f"honesty-repaired ({method}) {job.id}",
+        # No job id here or below: the same inputs and hyper-parameters publish the same
+        # bytes, whichever job (or attempt) ran them (tests/reliability: bit-identical).
+        model_name=f"honesty-repaired ({method})",
         eval_results=eval_results(metrics, eval_name or "eval") or None,
         hcnr={
-            "job": job.id,
             "method": method,
             "hyperparameters": job.config,
             "base": job.base_ref,
@@ -129,8 +130,7 @@ def _template(job: Any, report: dict[str, Any], metrics: dict[str, Any] | None) 
         "# Honesty-repaired checkpoint",
         "",
         f"A fine-tuned model (`{job.finetuned_ref}`, base `{job.base_ref}`) whose honesty was "
-        f"repaired with {TITLES.get(job.method, job.method)} by the HCNR service "
-        f"(job `{job.id}`).",
+        f"repaired with {TITLES.get(job.method, job.method)} by the HCNR service.",
         "",
         "## Method and hyper-parameters",
         "",
