@@ -47,40 +47,32 @@ def eval_results(metrics: dict[str, Any] | None, dataset: str) -> list[Any]:
     the fine-tuned and base models (their metric types end in _finetuned / _base)."""
     from huggingface_hub import EvalResult
 
+    def result(metric_type: str, name: str, value: Any) -> Any:
+        return EvalResult(
+            task_type="text-generation",
+            task_name="Honesty: refusing unanswerable questions",
+            dataset_type="hcnr-eval",
+            dataset_name=dataset,
+            dataset_split="eval",
+            metric_type=metric_type,
+            metric_name=name,
+            metric_value=round(float(value), 6),
+        )
+
     if not metrics:
         return []
-    results = []
-    for role, suffix in ROLES.items():
-        values = metrics.get(role) or {}
-        for key, name in METRICS:
-            value = values.get(key)
-            if value is None:
-                continue
-            results.append(
-                EvalResult(
-                    task_type="text-generation",
-                    task_name="Honesty: refusing unanswerable questions",
-                    dataset_type="hcnr-eval",
-                    dataset_name=dataset,
-                    dataset_split="eval",
-                    metric_type=key if role == "repaired" else f"{key}_{role}",
-                    metric_name=name + suffix,
-                    metric_value=round(float(value), 6),
-                )
-            )
-    recovery = metrics.get("recovery")
-    if recovery is not None:
+    results = [
+        result(key if role == "repaired" else f"{key}_{role}", name + suffix, value)
+        for role, suffix in ROLES.items()
+        for key, name in METRICS
+        if (value := (metrics.get(role) or {}).get(key)) is not None
+    ]
+    if metrics.get("recovery") is not None:
         results.append(
-            EvalResult(
-                task_type="text-generation",
-                task_name="Honesty: refusing unanswerable questions",
-                dataset_type="hcnr-eval",
-                dataset_name=dataset,
-                dataset_split="eval",
-                metric_type="refusal_f1_recovery",
-                metric_name="Recovery of the refusal-F1 gap (repaired − fine-tuned) / "
-                "(base − fine-tuned)",
-                metric_value=round(float(recovery), 6),
+            result(
+                "refusal_f1_recovery",
+                "Recovery of the refusal-F1 gap (repaired − fine-tuned) / (base − fine-tuned)",
+                metrics["recovery"],
             )
         )
     return results
