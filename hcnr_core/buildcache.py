@@ -4,18 +4,42 @@ finished build, and the bookkeeping around it.
 A build writes its outputs, then its manifest last (with the build key and the size of
 every output file); a later call with the same key returns it from cache unless a file is
 missing or changed size (an interrupted or damaged build is rebuilt). Clearing removes the
-manifest first, so a half-cleared directory never vouches for itself.
+manifest first, so a half-cleared directory never vouches for itself. Builders hold
+`build_lock(out)` while they check and build, so two processes asking for the same build
+(two test runs, a bench beside a test run) build it once instead of clearing each other's
+half-written files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive flock on `path`, released by the kernel even if the holder is killed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def build_lock(out: str | Path) -> contextlib.AbstractContextManager[None]:
+    """The lock a builder holds on `out` while it checks its cache and builds (a sibling
+    file, so clearing `out` never removes a lock someone holds)."""
+    out = Path(out)
+    return file_lock(out.parent / f".{out.name}.lock")
 
 
 def cached_manifest(out: str | Path, manifest: str, key: str) -> dict[str, Any] | None:
@@ -54,7 +78,7 @@ def file_sizes(out: Path, outputs: Iterable[str]) -> dict[str, int]:
     }
 
 
-@contextmanager
+@contextlib.contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     """Record the wall time of the block in `timings[stage]` (seconds, 2 decimals)."""
     started = time.perf_counter()

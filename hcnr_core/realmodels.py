@@ -14,17 +14,15 @@ Nothing here imports torch or transformers until an import actually has to run.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib
 import importlib.util
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcnr_core.buildcache import file_lock
 from hcnr_core.errors import RealModelUnavailableError
 
 
@@ -85,18 +83,6 @@ def _unavailable(model: RealModel, why: str) -> RealModelUnavailableError:
     )
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock, released by the kernel even if the holder is killed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def locate_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
     """The GGUF file of a real model, from its installed PyPI package.
 
@@ -122,7 +108,7 @@ def locate_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
         package = importlib.import_module(model.package)
     except ImportError as exc:
         raise _unavailable(model, f"package {model.package} is not installed") from exc
-    with _file_lock(target.parent / f".{model.file}.lock"):
+    with file_lock(target.parent / f".{model.file}.lock"):
         if target.is_file():
             return target
         partial = target.parent / f".{model.file}.partial-{uuid.uuid4().hex[:12]}"
@@ -166,7 +152,7 @@ def cached_import(
     target = models / f"{entry}-{dtype}"
     if _valid_entry(target, gguf, dtype):
         return target, False
-    with _file_lock(models / f".{target.name}.lock"):
+    with file_lock(models / f".{target.name}.lock"):
         if _valid_entry(target, gguf, dtype):  # built by another process meanwhile
             return target, False
         # We hold the lock: staging leftovers of a killed builder and a stale entry go.

@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from hcnr_core.buildcache import cached_manifest, clear_outputs, file_sizes, timed
+from hcnr_core.buildcache import (
+    build_lock,
+    cached_manifest,
+    clear_outputs,
+    file_sizes,
+    timed,
+)
 from hcnr_core.data import parse_sample
 from hcnr_core.evaluation import GenerationSettings, evaluate_samples
 from hcnr_core.organism import world as w
@@ -411,11 +417,12 @@ def build_organism(
         raise ValueError(f"unknown organism size {size!r}; choose from {sorted(SIZES)}")
     out = Path(out_dir)
     paths = _paths(out)
-    if not force and cached_build(out, size, seed) is not None:
-        return paths
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with _threads(threads if device == "cpu" else None):
-        _build(out, paths, size, seed, device, log)
+    with build_lock(out):  # a second process waits, then finds the first one's build
+        if not force and cached_build(out, size, seed) is not None:
+            return paths
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        with _threads(threads if device == "cpu" else None):
+            _build(out, paths, size, seed, device, log)
     return paths
 
 

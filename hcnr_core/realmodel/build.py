@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from hcnr_core.buildcache import cached_manifest, clear_outputs, file_sizes, timed
+from hcnr_core.buildcache import (
+    build_lock,
+    cached_manifest,
+    clear_outputs,
+    file_sizes,
+    timed,
+)
 from hcnr_core.data import parse_sample
 from hcnr_core.evaluation import GenerationSettings, evaluate_samples
 from hcnr_core.realmodel.data import DomainSizes, SplitSizes, load_selfaware, make_datasets
@@ -154,18 +160,19 @@ def build_realmodel(
     source = Path(source)
     key = build_key(model, seed, spec, source)
     paths = paths_of(out_dir)
-    manifest = None if force else cached_manifest(out_dir, MANIFEST, key)
-    if manifest is not None:
-        if manifest.get("eval_key") != eval_key(spec):  # trained as asked, measured anew
-            _reevaluate(paths, manifest, spec, source, progress)
-        return paths
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        _build(paths, model, seed, spec, source, Path(selfaware), key, progress)
-    finally:
-        torch.set_num_threads(before)
+    with build_lock(out_dir):  # a second process waits, then finds the first one's build
+        manifest = None if force else cached_manifest(out_dir, MANIFEST, key)
+        if manifest is not None:
+            if manifest.get("eval_key") != eval_key(spec):  # trained as asked, measured anew
+                _reevaluate(paths, manifest, spec, source, progress)
+            return paths
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            _build(paths, model, seed, spec, source, Path(selfaware), key, progress)
+        finally:
+            torch.set_num_threads(before)
     return paths
 
 
