@@ -1,4 +1,4 @@
-.PHONY: demo test lint setup services
+.PHONY: demo test test-all lint setup services
 
 setup:
 	bash scripts/bootstrap.sh
@@ -15,3 +15,6 @@ lint: setup
 
 test: setup services lint
 	.venv/bin/python -m pytest
+
+test-all: setup services lint
+	.venv/bin/python -m pytest -m 'not gpu'

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
@@ -90,6 +90,21 @@ def _refuse_remote_code(path: Path, data: dict[str, Any]) -> None:
             )
 
 
+@runtime_checkable
+class TensorSource(Protocol):
+    """Read access to a checkpoint's tensors by name, one at a time (nothing else is
+    loaded): safetensors files (`SafetensorsSource`), an in-memory state dict
+    (`DictSource`), a LoRA adapter merged onto its base per tensor
+    (`layerwise.LoraMergedSource`), generated weights (`bench/scale.py`)."""
+
+    def keys(self) -> list[str]: ...
+    def __contains__(self, name: str) -> bool: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
 class SafetensorsSource:
     """Lazy, mmap-backed access to the tensors of a safetensors checkpoint."""
 
@@ -148,9 +163,6 @@ class DictSource:
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self._tensors.items()
-
-
-TensorSource = SafetensorsSource | DictSource
 
 
 def _index_weight_files(root: Path) -> dict[str, Path]:

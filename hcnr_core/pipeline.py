@@ -10,7 +10,6 @@ loads one model at a time, scores, selects, compensates and writes the checkpoin
 
 from __future__ import annotations
 
-import copy
 import gc
 import hashlib
 import json
@@ -21,7 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +29,10 @@ from hcnr_core import __version__
 from hcnr_core.checkpoint import (
     TOKENIZER_FILES,
     CheckpointInfo,
-    DictSource,
+    TensorSource,
     check_adapter_matches,
     check_full_compatible,
     inspect_checkpoint,
-    load_merged_adapter,
-    load_model,
     load_tokenizer,
     stored_dtype,
 )
@@ -48,33 +44,19 @@ from hcnr_core.compensation import (
 )
 from hcnr_core.config import RepairConfig
 from hcnr_core.data import EncodedSample, Sample, encode_samples, load_jsonl
-from hcnr_core.devices import resolve_devices, run_parallel, shard
+from hcnr_core.devices import resolve_devices
 from hcnr_core.errors import (
     CheckpointError,
     HCNRError,
     RepairCancelled,
     UnsupportedArchitectureError,
 )
-from hcnr_core.layerwise import (
-    LayerwiseLM,
-    LoraMergedSource,
-    ResidentLM,
-    check_layerwise_layout,
-    layerwise_fisher,
-    layerwise_hessians,
-    layerwise_sequential,
-)
+from hcnr_core.layerwise import check_layerwise_layout, layerwise_sequential
 from hcnr_core.limits import check_data
 from hcnr_core.progress import ProgressEvent
 from hcnr_core.report import build_model_card, versions
-from hcnr_core.scoring import (
-    ColumnFisher,
-    CrossInputs,
-    FisherShare,
-    InputHessians,
-    combine_fisher,
-    pad_batch,
-)
+from hcnr_core.runners import Runner, RunnerKind, runner_kind
+from hcnr_core.scoring import CrossInputs, InputHessians
 from hcnr_core.selection import displacement, select_columns, select_matrices
 from hcnr_core.writer import REPORT_NAME, StagedOutput, check_output_dir, sha256_file
 
@@ -181,12 +163,17 @@ class RepairPipeline:
         progress: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         fisher_cache: dict[str, dict] | None = None,
+        runners: RunnerKind | None = None,
     ):
         """`fisher_cache`: a dict shared by repairs of the same checkpoints and data with
         different selection/compensation settings (sweeps, candidate grids). The column
         Fisher scores depend only on the model, the data and the compute dtype, so each
-        pass runs once per cache; the reused stages report ~0 s."""
+        pass runs once per cache; the reused stages report ~0 s.
+
+        `runners`: how the forward passes run (`hcnr_core.runners`); by default whole
+        models, or block by block with `config.layerwise`."""
         self.config = config
+        self.runners = runners or runner_kind(config.layerwise, config.hessian_budget_mb)
         self._progress = progress
         self._should_cancel = should_cancel
         self._fisher_cache = fisher_cache
@@ -268,45 +255,17 @@ class RepairPipeline:
             return stored_dtype(prep.base)
         return DTYPES[self.config.dtype]
 
-    def _load_finetuned(self, prep: PreparedRepair, dtype: torch.dtype) -> tuple[list[Any], Any]:
+    def _load_finetuned(
+        self, prep: PreparedRepair, dtype: torch.dtype
+    ) -> tuple[Runner, TensorSource]:
         """The fine-tuned model (one replica per device) for the forward passes, and W_s
         at its stored dtype."""
-        devices = self.devices
-        if self.config.layerwise:
-            if prep.finetuned.kind == "full":
-                path, sources = prep.finetuned.path, [prep.finetuned.source() for _ in devices]
-            else:
-                path = prep.base.path
-                sources = [LoraMergedSource(prep.base.source(), prep.finetuned) for _ in devices]
-            return [
-                LayerwiseLM(path, s, dtype, d) for s, d in zip(sources, devices, strict=True)
-            ], sources[0]
-        if prep.finetuned.kind == "full":
-            return self._load_replicas(prep.finetuned, dtype), prep.finetuned.source()
-        merged = load_merged_adapter(prep.base, prep.finetuned)
-        state = merged.state_dict()
-        # Only the names the base stores (tied weights appear once), kept on the CPU.
-        ft_source = DictSource({k: state[k] for k in prep.base.source().keys()})
-        replicas = [copy.deepcopy(merged).to(dtype=dtype, device=d) for d in devices[1:]]
-        return [merged.to(dtype=dtype, device=devices[0]), *replicas], ft_source
+        return self.runners.finetuned(
+            prep.finetuned, prep.base, dtype, self.devices, self._check_cancel
+        )
 
-    def _load_replicas(self, info: CheckpointInfo, dtype: torch.dtype) -> list[Any]:
-        """The checkpoint on every device, one after the other: transformers' loading
-        patches torch.nn.init process-wide, so two loads in threads can leave it patched."""
-        replicas = []
-        for device in self.devices:
-            self._check_cancel()
-            replicas.append(load_model(info, dtype, str(device)))
-        return replicas
-
-    def _load_base(self, prep: PreparedRepair, base_source: Any, dtype: torch.dtype) -> list[Any]:
-        if self.config.layerwise:
-            sources = [base_source] + [prep.base.source() for _ in self.devices[1:]]
-            return [
-                LayerwiseLM(prep.base.path, s, dtype, d)
-                for s, d in zip(sources, self.devices, strict=True)
-            ]
-        return self._load_replicas(prep.base, dtype)
+    def _load_base(self, prep: PreparedRepair, source: TensorSource, dtype: torch.dtype) -> Runner:
+        return self.runners.base(prep.base, source, dtype, self.devices, self._check_cancel)
 
     def _pad_id(self, prep: PreparedRepair) -> int:
         pad_id = prep.tokenizer.pad_token_id
@@ -318,37 +277,13 @@ class RepairPipeline:
         size = self.config.batch_size
         return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
-    def _fisher(self, models: list[Any], prep: PreparedRepair, data: list[EncodedSample]) -> dict:
+    def _fisher(self, runner: Runner, prep: PreparedRepair, data: list[EncodedSample]) -> dict:
         """Column Fisher scores of `data`; each replica scores its share of the batches."""
-        # Fewer batches than devices: the replicas without a share sit this pass out.
-        shares = shard(self._batches(data), len(models))
-        pad_id = self._pad_id(prep)
-        work: list[Callable[[Callable[[], None]], FisherShare]]
-        if isinstance(models[0], LayerwiseLM):
-            work = [
-                partial(layerwise_fisher, lm, share, prep.targets, pad_id)
-                for lm, share in zip(models, shares, strict=False)
-            ]
-            total = len(shares) * (2 * models[0].n_blocks + 1)
-        else:
-
-            def whole(model: Any, share: list[list[EncodedSample]]) -> Any:
-                def run(step: Callable[[], None]) -> FisherShare:
-                    fisher = ColumnFisher(model, prep.targets, pad_id)
-                    for batch in share:
-                        fisher.add_batch(batch)
-                        step()
-                    return fisher.share()
-
-                return run
-
-            work = [whole(model, share) for model, share in zip(models, shares, strict=False)]
-            total = sum(len(share) for share in shares)
-        return combine_fisher(run_parallel(self.devices, work, self._tick, total))
+        return runner.fisher(self._batches(data), prep.targets, self._pad_id(prep), self._tick)
 
     def _cached_fisher(
         self,
-        models: list[Any],
+        runner: Runner,
         prep: PreparedRepair,
         scored: CheckpointInfo,
         data: list[EncodedSample],
@@ -356,7 +291,7 @@ class RepairPipeline:
     ) -> dict:
         """`_fisher`, memoised in `fisher_cache` by what the scores depend on."""
         if self._fisher_cache is None:
-            return self._fisher(models, prep, data)
+            return self._fisher(runner, prep, data)
         settings = (str(dtype), prep.targets, self.config.target_modules)
         digest = hashlib.sha256(repr(settings).encode())
         for info in (prep.base, scored):  # a LoRA adapter is scored merged onto the base
@@ -365,55 +300,16 @@ class RepairPipeline:
             digest.update(repr((sample.input_ids, sample.prompt_len)).encode())
         key = digest.hexdigest()
         if key not in self._fisher_cache:
-            self._fisher_cache[key] = self._fisher(models, prep, data)
+            self._fisher_cache[key] = self._fisher(runner, prep, data)
         return self._fisher_cache[key]
 
-    def _hessians(
-        self, models: list[Any], data: list[EncodedSample], pad_id: int, modules: list[str]
-    ) -> InputHessians:
-        """Input Hessians of `modules` over `data`, each replica on its share, added up."""
-
-        def observe(model: Any, share: list[list[EncodedSample]]) -> Any:
-            def run(step: Callable[[], None]) -> InputHessians:
-                hessians = InputHessians(model, modules)
-                device = next(model.parameters()).device
-                for batch in share:
-                    hessians.add_batch(*pad_batch(batch, pad_id, device))
-                    step()
-                return hessians
-
-            return run
-
-        shares = shard(self._batches(data), len(models))
-        work = [observe(model, share) for model, share in zip(models, shares, strict=False)]
-        total = sum(len(share) for share in shares)
-        parts = run_parallel(self.devices, work, lambda *_: self._check_cancel(), total)
-        for part in parts[1:]:
-            parts[0].absorb(part)
-        return parts[0]
-
-    def _hessian_chunks(self, model: Any, modules: list[str]) -> list[list[str]]:
-        """Modules in model order, split so each chunk's Hessians fit the memory budget.
-
-        Each chunk costs one (early-stopped) forward pass over D_hon; the budget trades
-        passes for peak memory. Shared-input groups are counted once per member, which
-        over-estimates and so stays within the budget.
-        """
-        budget = self.config.hessian_budget_mb * 2**20
-        named = dict(model.named_modules())
-        chunks: list[list[str]] = [[]]
-        used = 0
-        for name in modules:
-            cost = named[name].weight.shape[1] ** 2 * 4
-            if chunks[-1] and used + cost > budget:
-                chunks.append([])
-                used = 0
-            chunks[-1].append(name)
-            used += cost
-        return chunks
-
     def _select(
-        self, prep: PreparedRepair, hon: dict, task: dict, base_source: Any, ft_source: Any
+        self,
+        prep: PreparedRepair,
+        hon: dict,
+        task: dict,
+        base_source: TensorSource,
+        ft_source: TensorSource,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float], list[str]]:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -436,33 +332,26 @@ class RepairPipeline:
 
     def _hessian_stream(
         self,
-        models: list[Any],
+        runner: Runner,
         prep: PreparedRepair,
         modules: list[str],
-        reference: Any = None,
+        reference: Runner | None = None,
     ) -> Iterator[tuple[list[str], InputHessians | CrossInputs | None]]:
         """(modules, their Hessians) chunk by chunk; Hessians are None without compensation.
         `reference` (the base, asymmetric calibration): CrossInputs with H and C."""
         pad_id = self._pad_id(prep)
+        check = lambda *_: self._check_cancel()  # noqa: E731  (progress counts matrices)
+        batches = self._batches(prep.honesty)
         if self.config.compensation == "none" or not modules:
             yield modules, None
         elif self.config.hessian_inputs != "base":
             # One block at a time, the hidden states carried from block to block (one
             # forward pass): `_compensate` writes each block's repaired matrices into the
             # model before this generator moves the hidden states through that block.
-            tick = lambda *_: self._check_cancel()  # noqa: E731
-            lm, ref = models[0], reference
-            if not self.config.layerwise:
-                lm, ref = ResidentLM(lm), None if ref is None else ResidentLM(ref)
-            batches = self._batches(prep.honesty)
-            yield from layerwise_sequential(lm, batches, modules, pad_id, ref, tick)
-        elif isinstance(models[0], LayerwiseLM):
-            shares = shard(self._batches(prep.honesty), len(models))
-            tick = lambda *_: self._check_cancel()  # noqa: E731
-            yield from layerwise_hessians(models[: len(shares)], shares, modules, pad_id, tick)
+            lm, ref = runner.blockwise(), None if reference is None else reference.blockwise()
+            yield from layerwise_sequential(lm, batches, modules, pad_id, ref, check)
         else:
-            for chunk in self._hessian_chunks(models[0], modules):
-                yield chunk, self._hessians(models, prep.honesty, pad_id, chunk)
+            yield from runner.hessians(batches, modules, pad_id, check)
 
     def _task_hessians(
         self, prep: PreparedRepair, kept: list[str], dtype: torch.dtype
@@ -470,21 +359,12 @@ class RepairPipeline:
         """H_task of every kept matrix (CPU, fp32): inputs of the fine-tuned model on D_task.
         One model resident at a time, so the fine-tuned model is loaded again; members of
         a shared-input group share one tensor."""
-        models, _ = self._load_finetuned(prep, dtype)
+        runner, _ = self._load_finetuned(prep, dtype)
         order = {f"{m}.weight": i for i, m in enumerate(prep.targets)}
         modules = [w.removesuffix(".weight") for w in sorted(kept, key=order.__getitem__)]
         found: dict[str, torch.Tensor] = {}
-        pad_id = self._pad_id(prep)
-        stream: Iterable[tuple[list[str], InputHessians]]
-        if self.config.layerwise:
-            shares = shard(self._batches(prep.task), len(models))
-            tick = lambda *_: self._check_cancel()  # noqa: E731
-            stream = layerwise_hessians(models[: len(shares)], shares, modules, pad_id, tick)
-        else:
-            stream = (
-                (chunk, self._hessians(models, prep.task, pad_id, chunk))
-                for chunk in self._hessian_chunks(models[0], modules)
-            )
+        check = lambda *_: self._check_cancel()  # noqa: E731
+        stream = runner.hessians(self._batches(prep.task), modules, self._pad_id(prep), check)
         for chunk, hessians in stream:
             by_leader: dict[str, torch.Tensor] = {}
             for module in chunk:
@@ -493,21 +373,21 @@ class RepairPipeline:
                     by_leader[leader] = hessians.hessian(module).cpu()
                 found[module] = by_leader[leader]
             del hessians
-        del models
+        del runner
         _release_memory()
         return found
 
     def _compensate(
         self,
-        models: list[Any],
+        runner: Runner,
         prep: PreparedRepair,
         kept: list[str],
         columns: dict[str, torch.Tensor],
-        base_source: Any,
-        ft_source: Any,
+        base_source: TensorSource,
+        ft_source: TensorSource,
         keep: bool = True,
         task_hessians: dict[str, torch.Tensor] | None = None,
-        reference: Any = None,
+        reference: Runner | None = None,
     ) -> tuple[dict[str, torch.Tensor], int]:
         """Repaired matrices (stored dtype, CPU; none kept if not `keep`) and the number
         of weights that changed; Hessians built chunk by chunk."""
@@ -517,7 +397,7 @@ class RepairPipeline:
         repaired: dict[str, torch.Tensor] = {}
         changed, done = 0, 0
         hessian_seconds = 0.0
-        stream = self._hessian_stream(models, prep, modules, reference)
+        stream = self._hessian_stream(runner, prep, modules, reference)
         while True:
             started = time.perf_counter()
             chunk, hessians = next(stream, (None, None))
@@ -560,7 +440,7 @@ class RepairPipeline:
                 if keep:
                     repaired[weight] = new
                 if cfg.hessian_inputs != "base":
-                    _set_weight(models, module, new)
+                    runner.set_weight(module, new)
                 done += 1
                 self._tick(done, len(kept))
             del hessians
@@ -581,22 +461,22 @@ class RepairPipeline:
         dtype = self._compute_dtype(prep)
 
         started = self._enter("load_finetuned")
-        models, ft_source = self._load_finetuned(prep, dtype)
+        runner, ft_source = self._load_finetuned(prep, dtype)
         self._leave(started)
 
         started = self._enter("fisher_task")
-        task_fisher = self._cached_fisher(models, prep, prep.finetuned, prep.task, dtype)
+        task_fisher = self._cached_fisher(runner, prep, prep.finetuned, prep.task, dtype)
         self._leave(started)
-        del models
+        del runner
         _release_memory()
 
         started = self._enter("load_base")
         base_source = prep.base.source()
-        models = self._load_base(prep, base_source, dtype)
+        base: Runner | None = self._load_base(prep, base_source, dtype)
         self._leave(started)
 
         started = self._enter("fisher_honesty")
-        hon_fisher = self._cached_fisher(models, prep, prep.base, prep.honesty, dtype)
+        hon_fisher = self._cached_fisher(base, prep, prep.base, prep.honesty, dtype)
         self._leave(started)
 
         started = self._enter("select")
@@ -608,10 +488,9 @@ class RepairPipeline:
         task_hessians = None
         if cfg.compensation == "task_aware" and kept:
             started = self._enter("task_hessians")
-            del models
+            base = None  # one model resident at a time
             _release_memory()
             task_hessians = self._task_hessians(prep, kept, dtype)
-            models = None
             self._leave(started)
 
         started = self._enter("compensate")
@@ -621,14 +500,15 @@ class RepairPipeline:
             # replaced block by block as they are repaired; "asymmetric" keeps the base
             # beside it for the base's own inputs.
             if cfg.hessian_inputs == "asymmetric":
-                reference = (models or self._load_base(prep, base_source, dtype))[0]
-            del models
+                reference = base or self._load_base(prep, base_source, dtype)
+            base = None
             _release_memory()
-            models, _ = self._load_finetuned(prep, dtype)
-        elif models is None:
-            models = self._load_base(prep, base_source, dtype)
+            runner, _ = self._load_finetuned(prep, dtype)
+        else:
+            runner = base or self._load_base(prep, base_source, dtype)
+            base = None
         repaired, changed = self._compensate(
-            models,
+            runner,
             prep,
             kept,
             columns,
@@ -638,7 +518,7 @@ class RepairPipeline:
             task_hessians,
             reference,
         )
-        del models, reference
+        del runner, reference
         _release_memory()
         self._leave(started)
         self.stage_seconds["compensate"] = round(
@@ -666,7 +546,7 @@ class RepairPipeline:
         displacements: dict[str, float],
         kept: list[str],
         changed: int,
-        ft_source: Any,
+        ft_source: TensorSource,
     ) -> dict[str, Any]:
         target_params = sum(math.prod(ft_source.shape(w)) for w in displacements)
         all_params = sum(math.prod(ft_source.shape(k)) for k in ft_source.keys())
@@ -703,7 +583,7 @@ class RepairPipeline:
         self,
         prep: PreparedRepair,
         out: Path,
-        ft_source: Any,
+        ft_source: TensorSource,
         repaired: dict[str, torch.Tensor],
         report: dict[str, Any],
         started: float,
@@ -739,14 +619,6 @@ def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> li
     if hessians is None:
         return list(chunk)
     return [hessians.group_of.get(module, module) for module in chunk]
-
-
-def _set_weight(models: list[Any], module: str, weight: torch.Tensor) -> None:
-    """Put a repaired matrix into every replica (a new tensor: storage shared with a
-    weight source is never written)."""
-    for model in models:
-        param = model.get_submodule(module).weight
-        param.data = weight.to(device=param.device, dtype=param.dtype)
 
 
 def _release_memory() -> None:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import hcnr_core.pipeline as pipeline_module
+import hcnr_core.runners as runners_module
 from hcnr_core import RepairConfig
 from hcnr_core.data import encode_samples, load_jsonl
 from hcnr_core.errors import UnsupportedArchitectureError
@@ -454,8 +454,8 @@ def test_unsupported_architecture_is_refused_in_prepare(name, layerwise, says, t
     pipeline = RepairPipeline(RepairConfig(layerwise=layerwise))
     # prepare reads no weights; these would show it did (it must fail before any compute)
     with (
-        mock.patch.object(pipeline_module, "load_model", side_effect=AssertionError),
-        mock.patch.object(pipeline_module, "ColumnFisher", side_effect=AssertionError),
+        mock.patch.object(runners_module, "load_model", side_effect=AssertionError),
+        mock.patch.object(runners_module, "ColumnFisher", side_effect=AssertionError),
         pytest.raises(UnsupportedArchitectureError, match=says) as caught,
     ):
         pipeline.prepare(paths["base"], paths["base"], paths["honesty"], paths["task"])

@@ -11,6 +11,7 @@ from reliability_cluster import Cluster
 pytestmark = pytest.mark.reliability
 
 
+@pytest.mark.slow  # ~50 s of broker and API restarts; `make test-all` runs it
 def test_broker_and_api_restarts_lose_no_job(fresh: Cluster):
     result = scenarios.restarts(fresh, n_jobs=3, timeout=120)
     assert result["jobs"] == 5, result

@@ -9,6 +9,7 @@ from reliability_cluster import Cluster, Inputs
 pytestmark = pytest.mark.reliability
 
 
+@pytest.mark.slow  # ~40-80 s of worker restarts; `make test-all` runs it
 def test_kill_storm_loses_nothing_and_changes_no_byte(fresh: Cluster):
     reference = scenarios.reference_run(fresh, n_jobs=4, timeout=240)
     assert reference["succeeded"] == 4, reference
@@ -20,6 +21,7 @@ def test_kill_storm_loses_nothing_and_changes_no_byte(fresh: Cluster):
     assert storm["leftovers"] == [], storm
 
 
+@pytest.mark.slow  # ~40-80 s of worker restarts; `make test-all` runs it
 def test_poison_job_fails_after_the_cap_and_the_rest_finish(fresh: Cluster):
     result = scenarios.healthy_throughput(fresh, n_jobs=2, poison=True, timeout=300)
     assert result["succeeded"] == 2 and result["lost"] == 0, result
@@ -39,6 +41,7 @@ def test_cancel_running_job_frees_everything(fresh: Cluster, slow_models: Inputs
     assert result["events"][-1] == "cancelled", result
 
 
+@pytest.mark.slow  # ~40-80 s of worker restarts; `make test-all` runs it
 def test_stalled_worker_that_comes_back_leaves_the_new_attempt_alone(
     fresh: Cluster, slow_models: Inputs
 ):
