@@ -18,7 +18,14 @@ from pydantic import (
     model_validator,
 )
 
-from hcnr_core.config import AutoConfig, DpoConfig, FileConfig, RaitConfig, RepairConfig
+from hcnr_core.config import (
+    RUN_OPTIONS,
+    AutoConfig,
+    DpoConfig,
+    FileConfig,
+    RaitConfig,
+    RepairConfig,
+)
 from store.job_state import STATES
 
 FilePurpose = Literal["honesty", "task", "eval"]
@@ -73,10 +80,6 @@ class WebhookSecret(BaseModel):
         'v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`, keyed by '
         "the base64-decoded part after `whsec_`)"
     )
-
-
-# What the worker decides, never the client: where and how it computes.
-RUN_OPTIONS = frozenset({"device", "threads", "hessian_budget_mb", "layerwise"})
 
 
 def _client_hyperparameters(config: type[FileConfig], doc: str) -> type[BaseModel]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -31,6 +31,8 @@ from hcnr_cli.common import (
     summary_of,
     validate_within_limits,
 )
+from hcnr_cli.config_flags import config_flags
+from hcnr_core.config import RUN_OPTIONS, RepairConfig
 
 app = typer.Typer(
     name="hcnr",
@@ -41,6 +43,7 @@ app = typer.Typer(
 
 
 @app.command()
+@config_flags(RepairConfig, panels={"HCNR run options": RUN_OPTIONS}, main="HCNR options")
 def repair(
     base: Annotated[Path, typer.Option(help="Base (pre-trained/aligned) model directory")],
     finetuned: Annotated[
@@ -69,44 +72,13 @@ def repair(
         list[str],
         typer.Option("--set", help="KEY=VALUE of the method's config (e.g. lr=1e-3), repeatable"),
     ] = [],  # noqa: B006
-    r_iw: Annotated[float | None, typer.Option(help="Fraction of columns per matrix [0.5]")] = None,
-    r_cw: Annotated[float | None, typer.Option(help="Fraction of matrices restored [0.4]")] = None,
-    compensation: Annotated[
-        str | None, typer.Option(help="paper | exact | task_aware | none [paper]")
-    ] = None,
-    task_weight: Annotated[
-        float | None, typer.Option(help="μ of task_aware: keep task outputs vs restore [1.0]")
-    ] = None,
-    selection: Annotated[
-        str | None, typer.Option(help="hcnr | random | honesty_only [hcnr]")
-    ] = None,
-    damping: Annotated[float | None, typer.Option(help="Hessian damping λ [0.01]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed [0]")] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(help="cpu | cuda | cuda:N | cuda:0,cuda:1 (a replica per GPU) [cpu]"),
-    ] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="auto | float32 | bfloat16 | float16 [auto: as stored]")
-    ] = None,
-    max_seq_len: Annotated[int | None, typer.Option(help="Max tokens per sample [512]")] = None,
-    target_modules: Annotated[
-        str | None, typer.Option(help="Regex over nn.Linear names [decoder layers]")
-    ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per forward pass [8]")] = None,
-    hessian_budget_mb: Annotated[
-        int | None, typer.Option(help="Memory for Hessians held at once [4096]")
-    ] = None,
-    layerwise: Annotated[
-        bool | None,
-        typer.Option("--layerwise", help="One decoder block on the device at a time"),
-    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
+    **flags: Any,
 ) -> None:
     """Repair a fine-tuned model's honesty with METHOD and write the checkpoint to OUT.
 
-    HCNR restores honesty-critical columns (its options below); `--method rait|dpo` trains
-    a LoRA on the honesty set instead (its options with --set or --config)."""
+    HCNR restores honesty-critical columns (its options below, generated from
+    `RepairConfig`); `--method rait|dpo|auto` takes its options with --set or --config."""
     from pydantic import ValidationError
 
     from hcnr_core import HCNRError
@@ -114,22 +86,6 @@ def repair(
     from hcnr_core.methods import MethodInputs, get_method
 
     quiet_libraries()
-    flags = {
-        "r_iw": r_iw,
-        "r_cw": r_cw,
-        "compensation": compensation,
-        "task_weight": task_weight,
-        "selection": selection,
-        "damping": damping,
-        "seed": seed,
-        "device": device,
-        "dtype": dtype,
-        "max_seq_len": max_seq_len,
-        "target_modules": target_modules,
-        "batch_size": batch_size,
-        "hessian_budget_mb": hessian_budget_mb,
-        "layerwise": layerwise,
-    }
     overrides = {k: v for k, v in flags.items() if v is not None}
     try:
         spec = get_method(method)

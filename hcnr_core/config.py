@@ -27,6 +27,12 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 # embeddings or lm_head, which live outside `layers.N`.
 DEFAULT_TARGET_MODULES = r"(^|\.)layers\.\d+\..+"
 
+# How to run, not what to compute (mergekit's options vs configuration): the fields of
+# every method's config that never change what is computed, only where and within what
+# memory. A service's worker decides them (the API never takes them from a client); the
+# CLI shows them apart from the method's spec.
+RUN_OPTIONS = frozenset({"device", "threads", "hessian_budget_mb", "layerwise"})
+
 
 class FileConfig(BaseModel):
     """A frozen config that also loads from a YAML or JSON file."""
@@ -79,7 +85,7 @@ class RepairConfig(FileConfig):
         description="μ of compensation=task_aware: weight of keeping the fine-tuned "
         "outputs on D_task against restoring the base outputs on D_hon",
     )
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of every random choice (selection=random)")
     dtype: DType = Field(
         "auto", description="Compute dtype of forward/backward passes; auto = the base's stored"
     )
@@ -87,7 +93,13 @@ class RepairConfig(FileConfig):
         "cpu",
         description="cpu, cuda, cuda:N, mps, or GPUs to run replicas on: cuda:0,cuda:1",
     )
-    max_seq_len: int = Field(512, ge=8, le=131072)
+    max_seq_len: int = Field(
+        512,
+        ge=8,
+        le=131072,
+        description="Max tokens per sample: prompts are cut from the left to fit; a longer "
+        "response is refused",
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Batch size of forward-only passes")
     hessian_budget_mb: int = Field(
         4096, ge=1, description="Max memory of Hessians held at once; more means fewer passes"
