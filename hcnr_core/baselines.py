@@ -97,11 +97,11 @@ from hcnr_core.checkpoint import (
     DictSource,
     check_adapter_matches,
     check_full_compatible,
+    compute_dtype,
     inspect_checkpoint,
     load_merged_adapter,
     load_model,
     load_tokenizer,
-    stored_dtype,
 )
 from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig
 from hcnr_core.data import Sample, encode_sample, encode_samples, load_jsonl
@@ -111,7 +111,6 @@ from hcnr_core.report import versions
 from hcnr_core.writer import StagedOutput, check_output_dir, sha256_file
 
 REPORT_NAME = "baseline_report.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- configuration: RaitConfig and DpoConfig live in hcnr_core.config (torch-free) ------
@@ -248,7 +247,7 @@ def _prepare(
 
 
 def _compute_dtype(config: BaselineConfig, info: CheckpointInfo) -> torch.dtype:
-    return stored_dtype(info) if config.dtype == "auto" else DTYPES[config.dtype]
+    return compute_dtype(config.dtype, info)
 
 
 def _load_finetuned(prep: _Loaded, config: BaselineConfig) -> tuple[Any, Any]:

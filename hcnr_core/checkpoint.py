@@ -349,6 +349,15 @@ def check_full_compatible(base: CheckpointInfo, finetuned: CheckpointInfo) -> li
     return warnings
 
 
+# The compute dtypes a config may name (`dtype`; "auto" = `stored_dtype`).
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(name: str, info: CheckpointInfo) -> torch.dtype:
+    """The dtype a config's `dtype` names; "auto" is the checkpoint's stored dtype."""
+    return stored_dtype(info) if name == "auto" else COMPUTE_DTYPES[name]
+
+
 def stored_dtype(info: CheckpointInfo) -> torch.dtype:
     """The dtype of the checkpoint's floating weights (its first matrix)."""
     source = info.source()
@@ -385,6 +394,14 @@ def load_merged_adapter(base: CheckpointInfo, adapter: CheckpointInfo) -> Any:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise IncompatibleCheckpointsError(f"{adapter.path}: peft cannot apply it: {exc}") from exc
     return peft_model.merge_and_unload().eval()
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id padding uses: the tokenizer's pad token, else its EOS (Llama-style tokenizers
+    define none; padded positions are masked, so only the id's validity matters, never a
+    made-up 0 that may be a real token)."""
+    pad_id = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad_id is None else pad_id
 
 
 def load_tokenizer(*infos: CheckpointInfo) -> Any:

@@ -32,9 +32,10 @@ from hcnr_core.checkpoint import (
     TensorSource,
     check_adapter_matches,
     check_full_compatible,
+    compute_dtype,
     inspect_checkpoint,
     load_tokenizer,
-    stored_dtype,
+    pad_token_id,
 )
 from hcnr_core.compensation import (
     RESTORE_ONLY,
@@ -73,7 +74,6 @@ STAGES: dict[str, float] = {
 }
 # Stages timed in the report: the progress stages plus the Hessians' share of "compensate".
 TIMED_STAGES = (*STAGES, "hessian")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -251,9 +251,7 @@ class RepairPipeline:
     # --- the stages ----------------------------------------------------------------
 
     def _compute_dtype(self, prep: PreparedRepair) -> torch.dtype:
-        if self.config.dtype == "auto":
-            return stored_dtype(prep.base)
-        return DTYPES[self.config.dtype]
+        return compute_dtype(self.config.dtype, prep.base)
 
     def _load_finetuned(
         self, prep: PreparedRepair, dtype: torch.dtype
@@ -268,8 +266,7 @@ class RepairPipeline:
         return self.runners.base(prep.base, source, dtype, self.devices, self._check_cancel)
 
     def _pad_id(self, prep: PreparedRepair) -> int:
-        pad_id = prep.tokenizer.pad_token_id
-        return prep.tokenizer.eos_token_id if pad_id is None else pad_id
+        return pad_token_id(prep.tokenizer)
 
     def _batches(self, data: list[EncodedSample]) -> list[list[EncodedSample]]:
         """Batches of similar length (less padding); same order on every run."""

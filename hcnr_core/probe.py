@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hcnr_core.checkpoint import pad_token_id
 from hcnr_core.data import Sample, render_prompt
 
 
@@ -26,7 +27,7 @@ def last_token_states(
 ) -> torch.Tensor:
     """Hidden states of the last prompt token: (layers + 1, samples, hidden), float32."""
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     out = []
     for start in range(0, len(samples), batch_size):
         texts = [render_prompt(tokenizer, s.messages) for s in samples[start : start + batch_size]]

@@ -130,3 +130,12 @@ def test_config_is_frozen_and_strict(tmp_path):
     json_file.write_text("[1]")
     with pytest.raises(ValueError, match="mapping"):
         RepairConfig.from_file(json_file)
+
+
+def test_padding_falls_back_to_eos_never_to_a_made_up_id() -> None:
+    from types import SimpleNamespace
+
+    from hcnr_core.checkpoint import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=7)) == 0  # 0 is a real pad
