@@ -273,7 +273,10 @@ def one_seed(
     log: Any,
     saved: Path,
     add: list[str] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
+    """`add`: run only these extra entries into the saved result. `resume`: keep the rows
+    an interrupted run of the same build saved and run the rest."""
     started = time.perf_counter()
 
     def progress(stage: str, done: int, total: int, message: str) -> None:
@@ -349,20 +352,36 @@ def one_seed(
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
         return partial
 
+    if resume and saved.is_file():
+        previous = json.loads(saved.read_text())
+        if not previous.get("complete") and previous["build"]["seconds"] == manifest["seconds"]:
+            kept = {k: v for k, v in previous["runs"].items() if k not in ("base", "finetuned")}
+            runs.update(kept)
+            sweep[:] = [e for e in previous["sweep"] if e["name"] in kept]
+            log(f"{model} seed {seed}: resuming after {sorted(kept)}")
+
+    def due(name: str, method: str) -> bool:
+        """Whether row `name` is still to run (listed in the sweep when it is)."""
+        if name in runs:
+            return False
+        sweep.append({"method": method, "name": name})
+        return True
+
     cache = FisherCache(work / f"fisher-{model}-{seed}.pt")  # for a later `--add`
     # Table 1 first (the three HCNR modes, then the baselines), then the ablations.
     for name in ("hcnr_paper", "hcnr_exact", "hcnr_task_aware"):
-        sweep.append({"method": name, "name": name})
-        record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
+        if due(name, name):
+            record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
     for method in ("rait", "dpo"):
         for n in sorted(SWEEP_SAMPLES[-1:] if quick else SWEEP_SAMPLES, reverse=True):
             name = f"{method}_n{n}"
-            sweep.append({"method": method, "name": name})
-            record(name, run_baseline(method, paths, out, n))
-    sweep.append({"method": "auto", "name": "auto"})
-    record("auto", run_auto(paths, out))
+            if due(name, method):
+                record(name, run_baseline(method, paths, out, n))
+    if due("auto", "auto"):
+        record("auto", run_auto(paths, out))
     for name in ("no_compensation", "random", "honesty_only"):
-        record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
+        if name not in runs:
+            record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
     if not quick:
         for compensation in ("paper", "exact"):
             for iw in SWEEP_R_IW:
@@ -371,16 +390,16 @@ def one_seed(
                         continue  # the defaults, run above
                     name = f"hcnr_{compensation}_iw{iw}_cw{cw}"
                     overrides = {"r_iw": iw, "r_cw": cw, "compensation": compensation}
-                    record(name, run_hcnr(paths, out, cache, **overrides))
-                    sweep.append({"method": f"hcnr_{compensation}", "name": name})
+                    if due(name, f"hcnr_{compensation}"):
+                        record(name, run_hcnr(paths, out, cache, **overrides))
         for mu in SWEEP_TASK_WEIGHT:
             for cw in SWEEP_R_CW:
                 if (mu, cw) == (1.0, 0.4):
                     continue
                 name = f"hcnr_task_aware_mu{mu}_cw{cw}"
                 overrides = {"compensation": "task_aware", "task_weight": mu, "r_cw": cw}
-                record(name, run_hcnr(paths, out, cache, **overrides))
-                sweep.append({"method": "hcnr_task_aware", "name": name})
+                if due(name, "hcnr_task_aware"):
+                    record(name, run_hcnr(paths, out, cache, **overrides))
     probe_result, probe_seconds = timed(lambda: probe(paths))
     partial.update(
         complete=True,
@@ -642,6 +661,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="take saved per-seed results (an interrupted run's partial results too)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows an interrupted run of the same build saved; run the rest",
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -656,11 +680,13 @@ def main(argv: list[str] | None = None) -> None:
             if args.reuse and saved.is_file() and not args.add:
                 results.append(json.loads(saved.read_text()))
                 continue
-            results.append(one_seed(model, seed, args.work, args.quick, log, saved, args.add))
+            results.append(
+                one_seed(model, seed, args.work, args.quick, log, saved, args.add, args.resume)
+            )
             saved.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
     command = "python bench/realmodel.py " + " ".join(
-        a for a in argv if a not in ("--reuse", "--add", *EXTRA)
+        a for a in argv if a not in ("--reuse", "--resume", "--add", *EXTRA)
     )
     (args.out / "realmodel.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args.out / "realmodel.md", command.strip())
