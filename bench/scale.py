@@ -407,12 +407,12 @@ class _ReplayedHessians:
     def __init__(self, kind: Any):
         self.kind, self.recorded = kind, {}
 
-    def finetuned(self, *args: Any) -> tuple[Any, Any]:
-        runner, source = self.kind.finetuned(*args)
+    def finetuned(self, at: Any) -> tuple[Any, Any]:
+        runner, source = self.kind.finetuned(at)
         return _Replaying(runner, self.recorded), source
 
-    def base(self, *args: Any) -> Any:
-        return _Replaying(self.kind.base(*args), self.recorded)
+    def base(self, at: Any, source: Any) -> Any:
+        return _Replaying(self.kind.base(at, source), self.recorded)
 
 
 class _Replaying:

@@ -56,7 +56,7 @@ from hcnr_core.layerwise import check_layerwise_layout, layerwise_sequential
 from hcnr_core.limits import check_data
 from hcnr_core.progress import ProgressEvent
 from hcnr_core.report import build_model_card, versions
-from hcnr_core.runners import Runner, RunnerKind, runner_kind
+from hcnr_core.runners import Placement, Runner, RunnerKind, runner_kind
 from hcnr_core.scoring import CrossInputs, InputHessians
 from hcnr_core.selection import displacement, select_columns, select_matrices
 from hcnr_core.writer import REPORT_NAME, StagedOutput, check_output_dir, sha256_file
@@ -258,12 +258,13 @@ class RepairPipeline:
     ) -> tuple[Runner, TensorSource]:
         """The fine-tuned model (one replica per device) for the forward passes, and W_s
         at its stored dtype."""
-        return self.runners.finetuned(
-            prep.finetuned, prep.base, dtype, self.devices, self._check_cancel
-        )
+        return self.runners.finetuned(self._placement(prep, dtype))
 
     def _load_base(self, prep: PreparedRepair, source: TensorSource, dtype: torch.dtype) -> Runner:
-        return self.runners.base(prep.base, source, dtype, self.devices, self._check_cancel)
+        return self.runners.base(self._placement(prep, dtype), source)
+
+    def _placement(self, prep: PreparedRepair, dtype: torch.dtype) -> Placement:
+        return Placement(prep.base, prep.finetuned, dtype, self.devices, self._check_cancel)
 
     def _pad_id(self, prep: PreparedRepair) -> int:
         return pad_token_id(prep.tokenizer)

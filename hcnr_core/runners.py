@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -47,6 +49,7 @@ from hcnr_core.layerwise import (
     layerwise_hessians,
 )
 from hcnr_core.scoring import ColumnFisher, FisherShare, InputHessians, combine_fisher, pad_batch
+from hcnr_core.writer import plan_shards
 
 Batches = list[list[EncodedSample]]
 Tick = Callable[..., None]  # tick(done, total[, message]); may raise RepairCancelled
@@ -75,28 +78,27 @@ class Runner(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Placement:
+    """What runners are opened with: the repair's two checkpoints, the compute dtype, the
+    devices (one replica each) and the cancellation check run between loads."""
+
+    base: CheckpointInfo
+    finetuned: CheckpointInfo
+    dtype: torch.dtype
+    devices: list[torch.device]
+    check: Callable[[], None]
+
+
 class RunnerKind(Protocol):
     """Opens runners over the two checkpoints of a repair."""
 
-    def finetuned(
-        self,
-        finetuned: CheckpointInfo,
-        base: CheckpointInfo,
-        dtype: torch.dtype,
-        devices: list[torch.device],
-        check: Callable[[], None],
-    ) -> tuple[Runner, TensorSource]:
-        """The fine-tuned model (an adapter merged onto `base`) and W_s at its stored dtype."""
+    def finetuned(self, at: Placement) -> tuple[Runner, TensorSource]:
+        """The fine-tuned model (an adapter merged onto the base) and W_s at its stored
+        dtype."""
         ...
 
-    def base(
-        self,
-        base: CheckpointInfo,
-        source: TensorSource,
-        dtype: torch.dtype,
-        devices: list[torch.device],
-        check: Callable[[], None],
-    ) -> Runner:
+    def base(self, at: Placement, source: TensorSource) -> Runner:
         """The base model; `source` is the base's tensor source the repair already holds."""
         ...
 
@@ -141,18 +143,9 @@ class WholeModelRunner:
         passes for peak memory. Shared-input groups are counted once per member, which
         over-estimates and so stays within the budget.
         """
-        budget = self.budget_mb * 2**20
         named = dict(self.models[0].named_modules())
-        chunks: list[list[str]] = [[]]
-        used = 0
-        for name in modules:
-            cost = named[name].weight.shape[1] ** 2 * 4
-            if chunks[-1] and used + cost > budget:
-                chunks.append([])
-                used = 0
-            chunks[-1].append(name)
-            used += cost
-        return chunks
+        costs = {name: named[name].weight.shape[1] ** 2 * 4 for name in modules}
+        return plan_shards(costs, self.budget_mb * 2**20)  # greedy, order kept
 
     def _chunk_hessians(
         self, batches: Batches, modules: list[str], pad_id: int, tick: Tick
@@ -190,46 +183,29 @@ class _WholeModelKind:
     def __init__(self, hessian_budget_mb: int):
         self.budget_mb = hessian_budget_mb
 
-    def finetuned(
-        self,
-        finetuned: CheckpointInfo,
-        base: CheckpointInfo,
-        dtype: torch.dtype,
-        devices: list[torch.device],
-        check: Callable[[], None],
-    ) -> tuple[WholeModelRunner, TensorSource]:
-        if finetuned.kind == "full":
-            models = _load_replicas(finetuned, dtype, devices, check)
-            return WholeModelRunner(models, devices, self.budget_mb), finetuned.source()
-        merged = load_merged_adapter(base, finetuned)
+    def finetuned(self, at: Placement) -> tuple[WholeModelRunner, TensorSource]:
+        if at.finetuned.kind == "full":
+            models = _load_replicas(at.finetuned, at)
+            return WholeModelRunner(models, at.devices, self.budget_mb), at.finetuned.source()
+        merged = load_merged_adapter(at.base, at.finetuned)
         state = merged.state_dict()
         # Only the names the base stores (tied weights appear once), kept on the CPU.
-        source = DictSource({k: state[k] for k in base.source().keys()})
-        replicas = [copy.deepcopy(merged).to(dtype=dtype, device=d) for d in devices[1:]]
-        models = [merged.to(dtype=dtype, device=devices[0]), *replicas]
-        return WholeModelRunner(models, devices, self.budget_mb), source
+        source = DictSource({k: state[k] for k in at.base.source().keys()})
+        replicas = [copy.deepcopy(merged).to(dtype=at.dtype, device=d) for d in at.devices[1:]]
+        models = [merged.to(dtype=at.dtype, device=at.devices[0]), *replicas]
+        return WholeModelRunner(models, at.devices, self.budget_mb), source
 
-    def base(
-        self,
-        base: CheckpointInfo,
-        source: TensorSource,
-        dtype: torch.dtype,
-        devices: list[torch.device],
-        check: Callable[[], None],
-    ) -> WholeModelRunner:
-        models = _load_replicas(base, dtype, devices, check)
-        return WholeModelRunner(models, devices, self.budget_mb)
+    def base(self, at: Placement, source: TensorSource) -> WholeModelRunner:
+        return WholeModelRunner(_load_replicas(at.base, at), at.devices, self.budget_mb)
 
 
-def _load_replicas(
-    info: CheckpointInfo, dtype: torch.dtype, devices: list[torch.device], check: Callable
-) -> list[Any]:
+def _load_replicas(info: CheckpointInfo, at: Placement) -> list[Any]:
     """The checkpoint on every device, one after the other: transformers' loading patches
     torch.nn.init process-wide, so two loads in threads can leave it patched."""
     replicas = []
-    for device in devices:
-        check()
-        replicas.append(load_model(info, dtype, str(device)))
+    for device in at.devices:
+        at.check()
+        replicas.append(load_model(info, at.dtype, str(device)))
     return replicas
 
 
@@ -266,34 +242,23 @@ class LayerwiseRunner:
 
 
 class _LayerwiseKind:
-    def finetuned(
-        self,
-        finetuned: CheckpointInfo,
-        base: CheckpointInfo,
-        dtype: torch.dtype,
-        devices: list[torch.device],
-        check: Callable[[], None],
-    ) -> tuple[LayerwiseRunner, TensorSource]:
+    def finetuned(self, at: Placement) -> tuple[LayerwiseRunner, TensorSource]:
         sources: list[TensorSource]
-        if finetuned.kind == "full":
-            path, sources = finetuned.path, [finetuned.source() for _ in devices]
+        if at.finetuned.kind == "full":
+            path, sources = at.finetuned.path, [at.finetuned.source() for _ in at.devices]
         else:
-            path = base.path
-            sources = [LoraMergedSource(base.source(), finetuned) for _ in devices]
-        lms = [LayerwiseLM(path, s, dtype, d) for s, d in zip(sources, devices, strict=True)]
-        return LayerwiseRunner(lms, devices), sources[0]
+            path = at.base.path
+            sources = [LoraMergedSource(at.base.source(), at.finetuned) for _ in at.devices]
+        return self._open(path, sources, at), sources[0]
 
-    def base(
-        self,
-        base: CheckpointInfo,
-        source: TensorSource,
-        dtype: torch.dtype,
-        devices: list[torch.device],
-        check: Callable[[], None],
-    ) -> LayerwiseRunner:
-        sources = [source] + [base.source() for _ in devices[1:]]
-        lms = [LayerwiseLM(base.path, s, dtype, d) for s, d in zip(sources, devices, strict=True)]
-        return LayerwiseRunner(lms, devices)
+    def base(self, at: Placement, source: TensorSource) -> LayerwiseRunner:
+        sources = [source] + [at.base.source() for _ in at.devices[1:]]
+        return self._open(at.base.path, sources, at)
+
+    @staticmethod
+    def _open(path: Path, sources: list[TensorSource], at: Placement) -> LayerwiseRunner:
+        pairs = zip(sources, at.devices, strict=True)
+        return LayerwiseRunner([LayerwiseLM(path, s, at.dtype, d) for s, d in pairs], at.devices)
 
 
 def runner_kind(layerwise: bool, hessian_budget_mb: int) -> RunnerKind:

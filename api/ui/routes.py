@@ -180,6 +180,26 @@ def _filters(status: str, metadata: str) -> tuple[str | None, list[str]]:
     return status or None, views.parse_labels(metadata)
 
 
+def _list_jobs(
+    ui: UiSession,
+    session: Any,
+    status: str | None,
+    labels: list[str],
+    limit: int,
+    cursor: str | None = None,
+) -> Any:
+    """The API's own job listing (scoped to the signed-in tenant), called in-process."""
+    return api_call(
+        job_routes.list_jobs,
+        tenant=ui.tenant,
+        session=session,
+        limit=limit,
+        cursor=cursor,
+        status=status,
+        metadata=labels,
+    )
+
+
 @router.get("/jobs")
 def jobs_page(
     request: Request,
@@ -191,15 +211,7 @@ def jobs_page(
 ) -> HTMLResponse:
     _remember(request, ui)
     wanted, labels = _filters(status, metadata)
-    page = api_call(
-        job_routes.list_jobs,
-        tenant=ui.tenant,
-        session=session,
-        limit=25,
-        cursor=cursor,
-        status=wanted,
-        metadata=labels,
-    )
+    page = _list_jobs(ui, session, wanted, labels, limit=25, cursor=cursor)
     return _page(
         request,
         "jobs.html",
@@ -229,28 +241,12 @@ def jobs_stream(
 ) -> StreamingResponse:
     """Server-sent events: `jobs` with the rows whose status, stage or progress changed."""
     wanted, labels = _filters(status, metadata)
-    api_call(
-        job_routes.list_jobs,  # refuse bad filters now, before the stream starts
-        tenant=ui.tenant,
-        session=session,
-        limit=1,
-        cursor=None,
-        status=wanted,
-        metadata=labels,
-    )
+    _list_jobs(ui, session, wanted, labels, limit=1)  # bad filters fail now, not mid-stream
     factory = request.app.state.session_factory
 
     def poll() -> list[dict[str, Any]]:
         with session_scope(factory) as polled:
-            page = api_call(
-                job_routes.list_jobs,
-                tenant=ui.tenant,
-                session=polled,
-                limit=100,
-                cursor=None,
-                status=wanted,
-                metadata=labels,
-            )
+            page = _list_jobs(ui, polled, wanted, labels, limit=100)
             return [_snapshot(j) for j in page.data]
 
     async def source() -> AsyncIterator[str]:
