@@ -302,6 +302,7 @@ def one_seed(
         "seed": seed,
         "complete": False,
         "build": {
+            "key": manifest["key"],
             "seconds": manifest["seconds"],
             "accepted": manifest["accepted"],
             "threads": manifest["threads"],
@@ -354,7 +355,7 @@ def one_seed(
 
     if resume and saved.is_file():
         previous = json.loads(saved.read_text())
-        if not previous.get("complete") and previous["build"]["seconds"] == manifest["seconds"]:
+        if not previous.get("complete") and same_build(previous["build"], manifest):
             kept = {k: v for k, v in previous["runs"].items() if k not in ("base", "finetuned")}
             runs.update(kept)
             sweep[:] = [e for e in previous["sweep"] if e["name"] in kept]
@@ -407,6 +408,15 @@ def one_seed(
         seconds=time.perf_counter() - started,
     )
     return partial
+
+
+def same_build(saved: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """Whether a saved result measured this build: its key, or (results saved before the
+    key was kept) its training times, which a re-evaluation leaves alone."""
+    if "key" in saved:
+        return saved["key"] == manifest["key"]
+    trained = ("align", "finetune")
+    return all(saved["seconds"][k] == manifest["seconds"][k] for k in trained)
 
 
 def build_rows(results: list[dict]) -> list[str]:
