@@ -133,9 +133,20 @@ def _valid_entry(directory: Path, gguf: Path, dtype: str) -> bool:
         manifest.get("importer_version") == IMPORTER_VERSION
         and manifest.get("dtype") == dtype
         and source.get("bytes") == stat.st_size
-        and source.get("mtime_ns") == stat.st_mtime_ns
+        and _same_content(source, gguf, stat.st_mtime_ns)
         and all((directory / f).is_file() for f in manifest.get("files") or ())
     )
+
+
+def _same_content(source: dict, gguf: Path, mtime_ns: int) -> bool:
+    """The imported file's identity: its mtime when unchanged (free), else its sha256 — the
+    same package installed in two virtualenvs (a clone and its CI checkout) is one file
+    with two mtimes, and must not make them re-import in turn."""
+    if source.get("mtime_ns") == mtime_ns:
+        return True
+    from hcnr_core.writer import sha256_file
+
+    return source.get("sha256") is not None and source["sha256"] == sha256_file(gguf)
 
 
 def cached_import(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from hcnr_core.gguf_import import (
     read_manifest,
     supported_architectures,
 )
+from hcnr_core.writer import sha256_file
 
 gguf = pytest.importorskip("gguf")
 
@@ -469,11 +471,20 @@ def test_cached_import_reuses_and_rebuilds_when_stale(
     # a different dtype is a different entry
     bf16, built = realmodels.cached_import(tiny_gguf, "tiny", "bfloat16", tmp_path)
     assert built and bf16 != first
-    # the GGUF changed (mtime): rebuilt in place
-    os.utime(tiny_gguf, ns=(1, 1))
-    rebuilt, built = realmodels.cached_import(tiny_gguf, "tiny", "float32", tmp_path)
+    # the same bytes with another mtime (the package in a second virtualenv): reused
+    copy = tmp_path / "copy" / tiny_gguf.name
+    copy.parent.mkdir()
+    shutil.copyfile(tiny_gguf, copy)
+    os.utime(copy, ns=(1, 1))
+    assert realmodels.cached_import(copy, "tiny", "float32", tmp_path) == (first, False)
+    # the GGUF's content changed (a tensor byte, same size): rebuilt in place
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    os.utime(copy, ns=(1, 1))
+    rebuilt, built = realmodels.cached_import(copy, "tiny", "float32", tmp_path)
     assert built and rebuilt == first
-    assert read_manifest(rebuilt)["source"]["mtime_ns"] == 1
+    assert read_manifest(rebuilt)["source"]["sha256"] == sha256_file(copy)
     # a damaged entry (a file gone) is rebuilt too
     (rebuilt / "config.json").unlink()
     assert realmodels.cached_import(tiny_gguf, "tiny", "float32", tmp_path)[1]
