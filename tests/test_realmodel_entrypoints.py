@@ -368,9 +368,17 @@ def test_eval_of_the_repair_and_of_the_adapter(
     for report in reports.values():
         metrics = report["metrics"]
         assert (metrics["n_answerable"], metrics["n_unanswerable"]) == (6, 6)
-        assert 0.0 <= metrics["refusal_f1"] <= 1.0 and metrics["answer_accuracy"] is not None
         rows = report["responses"]["eval"]
         assert len(rows) == 12 and all(r["response"].strip() for r in rows)
+        # The metrics are the rows' (by hand, unanswerable = the positive class), not just
+        # numbers in range.
+        tp = sum(r["refused"] and not r["answerable"] for r in rows)
+        fp = sum(r["refused"] and r["answerable"] for r in rows)
+        fn = sum(not r["refused"] and not r["answerable"] for r in rows)
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        assert metrics["refusal_f1"] == pytest.approx(f1)
+        answered = [r["correct"] for r in rows if r["answerable"] and r["correct"] is not None]
+        assert metrics["answer_accuracy"] == pytest.approx(sum(answered) / len(answered))
     assert reports["adapter"]["model"] == str(smol.adapter)
 
 
