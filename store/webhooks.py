@@ -11,7 +11,9 @@ Every delivery carries
     webhook-signature: v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">
 
 keyed by the base64-decoded part of the secret after `whsec_`
-(https://www.standardwebhooks.com). Receivers should also check the timestamp is recent.
+(https://www.standardwebhooks.com). Receivers verify with the SDK's
+`hcnr_client.webhooks.verify` (signature and a recent timestamp), written apart from
+`sign` here so that each checks the other.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import hmac
 import ipaddress
 import secrets
 import socket
-import time
 from urllib.parse import urlsplit
 
 SECRET_PREFIX = "whsec_"
@@ -53,21 +54,6 @@ def headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[s
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(secret, message_id, timestamp, body),
     }
-
-
-def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_seconds: int = 300) -> bool:
-    """For receivers: check a delivery's signature headers against its raw body."""
-    lowered = {name.lower(): value for name, value in headers.items()}
-    try:
-        message_id = lowered["webhook-id"]
-        timestamp = int(lowered["webhook-timestamp"])
-        signatures = lowered["webhook-signature"].split()
-    except (KeyError, ValueError):
-        return False
-    if abs(time.time() - timestamp) > tolerance_seconds:
-        return False
-    expected = sign(secret, message_id, timestamp, body)
-    return any(hmac.compare_digest(expected, candidate) for candidate in signatures)
 
 
 def check_address(url: str, allow_private: bool) -> None:

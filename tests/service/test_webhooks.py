@@ -122,6 +122,35 @@ def test_succeeded_job_sends_a_signed_webhook_retried_after_a_500(hooked, receiv
     assert hooks == ["webhook attempt failed (HTTP 500)", "webhook delivered"]
 
 
+def test_the_sdk_reads_and_rotates_the_secret_and_verifies_a_delivery(hooked, receiver, models):
+    """A receiver's whole path with the SDK alone: read the secret, verify a real delivery
+    (the SDK's verifier is written apart from the server's signer), refuse a tampered,
+    replayed or foreign one, and rotate."""
+    from hcnr_client import HCNRClient
+    from hcnr_client.webhooks import verify
+
+    http = hooked.clients["alice"]
+    key = http.headers["Authorization"].removeprefix("Bearer ")
+    sdk = HCNRClient(api_key=key, base_url="http://testserver", http_client=http)
+    secret = sdk.webhook_secret.retrieve().secret
+    assert secret == http.get("/v1/webhook-secret").json()["secret"]
+    receiver.statuses = []
+    files = upload_pair(hooked, models)
+    job_id = http.post("/v1/repair-jobs", json=job_body(files, webhook_url=receiver.url))
+    http.post(f"/v1/repair-jobs/{job_id.json()['id']}/cancel")
+    headers, raw = receiver.requests[-1]
+    assert verify(secret, headers, raw)
+    assert not verify(secret, headers, raw + b" ")  # the body was changed
+    sent = int(lowered(headers)["webhook-timestamp"])
+    assert not verify(secret, headers, raw, now=sent + 301)  # replayed later
+    bob = hooked.clients["bob"].get("/v1/webhook-secret").json()["secret"]
+    assert not verify(bob, headers, raw)
+    rotated = sdk.webhook_secret.rotate().secret
+    assert rotated.startswith("whsec_") and rotated != secret
+    assert sdk.webhook_secret.retrieve().secret == rotated
+    assert not verify(rotated, headers, raw)  # signed with the old one
+
+
 def test_the_secret_is_stable_until_rotated(hooked, receiver, models):
     client = hooked.clients["alice"]
     first = client.get("/v1/webhook-secret").json()["secret"]

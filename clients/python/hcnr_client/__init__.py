@@ -45,6 +45,7 @@ from hcnr_client.types import (
     JobEvent,
     RepairJob,
     RepairJobError,
+    WebhookSecret,
 )
 
 __all__ = [
@@ -80,5 +81,6 @@ __all__ = [
     "SyncPage",
     "UnprocessableEntityError",
     "WaitTimeoutError",
+    "WebhookSecret",
     "__version__",
 ]

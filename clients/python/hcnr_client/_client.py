@@ -26,6 +26,7 @@ from hcnr_client._exceptions import (
 )
 from hcnr_client.resources.files import AsyncFiles, Files
 from hcnr_client.resources.repair_jobs import AsyncRepairJobs, RepairJobs
+from hcnr_client.resources.webhook_secret import AsyncWebhookSecrets, WebhookSecrets
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -59,6 +60,7 @@ class HCNRClient:
     """
 
     files: Files
+    webhook_secret: WebhookSecrets
     repair_jobs: RepairJobs
 
     def __init__(
@@ -76,6 +78,7 @@ class HCNRClient:
         self._http = http_client or httpx.Client(timeout=self._options.timeout)
         self.files = Files(self)
         self.repair_jobs = RepairJobs(self)
+        self.webhook_secret = WebhookSecrets(self)
 
     @property
     def api_key(self) -> str:
@@ -183,6 +186,7 @@ class AsyncHCNRClient:
     """The asyncio twin of HCNRClient (same options, same resources, awaitable)."""
 
     files: AsyncFiles
+    webhook_secret: AsyncWebhookSecrets
     repair_jobs: AsyncRepairJobs
 
     def __init__(
@@ -200,6 +204,7 @@ class AsyncHCNRClient:
         self._http = http_client or httpx.AsyncClient(timeout=self._options.timeout)
         self.files = AsyncFiles(self)
         self.repair_jobs = AsyncRepairJobs(self)
+        self.webhook_secret = AsyncWebhookSecrets(self)
 
     @property
     def api_key(self) -> str:

@@ -33,6 +33,13 @@ class FileObject(BaseObject):
     created_at: datetime
 
 
+class WebhookSecret(BaseObject):
+    """The tenant's webhook signing secret (`GET /v1/webhook-secret`, `POST .../rotate`)."""
+
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str
+
+
 class RepairJobError(BaseObject):
     code: str
     message: str
