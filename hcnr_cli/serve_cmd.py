@@ -102,6 +102,7 @@ def serve(
             port=port,
             log_level="info",
             timeout_graceful_shutdown=max(1, round(grace)),
+            timeout_keep_alive=round(settings.keep_alive_seconds),
         )
         _server(config, process, stop_children).run()
     finally:

@@ -80,6 +80,15 @@ class Settings(Limits):
         description="`hcnr serve` on SIGTERM: seconds in-flight requests and the worker's "
         "running job get before they are cut off (the job is re-queued by its lease)",
     )
+    keep_alive_seconds: float = Field(
+        65,
+        ge=1,
+        le=3600,
+        description="`hcnr serve`: how long an idle keep-alive connection stays open. Longer "
+        "than clients' pool expiry (httpx 5 s) and load balancers' idle timeout (60 s), so "
+        "the server never closes a connection a client is just reusing (uvicorn's 5 s "
+        "default raced httpx's 5 s: a POST failed with ReadError under load)",
+    )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
 
