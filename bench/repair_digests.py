@@ -1,0 +1,53 @@
+"""sha256 of the checkpoint a repair publishes, for a grid of settings on the organism: run
+before and after a refactor of the pipeline and diff the output (it must not change).
+
+    .venv/bin/python bench/repair_digests.py > before.txt    # at the old commit
+    .venv/bin/python bench/repair_digests.py > after.txt     # at the new one
+    diff before.txt after.txt
+
+Covers whole-model and layer-by-layer runs, every compensation and calibration, on the
+organism's full fine-tune and its LoRA adapter (12 repairs, ~4 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from hcnr_core import RepairConfig
+from hcnr_core.organism import build_organism
+from hcnr_core.pipeline import RepairPipeline
+from hcnr_core.realmodels import cache_root
+
+SETTINGS = [
+    {},
+    {"compensation": "task_aware", "task_weight": 3},
+    {"layerwise": True},
+    {"hessian_inputs": "asymmetric", "compensation": "task_aware", "r_cw": 1.0},
+    {"hessian_inputs": "sequential", "layerwise": True},
+    {"compensation": "exact", "r_cw": 0.5},
+]
+
+
+def main() -> None:
+    root = build_organism(cache_root() / "organism" / "tiny-0", size="tiny", seed=0)["root"]
+    data = [root / "data/honesty.jsonl", root / "data/task.jsonl"]
+    for finetuned in ("finetuned", "finetuned-adapter"):
+        for overrides in SETTINGS:
+            pipeline = RepairPipeline(RepairConfig(**overrides))
+            prepared = pipeline.prepare(root / "base", root / finetuned, *data)
+            with tempfile.TemporaryDirectory() as scratch:
+                out = Path(scratch) / "out"
+                report = pipeline.run(prepared, out)
+                digest = hashlib.sha256()
+                for shard in sorted(out.glob("*.safetensors")):
+                    digest.update(shard.read_bytes())
+            row = [finetuned, json.dumps(overrides), digest.hexdigest()[:16]]
+            row += [str(report["n_selected_matrices"]), str(report["changed_params"])]
+            print(" ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
