@@ -399,10 +399,48 @@ def test_probe_base_vs_finetune(smol: SmolModels, tmp_path: Path):
     )
     report = json.loads(out.read_text())
     assert (report["samples"], report["unanswerable"]) == (12, 6)
-    assert set(report["auroc"]) == {"base", "finetuned", "base_on_finetuned"}
-    for values in report["auroc"].values():
-        assert len(values) == 31 and all(0.0 <= v <= 1.0 for v in values)  # embeddings + 30
-    assert set(printed["best_auroc"]) == set(report["auroc"])
+    curves = report["auroc"]
+    assert set(curves) == {"base", "finetuned", "base_on_finetuned"}
+    assert {len(v) for v in curves.values()} == {31}  # embeddings + 30 blocks
+    assert printed["best_auroc"] == {k: round(max(v), 3) for k, v in curves.items()}
+    # Half of each class is held out: 3 unanswerable x 3 answerable test questions, so
+    # every AUROC is a count of 9 pairs (ties 1/2): a multiple of 1/18.
+    for values in curves.values():
+        assert all(abs(v * 18 - round(v * 18)) < 1e-9 for v in values)
+    # Layer 0 is the embedding of every prompt's last token, the same "\n" after
+    # "<|im_start|>assistant": identical features, all scores tied, AUROC exactly 1/2.
+    assert curves["base"][0] == curves["finetuned"][0] == 0.5
+    # Every layer by hand: a probe fitted on each model's states of the training half,
+    # its test scores counted pair by pair; the base's probe also scored on the fine-tune.
+    from hcnr_core.data import load_jsonl
+    from hcnr_core.evaluation import load_for_eval
+    from hcnr_core.probe import LinearProbe, last_token_states, split
+
+    samples = load_jsonl(smol.eval)
+    labels = torch.tensor([not s.answerable for s in samples])
+    train, test = split(labels, 0)
+    states = {}
+    for name, directory in (("base", smol.base), ("finetuned", smol.merged)):
+        model, tokenizer = load_for_eval(directory, None, "cpu")
+        states[name] = last_token_states(model, tokenizer, samples)
+        del model
+
+    def pair_count(scores: torch.Tensor) -> float:
+        pos = [float(x) for x, y in zip(scores, labels[test], strict=True) if y]
+        neg = [float(x) for x, y in zip(scores, labels[test], strict=True) if not y]
+        wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+        return wins / (len(pos) * len(neg))
+
+    by_hand: dict[str, list[float]] = {k: [] for k in curves}
+    for layer in range(31):
+        base, ft = states["base"][layer], states["finetuned"][layer]
+        base_probe = LinearProbe().fit(base[train], labels[train])
+        ft_probe = LinearProbe().fit(ft[train], labels[train])
+        by_hand["base"].append(pair_count(base_probe.score(base[test])))
+        by_hand["finetuned"].append(pair_count(ft_probe.score(ft[test])))
+        by_hand["base_on_finetuned"].append(pair_count(base_probe.score(ft[test])))
+    for name, values in by_hand.items():
+        assert curves[name] == pytest.approx(values), name
 
 
 def test_baseline_rait_on_the_adapter(smol: SmolModels, tmp_path: Path):

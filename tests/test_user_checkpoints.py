@@ -1,8 +1,9 @@
 """Checkpoints and data as users have them (issue #15, "paths no test runs"): weights
 stored in bf16 and fp16, valid multi-shard inputs, sharded outputs (the shard planner),
-tied embeddings whole-model and layer by layer, a byte-level BPE tokenizer with non-ASCII
-content and system messages, and prompts truncated at generation time. Tiny random Llamas,
-built here like the toy (hcnr_core.toy)."""
+tied embeddings whole-model and layer by layer, byte-level BPE and SentencePiece (byte
+fallback, BOS post-processor) tokenizers with non-ASCII content and system messages, and
+prompts truncated at generation time. Tiny random Llamas, built here like the toy
+(hcnr_core.toy)."""
 
 from __future__ import annotations
 
@@ -242,31 +243,21 @@ def test_tied_embeddings_whole_model_and_layerwise(tmp_path, kind):
         assert torch.equal(embed, tensors(out)["model.embed_tokens.weight"])
 
 
-# --- a byte-level BPE tokenizer, non-ASCII content, system messages ----------------------------
+# --- real tokenizer kinds, non-ASCII content, system messages ----------------------------------
 
 NON_ASCII = {
     "system": "Tu es un assistant prudent. 答えが分からないときは「分かりません」と言う。",
     "user": "Où est née Zoë Ångström ? 🙂",
     "response": "Je ne sais pas — 分かりません.",
 }
+# Characters no tokenizer here was trained on: byte-level BPE and SentencePiece's byte
+# fallback must both carry them through without <unk>.
+UNSEEN = "Größe: 5 € — Ω ≠ ∞ 🚀"
 
 
-def byte_bpe_tokenizer() -> Any:
-    """A real byte-level BPE (GPT-2 style), trained here on a few lines: every Unicode
-    string encodes without <unk> and decodes back."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _wrap(core: Any) -> Any:
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    corpus = [" ".join(WORDS), *NON_ASCII.values()] * 4
-    core.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
@@ -277,6 +268,66 @@ def byte_bpe_tokenizer() -> Any:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def byte_bpe_tokenizer() -> Any:
+    """A real byte-level BPE (GPT-2, SmolLM2, Qwen style), trained here on a few lines:
+    every Unicode string encodes without <unk> and decodes back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator([" ".join(WORDS), *NON_ASCII.values()] * 4, trainer)
+    return _wrap(core)
+
+
+def sentencepiece_tokenizer() -> Any:
+    """A SentencePiece-style tokenizer as Llama-2/Mistral ship it in `tokenizer.json`:
+    "▁" for spaces with a prefix on the first piece (Metaspace), BPE with byte fallback
+    (`<0xNN>` pieces for what the vocabulary lacks), a post-processor that adds BOS when
+    special tokens are requested (so any `add_special_tokens=True` on a rendered chat
+    template would give a second BOS), and a decoder that strips the prefix space. Trained
+    on ASCII words only: every non-ASCII character goes through the byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.train_from_iterator(
+        [" ".join(WORDS), "Je ne sais pas Tu es un assistant prudent"] * 4,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL),
+    )
+    spec = json.loads(core.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # SentencePiece's byte pieces are ordinary vocabulary entries
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    core = Tokenizer.from_str(json.dumps(spec))
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))]
+    )
+    core.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return _wrap(core)
+
+
+TOKENIZERS = {"byte_bpe": byte_bpe_tokenizer, "sentencepiece": sentencepiece_tokenizer}
+
+
+@pytest.fixture(params=sorted(TOKENIZERS))
+def real_tokenizer(request) -> Any:
+    return TOKENIZERS[request.param]()
 
 
 def non_ascii_rows() -> dict[str, list[dict]]:
@@ -292,8 +343,19 @@ def non_ascii_rows() -> dict[str, list[dict]]:
     return {"honesty": honesty, "task": task}
 
 
-def test_bpe_non_ascii_and_system_messages_encode_exactly(tmp_path):
-    tokenizer = byte_bpe_tokenizer()
+def test_sentencepiece_fixture_is_what_it_claims():
+    """The SentencePiece fixture really has the traits the tests below rely on."""
+    tokenizer = sentencepiece_tokenizer()
+    pieces = tokenizer.convert_ids_to_tokens(
+        tokenizer("who is", add_special_tokens=False)["input_ids"]
+    )
+    assert pieces[0].startswith("▁")  # Metaspace prefix
+    assert any(p.startswith("<0x") for p in tokenizer.tokenize(UNSEEN))  # byte fallback
+    assert tokenizer("who")["input_ids"][0] == tokenizer.bos_token_id  # BOS post-processor
+
+
+def test_non_ascii_and_system_messages_encode_exactly(tmp_path, real_tokenizer):
+    tokenizer = real_tokenizer
     path = write_jsonl(tmp_path / "h.jsonl", non_ascii_rows()["honesty"])
     assert "Zoë" in path.read_text(encoding="utf-8")  # stored as UTF-8, not \u escapes
     samples = load_jsonl(path)
@@ -301,6 +363,10 @@ def test_bpe_non_ascii_and_system_messages_encode_exactly(tmp_path):
     encoded = encode_samples(tokenizer, samples, 512)
     for sample, enc in zip(samples, encoded, strict=True):
         assert tokenizer.unk_token_id not in enc.input_ids
+        # One BOS, the template's: the tokenizer's own BOS post-processor is not applied
+        # on top of the rendered chat template.
+        assert enc.input_ids.count(tokenizer.bos_token_id) == 1
+        assert enc.input_ids[0] == tokenizer.bos_token_id
         prompt = tokenizer.decode(enc.input_ids[: enc.prompt_len])
         response = tokenizer.decode(enc.input_ids[enc.prompt_len :])
         # The system message is in the prompt (no loss on it), the response alone is
@@ -309,22 +375,49 @@ def test_bpe_non_ascii_and_system_messages_encode_exactly(tmp_path):
         assert prompt.startswith(f"<s><|system|> {NON_ASCII['system']} <|end|> ")
         assert prompt.endswith("<|assistant|> ")
         assert response == NON_ASCII["response"] + "</s>"
+    ids = tokenizer(UNSEEN, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == UNSEEN
 
 
-def test_repair_with_bpe_non_ascii_and_system_messages(tmp_path):
-    tokenizer = byte_bpe_tokenizer()
+def test_generation_sees_the_prompt_tokens_the_repair_trained_on(tmp_path, real_tokenizer):
+    """Repair data and evaluation agree on a prompt's tokens, whatever the tokenizer kind:
+    the first forward of `generate` gets exactly the prompt part of `encode_sample`."""
+    paths = build(tmp_path / "in", tokenizer=real_tokenizer, rows=non_ascii_rows())
+    model, tokenizer = load_for_eval(paths["base"], None, "cpu")  # as saved and reloaded
+    (sample,) = load_jsonl(paths["honesty"])[:1]
+    (enc,) = encode_samples(tokenizer, [sample], 512)
+    seen: list[list[int]] = []
+
+    def capture(_module, _args, kwargs):
+        if not seen:
+            seen.append(kwargs["input_ids"][0].tolist())
+
+    handle = model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        (said,) = generate(
+            model, tokenizer, [sample.messages], GenerationSettings(max_new_tokens=4)
+        )
+    finally:
+        handle.remove()
+    assert seen[0] == enc.input_ids[: enc.prompt_len]
+    assert isinstance(said, str)
+
+
+def test_repair_with_non_ascii_and_system_messages(tmp_path, real_tokenizer):
+    tokenizer = real_tokenizer
     paths = build(tmp_path / "in", tokenizer=tokenizer, rows=non_ascii_rows())
     out = tmp_path / "out"
     report = repair(paths, "adapter", out)
     merged = load_for_eval(paths["adapter"], paths["base"], "cpu")[0]
     assert_repair_shape(report, tensors(out), merged.state_dict())
     saved = AutoTokenizer.from_pretrained(out)  # the tokenizer travels with the output
-    text = NON_ASCII["user"]
-    assert saved(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert saved.decode(saved(text)["input_ids"]) == text
+    for text in (NON_ASCII["user"], UNSEEN):
+        assert saved(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert saved.decode(saved(text, add_special_tokens=False)["input_ids"]) == text
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     messages = [{"role": "system", "content": NON_ASCII["system"]}]
-    messages.append({"role": "user", "content": text})
+    messages.append({"role": "user", "content": NON_ASCII["user"]})
     (said,) = generate(model, saved, [messages], GenerationSettings(max_new_tokens=6))
     assert isinstance(said, str)  # random weights: what it says is not checked
 
