@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from hcnr_core.batching import collate  # noqa: E402
 from hcnr_core.data import Sample, encode_sample, load_jsonl  # noqa: E402
 
 # TRL's configs default to bf16 autocast and gradient checkpointing; --trl-defaults keeps them.
@@ -85,17 +86,6 @@ def fresh(source: Path) -> tuple[Any, Any]:
         warnings.simplefilter("ignore")
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM")
         return get_peft_model(model, lora), tokenizer
-
-
-def collate(batch: list, pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for row, s in enumerate(batch):
-        n = len(s.input_ids)
-        ids[row, :n], mask[row, :n] = torch.tensor(s.input_ids), 1
-        labels[row, s.prompt_len : n] = ids[row, s.prompt_len : n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def seq_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

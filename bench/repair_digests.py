@@ -4,6 +4,11 @@ before and after a refactor of the pipeline and diff the output (it must not cha
     .venv/bin/python bench/repair_digests.py > before.txt    # at the old commit
     .venv/bin/python bench/repair_digests.py > after.txt     # at the new one
     diff before.txt after.txt
+    .venv/bin/python bench/repair_digests.py --check bench/results/repair_digests.txt
+
+`--check` compares with the committed digests (exit 1 on any difference). They hold for the
+organism whose build key is on their first line (same libraries, same recipe version): on
+another build, run the old commit instead.
 
 Covers whole-model and layer-by-layer runs, every compensation and calibration, on the
 organism's full fine-tune and its LoRA adapter (12 repairs, ~4 min on 2 cores).
@@ -11,8 +16,10 @@ organism's full fine-tune and its LoRA adapter (12 repairs, ~4 min on 2 cores).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +39,14 @@ SETTINGS = [
 
 
 def main() -> None:
-    root = build_organism(cache_root() / "organism" / "tiny-0", size="tiny", seed=0)["root"]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", type=Path, help="digests to compare with (exit 1 if any differ)")
+    args = parser.parse_args()
+    organism = build_organism(cache_root() / "organism" / "tiny-0", size="tiny", seed=0)
+    root = organism["root"]
+    key = json.loads(organism["manifest"].read_text())["key"]
+    rows = [f"organism {key[:16]}"]
+    print(rows[0], flush=True)
     data = [root / "data/honesty.jsonl", root / "data/task.jsonl"]
     for finetuned in ("finetuned", "finetuned-adapter"):
         for overrides in SETTINGS:
@@ -46,7 +60,16 @@ def main() -> None:
                     digest.update(shard.read_bytes())
             row = [finetuned, json.dumps(overrides), digest.hexdigest()[:16]]
             row += [str(report["n_selected_matrices"]), str(report["changed_params"])]
-            print(" ".join(row), flush=True)
+            rows.append(" ".join(row))
+            print(rows[-1], flush=True)
+    if args.check is not None:
+        expected = args.check.read_text().splitlines()
+        if rows[0] != expected[0]:
+            sys.exit(f"{args.check} is for another organism ({expected[0]}; this one: {rows[0]})")
+        changed = [f"- {a}\n+ {b}" for a, b in zip(expected, rows, strict=True) if a != b]
+        if changed:
+            sys.exit("digests differ:\n" + "\n".join(changed))
+        print(f"all {len(rows) - 1} digests equal {args.check}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,20 @@ manifest first, so a half-cleared directory never vouches for itself. Builders h
 `build_lock(out)` while they check and build, so two processes asking for the same build
 (two test runs, a bench beside a test run) build it once instead of clearing each other's
 half-written files.
+
+Build keys hash what a build is *asked* (model, seed, spec, library versions) and a
+declared recipe version, not the source files: a refactor of the code that trains or
+measures must not throw away hours of builds. What keeps the version honest is
+`tests/test_buildcache.py::test_recipe_code_changes_are_declared`, which pins the
+`source_fingerprint` of each recipe's code: whoever changes that code updates the pin and,
+if the change alters what a build produces, bumps the recipe version with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import shutil
 import time
@@ -84,3 +92,11 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     timings[stage] = round(time.perf_counter() - started, 2)
+
+
+def source_fingerprint(sources: Iterable[Path]) -> str:
+    """sha256 of the given source files, in order: the code a recipe version stands for."""
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()

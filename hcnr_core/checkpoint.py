@@ -396,14 +396,6 @@ def load_merged_adapter(base: CheckpointInfo, adapter: CheckpointInfo) -> Any:
     return peft_model.merge_and_unload().eval()
 
 
-def pad_token_id(tokenizer: Any) -> int:
-    """The id padding uses: the tokenizer's pad token, else its EOS (Llama-style tokenizers
-    define none; padded positions are masked, so only the id's validity matters, never a
-    made-up 0 that may be a real token)."""
-    pad_id = tokenizer.pad_token_id
-    return tokenizer.eos_token_id if pad_id is None else pad_id
-
-
 def load_tokenizer(*infos: CheckpointInfo) -> Any:
     """The tokenizer of the first checkpoint that has one."""
     from transformers import AutoTokenizer

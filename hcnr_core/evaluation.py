@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hcnr_core.batching import pad_rows, pad_token_id
 from hcnr_core.data import Sample, load_jsonl, render_prompt
 
 # Case-insensitive regexes searched in the response (curly quotes are straightened
@@ -185,9 +186,7 @@ def generate_scored(
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     keep = max(1, settings.max_seq_len - settings.max_new_tokens)
     ids = [x[-keep:] for x in ids]  # truncate prompts from the left, like training data
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=False,
@@ -204,18 +203,13 @@ def generate_scored(
     confidence: list[float | None] = [None] * len(ids)
     for start in range(0, len(order), settings.batch_size):
         rows = order[start : start + settings.batch_size]
-        width = max(len(ids[i]) for i in rows)
-        batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for r, i in enumerate(rows):
-            batch[r, width - len(ids[i]) :] = torch.tensor(ids[i])
-            mask[r, width - len(ids[i]) :] = 1
+        batch, mask = pad_rows([ids[i] for i in rows], pad_id, side="left")
         result = model.generate(
             input_ids=batch.to(device),
             attention_mask=mask.to(device),
             generation_config=config,
         )
-        new = result.sequences[:, width:]
+        new = result.sequences[:, batch.shape[1] :]
         logprobs = _chosen_logprobs(result.logits, new)
         for r, i in enumerate(rows):
             out[i] = tokenizer.decode(new[r], skip_special_tokens=True).strip()

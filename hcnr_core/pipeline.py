@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hcnr_core import __version__
+from hcnr_core.batching import pad_token_id
 from hcnr_core.checkpoint import (
     TOKENIZER_FILES,
     CheckpointInfo,
@@ -35,7 +36,6 @@ from hcnr_core.checkpoint import (
     compute_dtype,
     inspect_checkpoint,
     load_tokenizer,
-    pad_token_id,
 )
 from hcnr_core.compensation import (
     RESTORE_ONLY,

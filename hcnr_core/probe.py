@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from hcnr_core.checkpoint import pad_token_id
+from hcnr_core.batching import pad_rows, pad_token_id
 from hcnr_core.data import Sample, render_prompt
 
 
@@ -32,12 +32,8 @@ def last_token_states(
     for start in range(0, len(samples), batch_size):
         texts = [render_prompt(tokenizer, s.messages) for s in samples[start : start + batch_size]]
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        width = max(len(x) for x in ids)
-        batch = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for row, x in enumerate(ids):  # left padding: the last column is every last token
-            batch[row, width - len(x) :] = torch.tensor(x)
-            mask[row, width - len(x) :] = 1
+        # Left padding: the last column is every prompt's last token.
+        batch, mask = pad_rows(ids, pad_id, side="left")
         hidden = model(
             input_ids=batch.to(device), attention_mask=mask.to(device), output_hidden_states=True
         ).hidden_states

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hcnr_core.batching import pad_rows
 from hcnr_core.data import EncodedSample
 
 
@@ -177,13 +178,8 @@ class ColumnFisher:
 def pad_batch(
     samples: Sequence[EncodedSample], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input ids and attention mask."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        ids[row, : len(sample.input_ids)] = torch.tensor(sample.input_ids)
-        mask[row, : len(sample.input_ids)] = 1
+    """Right-padded input ids and attention mask, on `device`."""
+    ids, mask = pad_rows([s.input_ids for s in samples], pad_id)
     return ids.to(device), mask.to(device)
 
 

@@ -8,7 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from hcnr_core.buildcache import build_lock, cached_manifest, clear_outputs, file_sizes
+import pytest
+
+from hcnr_core.buildcache import (
+    build_lock,
+    cached_manifest,
+    clear_outputs,
+    file_sizes,
+    source_fingerprint,
+)
 
 _HOLDER = """
 import sys, time
@@ -58,3 +66,65 @@ def test_manifest_vouches_only_while_every_file_is_whole(tmp_path: Path) -> None
     assert cached_manifest(tmp_path, "organism.json", "k") is None
     (tmp_path / "base" / "model.safetensors").unlink()  # half-built: the folder is gone
     assert cached_manifest(tmp_path, "organism.json", "k") is None
+
+
+# --- build keys: declared recipe versions, pinned recipe code ------------------------------------
+
+# The code behind each build key, pinned. A build key hashes a declared recipe version, not
+# the code, so that a refactor does not throw away hours of builds (a SmolLM2 scenario
+# takes ~1.5 h per seed on 2 cores). When this test fails you changed that code: if the
+# change alters what a build produces (weights, data, or for `realmodel eval` the metrics),
+# bump the version named below so every cache rebuilds; either way, update the pin.
+RECIPE_PINS = {
+    "organism": (
+        "RECIPE_VERSION",
+        "a7961f9355d55557ba73505ffbf492184066d5ae81174061edc22912dc1f1983",
+    ),
+    "realmodel": (
+        "RECIPE_VERSION",
+        "b6cf7527ccb3d26705e4494b3522af5aaa615dae1401bbb3efdf9e3883aa7348",
+    ),
+    "realmodel eval": (
+        "EVAL_VERSION",
+        "0f44ecf5aa419d15726ff46059020578cd9027b20e391f51e97051c693003fc7",
+    ),
+}
+
+
+def _recipe_sources(name: str) -> tuple[object, tuple[Path, ...]]:
+    from hcnr_core.organism import build as organism
+    from hcnr_core.realmodel import build as realmodel
+
+    return {
+        "organism": (organism, organism.recipe_sources()),
+        "realmodel": (realmodel, realmodel.recipe_sources()),
+        "realmodel eval": (realmodel, realmodel.eval_sources()),
+    }[name]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_PINS))
+def test_recipe_code_changes_are_declared(name: str) -> None:
+    module, sources = _recipe_sources(name)
+    version, pinned = RECIPE_PINS[name]
+    got = source_fingerprint(sources)
+    assert got == pinned, (
+        f"the {name} code changed ({', '.join(p.name for p in sources)}): if builds now "
+        f"produce something else, bump {module.__name__}.{version}; then pin {got}"
+    )
+
+
+def test_build_keys_follow_the_declared_versions_not_the_code(monkeypatch) -> None:
+    from hcnr_core.organism import build as organism
+    from hcnr_core.realmodel import build as realmodel
+
+    spec = organism.SIZES["tiny"]
+    key = organism.build_key("tiny", 0, spec)
+    assert organism.build_key("tiny", 0, spec) == key
+    assert organism.build_key("tiny", 1, spec) != key
+    monkeypatch.setattr(organism, "RECIPE_VERSION", organism.RECIPE_VERSION + 1)
+    assert organism.build_key("tiny", 0, spec) != key
+
+    rspec = realmodel.SPECS["smollm2-135m"]
+    measured = realmodel.eval_key(rspec)
+    monkeypatch.setattr(realmodel, "EVAL_VERSION", realmodel.EVAL_VERSION + 1)
+    assert realmodel.eval_key(rspec) != measured

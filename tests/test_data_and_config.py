@@ -9,7 +9,14 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from hcnr_core import RepairConfig
-from hcnr_core.data import encode_sample, load_jsonl, parse_jsonl, parse_sample, render_prompt
+from hcnr_core.data import (
+    EncodedSample,
+    encode_sample,
+    load_jsonl,
+    parse_jsonl,
+    parse_sample,
+    render_prompt,
+)
 from hcnr_core.errors import DataValidationError
 
 
@@ -135,7 +142,20 @@ def test_config_is_frozen_and_strict(tmp_path):
 def test_padding_falls_back_to_eos_never_to_a_made_up_id() -> None:
     from types import SimpleNamespace
 
-    from hcnr_core.checkpoint import pad_token_id
+    from hcnr_core.batching import pad_token_id
 
     assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
     assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=7)) == 0  # 0 is a real pad
+
+
+def test_one_collation_pads_right_for_training_and_left_for_generation():
+    from hcnr_core.batching import IGNORE, collate, pad_rows
+
+    rows = [[5, 6, 7], [8]]
+    ids, mask = pad_rows(rows, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_rows(rows, pad_id=0, side="left")  # last column: every last token
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    batch = collate([EncodedSample([5, 6, 7], 1, 1), EncodedSample([8, 9], 1, 2)], pad_id=0)
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, 9, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -41,6 +41,9 @@ from hcnr_core.toy import write_jsonl
 
 MANIFEST = "organism.json"
 FORMAT_VERSION = 2
+# Bump when a change to the code that builds the organism (recipe_sources()) changes what a
+# build produces; tests/test_buildcache.py pins that code so no change goes unnoticed.
+RECIPE_VERSION = 1
 MAX_LEN = 96
 EVAL_SETS = ("eval_known", "eval_unknown", "eval_domain")
 OUTPUTS = ("base", "finetuned-adapter", "finetuned", "data")
@@ -315,22 +318,24 @@ def _every(log: Callable, stage: str, steps: int) -> Callable[[int, float], None
 # --- build -------------------------------------------------------------------------------
 
 
+def recipe_sources() -> tuple[Path, ...]:
+    """The code that builds an organism (its package, the evaluation, data and toy modules)."""
+    package = Path(__file__).parent
+    modules = ("batching.py", "evaluation.py", "data.py", "toy.py")
+    return (*sorted(package.glob("*.py")), *(package.parent / m for m in modules))
+
+
 def build_key(size: str, seed: int, spec: OrganismSpec) -> str:
-    """Hash of what determines the build: size, seed, recipe, the organism's code and the
-    versions of the libraries that train it."""
+    """Hash of what determines the build: size, seed, recipe (spec and `RECIPE_VERSION`)
+    and the versions of the libraries that train it."""
     import peft
     import tokenizers
     import transformers
 
     versions = [torch.__version__, transformers.__version__, peft.__version__]
     versions.append(tokenizers.__version__)
-    recipe = [FORMAT_VERSION, size, seed, asdict(spec), versions]
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(source.read_bytes())
-    for module in ("evaluation.py", "data.py", "toy.py"):
-        digest.update((Path(__file__).parents[1] / module).read_bytes())
-    return digest.hexdigest()
+    recipe = [FORMAT_VERSION, RECIPE_VERSION, size, seed, asdict(spec), versions]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def _paths(out: Path) -> dict[str, Path]:

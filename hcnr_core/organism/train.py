@@ -11,9 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hcnr_core.batching import collate
 from hcnr_core.data import EncodedSample, encode_sample, parse_sample
-
-IGNORE = -100
 
 
 def encode_rows(
@@ -36,20 +35,6 @@ class Pool:
 
     samples: list[EncodedSample]
     weight: float
-
-
-def collate(batch: Sequence[EncodedSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and labels that keep only response tokens."""
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, IGNORE)
-    for row, s in enumerate(batch):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        mask[row, :n] = 1
-        labels[row, s.prompt_len : n] = ids[row, s.prompt_len : n]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def draw_batch(pools: Sequence[Pool], size: int, rng: random.Random) -> list[EncodedSample]:

@@ -36,6 +36,11 @@ from hcnr_core.toy import write_jsonl
 
 MANIFEST = "realmodel.json"
 FORMAT_VERSION = 1
+# Bump RECIPE_VERSION when a change to `recipe_sources()` changes the weights or data a
+# build produces, EVAL_VERSION when a change to `eval_sources()` changes what is measured;
+# tests/test_buildcache.py pins both sets of code so no change goes unnoticed.
+RECIPE_VERSION = 1
+EVAL_VERSION = 1
 EVAL_SETS = ("eval_known", "eval_unknown", "eval_domain")
 DATA_SETS = ("align", "sft", "honesty", "task", "validation", *EVAL_SETS)
 OUTPUTS = ("base", "finetuned-adapter", "finetuned", "data")
@@ -79,33 +84,41 @@ def accepted(metrics: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+def recipe_sources() -> tuple[Path, ...]:
+    """The code that makes a scenario's data and trains its models."""
+    package = Path(__file__).parent
+    modules = (package / "build.py", package / "data.py", package / "train.py")
+    return (*modules, package.parent / "data.py", package.parent / "batching.py")
+
+
+def eval_sources() -> tuple[Path, ...]:
+    """The code that measures a build."""
+    core = Path(__file__).parents[1]
+    return (Path(__file__), core / "evaluation.py", core / "batching.py")
+
+
 def build_key(model: str, seed: int, spec: RealModelSpec, source: Path) -> str:
-    """Hash of what determines the weights and data: model, seed, the training recipe,
-    the source weights' identity, the code that makes the data and trains, and the versions
-    of the libraries that train. Evaluation is keyed apart (`eval_key`): a change to how
-    models are measured re-evaluates a build, it does not retrain it."""
+    """Hash of what determines the weights and data: model, seed, the training recipe
+    (spec and `RECIPE_VERSION`), the source weights' identity and the versions of the
+    libraries that train. Evaluation is keyed apart (`eval_key`): a change to how models
+    are measured re-evaluates a build, it does not retrain it."""
     import peft
     import transformers
 
     source_config = (source / "config.json").read_bytes()
     versions = [torch.__version__, transformers.__version__, peft.__version__]
     trained = {k: v for k, v in asdict(spec).items() if k not in EVAL_FIELDS}
-    recipe = [FORMAT_VERSION, model, seed, trained, versions]
+    recipe = [FORMAT_VERSION, RECIPE_VERSION, model, seed, trained, versions]
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
     digest.update(source_config)
-    package = Path(__file__).parent
-    for module in (package / "data.py", package / "train.py", package.parent / "data.py"):
-        digest.update(module.read_bytes())
     return digest.hexdigest()
 
 
 def eval_key(spec: RealModelSpec) -> str:
-    """Hash of how a build is measured: generation settings and the evaluation code."""
+    """Hash of how a build is measured: generation settings and `EVAL_VERSION`."""
     measured = {k: v for k, v in asdict(spec).items() if k in EVAL_FIELDS}
-    digest = hashlib.sha256(json.dumps(measured, sort_keys=True, default=str).encode())
-    for module in (Path(__file__), Path(__file__).parents[1] / "evaluation.py"):
-        digest.update(module.read_bytes())
-    return digest.hexdigest()
+    recipe = [EVAL_VERSION, measured]
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def paths_of(out: str | Path) -> dict[str, Path]:

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hcnr_core.data import EncodedSample, encode_sample, parse_sample
-from hcnr_core.organism.train import collate
+from hcnr_core.batching import Collator, pad_token_id
+from hcnr_core.data import encode_sample, parse_sample
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,16 +35,6 @@ class LoraRecipe:
     alpha: int = 32
     max_len: int = 160
     warmup_ratio: float = 0.05  # a float warmup_steps is a fraction of the steps
-
-
-class _Collator:
-    """Right-padded batches whose labels keep response tokens only."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: Sequence[EncodedSample]) -> dict[str, Any]:
-        return collate(batch, self.pad_id)
 
 
 def lora_sft(
@@ -112,11 +102,7 @@ def lora_sft(
                 train_dataset=[
                     encode_sample(tokenizer, parse_sample(r), recipe.max_len) for r in rows
                 ],
-                data_collator=_Collator(
-                    tokenizer.eos_token_id
-                    if tokenizer.pad_token_id is None
-                    else tokenizer.pad_token_id
-                ),
+                data_collator=Collator(pad_token_id(tokenizer)),
                 callbacks=[Report()],
             )
             trainer.remove_callback(PrinterCallback)  # our progress replaces its log lines
