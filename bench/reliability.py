@@ -1,7 +1,7 @@
 """Reliability benchmark: the service under faults, on the built-in model organism.
 
-    .venv/bin/python bench/reliability.py                      # every section
-    .venv/bin/python bench/reliability.py --only kill_storm,load
+    .venv/bin/python -m bench.reliability                      # every section
+    .venv/bin/python -m bench.reliability --only kill_storm,load
 
 Each section starts its own production-shaped service on this machine (redis-server with
 AOF + noeviction, PostgreSQL, `hcnr serve --no-worker` on uvicorn, real `celery worker`
@@ -47,15 +47,12 @@ from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT / "tests" / "reliability"))
-sys.path.insert(0, str(ROOT / "tests" / "security"))  # hostile_work: the issue-14 cases
-sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import reliability_load  # noqa: E402
-import reliability_scenarios as scenarios  # noqa: E402
-from reliability_cluster import Inputs, cluster, organism_inputs  # noqa: E402
+from tests.reliability import reliability_load  # noqa: E402
+from tests.reliability import reliability_scenarios as scenarios  # noqa: E402
+from tests.reliability.reliability_cluster import Inputs, cluster, organism_inputs  # noqa: E402
 
 Section = Callable[[Path], dict[str, Any]]
 FAULTS = "crash_on_label=poison:yes,slow_on_label=slow:yes:0.2"
@@ -352,11 +349,11 @@ def hostile_work(options: Options, workdir: Path) -> dict[str, Any]:
     its limit; then `burst` of them validated at once while GETs and /healthz are timed."""
     import threading
 
-    import hostile_work as hw
     import httpx
-    import service_procs as procs
 
     from hcnr_core.toy import build_toy
+    from tests.security import hostile_work as hw
+    from tests.service import service_procs as procs
 
     load_average = os.getloadavg()[0]
     toy = build_toy(workdir / "models", seed=0)
@@ -671,7 +668,7 @@ def run_sections(chosen: dict[str, Section], workdir: Path, results: dict[str, A
             section = {
                 "title": name,
                 "rows": [],
-                "command": f".venv/bin/python bench/reliability.py --only {name}",
+                "command": f".venv/bin/python -m bench.reliability --only {name}",
                 "error": traceback.format_exc(limit=8),
             }
         section["run"] = {

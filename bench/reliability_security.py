@@ -3,7 +3,7 @@ tests/security/. `SECTIONS[name](workdir)` runs one measurement and returns
 {"title", "rows": [(figure, value), ...], "command"}; bench/reliability.py collects them
 into bench/results/reliability.md.
 
-Standalone: `.venv/bin/python bench/reliability_security.py [section ...]` prints markdown.
+Standalone: `.venv/bin/python -m bench.reliability_security [section ...]` prints markdown.
 """
 
 from __future__ import annotations
@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-for helper in (REPO / "tests" / "security", REPO / "tests" / "service", REPO):
-    if str(helper) not in sys.path:
-        sys.path.insert(0, str(helper))
-
-COMMAND = ".venv/bin/python bench/reliability_security.py {name}"
+COMMAND = ".venv/bin/python -m bench.reliability_security {name}"
 TESTS = ".venv/bin/python -m pytest tests/security/{file}"
 _WORLDS: dict[Path, Any] = {}
 
 
 def _world(workdir: Path):
     """One models root with the hostile checkpoints per workdir (built once)."""
-    import hostile
+    from tests.security import hostile
 
     workdir = workdir.resolve()
     if workdir not in _WORLDS:
@@ -36,7 +32,7 @@ def _world(workdir: Path):
 
 
 def _env(workdir: Path, name: str, **settings: Any):
-    import hostile
+    from tests.security import hostile
 
     return hostile.make_app_env(
         _world(workdir), Path(tempfile.mkdtemp(dir=workdir, prefix=name)), **settings
@@ -48,7 +44,7 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _postgres(workdir: Path):
-    import service_procs as procs
+    from tests.service import service_procs as procs
 
     if procs.postgres_bindir() is None:
         return None, None
@@ -111,8 +107,9 @@ def malicious_checkpoints(workdir: Path) -> dict:
 
 
 def reference_fuzz(workdir: Path) -> dict:
-    import hostile
     from test_security_references import ALLOWED_CODES, fuzz_results, strace_fuzz
+
+    from tests.security import hostile
 
     env = _env(workdir, "refs-")
     results = fuzz_results(env)
@@ -159,7 +156,6 @@ def reference_fuzz(workdir: Path) -> dict:
 
 
 def uploads(workdir: Path) -> dict:
-    from hostile import exact_size_jsonl
     from test_security_uploads import (
         LIMIT,
         LINE_LIMIT,
@@ -168,6 +164,8 @@ def uploads(workdir: Path) -> dict:
         stored_files,
         upload,
     )
+
+    from tests.security.hostile import exact_size_jsonl
 
     env = _env(workdir, "uploads-", max_upload_bytes=LIMIT, max_line_bytes=LINE_LIMIT)
     exact = upload(env, exact_size_jsonl(LIMIT)).status_code

@@ -1,10 +1,10 @@
 """sha256 of the checkpoint a repair publishes, for a grid of settings on the organism: run
 before and after a refactor of the pipeline and diff the output (it must not change).
 
-    .venv/bin/python bench/repair_digests.py > before.txt    # at the old commit
-    .venv/bin/python bench/repair_digests.py > after.txt     # at the new one
+    .venv/bin/python -m bench.repair_digests > before.txt    # at the old commit
+    .venv/bin/python -m bench.repair_digests > after.txt     # at the new one
     diff before.txt after.txt
-    .venv/bin/python bench/repair_digests.py --check bench/results/repair_digests.txt
+    .venv/bin/python -m bench.repair_digests --check bench/results/repair_digests.txt
 
 `--check` compares with the committed digests (exit 1 on any difference). They hold for the
 organism whose build key is on their first line (same libraries, same recipe version): on

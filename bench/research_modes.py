@@ -1,7 +1,7 @@
 """Issue #13's research modes on the model organism, next to RAIT and DPO swept over data
 sizes, in one harness (same organism, same eval sets, same generation settings).
 
-    python bench/research_modes.py --seeds 0            # -> bench/results/research_modes.md
+    python -m bench.research_modes --seeds 0            # -> bench/results/research_modes.md
 
 Rows: the paper's modes at their defaults, the organism's previous best (task_aware μ 7,
 R_CW 1), the sequential and asymmetric calibrations (hcnr_core.pipeline, README
@@ -24,10 +24,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from paper_tables import (  # noqa: E402
+from bench.paper_tables import (  # noqa: E402
     COST,
     QUALITY,
     evaluate,
@@ -38,7 +36,6 @@ from paper_tables import (  # noqa: E402
     run_hcnr,
     table,
 )
-
 from hcnr_core.baselines import restored_columns, train_rait  # noqa: E402
 from hcnr_core.config import RaitConfig  # noqa: E402
 from hcnr_core.organism import build_organism  # noqa: E402
@@ -226,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = args.work / f"research-seed{seed}.json"
         saved.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
-    command = "python bench/research_modes.py " + " ".join(
+    command = "python -m bench.research_modes " + " ".join(
         a for i, a in enumerate(argv) if a != "--organisms" and argv[i - 1 : i] != ["--organisms"]
     )
     (args.out / "research_modes.json").write_text(json.dumps(results, indent=1) + "\n")

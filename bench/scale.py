@@ -1,8 +1,8 @@
 """Scaling benchmark: full HCNR repairs of random-weight Llama-shaped checkpoints.
 
-    .venv/bin/python bench/scale.py --sizes llama-20m llama-64m llama-290m --dtype float32
-    .venv/bin/python bench/scale.py --sizes llama-3.1-8b --device cuda --dtype bfloat16
-    .venv/bin/python bench/scale.py --sizes llama-3.1-8b --device cuda:0,cuda:1 --dtype bfloat16
+    .venv/bin/python -m bench.scale --sizes llama-20m llama-64m llama-290m --dtype float32
+    .venv/bin/python -m bench.scale --sizes llama-3.1-8b --device cuda --dtype bfloat16
+    .venv/bin/python -m bench.scale --sizes llama-3.1-8b --device cuda:0,cuda:1 --dtype bfloat16
 
 For each size it writes (once, cached under --work) a base checkpoint with Llama's real
 architecture and random weights (safetensors shards, written tensor by tensor so an 8B
@@ -13,7 +13,7 @@ stage, peak CPU RSS, peak GPU memory and Fisher tokens/s. Results accumulate in
 bench/results/scale.json (keyed by machine, device and size); scale.md and scale.png are
 regenerated from all of them.
 
-    .venv/bin/python bench/scale.py --sizes llama-20m llama-64m --dtype float32 --baselines
+    .venv/bin/python -m bench.scale --sizes llama-20m llama-64m --dtype float32 --baselines
 
 `--baselines` also trains the two baselines of `hcnr_core.baselines` on the same
 checkpoints (base + the same LoRA fine-tune) and the same 128 honesty samples, each in
@@ -577,7 +577,7 @@ def render(results: dict[str, Any]) -> None:
             f"| {s['save']:.2f} | {r['fisher_tokens_per_s']} | {r['peak_cpu_rss_gib']} "
             f"| {r['peak_gpu_gib'] if r['peak_gpu_gib'] is not None else '-'} |"
         )
-    lines += ["", "Reproduce: `.venv/bin/python bench/scale.py --sizes SIZE... --device D`.", ""]
+    lines += ["", "Reproduce: `.venv/bin/python -m bench.scale --sizes SIZE... --device D`.", ""]
     lines += _render_replicas(repairs)
     lines += _render_extra(results)
     (RESULTS / "scale.md").write_text("\n".join(lines))
@@ -648,7 +648,7 @@ def _render_baselines(results: dict[str, Any]) -> list[str]:
     lines += ["", *(f"- {note}" for note in notes)] if notes else []
     lines += [
         "",
-        "Reproduce: `.venv/bin/python bench/scale.py --sizes llama-20m llama-64m --dtype "
+        "Reproduce: `.venv/bin/python -m bench.scale --sizes llama-20m llama-64m --dtype "
         "float32 --threads 1 --baselines`.",
         "",
     ]
@@ -684,7 +684,7 @@ def _render_compensate_ab(results: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Reproduce: `.venv/bin/python bench/scale.py --sizes llama-64m llama-290m --dtype "
+        "Reproduce: `.venv/bin/python -m bench.scale --sizes llama-64m llama-290m --dtype "
         "float32 --threads 1 --compensate-ab 3`.",
         "",
     ]

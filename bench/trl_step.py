@@ -1,6 +1,6 @@
 """Why the real-model build trains on transformers' `Trainer` and not TRL's `SFTTrainer`.
 
-    .venv/bin/python bench/trl_step.py [--steps 2] [--threads 2]
+    .venv/bin/python -m bench.trl_step [--steps 2] [--threads 2]
 
 Times the same LoRA SFT steps (SmolLM2-135M, 16 SelfAware rows per step, the project's
 encoding) through `hcnr_core.realmodel.train.lora_sft` (Trainer) and through TRL's
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from hcnr_core.data import encode_sample, parse_sample  # noqa: E402
 from hcnr_core.realmodel.data import load_selfaware, make_datasets  # noqa: E402

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from toy_cli import repair_argv
 from typer.testing import CliRunner
 
 from hcnr_cli.main import app
 from hcnr_core import RepairConfig
 from hcnr_core.errors import IncompatibleCheckpointsError
 from hcnr_core.pipeline import RepairPipeline
+from tests.toy_cli import repair_argv
 
 
 def run_cli(toy, out: Path, **paths: Path) -> tuple[int, str]:

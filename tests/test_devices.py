@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_cli import repair_argv
 from typer.testing import CliRunner
 
 from hcnr_cli.main import app
@@ -24,6 +23,7 @@ from hcnr_core.devices import (
 from hcnr_core.errors import RepairCancelled
 from hcnr_core.pipeline import RepairPipeline
 from hcnr_core.scoring import InputHessians
+from tests.toy_cli import repair_argv
 
 CPU = torch.device("cpu")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,11 +36,9 @@ from typer.testing import CliRunner
 from hcnr_cli.main import app
 from hcnr_core.evaluation import is_correct
 from hcnr_core.writer import sha256_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))  # the service helpers
-import flows
-import service_procs as procs
-from service_support import digests, job_body
+from tests.service import flows
+from tests.service import service_procs as procs
+from tests.service.service_support import digests, job_body
 
 SELFAWARE = Path(__file__).resolve().parents[2] / "shared/datasets/selfaware/SelfAware.json"
 LORA_TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")

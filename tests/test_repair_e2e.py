@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_cli import repair_argv
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -18,6 +17,7 @@ from hcnr_core.checkpoint import inspect_checkpoint
 from hcnr_core.errors import RepairCancelled
 from hcnr_core.pipeline import STAGES, TIMED_STAGES, RepairPipeline
 from hcnr_core.writer import sha256_file
+from tests.toy_cli import repair_argv
 
 
 def repair(toy, out: Path, finetuned: str = "adapter", **cfg) -> dict:

@@ -1,6 +1,6 @@
 """Shared by the CLI tests: `hcnr repair` arguments on the toy checkpoints.
 
-A plain module, not conftest: `tests/service/conftest.py` shadows that name on sys.path.
+A plain module (`from tests.toy_cli import repair_argv`), not a conftest fixture.
 """
 
 from __future__ import annotations

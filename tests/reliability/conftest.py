@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from reliability_cluster import Cluster, Inputs, cluster, procs, toy_inputs
+
+from tests.reliability.reliability_cluster import Cluster, Inputs, cluster, procs, toy_inputs
 
 # worker/faults.py; HCNR_ENV=test only
 FAULTS = "crash_on_label=poison:yes,slow_on_label=slow:yes:0.2"

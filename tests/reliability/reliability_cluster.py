@@ -14,7 +14,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,10 +24,9 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "service"))  # service_procs: the servers of tests/service
-
-import service_procs as procs  # noqa: E402
 from hcnr_client import HCNRClient  # noqa: E402
+
+from tests.service import service_procs as procs  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from reliability_cluster import Cluster, Inputs
+
+from tests.reliability.reliability_cluster import Cluster, Inputs
 
 ROUTES = (
     "POST /v1/files",

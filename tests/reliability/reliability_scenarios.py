@@ -14,7 +14,8 @@ from collections import Counter
 from typing import Any
 
 from hcnr_client import APIStatusError
-from reliability_cluster import TERMINAL, Cluster, poll, rss_bytes, submit, upload
+
+from tests.reliability.reliability_cluster import TERMINAL, Cluster, poll, rss_bytes, submit, upload
 
 
 def _median(values: list[float]) -> float | None:

@@ -4,8 +4,9 @@ was told was created is a row in PostgreSQL, and nothing more. No latency thresh
 from __future__ import annotations
 
 import pytest
-import reliability_load
-from reliability_cluster import Cluster
+
+from tests.reliability import reliability_load
+from tests.reliability.reliability_cluster import Cluster
 
 pytestmark = pytest.mark.reliability
 

@@ -5,8 +5,9 @@ running (and one created while the broker is down)."""
 from __future__ import annotations
 
 import pytest
-import reliability_scenarios as scenarios
-from reliability_cluster import Cluster
+
+from tests.reliability import reliability_scenarios as scenarios
+from tests.reliability.reliability_cluster import Cluster
 
 pytestmark = pytest.mark.reliability
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import reliability_scenarios as scenarios
-from reliability_cluster import Cluster, Inputs
+
+from tests.reliability import reliability_scenarios as scenarios
+from tests.reliability.reliability_cluster import Cluster, Inputs
 
 pytestmark = pytest.mark.reliability
 
@@ -60,12 +61,12 @@ def test_a_worker_frozen_mid_transaction_does_not_block_recovery(fresh: Cluster)
     import time
     from datetime import timedelta
 
-    from reliability_cluster import submit, upload
     from sqlalchemy import update
 
     from store.db import make_engine, make_session_factory, session_scope, worker_engine_options
     from store.models import Job, utcnow
     from store.settings import Settings
+    from tests.reliability.reliability_cluster import submit, upload
     from worker.reconciler import reconcile_once
 
     client = fresh.client("frozen")

@@ -3,20 +3,14 @@ bait outside it, and an in-process app (two tenants) over that root."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-for helper_dir in (HERE, HERE.parent / "service"):  # hostile.py; service_support, service_procs
-    if str(helper_dir) not in sys.path:
-        sys.path.insert(0, str(helper_dir))
-
-import hostile  # noqa: E402
-import service_procs as procs  # noqa: E402
+from tests.security import hostile
+from tests.service import service_procs as procs
 
 
 @pytest.fixture(scope="session")

@@ -503,7 +503,7 @@ class AppEnv:
 
 
 def make_app_env(world: World, tmp: Path, **settings: Any) -> AppEnv:
-    from service_support import Models, make_inprocess
+    from tests.service.service_support import Models, make_inprocess
 
     models = Models(world.models, world.honesty, world.task, world.honesty, world.task)
     inproc = make_inprocess(tmp, models, **settings)
@@ -718,7 +718,8 @@ def strace_server(env: dict[str, str], workdir: Path) -> Iterator[TracedServer]:
     """`hcnr serve --no-worker` under `strace -f` (file, exec and connect system calls,
     with timestamps so that a window of requests can be cut out of the log)."""
     import httpx
-    import service_procs as procs
+
+    from tests.service import service_procs as procs
 
     port = procs.free_port()
     log = workdir / "strace.log"

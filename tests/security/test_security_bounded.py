@@ -21,9 +21,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import hostile_work as hw
 import pytest
-from hostile import error_code
+
+from tests.security import hostile_work as hw
+from tests.security.hostile import error_code
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 HERE = Path(__file__).resolve().parent
@@ -41,7 +42,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> hw.WorkWorld:
 
 @pytest.fixture(scope="module")
 def api(work: hw.WorkWorld, tmp_path_factory: pytest.TempPathFactory):
-    from service_support import Models, make_inprocess
+    from tests.service.service_support import Models, make_inprocess
 
     toy = work.toy
     models = Models(work.models, toy["honesty"], toy["task"], toy["honesty"], toy["task"])
@@ -180,10 +181,9 @@ def test_validation_without_isolation_runs_in_this_process_under_the_same_limits
     """`validation_isolation` off: no child process, the check runs here, under the
     limits given (not the environment's) and refuses with the same codes; with it on,
     the same call runs in another process."""
-    from service_support import Models, make_inprocess
-
     from hcnr_core import bounded
     from hcnr_core.limits import Limits, current_limits
+    from tests.service.service_support import Models, make_inprocess
 
     off = Limits(validation_isolation=False, max_tokens_per_sample=123)
     assert bounded.run_bounded(os.getpid, (), off) == os.getpid()
@@ -306,7 +306,7 @@ def test_config_that_does_not_match_its_weights(work: hw.WorkWorld, tmp_path: Pa
 
 @pytest.fixture
 def timed_api(work: hw.WorkWorld, tmp_path: Path):
-    from service_support import Models, make_inprocess
+    from tests.service.service_support import Models, make_inprocess
 
     toy = work.toy
     models = Models(work.models, toy["honesty"], toy["task"], toy["honesty"], toy["task"])
@@ -405,7 +405,8 @@ def test_reconciler_fails_a_lost_job_past_its_limit_instead_of_requeueing(timed_
 
 def test_serve_stops_on_sigterm_within_seconds_with_a_request_in_flight(work, tmp_path):
     import httpx
-    import service_procs as procs
+
+    from tests.service import service_procs as procs
 
     env = procs.service_env(
         env="test",

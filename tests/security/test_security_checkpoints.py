@@ -9,9 +9,17 @@ import json
 import os
 import pickle
 
-import hostile
 import pytest
-from hostile import AppEnv, CheckpointCase, FileAudit, error_code, python_roots, violations
+
+from tests.security import hostile
+from tests.security.hostile import (
+    AppEnv,
+    CheckpointCase,
+    FileAudit,
+    error_code,
+    python_roots,
+    violations,
+)
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import hostile
 import httpx
 import pytest
-import service_procs as procs
-from hostile import (
+
+from tests.security import hostile
+from tests.security.hostile import (
     OPEN_CALLS,
     AppEnv,
     FileAudit,
@@ -37,6 +37,7 @@ from hostile import (
     strace_server,
     violations,
 )
+from tests.service import service_procs as procs
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 ALLOWED_CODES = {
@@ -239,7 +240,7 @@ def test_no_read_outside_the_roots_strace(traced):
 
 
 def test_strace_parser_places_relative_paths(tmp_path: Path):
-    from hostile import parse_strace
+    from tests.security.hostile import parse_strace
 
     log = tmp_path / "log"
     log.write_text(

@@ -10,7 +10,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hostile import AppEnv, make_app_env
+
+from tests.security.hostile import AppEnv, make_app_env
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 MAX_EXAMPLES = 25

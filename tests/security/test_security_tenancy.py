@@ -11,8 +11,9 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
-import service_procs as procs
-from hostile import AppEnv, World, error_code, make_app_env
+
+from tests.security.hostile import AppEnv, World, error_code, make_app_env
+from tests.service import service_procs as procs
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 UNKNOWN = {"job_id": "job_000000000000000000000000", "file_id": "file_000000000000000000000000"}

@@ -13,8 +13,8 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-import service_procs as procs
-from hostile import (
+
+from tests.security.hostile import (
     AppEnv,
     RssSampler,
     World,
@@ -26,6 +26,7 @@ from hostile import (
     multipart_stream,
     zero_chunks,
 )
+from tests.service import service_procs as procs
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 LIMIT = 16 * 1024

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import service_procs as procs
-from service_support import InProcess, Models, make_inprocess
+
+from tests.service import service_procs as procs
+from tests.service.service_support import InProcess, Models, make_inprocess
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-import service_procs as procs
 from hcnr_client import APIStatusError, HCNRClient
-from service_support import Models, digests
+
+from tests.service import service_procs as procs
+from tests.service.service_support import Models, digests
 
 
 def upload_inputs(client: HCNRClient, honesty: Path, task: Path) -> dict[str, str]:

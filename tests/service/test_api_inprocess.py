@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_support import InProcess, Models, digests, job_body, make_inprocess
+
+from tests.service.service_support import InProcess, Models, digests, job_body, make_inprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -241,10 +242,10 @@ def test_job_output_is_byte_identical_to_hcnr_repair(
     """What a user gets from `hcnr repair` on the same inputs and what the service's job
     gives are the same bytes: every weight shard, the index, config and tokenizer files
     (the report and model card carry timings and paths; their repair content is compared)."""
-    from toy_cli import repair_argv
     from typer.testing import CliRunner
 
     from hcnr_cli.main import app
+    from tests.toy_cli import repair_argv
 
     toy = {
         "base": models.root / "base",

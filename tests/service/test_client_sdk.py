@@ -13,7 +13,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from hcnr_client import types
-from service_support import InProcess, Models, digests
+
+from tests.service.service_support import InProcess, Models, digests
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 OPENAPI = Path(__file__).resolve().parents[2] / "api" / "openapi.json"

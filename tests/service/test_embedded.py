@@ -8,11 +8,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import flows
 import pytest
-import service_procs as procs
 from hcnr_client import HCNRClient
-from service_support import Models
+
+from tests.service import flows
+from tests.service import service_procs as procs
+from tests.service.service_support import Models
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _environ_has(pid: str, needle: str) -> bool:
 
 def test_jobs_cli_over_http(embedded: Deployment, models: Models, direct_repair, tmp_path):
     """`hcnr jobs create --wait`, get, list, events, download, and a clear error code."""
-    from service_support import digests
+    from tests.service.service_support import digests
 
     env = {
         **procs.service_env(),

@@ -10,8 +10,8 @@ import signal
 import time
 
 import pytest
-from service_support import InProcess, job_body
 
+from tests.service.service_support import InProcess, job_body
 from worker import faults
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import service_procs as procs
-from service_support import Models
+
+from tests.service import service_procs as procs
+from tests.service.service_support import Models
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from service_support import InProcess, Models, job_body
 
+from tests.service.service_support import InProcess, Models, job_body
 from worker import hub_card
 
 

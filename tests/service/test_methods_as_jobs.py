@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from service_support import InProcess, Models, digests, job_body
 
 from hcnr_core.methods import METHODS, MethodInputs, get_method
+from tests.service.service_support import InProcess, Models, digests, job_body
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

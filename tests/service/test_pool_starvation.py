@@ -13,10 +13,10 @@ import anyio
 import httpx
 import pytest
 from anyio.to_thread import current_default_thread_limiter
-from service_support import Models
 
 from store import repositories
 from store.db import make_engine, make_session_factory, session_scope
+from tests.service.service_support import Models
 
 
 @pytest.mark.anyio

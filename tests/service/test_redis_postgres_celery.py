@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import flows
 import pytest
-import service_procs as procs
 from hcnr_client import HCNRClient
-from service_support import Models
+
+from tests.service import flows
+from tests.service import service_procs as procs
+from tests.service.service_support import Models
 
 
 @dataclass

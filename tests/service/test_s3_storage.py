@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import flows
 import pytest
-import service_procs as procs
 from hcnr_client import HCNRClient
-from service_support import Models
+
+from tests.service import flows
+from tests.service import service_procs as procs
+from tests.service.service_support import Models
 
 BUCKET = "hcnr-artifacts"
 CREDENTIALS = {

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import service_procs as procs
-import ui_support as ui
-from service_support import Models
+
+from tests.service import service_procs as procs
+from tests.service import ui_support as ui
+from tests.service.service_support import Models
 
 selenium = pytest.importorskip("selenium", reason="selenium is in the test extras")
 from selenium import webdriver  # noqa: E402

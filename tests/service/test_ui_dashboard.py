@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-import ui_support as ui
 from fastapi.testclient import TestClient
-from service_support import InProcess, Models, job_body
+
+from tests.service import ui_support as ui
+from tests.service.service_support import InProcess, Models, job_body
 
 MISSING = "job_" + "0" * 24
 

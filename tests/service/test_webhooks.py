@@ -18,8 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import service_procs as procs
-from service_support import InProcess, Models, job_body, make_inprocess
+
+from tests.service import service_procs as procs
+from tests.service.service_support import InProcess, Models, job_body, make_inprocess
 
 SERVICE_SECRET = "webhook-test-service-secret-" + "x" * 20
 

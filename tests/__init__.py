@@ -1,0 +1,1 @@
+"""Helpers here are imported as a package (`from tests import ...`), not via sys.path."""

@@ -1,0 +1,1 @@
+"""Helpers here are imported as a package (`from tests.service import ...`), not via sys.path."""
