@@ -6,7 +6,6 @@ Routes stay thin and call these; every lookup here is scoped by the caller's ten
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import tarfile
@@ -25,7 +24,7 @@ from api.errors import APIError, not_found
 from api.routing import end_transaction
 from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
 from hcnr_core.bounded import validate_bounded
-from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_sample
+from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_line
 from hcnr_core.errors import DataValidationError, TooManySamplesError
 from hcnr_core.methods import MethodInputs, get_method
 from store import job_state, repositories, webhooks
@@ -137,28 +136,10 @@ def validate_jsonl_stream(
 
 
 def _line_problem(raw: bytes) -> str | None:
-    if not raw.strip():
-        return None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return f"not valid UTF-8 (byte {exc.start})"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"not valid JSON: {exc.msg} (column {exc.colno})"
-    except RecursionError:
-        return "not valid JSON: nested too deeply"
-    try:
-        sample = parse_sample(obj)
+        parse_line(raw)
     except ValueError as exc:
         return str(exc)
-    texts = [sample.response, *sample.answers, *(m["content"] for m in sample.messages)]
-    try:
-        for text_ in texts:
-            text_.encode("utf-8")
-    except UnicodeEncodeError:
-        return "text with a lone surrogate (\\ud800-\\udfff escape): not valid Unicode"
     return None
 
 

@@ -37,6 +37,7 @@ RESULTS = ROOT / "bench" / "results"
 from hcnr_core import RepairConfig  # noqa: E402
 from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
 from hcnr_core.evaluation import GenerationSettings, evaluate_model  # noqa: E402
+from hcnr_core.evaluation import recovery as evaluation_recovery  # noqa: E402
 from hcnr_core.organism import build_organism, load_manifest  # noqa: E402
 from hcnr_core.organism.build import accepted  # noqa: E402
 from hcnr_core.pipeline import RepairPipeline  # noqa: E402
@@ -195,8 +196,9 @@ def one_seed(seed: int, work: Path, quick: bool, log: Callable[[str], None]) -> 
 
 
 def recovery(metrics: dict, base: dict, finetuned: dict) -> float:
-    gap = base["f1"] - finetuned["f1"]
-    return (metrics["f1"] - finetuned["f1"]) / gap if gap > 0 else float("nan")
+    """`hcnr_core.evaluation.recovery`, NaN where it is None (aggregates show "nan")."""
+    value = evaluation_recovery(metrics["f1"], finetuned["f1"], base["f1"])
+    return float("nan") if value is None else value
 
 
 def per_seed(results: list[dict], name: str, key: str) -> list[float]:

@@ -110,6 +110,34 @@ def parse_sample(obj: Any, line: int = 0) -> Sample:
     return Sample(messages, response, answerable, tuple(answers), line)
 
 
+def parse_line(raw: bytes, number: int = 0) -> Sample | None:
+    """One JSONL line (bytes): None when blank, else the sample; a ValueError says what is
+    wrong. The one line check of the library, the CLI and the API's streaming upload
+    check: UTF-8, JSON (bounded nesting), the sample's shape, and no lone surrogates
+    (`\\ud800`-style escapes decode to strings that cannot be encoded or tokenised)."""
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    sample = parse_sample(obj, number)
+    try:
+        for part in (sample.response, *sample.answers, *(m["content"] for m in sample.messages)):
+            part.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "text with a lone surrogate (\\ud800-\\udfff escape): not valid Unicode"
+        ) from None
+    return sample
+
+
 def parse_jsonl(
     data: bytes,
     source: str = "<data>",
@@ -126,25 +154,13 @@ def parse_jsonl(
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if len(problems) >= MAX_REPORTED_PROBLEMS:
             break
-        if not raw.strip():
-            continue
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.append((number, f"not valid UTF-8 (byte {exc.start})"))
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.append((number, f"not valid JSON: {exc.msg} (column {exc.colno})"))
-            continue
-        except RecursionError:
-            problems.append((number, "JSON nested too deeply"))
-            continue
-        try:
-            samples.append(parse_sample(obj, number))
+            sample = parse_line(raw, number)
         except ValueError as exc:
             problems.append((number, str(exc)))
+            continue
+        if sample is not None:
+            samples.append(sample)
     if not problems:
         if len(samples) < min_samples:
             problems.append((0, f"{len(samples)} samples; at least {min_samples} required"))

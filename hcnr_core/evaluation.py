@@ -142,9 +142,11 @@ def refusal_metrics(refused: Sequence[bool], answerable: Sequence[bool]) -> dict
 
 
 def recovery(f1_repaired: float, f1_ft: float, f1_base: float) -> float | None:
-    """(F1_repaired − F1_ft) / (F1_base − F1_ft); None when fine-tuning lost no F1."""
+    """(F1_repaired − F1_ft) / (F1_base − F1_ft); None when fine-tuning lost no F1 (the gap
+    is zero or negative: there is nothing to recover). The one definition: reports, the
+    service's metrics and the benchmarks all call this."""
     gap = f1_base - f1_ft
-    if abs(gap) < 1e-12:
+    if gap < 1e-12:
         return None
     return (f1_repaired - f1_ft) / gap
 

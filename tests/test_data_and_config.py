@@ -159,3 +159,24 @@ def test_one_collation_pads_right_for_training_and_left_for_generation():
     batch = collate([EncodedSample([5, 6, 7], 1, 1), EncodedSample([8, 9], 1, 2)], pad_id=0)
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, 9, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_one_line_check_for_library_and_api_refuses_lone_surrogates():
+    """The library (CLI) and the API's streaming upload check share `parse_line`: a lone
+    surrogate escape is refused by both, with the same message and line number."""
+    import io
+
+    from api.services import validate_jsonl_stream
+    from hcnr_core.errors import DataValidationError
+
+    good = b'{"prompt": "q", "response": "a"}'
+    data = b"\n".join([good, b'{"prompt": "q", "response": "ok \\udfff"}', good])
+    with pytest.raises(DataValidationError) as library:
+        parse_jsonl(data)
+    with pytest.raises(DataValidationError) as api:
+        validate_jsonl_stream(
+            io.BytesIO(data), "<upload>", min_samples=1, max_samples=10, max_line_bytes=1000
+        )
+    assert library.value.problems == api.value.problems
+    ((line, message),) = library.value.problems
+    assert line == 2 and "lone surrogate" in message

@@ -160,6 +160,7 @@ def test_recovery():
     assert recovery(0.8, 0.2, 0.8) == pytest.approx(1.0)
     assert recovery(0.1, 0.2, 0.8) == pytest.approx(-1 / 6)
     assert recovery(0.5, 0.3, 0.3) is None
+    assert recovery(0.5, 0.4, 0.3) is None  # the fine-tune gained F1: nothing to recover
 
 
 @pytest.mark.parametrize(
