@@ -43,7 +43,7 @@ def get_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Tenant:
     if credentials is None:
-        raise APIError(401, "unauthorized", "missing bearer API key")
+        raise APIError("unauthorized", "missing bearer API key")
     tenant = repositories.authenticate(session, credentials.credentials)
     # End the lookup's transaction: its pooled connection must not be held while the
     # route waits for a worker thread. Otherwise, under load, every thread sits in a
@@ -52,7 +52,7 @@ def get_tenant(
     # on commit, so `tenant` stays loaded.
     session.commit()
     if tenant is None:
-        raise APIError(401, "unauthorized", "invalid or revoked API key")
+        raise APIError("unauthorized", "invalid or revoked API key")
     return tenant
 
 

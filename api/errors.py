@@ -15,8 +15,11 @@ from hcnr_core.errors import DataValidationError, HCNRError, LimitExceededError
 
 log = logging.getLogger("hcnr.api")
 
-# HCNRError codes that are the client's fault map to 422; everything else is ours (500).
-CLIENT_ERROR_CODES = {
+# The one table from error code to HTTP status. Services and routes raise
+# `APIError(code, message)` or hcnr_core's `HCNRError` (domain errors, no status); the
+# handlers below, the dashboard and the OpenAPI document all read the status from here.
+# A code missing from the table is a server error (500).
+CLIENT_ERROR_CODES = {  # hcnr_core's codes that are the client's fault (422)
     "invalid_data",
     "invalid_checkpoint",
     "unsafe_checkpoint",
@@ -35,25 +38,60 @@ CLIENT_ERROR_CODES = {
     "validation_timeout",
     "validation_out_of_memory",
 }
+STATUS_OF_CODE: dict[str, int] = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "job_not_cancellable": 409,
+    "artifacts_not_ready": 409,
+    "idempotency_conflict": 409,
+    "payload_too_large": 413,
+    "range_not_satisfiable": 416,
+    "invalid_request": 422,
+    "invalid_cursor": 422,
+    "invalid_file_purpose": 422,
+    "invalid_webhook_url": 422,
+    **dict.fromkeys(CLIENT_ERROR_CODES, 422),
+    "internal_error": 500,
+}
+# Starlette's own HTTP errors (routing, body parsing) by status.
 HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    416: "range_not_satisfiable",
+    STATUS_OF_CODE[code]: code
+    for code in (
+        "bad_request",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "method_not_allowed",
+        "payload_too_large",
+        "range_not_satisfiable",
+    )
 }
 
 
+def status_of(code: str) -> int:
+    """The HTTP status of an error code (500 for a code the table does not know)."""
+    return STATUS_OF_CODE.get(code, 500)
+
+
 class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None):
+    """A refusal with a stable `code`; its HTTP status comes from `STATUS_OF_CODE`."""
+
+    def __init__(self, code: str, message: str, details: Any = None):
+        if code not in STATUS_OF_CODE:
+            raise ValueError(f"error code {code!r} is not in api.errors.STATUS_OF_CODE")
         super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details
+        self.code, self.message, self.details = code, message, details
+
+    @property
+    def status(self) -> int:
+        return STATUS_OF_CODE[self.code]
 
 
 def not_found(what: str, ident: str) -> APIError:
-    return APIError(404, "not_found", f"{what} {ident!r} not found")
+    return APIError("not_found", f"{what} {ident!r} not found")
 
 
 def error_response(status: int, code: str, message: str, details: Any = None, headers=None):
@@ -79,8 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HCNRError)
     async def _hcnr_error(_: Request, exc: HCNRError) -> JSONResponse:
-        status = 422 if exc.code in CLIENT_ERROR_CODES else 500
-        return error_response(status, exc.code, str(exc), hcnr_error_details(exc))
+        return error_response(status_of(exc.code), exc.code, str(exc), hcnr_error_details(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -45,7 +45,7 @@ def _spool_upload(upload: UploadFile, target: IO[bytes], limit: int) -> tuple[in
     while block := upload.file.read(CHUNK):
         size += len(block)
         if size > limit:
-            raise APIError(413, "payload_too_large", f"file exceeds the {limit}-byte limit")
+            raise APIError("payload_too_large", f"file exceeds the {limit}-byte limit")
         digest.update(block)
         target.write(block)
     return size, digest.hexdigest()
@@ -183,7 +183,7 @@ def repair_config(body: RepairJobCreate, settings: Settings) -> Any:
     try:
         return get_method(body.method).make_config(values, device=settings.worker_device)
     except ValidationError as exc:
-        raise APIError(422, "invalid_hyperparameters", str(exc)) from exc
+        raise APIError("invalid_hyperparameters", str(exc)) from exc
 
 
 def check_webhook_url(url: str | None, settings: Settings) -> None:
@@ -193,14 +193,13 @@ def check_webhook_url(url: str | None, settings: Settings) -> None:
     try:
         webhooks.check_address(url, settings.webhook_allow_private)
     except webhooks.UnsafeWebhookAddress as exc:
-        raise APIError(422, "invalid_webhook_url", str(exc)) from exc
+        raise APIError("invalid_webhook_url", str(exc)) from exc
 
 
 def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) -> File:
     file = get_file(session, tenant, file_id)
     if file.purpose != purpose:
         raise APIError(
-            422,
             "invalid_file_purpose",
             f"file {file_id!r} has purpose {file.purpose!r}, expected {purpose!r}",
         )
@@ -218,7 +217,7 @@ def validate_job(
     validation = None
     if body.validation_file:
         if body.method != "auto":
-            raise APIError(422, "invalid_request", "validation_file is read by method auto only")
+            raise APIError("invalid_request", "validation_file is read by method auto only")
         validation = _input_file(session, tenant, body.validation_file, "eval")
     config = repair_config(body, settings)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
@@ -239,7 +238,7 @@ def validate_job(
             validate_bounded(body.method, config, inputs, settings.limits)
         except TemplateError as exc:  # the model's chat template refuses these samples
             code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
-            raise APIError(422, code, f"the chat template refused a sample: {exc}") from exc
+            raise APIError(code, f"the chat template refused a sample: {exc}") from exc
     return config
 
 
@@ -255,7 +254,7 @@ def _idempotent_replay(
     job = repositories.find_idempotent_job(session, tenant.id, key)
     if job is not None and job.request_hash != request_hash:
         raise APIError(
-            409, "idempotency_conflict", "this Idempotency-Key was used with a different body"
+            "idempotency_conflict", "this Idempotency-Key was used with a different body"
         )
     return job
 
@@ -350,7 +349,7 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     try:
         job = job_state.cancel(session, job.id)
     except job_state.TransitionRefused as exc:
-        raise APIError(409, "job_not_cancellable", f"job is already {exc.status}") from None
+        raise APIError("job_not_cancellable", f"job is already {exc.status}") from None
     session.commit()
     return job
 
@@ -361,7 +360,7 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 def succeeded_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
     if job.status != "succeeded":
-        raise APIError(409, "artifacts_not_ready", f"job is {job.status}; no artifacts yet")
+        raise APIError("artifacts_not_ready", f"job is {job.status}; no artifacts yet")
     return job
 
 

@@ -46,7 +46,7 @@ def parse_range(header: str, size: int) -> tuple[int, int]:
     """One `bytes=a-b`, `bytes=a-` or `bytes=-n` range -> inclusive (start, end)."""
     match = RANGE.fullmatch(header.strip())
     if not match or match.groups() == ("", ""):
-        raise APIError(416, "range_not_satisfiable", f"unsupported Range {header!r}")
+        raise APIError("range_not_satisfiable", f"unsupported Range {header!r}")
     first, last = match.groups()
     if first == "":
         start, end = max(0, size - int(last)), size - 1
@@ -54,7 +54,7 @@ def parse_range(header: str, size: int) -> tuple[int, int]:
         start = int(first)
         end = min(int(last), size - 1) if last else size - 1
     if start >= size or start > end:
-        raise APIError(416, "range_not_satisfiable", f"range outside the {size}-byte file")
+        raise APIError("range_not_satisfiable", f"range outside the {size}-byte file")
     return start, end
 
 

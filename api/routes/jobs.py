@@ -105,10 +105,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
         when = datetime.fromisoformat(created)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(422, "invalid_cursor", "malformed cursor") from exc
+        raise APIError("invalid_cursor", "malformed cursor") from exc
     # Cursors we issue carry an aware timestamp and a job id; anything else is forged.
     if when.tzinfo is None or not services.ID_PATTERN.fullmatch(job_id):
-        raise APIError(422, "invalid_cursor", "malformed cursor")
+        raise APIError("invalid_cursor", "malformed cursor")
     return when, job_id
 
 
@@ -119,9 +119,9 @@ def _encode_cursor(job: Job) -> str:
 def _labels(metadata: list[str]) -> dict[str, str]:
     pairs = [item.split("=", 1) for item in metadata]
     if any(len(pair) != 2 for pair in pairs):
-        raise APIError(422, "invalid_request", "metadata filters are key=value")
+        raise APIError("invalid_request", "metadata filters are key=value")
     if any("\x00" in item for item in metadata):  # PostgreSQL refuses NUL in text
-        raise APIError(422, "invalid_request", "metadata filters must not contain NUL")
+        raise APIError("invalid_request", "metadata filters must not contain NUL")
     return dict(pairs)
 
 

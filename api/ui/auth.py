@@ -77,7 +77,7 @@ def same_origin(request: Request) -> None:
         return
     expected = f"{request.url.scheme}://{request.headers.get('host', '')}"
     if origin != expected:
-        raise APIError(403, "forbidden", "cross-origin request refused")
+        raise APIError("forbidden", "cross-origin request refused")
 
 
 def form_session(
@@ -90,7 +90,7 @@ def form_session(
     same_origin(request)
     ui = _session(request, session, settings, redirect=False)
     if not hmac.compare_digest(csrf_token_.encode(), ui.csrf.encode()):
-        raise APIError(403, "forbidden", "missing or invalid CSRF token")
+        raise APIError("forbidden", "missing or invalid CSRF token")
     return ui
 
 

@@ -129,7 +129,7 @@ def _remember(request: Request, ui: UiSession) -> UiSession:
 @router.get("/static/{name}")
 def static(name: str) -> Response:
     if name not in STATIC:
-        raise APIError(404, "not_found", f"static file {name!r} not found")
+        raise APIError("not_found", f"static file {name!r} not found")
     media_type, path = STATIC[name]
     return Response(path.read_bytes(), media_type=media_type)
 
@@ -176,7 +176,7 @@ def logout(ui: FormSession) -> RedirectResponse:
 
 def _filters(status: str, metadata: str) -> tuple[str | None, list[str]]:
     if status and status not in STATUSES:
-        raise APIError(422, "invalid_request", f"unknown status {status!r}")
+        raise APIError("invalid_request", f"unknown status {status!r}")
     return status or None, views.parse_labels(metadata)
 
 
@@ -328,13 +328,12 @@ def _error(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 
 def _status_and_error(exc: Exception) -> tuple[int, dict[str, Any]]:
-    from api.errors import CLIENT_ERROR_CODES
+    from api.errors import status_of
 
     if isinstance(exc, APIError):
         return exc.status, _error(exc.code, exc.message, exc.details)
     assert isinstance(exc, HCNRError)
-    status = 422 if exc.code in CLIENT_ERROR_CODES else 500
-    return status, _error(exc.code, str(exc), hcnr_error_details(exc))
+    return status_of(exc.code), _error(exc.code, str(exc), hcnr_error_details(exc))
 
 
 def _new_job_page(request: Request, ui: UiSession, status: int = 200, **form: Any):
@@ -449,12 +448,12 @@ def _job_body(form: dict[str, str]) -> RepairJobCreate:
     try:
         hyperparameters = json.loads(form["hyperparameters"] or "{}")
     except json.JSONDecodeError as exc:
-        raise APIError(422, "invalid_request", f"hyper-parameters are not JSON: {exc}") from exc
+        raise APIError("invalid_request", f"hyper-parameters are not JSON: {exc}") from exc
     labels: dict[str, str] = {}
     for pair in views.parse_labels(form["metadata"]):
         key, sep, value = pair.partition("=")
         if not sep:
-            raise APIError(422, "invalid_request", f"metadata {pair!r} is not key=value")
+            raise APIError("invalid_request", f"metadata {pair!r} is not key=value")
         labels[key.strip()] = value.strip()
     data: dict[str, Any] = {
         "method": form["method"],
@@ -474,7 +473,7 @@ def _job_body(form: dict[str, str]) -> RepairJobCreate:
         details = [
             {"loc": list(e.get("loc", ())), "message": e.get("msg", "")} for e in exc.errors()
         ]
-        raise APIError(422, "invalid_request", "the job is invalid", details) from exc
+        raise APIError("invalid_request", "the job is invalid", details) from exc
 
 
 # --- one job ---------------------------------------------------------------------------------

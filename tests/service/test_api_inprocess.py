@@ -466,10 +466,11 @@ def test_eval_set_gives_before_after_metrics(inproc: InProcess, alice_files, tmp
         ]
         assert m["answer_accuracy"] == sum(correct) / 2, (name, said)
         assert m["domain_accuracy"] is None  # no domain rows in the eval set
-    # What the seed-0 toy does, pinned so the recovery below is not the None case.
+    # What the seed-0 toy does, pinned: its fine-tune *gained* refusal F1 on these rows
+    # (0 -> 2/3), so there is no gap to recover and recovery is None, not the ratio
+    # (f1_rep - f1_ft) / (f1_base - f1_ft), which would call a drop back to 0 "100%".
     assert f1["base"] == 0.0 and f1["finetuned"] == pytest.approx(2 / 3)
-    expected = (f1["repaired"] - f1["finetuned"]) / (f1["base"] - f1["finetuned"])
-    assert metrics["recovery"] == pytest.approx(expected)
+    assert metrics["recovery"] is None
     stages = [
         e["stage"]
         for e in inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}/events").json()["data"]
