@@ -18,6 +18,36 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 err = Console(stderr=True, soft_wrap=True)  # never split an error message
 
 
+# What each optional part needs and how a user gets it (pyproject.toml's extras).
+EXTRAS = {
+    "service": "pip install 'hcnr[service]'",
+    "client": "pip install hcnr-client (clients/python in the repository)",
+}
+
+
+def require(extra: str, command: str) -> None:
+    """Exit with a clear error when `command` needs an extra that is not installed."""
+    modules = {
+        "service": ("fastapi", "uvicorn", "celery", "sqlalchemy", "alembic", "redis"),
+        "client": ("hcnr_client",),
+    }[extra]
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            return True
+
+    missing = [m for m in modules if absent(m)]
+    if missing:
+        fail(MissingDependency(f"`{command}` needs {', '.join(missing)}: {EXTRAS[extra]}"))
+
+
+class MissingDependency(Exception):
+    code = "missing_dependency"
+
+
 def quiet_libraries() -> None:
     """transformers' per-load progress bars and advisories drown our own output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

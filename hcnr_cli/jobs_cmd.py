@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hcnr_cli.common import fail, parse_settings
+from hcnr_cli.common import fail, parse_settings, require
 
 app = typer.Typer(
     help="Repair jobs over HTTP (client of `hcnr serve` or a deployment).", no_args_is_help=True
@@ -24,6 +24,7 @@ EXIT_BY_STATUS = {"succeeded": 0, "failed": 1, "cancelled": 3}
 
 
 def _client(url: str, key: str):
+    require("client", "hcnr jobs")
     from hcnr_client import HCNRClient
 
     if not key:

@@ -7,9 +7,16 @@ from typing import Annotated
 
 import typer
 
+from hcnr_cli.common import require
+
 app = typer.Typer(
     help="Manage API keys (stored hashed; a key is shown once).", no_args_is_help=True
 )
+
+
+@app.callback()
+def _needs_the_service() -> None:
+    require("service", "hcnr keys")
 
 
 def _session_factory():

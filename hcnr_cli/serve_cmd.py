@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from hcnr_cli.common import require
+
 WORKER_SHUTDOWN_SECONDS = 20
 WORKER_SHUTDOWN_EXTRA_SECONDS = 3  # after the grace: the worker's kill and our own exit
 
@@ -78,6 +80,7 @@ def serve(
     worker: Annotated[bool, typer.Option(help="Also run a worker process")] = True,
 ) -> None:
     """Run the repair-job API and a worker (settings from HCNR_* environment variables)."""
+    require("service", "hcnr serve")
     import uvicorn
 
     from api.app import create_app

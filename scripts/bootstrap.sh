@@ -20,7 +20,7 @@ fi
 stamp=.venv/.hcnr-installed
 if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
   echo "bootstrap: installing the project into .venv (log: .venv/pip.log)"
-  if ! .venv/bin/pip install -e ".[dev,test]" -c scripts/constraints.txt >.venv/pip.log 2>&1; then
+  if ! .venv/bin/pip install -e ".[service,dev,test]" -c scripts/constraints.txt >.venv/pip.log 2>&1; then
     tail -40 .venv/pip.log >&2
     exit 1
   fi
