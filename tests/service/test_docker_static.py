@@ -56,6 +56,17 @@ def test_worker_reserves_a_gpu_and_runs_one_process(compose: dict):
     assert "worker.celery_app" in dockerfile
 
 
+def test_images_pin_torch_first_and_install_the_service_extra():
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    pinned = re.search(r"TORCH_SPEC:-(torch==[0-9.]+)", bootstrap).group(1)
+    for name in ("Dockerfile.api", "Dockerfile.worker"):
+        text = (ROOT / "docker" / name).read_text()
+        assert f'ARG TORCH_SPEC="{pinned}"' in text, name  # the version the tests ran on
+        torch_at = text.index('"$TORCH_SPEC"')
+        project_at = text.index('pip install ".[service,s3]"')
+        assert torch_at < project_at, name  # torch first: pip keeps it
+
+
 def test_dependencies_wait_for_health(compose: dict):
     for name in ("api", "worker"):
         depends = compose["services"][name]["depends_on"]
