@@ -23,14 +23,19 @@ def create_app(
     *,
     enqueue: Callable[[str], None] | None = None,
     notify: Callable[[str], None] | None = None,
+    validate: Callable[[str], None] | None = None,
     run_migrations: bool | None = None,
 ) -> FastAPI:
-    """`enqueue(job_id)` sends a job to the workers and `notify(job_id)` its webhook
-    delivery task; both default to the Celery producer (tests pass their own)."""
+    """`validate(job_id)` sends a new job to its validation task, `enqueue(job_id)` a
+    validated job to the GPU workers and `notify(job_id)` its webhook delivery task; all
+    default to the Celery producer. Tests pass their own `enqueue` (and `notify`); without
+    a `validate` of theirs the validation then runs in this process, at once."""
     settings = settings or Settings()
     settings.ensure_dirs()
     _preload_transformers()
-    if settings.validation_isolation:  # the validation forkserver imports torch: start it now
+    if settings.validation_isolation and enqueue is not None and validate is None:
+        # Validation in this process (tests, embedding): its forkserver imports torch, so
+        # start it now. Served by Celery, the validation worker warms its own.
         threading.Thread(target=warm_up, daemon=True, name="hcnr-validation-warmup").start()
     if settings.auto_migrate if run_migrations is None else run_migrations:
         migrate(settings.db_url)
@@ -44,7 +49,9 @@ def create_app(
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = make_storage(settings)
-    app.state.enqueue, app.state.broker_check, app.state.notify = _broker(settings, enqueue, notify)
+    producers = _broker(settings, enqueue, notify)
+    app.state.enqueue, app.state.broker_check, app.state.notify, celery_validate = producers
+    app.state.validate = validate or celery_validate or _inline_validation(app, settings)
     app.state.metrics = Metrics(app.state.session_factory)
     for module in (files, jobs, artifacts, health, ui):
         app.include_router(module.router)
@@ -64,6 +71,15 @@ def _preload_transformers() -> None:
     from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
 
+def _inline_validation(app: FastAPI, settings: Settings) -> Callable[[str], None]:
+    """With a test's own `enqueue` and no `validate`: the validation in this process
+    (worker.validation.inline), at once, sending a validated job to that `enqueue`."""
+    from worker.validation import inline
+
+    state = app.state
+    return inline(state.session_factory, state.storage, settings, state.enqueue, state.notify)
+
+
 def _broker(
     settings: Settings,
     enqueue: Callable[[str], None] | None,
@@ -71,9 +87,16 @@ def _broker(
 ):
     """The Celery producer, unless a test gives its own `enqueue` (and `notify`: none
     given with an own `enqueue` sends no webhooks)."""
-    from worker.celery_app import broker_check_with, enqueue_with, make_celery, notify_with
+    from worker.celery_app import (
+        broker_check_with,
+        enqueue_with,
+        make_celery,
+        notify_with,
+        validate_with,
+    )
 
     celery = make_celery(settings)
     if enqueue is not None:
-        return enqueue, lambda: None, notify or (lambda _job_id: None)
-    return enqueue_with(celery), broker_check_with(celery), notify or notify_with(celery)
+        return enqueue, lambda: None, notify or (lambda _job_id: None), None
+    producers = enqueue_with(celery), broker_check_with(celery)
+    return *producers, notify or notify_with(celery), validate_with(celery)

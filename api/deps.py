@@ -34,8 +34,9 @@ def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_enqueue(request: Request) -> Callable[[str], None]:
-    return request.app.state.enqueue
+def get_validate(request: Request) -> Callable[[str], None]:
+    """The producer of validation tasks: a new job goes there first (worker/validation.py)."""
+    return request.app.state.validate
 
 
 def get_tenant(
@@ -59,5 +60,5 @@ def get_tenant(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]
+ValidateDep = Annotated[Callable[[str], None], Depends(get_validate)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

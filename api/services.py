@@ -15,20 +15,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from fastapi import UploadFile
-from jinja2.exceptions import SecurityError, TemplateError
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
-from api.routing import end_transaction
 from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
-from hcnr_core.bounded import validate_bounded
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_line
 from hcnr_core.errors import DataValidationError, TooManySamplesError
-from hcnr_core.methods import MethodInputs, get_method
+from hcnr_core.methods import get_method
 from store import job_state, repositories, webhooks
-from store.models import Artifact, File, Job, JobLabel, Tenant, new_id
+from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage
@@ -206,39 +203,28 @@ def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) ->
     return file
 
 
-def validate_job(
-    session: Session, storage: Storage, settings: Settings, tenant: Tenant, body: RepairJobCreate
-) -> Any:
-    """Every check that needs no GPU: files, hyper-parameters, references, compatibility."""
-    honesty = _input_file(session, tenant, body.honesty_file, "honesty")
-    task = _input_file(session, tenant, body.task_file, "task")
+def check_job(session: Session, settings: Settings, tenant: Tenant, body: RepairJobCreate) -> Any:
+    """The quick checks, answered at once (4xx): the files and their purposes, the
+    hyper-parameters, the webhook address and the model references (syntax, confinement
+    to the models root, existence). What reads the inputs runs afterwards, in the
+    validation task (worker/validation.py)."""
+    _input_file(session, tenant, body.honesty_file, "honesty")
+    _input_file(session, tenant, body.task_file, "task")
     if body.eval_file:
         _input_file(session, tenant, body.eval_file, "eval")
-    validation = None
     if body.validation_file:
         if body.method != "auto":
             raise APIError("invalid_request", "validation_file is read by method auto only")
-        validation = _input_file(session, tenant, body.validation_file, "eval")
+        _input_file(session, tenant, body.validation_file, "eval")
     config = repair_config(body, settings)
+    if body.method == "auto":  # every candidate's hyper-parameters, before anything runs
+        from hcnr_core.auto import candidate_config
+
+        for candidate in config.tried():
+            candidate_config(candidate, config)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
-    base = resolve_reference(body.base, settings.models_dir)
-    finetuned = resolve_reference(body.finetuned, settings.models_dir)
-    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-    # The validation can take up to validation_timeout_seconds, mostly waiting for a
-    # slot or a child: its pooled database connection goes back first (nothing is
-    # pending yet; the rows read stay loaded), or 20 of them would hold the pool and
-    # every other request would wait for a connection (issue 14).
-    end_transaction(session, failed=False)
-    with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
-        paths = [local_file(storage, f, Path(scratch)) for f in (honesty, task)]
-        try:
-            held_out = local_file(storage, validation, Path(scratch)) if validation else None
-            inputs = MethodInputs(base, finetuned, paths[0], paths[1], held_out)
-            # In a child process under the wall-clock, CPU and memory limits (issue 14).
-            validate_bounded(body.method, config, inputs, settings.limits)
-        except TemplateError as exc:  # the model's chat template refuses these samples
-            code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
-            raise APIError(code, f"the chat template refused a sample: {exc}") from exc
+    resolve_reference(body.base, settings.models_dir)
+    resolve_reference(body.finetuned, settings.models_dir)
     return config
 
 
@@ -263,18 +249,19 @@ def create_job(
     session: Session,
     storage: Storage,
     settings: Settings,
-    enqueue: Callable[[str], None],
+    validate: Callable[[str], None],
     tenant: Tenant,
     body: RepairJobCreate,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
-    """Validate, record and enqueue a job; returns (job, created). Replays return the
-    job an earlier request with the same Idempotency-Key created."""
+    """Check, record and send a job to validation; returns (job, created), the job
+    `validating`. Replays return the job an earlier request with the same
+    Idempotency-Key created."""
     request_hash = _request_hash(body)
     existing = _idempotent_replay(session, tenant, idempotency_key, request_hash)
     if existing is not None:
         return existing, False
-    config = validate_job(session, storage, settings, tenant, body)
+    config = check_job(session, settings, tenant, body)
     job = _new_job(tenant, body, config, idempotency_key, request_hash)
     session.add(job)
     try:
@@ -285,10 +272,9 @@ def create_job(
         if winner is None:
             raise
         return winner, False
-    repositories.add_event(session, job, "created", "job created")
-    job = job_state.queue(session, job.id)
+    repositories.add_event(session, job, "created", "job created; validating its inputs")
     session.commit()
-    _send(enqueue, job.id)
+    _send(validate, job.id)
     return job, True
 
 
@@ -314,6 +300,7 @@ def _new_job(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         labels=[JobLabel(key=k, value=v) for k, v in body.metadata.items()],
+        validation_sent_at=utcnow(),
     )
 
 
@@ -324,11 +311,11 @@ def send_webhook(notify: Callable[[str], None], job_id: str) -> None:
         log.exception("could not send the webhook task of job %s", job_id)
 
 
-def _send(enqueue: Callable[[str], None], job_id: str) -> None:
+def _send(validate: Callable[[str], None], job_id: str) -> None:
     try:
-        enqueue(job_id)
-    except Exception:  # the row is queued; the reconciler re-sends stale queued jobs
-        log.exception("could not enqueue job %s; the reconciler will retry", job_id)
+        validate(job_id)
+    except Exception:  # the row is recorded; the reconciler re-sends a lost validation
+        log.exception("could not send job %s to validation; the reconciler will retry", job_id)
 
 
 # --- reading and cancelling jobs -------------------------------------------------------------

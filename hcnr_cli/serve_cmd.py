@@ -42,6 +42,31 @@ def worker_command(concurrency: int = 1, name: str = "hcnr-embedded@%h") -> list
     ]
 
 
+def validator_command(concurrency: int = 2, name: str = "hcnr-validator@%h") -> list[str]:
+    """The CPU worker of the validation queue (worker/validation.py): threads, each check
+    in a child process under the limits of hcnr_core.bounded. Never a GPU worker."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "-Q",
+        "hcnr.validation",
+        "--loglevel",
+        "INFO",
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
 def _die_with_parent() -> None:
     """Linux: the worker gets SIGTERM if `hcnr serve` dies without cleaning up."""
     try:
@@ -52,8 +77,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_worker(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(worker_command(), env=env, preexec_fn=_die_with_parent)
+def start_worker(env: dict[str, str], command: list[str] | None = None) -> subprocess.Popen:
+    command = command or worker_command()
+    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -77,9 +103,13 @@ def stop_worker(process: subprocess.Popen, grace: float = WORKER_SHUTDOWN_SECOND
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    worker: Annotated[bool, typer.Option(help="Also run a worker process")] = True,
+    worker: Annotated[bool, typer.Option(help="Also run a (GPU) worker process")] = True,
+    validator: Annotated[
+        bool, typer.Option(help="Also run the CPU worker that validates new jobs")
+    ] = True,
 ) -> None:
-    """Run the repair-job API and a worker (settings from HCNR_* environment variables)."""
+    """Run the repair-job API, the validation worker and a worker (settings from HCNR_*
+    environment variables)."""
     require("service", "hcnr serve")
     import uvicorn
 
@@ -91,7 +121,12 @@ def serve(
     settings.ensure_dirs()
     app = create_app(settings)  # migrates the database first
     env = {**os.environ, "HCNR_DATA_DIR": str(settings.data_dir.resolve())}
-    process = start_worker(env) if worker else None
+    processes = []
+    if validator:
+        concurrency = settings.limits.max_concurrent_validations
+        processes.append(start_worker(env, validator_command(concurrency)))
+    if worker:
+        processes.append(start_worker(env))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     typer.echo(
         f"HCNR API on http://{host}:{port} (data in {settings.data_dir.resolve()})", err=True
@@ -107,23 +142,24 @@ def serve(
             timeout_graceful_shutdown=max(1, round(grace)),
             timeout_keep_alive=round(settings.keep_alive_seconds),
         )
-        _server(config, process, stop_children).run()
+        _server(config, processes, stop_children).run()
     finally:
         _exit_soon(WORKER_SHUTDOWN_EXTRA_SECONDS)
-        if process is not None:  # it got SIGTERM with the server: the grace has passed
+        for process in processes:  # they got SIGTERM with the server: the grace has passed
             stop_worker(process, 1.0)
         stop_children()  # validations still running in child processes
 
 
-def _server(config: object, worker: subprocess.Popen | None, stop_children) -> object:
-    """A uvicorn.Server that, on SIGTERM/SIGINT, also stops the worker and the validation
+def _server(config: object, workers: list[subprocess.Popen], stop_children) -> object:
+    """A uvicorn.Server that, on SIGTERM/SIGINT, also stops the workers and the validation
     children at once (not after the requests' grace)."""
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
-            if worker is not None and worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown starts now
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown starts now
             stop_children()
             super().handle_exit(sig, frame)
 

@@ -1,10 +1,11 @@
 """The job state machine: the one writer of `Job.status`.
 
     validating ──► queued ──claim──► running ──finish──► succeeded | failed | cancelled
-        │            │  ▲              │  │
-        └──cancel────┴──┼──► cancelled │  └──cancel──► cancelling ──finish/recover──►
-                        │              │                  succeeded | failed | cancelled
-                        └───requeue────┘  (lease expired, attempts < max_attempts)
+        │  │         │  ▲              │  │
+        │  └──cancel─┴──┼──► cancelled │  └──cancel──► cancelling ──finish/recover──►
+        │               │              │                  succeeded | failed | cancelled
+        │               └───requeue────┘  (lease expired, attempts < max_attempts)
+        └──fail_validation──► failed  (the validation task refused the inputs)
 
 Every status change is one conditional UPDATE (`... WHERE status IN (<allowed from>)`),
 so two actors racing for a row (two workers claiming, a cancel and a finish) cannot both
@@ -37,7 +38,7 @@ TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE_STATES = frozenset({"running", "cancelling"})  # held by a worker's lease
 
 TRANSITIONS: dict[str, frozenset[str]] = {
-    "validating": frozenset({"queued", "cancelled"}),
+    "validating": frozenset({"queued", "failed", "cancelled"}),
     "queued": frozenset({"running", "cancelled"}),
     "running": frozenset({"cancelling", "succeeded", "failed", "cancelled", "queued"}),
     "cancelling": frozenset({"succeeded", "failed", "cancelled"}),
@@ -107,6 +108,45 @@ def queue(session: Session, job_id: str) -> Job:
         raise TransitionRefused(job_id, _status(session, job_id), "queued")
     repositories.add_event(session, job, "queued", "validated; waiting for a worker")
     return job
+
+
+def fail_validation(session: Session, job_id: str, code: str, message: str) -> Job | None:
+    """validating -> failed: the validation task refused the job's inputs (the codes and
+    line-numbered messages a synchronous check would have answered with). None when the
+    job is no longer validating (cancelled meanwhile, or validated by a duplicate task)."""
+    job = transition(
+        session,
+        job_id,
+        "failed",
+        only_from={"validating"},
+        finished_at=utcnow(),
+        error_code=code,
+        error_message=message[:4000],
+    )
+    if job is not None:
+        repositories.add_event(session, job, "failed", message[:4000], {"code": code})
+    return job
+
+
+def validation_sent(session: Session, job_id: str, now: datetime) -> None:
+    """Record that the job's validation task was (re-)sent; not a status change."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "validating")
+        .values(validation_sent_at=now)
+    )
+
+
+def stale_validating_jobs(session: Session, before: datetime) -> list[Job]:
+    """Jobs validating since before `before` whose task was not sent since (lost)."""
+    sent = Job.validation_sent_at
+    query = (
+        select(Job)
+        .where(Job.status == "validating", Job.created_at < before)
+        .where(sent.is_(None) | (sent < before))
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(query).all())
 
 
 def claim(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Job | None:

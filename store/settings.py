@@ -53,7 +53,7 @@ class Settings(Limits):
     heartbeat_seconds: float = Field(10.0, gt=0)
     reconcile_seconds: float = Field(30.0, gt=0, description="Period of the lease reconciler")
     requeue_queued_seconds: float = Field(
-        900, gt=0, description="Re-send a job queued this long (a lost or unsent message)"
+        900, gt=0, description="Re-send a job queued (or validating) this long: a lost message"
     )
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed")
     visibility_timeout: int = Field(24 * 3600, description="Broker redelivery delay (seconds)")

@@ -1,6 +1,10 @@
 """The Celery app: one worker process per GPU, `acks_late`, prefetch 1.
 
 celery -A worker.celery_app worker --concurrency 1 --pool prefork -Q hcnr,hcnr.webhooks
+celery -A worker.celery_app worker --pool threads --concurrency 4 -Q hcnr.validation
+
+Validation of new jobs runs on a CPU queue of its own (`hcnr.validation`, worker/validation.py):
+never on a GPU worker, each check in a child process under the limits of hcnr_core.bounded.
 
 Webhook deliveries are tasks of their own (queue `hcnr.webhooks`, retried with backoff):
 a GPU worker consuming both queues delivers them between jobs; a CPU worker with
@@ -17,7 +21,9 @@ TASK_NAME = "hcnr.run_repair_job"
 QUEUE = "hcnr"
 WEBHOOK_TASK = "hcnr.deliver_webhook"
 WEBHOOK_QUEUE = "hcnr.webhooks"
-QUEUES = (QUEUE, WEBHOOK_QUEUE)
+VALIDATION_TASK = "hcnr.validate_job"
+VALIDATION_QUEUE = "hcnr.validation"
+QUEUES = (QUEUE, WEBHOOK_QUEUE, VALIDATION_QUEUE)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -29,7 +35,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         task_ignore_result=True,  # the database is the source of truth
         task_default_queue=QUEUE,
-        task_routes={TASK_NAME: {"queue": QUEUE}, WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}},
+        task_routes={
+            TASK_NAME: {"queue": QUEUE},
+            WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+            VALIDATION_TASK: {"queue": VALIDATION_QUEUE},
+        },
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
@@ -60,6 +70,15 @@ def enqueue_with(celery: Celery):
         celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
 
     return enqueue
+
+
+def validate_with(celery: Celery):
+    """Producer of validations: the task checks the recorded job's inputs (CPU queue)."""
+
+    def validate(job_id: str) -> None:
+        celery.send_task(VALIDATION_TASK, args=[job_id], queue=VALIDATION_QUEUE)
+
+    return validate
 
 
 def notify_with(celery: Celery):

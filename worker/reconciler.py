@@ -24,10 +24,13 @@ def reconcile_once(
     settings: Settings,
     enqueue: Callable[[str], None],
     notify: Callable[[str], None] | None = None,
+    validate: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
     """One pass; returns {job_id: new status} for every job it touched. `notify` sends
-    the webhook of a job it finished (worker.celery_app.notify_with)."""
+    the webhook of a job it finished (worker.celery_app.notify_with), `validate` the
+    validation task of a job whose validation message was lost."""
     changed: dict[str, str] = {}
+    revalidate: list[str] = []
     now = utcnow()
     with session_scope(session_factory) as session:
         for job in job_state.expired_jobs(session, now):
@@ -44,6 +47,15 @@ def reconcile_once(
             # it again. A duplicate is harmless: only one worker can claim a queued job.
             job_state.resend(session, job, now)
             changed[job.id] = "queued"
+        if validate is not None:
+            for job in job_state.stale_validating_jobs(session, stale):
+                job_state.validation_sent(session, job.id, now)
+                revalidate.append(job.id)
+    for job_id in revalidate:  # idempotent: a duplicate finds the job no longer validating
+        try:
+            validate(job_id)
+        except Exception:
+            log.exception("could not re-send the validation of job %s", job_id)
     for job_id, status in changed.items():
         if status == "queued":
             enqueue(job_id)
@@ -77,9 +89,10 @@ class ReconcilerThread(threading.Thread):
         settings: Settings,
         enqueue: Callable[[str], None],
         notify: Callable[[str], None] | None = None,
+        validate: Callable[[str], None] | None = None,
     ):
         super().__init__(daemon=True, name="hcnr-reconciler")
-        self.args_ = (session_factory, settings, enqueue, notify)
+        self.args_ = (session_factory, settings, enqueue, notify, validate)
         self.stopped = threading.Event()
 
     def run(self) -> None:

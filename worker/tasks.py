@@ -16,7 +16,15 @@ from celery import signals
 
 from store.db import make_engine, make_session_factory, worker_engine_options
 from store.storage import make_storage
-from worker.celery_app import TASK_NAME, WEBHOOK_TASK, app, enqueue_with, notify_with
+from worker.celery_app import (
+    TASK_NAME,
+    VALIDATION_TASK,
+    WEBHOOK_TASK,
+    app,
+    enqueue_with,
+    notify_with,
+    validate_with,
+)
 from worker.webhooks import RetryableDelivery
 
 _contexts: dict[int, Any] = {}
@@ -63,6 +71,16 @@ def run_repair_job(job_id: str) -> str:
     return run_job(job_id, context())
 
 
+@app.task(name=VALIDATION_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def validate_repair_job(job_id: str) -> str:
+    from worker.validation import validate_job
+
+    factory, settings = _webhook_context()  # database and settings only: no runner
+    storage = _storages.setdefault(os.getpid(), make_storage(settings))
+    return validate_job(job_id, factory, storage, settings, enqueue_with(app), notify_with(app))
+
+
+_storages: dict[int, Any] = {}
 _WEBHOOK_SETTINGS = app.conf.hcnr_settings
 
 
@@ -109,9 +127,29 @@ def _using(session_factory: Any, settings: Any) -> Iterator[None]:
 
 
 @signals.worker_ready.connect
+def warm_validation(sender: Any = None, **_: Any) -> None:
+    """A worker that consumes the validation queue starts its validation forkserver now
+    (it imports torch once), not on the first job's time limit."""
+    from worker.celery_app import VALIDATION_QUEUE
+
+    try:
+        queues = {q.name for q in sender.task_consumer.queues}
+    except AttributeError:
+        return
+    if VALIDATION_QUEUE in queues and app.conf.hcnr_settings.validation_isolation:
+        import threading
+
+        from hcnr_core.bounded import warm_up
+
+        threading.Thread(target=warm_up, daemon=True, name="hcnr-validation-warmup").start()
+
+
+@signals.worker_ready.connect
 def start_reconciler(**_: Any) -> None:
     from worker.reconciler import ReconcilerThread
 
     settings = app.conf.hcnr_settings
     factory = make_session_factory(make_engine(settings.db_url, **_engine_options(settings)))
-    ReconcilerThread(factory, settings, enqueue_with(app), notify_with(app)).start()
+    ReconcilerThread(
+        factory, settings, enqueue_with(app), notify_with(app), validate_with(app)
+    ).start()

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api import services
-from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, ValidateDep
 from api.errors import ERROR_RESPONSES, APIError
 from api.routing import ReleasingRoute
 from api.schemas import (
@@ -88,12 +88,12 @@ def create_job(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-    enqueue: EnqueueDep,
+    validate: ValidateDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> RepairJobPublic:
     """Validate (references, compatibility, files) and queue a repair job."""
     job, created = services.create_job(
-        session, storage, settings, enqueue, tenant, body, idempotency_key
+        session, storage, settings, validate, tenant, body, idempotency_key
     )
     if not created:
         response.status_code = 200

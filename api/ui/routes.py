@@ -24,7 +24,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
 from api import services
-from api.deps import EnqueueDep, SessionDep, SettingsDep, StorageDep
+from api.deps import SessionDep, SettingsDep, StorageDep, ValidateDep
 from api.errors import APIError, hcnr_error_details
 from api.routes import artifacts as artifact_routes
 from api.routes import files as file_routes
@@ -373,7 +373,7 @@ def create_job(
     session: SessionDep,
     storage: StorageDep,
     settings: SettingsDep,
-    enqueue: EnqueueDep,
+    validate: ValidateDep,
     method: Annotated[str, Form()] = "hcnr",
     base: Annotated[str, Form()] = "",
     finetuned: Annotated[str, Form()] = "",
@@ -435,7 +435,7 @@ def create_job(
             session=session,
             storage=storage,
             settings=settings,
-            enqueue=enqueue,
+            validate=validate,
             idempotency_key=idempotency_key or None,
         )
     except (APIError, HCNRError) as exc:

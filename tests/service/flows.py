@@ -31,7 +31,7 @@ def full_flow(client: HCNRClient, models: Models, direct_repair: Path, out: Path
         "metadata": {"pipeline": "ci"},
     }
     job = client.repair_jobs.create(**body, idempotency_key=f"flow-{out.name}")
-    assert job.status == "queued"
+    assert job.status == "validating"  # validated afterwards, by the validation task
     assert client.repair_jobs.create(**body, idempotency_key=f"flow-{out.name}").id == job.id
     seen_running = _poll_until_done(client, job.id)
     done = client.repair_jobs.retrieve(job.id)

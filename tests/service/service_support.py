@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -80,3 +81,18 @@ def make_inprocess(tmp: Path, models: Models, **settings) -> InProcess:
             _, key = repositories.create_api_key(session, tenant)
             env.clients[tenant] = TestClient(app, headers={"Authorization": f"Bearer {key}"})
     return env
+
+
+def outcome(client: Any, response: Any) -> tuple[int | str, str | None]:
+    """What became of a `POST /v1/repair-jobs`: (HTTP status, error code) when the quick
+    checks refused it at once, ("failed", code) when the validation task refused it (the
+    response was 201 `validating`), ("queued", None) when it was validated. In-process,
+    the validation has run by the time the response comes back."""
+    if response.status_code != 201:
+        body = response.json() if response.content else {}
+        error = body.get("error") if isinstance(body, dict) else None
+        return response.status_code, (error or {}).get("code")
+    created = response.json()
+    assert created["status"] == "validating", created  # POST never waits for validation
+    job = client.get(f"/v1/repair-jobs/{created['id']}").json()
+    return job["status"], (job.get("error") or {}).get("code")

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.service_support import InProcess, Models, digests, job_body, make_inprocess
+from tests.service.service_support import (
+    InProcess,
+    Models,
+    digests,
+    job_body,
+    make_inprocess,
+    outcome,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -116,8 +123,9 @@ def escape_link(models) -> Iterator[Path]:
         ({"finetuned": "path:escape"}, 422, "invalid_reference"),  # symlink out of the root
         ({"base": "path:nope"}, 422, "reference_not_found"),
         ({"base": "s3://bucket/model"}, 422, "invalid_reference"),
-        ({"finetuned": "path:other/finetuned"}, 422, "incompatible_checkpoints"),
-        ({"finetuned": "path:other/finetuned-adapter"}, 422, "incompatible_checkpoints"),
+        # Read from the checkpoints: refused by the validation task (the job fails).
+        ({"finetuned": "path:other/finetuned"}, "failed", "incompatible_checkpoints"),
+        ({"finetuned": "path:other/finetuned-adapter"}, "failed", "incompatible_checkpoints"),
         ({"honesty_file": "file_missing"}, 404, "not_found"),
         ({"hyperparameters": {"r_iw": 2}}, 422, "invalid_request"),
         ({"hyperparameters": {"target_modules": "("}}, 422, "invalid_hyperparameters"),
@@ -127,14 +135,17 @@ def escape_link(models) -> Iterator[Path]:
 def test_bad_job_input_is_rejected_and_not_queued(
     inproc: InProcess, alice_files, escape_link, overrides, status, code
 ):
-    before = inproc.clients["alice"].get("/v1/repair-jobs").json()["data"]
-    response = inproc.clients["alice"].post(
-        "/v1/repair-jobs", json=job_body(alice_files, **overrides)
-    )
-    assert response.status_code == status, response.text
-    assert error_code(response) == code
-    assert inproc.queued == []
-    assert inproc.clients["alice"].get("/v1/repair-jobs").json()["data"] == before
+    client = inproc.clients["alice"]
+    before = client.get("/v1/repair-jobs").json()["data"]
+    response = client.post("/v1/repair-jobs", json=job_body(alice_files, **overrides))
+    assert outcome(client, response) == (status, code), response.text
+    assert inproc.queued == []  # never sent to a GPU worker
+    after = client.get("/v1/repair-jobs").json()["data"]
+    if status == "failed":  # recorded, failed with the code the check gave
+        assert [j["id"] for j in after[1:]] == [j["id"] for j in before]
+        assert after[0]["error"]["code"] == code
+    else:  # refused at once: nothing recorded
+        assert after == before
 
 
 def test_file_of_wrong_purpose_is_rejected(inproc: InProcess, alice_files):

@@ -71,7 +71,8 @@ def job_id(client: hcnr_client.HCNRClient, inproc: InProcess, files) -> str:
         task_file=files["task"].id,
         metadata={"suite": "sdk", "kind": "done"},
     )
-    assert job.status == "queued"
+    assert job.status == "validating"  # the answer does not wait for the validation
+    assert client.repair_jobs.retrieve(job.id).status == "queued"  # in-process: done already
     assert inproc.run_queued() == ["succeeded"]
     for i in range(3):
         client.repair_jobs.create(

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The documented diagram (README, store/job_state.py), written out independently.
 ALLOWED = {
     ("validating", "queued"),
+    ("validating", "failed"),
     ("validating", "cancelled"),
     ("queued", "running"),
     ("queued", "cancelled"),
@@ -170,6 +171,46 @@ def test_queue_only_from_validating(factory):
     with session_scope(factory) as session, pytest.raises(TransitionRefused) as refused:
         job_state.queue(session, job_id)
     assert refused.value.status == "queued"
+
+
+def test_fail_validation_only_from_validating(factory):
+    job_id = make_job(factory, "validating")
+    with session_scope(factory) as session:
+        job = job_state.fail_validation(session, job_id, "invalid_data", "line 3: bad")
+        assert job is not None
+    job = row(factory, job_id)
+    assert (job.status, job.error_code, job.error_message) == (
+        "failed",
+        "invalid_data",
+        "line 3: bad",
+    )
+    assert job.finished_at is not None and events(factory, job_id) == ["failed"]
+    queued = make_job(factory, "queued")  # a duplicate validation after it was validated
+    with session_scope(factory) as session:
+        assert job_state.fail_validation(session, queued, "invalid_data", "x") is None
+    assert row(factory, queued).status == "queued"
+
+
+def test_stale_validating_jobs_are_those_whose_task_was_not_sent_recently(factory):
+    from datetime import timedelta
+
+    now = utcnow()
+    old, fresh, resent = (make_job(factory, "validating") for _ in range(3))
+    with session_scope(factory) as session:
+        for job_id, created, sent in (
+            (old, now - timedelta(hours=1), None),
+            (fresh, now, None),
+            (resent, now - timedelta(hours=1), now),
+        ):
+            job = session.get(Job, job_id)
+            job.created_at, job.validation_sent_at = created, sent
+    before = now - timedelta(minutes=15)
+    with session_scope(factory) as session:
+        stale = [j.id for j in job_state.stale_validating_jobs(session, before)]
+        assert stale == [old]
+        job_state.validation_sent(session, old, now)
+    with session_scope(factory) as session:
+        assert job_state.stale_validating_jobs(session, before) == []
 
 
 def test_claim_counts_attempts_and_only_one_worker_wins(factory):
