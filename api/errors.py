@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorResponse
-from hcnr_core.errors import DataValidationError, HCNRError, LimitExceededError
+from hcnr_core.errors import HCNRError
 
 log = logging.getLogger("hcnr.api")
 
@@ -100,14 +100,7 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
 
 
 def hcnr_error_details(exc: HCNRError) -> Any:
-    if isinstance(exc, DataValidationError):
-        return {
-            "source": exc.source,
-            "problems": [{"line": line, "message": message} for line, message in exc.problems],
-        }
-    if isinstance(exc, LimitExceededError):
-        return exc.details()
-    return None
+    return exc.details()
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -182,6 +182,9 @@ class RepairJobCreate(BaseModel):
 class JobError(BaseModel):
     code: str
     message: str
+    # A validation refusal's details, as a synchronous 422 carries them: line-numbered
+    # `problems` for data, `limit`/`value`/`allowed` for a limit; null otherwise.
+    details: Any = None
 
 
 class RepairJobPublic(BaseModel):

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from api.errors import APIError, not_found
 from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_line
-from hcnr_core.errors import DataValidationError, TooManySamplesError
+from hcnr_core.errors import CheckpointError, DataValidationError, TooManySamplesError
 from hcnr_core.methods import get_method
 from store import job_state, repositories, webhooks
 from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
@@ -223,9 +223,18 @@ def check_job(session: Session, settings: Settings, tenant: Tenant, body: Repair
         for candidate in config.tried():
             candidate_config(candidate, config)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
-    resolve_reference(body.base, settings.models_dir)
-    resolve_reference(body.finetuned, settings.models_dir)
+    for reference in (body.base, body.finetuned):
+        _check_is_checkpoint(reference, resolve_reference(reference, settings.models_dir))
     return config
+
+
+def _check_is_checkpoint(reference: str, path: Path) -> None:
+    """A directory that is no checkpoint at all (the usual wrong path) is refused at once;
+    what the files hold is the validation task's to read."""
+    if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise CheckpointError(
+            f"{reference}: not a checkpoint directory (no config.json or adapter_config.json)"
+        )
 
 
 def _request_hash(body: RepairJobCreate) -> str:

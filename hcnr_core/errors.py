@@ -8,6 +8,10 @@ class HCNRError(Exception):
 
     code = "hcnr_error"
 
+    def details(self) -> object:
+        """The structured part of the error (the API's `error.details`); None here."""
+        return None
+
 
 class DataValidationError(HCNRError):
     """A JSONL file is invalid. `problems` holds (line number, message) pairs."""
@@ -22,6 +26,10 @@ class DataValidationError(HCNRError):
         )
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         super().__init__(f"{source}: invalid data\n{shown}{more}")
+
+    def details(self) -> dict:
+        problems = [{"line": line, "message": message} for line, message in self.problems]
+        return {"source": self.source, "problems": problems}
 
 
 class CheckpointError(HCNRError):

@@ -110,7 +110,9 @@ def queue(session: Session, job_id: str) -> Job:
     return job
 
 
-def fail_validation(session: Session, job_id: str, code: str, message: str) -> Job | None:
+def fail_validation(
+    session: Session, job_id: str, code: str, message: str, details: Any = None
+) -> Job | None:
     """validating -> failed: the validation task refused the job's inputs (the codes and
     line-numbered messages a synchronous check would have answered with). None when the
     job is no longer validating (cancelled meanwhile, or validated by a duplicate task)."""
@@ -122,6 +124,7 @@ def fail_validation(session: Session, job_id: str, code: str, message: str) -> J
         finished_at=utcnow(),
         error_code=code,
         error_message=message[:4000],
+        error_details=details,
     )
     if job is not None:
         repositories.add_event(session, job, "failed", message[:4000], {"code": code})

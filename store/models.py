@@ -117,6 +117,9 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # Structured details of a validation refusal: {"source", "problems": [{line, message}]}
+    # for data, {"limit", "value", "allowed"} for a limit (the API's error details).
+    error_details: Mapped[Any | None] = mapped_column(JSON, default=None)
     stage_seconds: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

@@ -86,8 +86,8 @@ def _check(
     keys: dict[str, str],
     storage: Storage,
     settings: Settings,
-) -> tuple[str, str] | None:
-    """(code, message) of the first refusal, None when the job may run."""
+) -> tuple[str, str, Any] | None:
+    """(code, message, details) of the refusal, None when the job may run."""
     try:
         config = get_method(method).make_config(config_values, device=settings.worker_device)
         base, finetuned = (resolve_reference(ref, settings.models_dir) for ref in refs)
@@ -103,14 +103,14 @@ def _check(
             validate_bounded(method, config, inputs, settings.limits)
     except TemplateError as exc:  # the model's chat template refuses these samples
         code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
-        return code, f"the chat template refused a sample: {exc}"
+        return code, f"the chat template refused a sample: {exc}", None
     except HCNRError as exc:
-        return exc.code, str(exc)
+        return exc.code, str(exc), exc.details()
     except ValidationError as exc:
-        return "invalid_hyperparameters", str(exc)
+        return "invalid_hyperparameters", str(exc), None
     except Exception as exc:  # recorded on the job: the user sees what went wrong
         log.exception("validation of job %s failed", refs)
-        return "internal_error", f"validation failed: {type(exc).__name__}: {exc}"
+        return "internal_error", f"validation failed: {type(exc).__name__}: {exc}", None
     return None
 
 

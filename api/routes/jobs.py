@@ -42,7 +42,13 @@ router = APIRouter(
 
 
 def job_public(job: Job) -> RepairJobPublic:
-    error = {"code": job.error_code, "message": job.error_message or ""} if job.error_code else None
+    error = None
+    if job.error_code:
+        error = {
+            "code": job.error_code,
+            "message": job.error_message or "",
+            "details": job.error_details,
+        }
     return RepairJobPublic(
         id=job.id,
         method=job.method,
@@ -91,7 +97,12 @@ def create_job(
     validate: ValidateDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> RepairJobPublic:
-    """Validate (references, compatibility, files) and queue a repair job."""
+    """Create a repair job. The quick checks (files and their purposes, hyper-parameters,
+    model references, webhook address) answer at once with a 4xx; the job is then recorded
+    with status `validating` and this returns. A validation task reads the inputs (every
+    sample with the model's tokenizer and chat template, both checkpoints, the limits) and
+    moves the job to `queued`, or to `failed` with the error's `code`, `message` and
+    `details` (line-numbered problems, the limit exceeded)."""
     job, created = services.create_job(
         session, storage, settings, validate, tenant, body, idempotency_key
     )

@@ -499,7 +499,14 @@ class AppEnv:
         )
 
     def job_ids(self, tenant: str = "alice") -> list[str]:
-        return [j["id"] for j in self.inproc.clients[tenant].get("/v1/repair-jobs").json()["data"]]
+        """Every job of the tenant (all pages), newest first."""
+        client, ids, params = self.inproc.clients[tenant], [], {"limit": 100}
+        while True:
+            page = client.get("/v1/repair-jobs", params=params).json()
+            ids += [j["id"] for j in page["data"]]
+            if not page["has_more"]:
+                return ids
+            params["cursor"] = page["next_cursor"]
 
 
 def make_app_env(world: World, tmp: Path, **settings: Any) -> AppEnv:

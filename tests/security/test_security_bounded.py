@@ -25,6 +25,7 @@ import pytest
 
 from tests.security import hostile_work as hw
 from tests.security.hostile import error_code
+from tests.service.service_support import outcome
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 HERE = Path(__file__).resolve().parent
@@ -55,7 +56,9 @@ def api(work: hw.WorkWorld, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _job_ids(api) -> list[str]:
-    return [j["id"] for j in api.clients["alice"].get("/v1/repair-jobs").json()["data"]]
+    page = api.clients["alice"].get("/v1/repair-jobs", params={"limit": 100}).json()
+    assert not page["has_more"]  # one page holds them all
+    return [j["id"] for j in page["data"]]
 
 
 def _post(api, work: hw.WorkWorld, case: hw.WorkCase | None, files: dict[str, str]):
@@ -90,17 +93,18 @@ def api_results(api, work: hw.WorkWorld) -> dict[str, dict]:
             files["honesty"] = upload.json()["id"]
         before = _job_ids(api)
         started = time.monotonic()
-        response = _post(api, work, case, files)
+        response = _post(api, work, case, files)  # in-process: validated before it returns
         seconds = time.monotonic() - started
         queued = list(api.queued)
-        if response.status_code == 201:
+        status, code = outcome(api.clients["alice"], response)
+        if status == "queued":
             api.clients["alice"].post(f"/v1/repair-jobs/{response.json()['id']}/cancel")
             api.queued.clear()
         results[name] = {
             "stage": "job",
-            "status": response.status_code,
-            "code": error_code(response),
-            "details": (response.json().get("error") or {}).get("details"),
+            "status": status,
+            "code": code,
+            "details": _details(api, response),
             "seconds": seconds,
             "queued": queued,
             "jobs_added": len(_job_ids(api)) - len(before),
@@ -108,16 +112,26 @@ def api_results(api, work: hw.WorkWorld) -> dict[str, dict]:
     return results
 
 
+def _details(api, response) -> dict | None:
+    if response.status_code != 201:
+        return (response.json().get("error") or {}).get("details")
+    job = api.clients["alice"].get(f"/v1/repair-jobs/{response.json()['id']}").json()
+    return (job.get("error") or {}).get("details")
+
+
 def test_the_control_job_is_accepted_under_the_same_limits(api_results):
-    assert api_results["control"]["status"] == 201
+    assert api_results["control"]["status"] == "queued"
 
 
 def test_api_refuses_every_hostile_work_case_with_its_code(api_results, work):
     expected = {c.name: c.code for c in work.cases}
     got = {name: r["code"] for name, r in api_results.items() if name != "control"}
     assert got == expected
+    # The inputs are read by the validation task: the job is recorded, then failed.
     assert all(
-        r["status"] == 422 for r in api_results.values() if r.get("stage") == "job" and r["code"]
+        r["status"] == "failed"
+        for r in api_results.values()
+        if r.get("stage") == "job" and r["code"]
     )
 
 
@@ -131,10 +145,11 @@ def test_api_refuses_each_within_its_limit(api_results, work):
             assert result["details"]["limit"] == "validation_timeout_seconds"
 
 
-def test_api_queues_and_records_nothing_for_a_refused_case(api_results):
+def test_api_queues_nothing_for_a_refused_case_and_records_only_its_failure(api_results):
     refused = {n: r for n, r in api_results.items() if n != "control" and r["stage"] == "job"}
     assert refused
-    assert not [n for n, r in refused.items() if r["queued"] or r["jobs_added"]]
+    assert not [n for n, r in refused.items() if r["queued"]]  # no GPU time
+    assert {r["jobs_added"] for r in refused.values()} == {1}  # the failed job, to poll
 
 
 def test_limit_errors_say_which_limit(api_results):
@@ -170,7 +185,7 @@ def test_a_running_validation_holds_no_database_connection(api, work: hw.WorkWor
     assert thread.is_alive()
     held = engine.pool.checkedout()
     thread.join(60)
-    assert error_code(answer[0]) == "validation_timeout"
+    assert outcome(api.clients["alice"], answer[0]) == ("failed", "validation_timeout")
     assert time.monotonic() - started <= hw.VALIDATION_TIMEOUT + hw.MARGIN
     assert held == idle, (held, idle)
 
@@ -206,12 +221,12 @@ def test_validation_without_isolation_runs_in_this_process_under_the_same_limits
         if case and case.honesty:
             files["honesty"] = inproc.upload("alice", work.honesty(case), "honesty").json()["id"]
         response = _post(inproc, work, case, files)
-        got[name] = (response.status_code, error_code(response))
+        got[name] = outcome(inproc.clients["alice"], response)
     assert got == {
-        "control": (201, None),
-        "huge-hidden-size": (422, "checkpoint_too_large"),
-        "sample-over-token-limit": (422, "too_many_tokens"),  # 2048 here, 32768 by default
-        "job-over-token-limit": (422, "too_many_tokens"),
+        "control": ("queued", None),
+        "huge-hidden-size": ("failed", "checkpoint_too_large"),
+        "sample-over-token-limit": ("failed", "too_many_tokens"),  # 2048 here, 32768 default
+        "job-over-token-limit": ("failed", "too_many_tokens"),
     }
 
 
@@ -403,7 +418,7 @@ def test_reconciler_fails_a_lost_job_past_its_limit_instead_of_requeueing(timed_
 # --- hcnr serve and SIGTERM --------------------------------------------------------------------
 
 
-def test_serve_stops_on_sigterm_within_seconds_with_a_request_in_flight(work, tmp_path):
+def test_serve_stops_on_sigterm_within_seconds_with_a_validation_in_flight(work, tmp_path):
     import httpx
 
     from tests.service import service_procs as procs
@@ -435,12 +450,11 @@ def test_serve_stops_on_sigterm_within_seconds_with_a_request_in_flight(work, tm
                 "task_file": files["task"],
                 "hyperparameters": {"check_adapter_base_name": False},
             }
-            in_flight = threading.Thread(
-                target=lambda: _quietly(client.post, "/v1/repair-jobs", json=body), daemon=True
-            )
-            in_flight.start()
-            time.sleep(3)  # the validation is running now (it would take minutes)
-            assert in_flight.is_alive()
+            created = client.post("/v1/repair-jobs", json=body)  # answers at once...
+            assert created.status_code == 201 and created.json()["status"] == "validating"
+            time.sleep(3)  # ...and its validation runs now, in serve's validation worker
+            job = client.get(f"/v1/repair-jobs/{created.json()['id']}").json()
+            assert job["status"] == "validating"  # it would take minutes
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)  # serve only: it must stop the rest
             process.wait(30)
@@ -448,10 +462,3 @@ def test_serve_stops_on_sigterm_within_seconds_with_a_request_in_flight(work, tm
     finally:
         procs.kill_group(process)
     assert stopped < 2 + 5, stopped
-
-
-def _quietly(call, *args, **kwargs):
-    try:
-        return call(*args, **kwargs)
-    except Exception:
-        return None

@@ -16,10 +16,10 @@ from tests.security.hostile import (
     AppEnv,
     CheckpointCase,
     FileAudit,
-    error_code,
     python_roots,
     violations,
 )
+from tests.service.service_support import outcome, refusal_message
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -51,8 +51,10 @@ def checkpoint_results(env: AppEnv) -> list[dict]:
             before = env.job_ids()
             with audit.recording() as records:
                 response = post_case(env, case, role)
+                # In-process, the validation task has run by now (inside the records).
+                status, code = outcome(env.alice, response)
             queued = list(env.inproc.queued)
-            if response.status_code in (200, 201):  # accepted: never run it here
+            if status == "queued":  # accepted: never run it here
                 env.alice.post(f"/v1/repair-jobs/{response.json()['id']}/cancel")
                 env.inproc.queued.clear()
             results.append(
@@ -60,11 +62,9 @@ def checkpoint_results(env: AppEnv) -> list[dict]:
                     "case": case.name,
                     "role": role,
                     "expected": case.code,
-                    "status": response.status_code,
-                    "code": error_code(response),
-                    "message": response.json().get("error", {}).get("message", "")
-                    if response.status_code >= 400
-                    else "",
+                    "status": status,
+                    "code": code,
+                    "message": refusal_message(env.alice, response),
                     "queued": queued if case.code else [],
                     "jobs_added": len(env.job_ids()) - len(before) if case.code else 0,
                     "outside_reads": violations(list(records), roots),
@@ -83,19 +83,25 @@ def test_every_malicious_checkpoint_is_refused_with_its_code(results):
     wrong = [
         (r["case"], r["role"], r["status"], r["code"], r["message"][:200])
         for r in results
-        if r["expected"] and (r["status"] != 422 or r["code"] != r["expected"])
+        if r["expected"] and (r["status"] not in (422, "failed") or r["code"] != r["expected"])
     ]
     assert not wrong
     assert len([r for r in results if r["expected"]]) >= 40
 
 
 def test_nothing_is_queued_for_a_refused_checkpoint(results):
-    assert not [r["case"] for r in results if r["queued"] or r["jobs_added"]]
+    """Never sent to a GPU worker; a job the validation task refused is recorded, failed
+    (what the user polls), one refused at once is not recorded at all."""
+    assert not [r["case"] for r in results if r["queued"]]
+    recorded = {(r["case"], r["role"]): r["jobs_added"] for r in results if r["expected"]}
+    assert recorded == {
+        (r["case"], r["role"]): int(r["status"] == "failed") for r in results if r["expected"]
+    }
 
 
 def test_harmless_oddities_are_accepted(results):
     accepted = {(r["case"], r["role"]): r["status"] for r in results if r["expected"] is None}
-    assert accepted and set(accepted.values()) == {201}, accepted
+    assert accepted and set(accepted.values()) == {"queued"}, accepted
 
 
 def test_no_payload_ever_runs_and_the_bait_is_live(results, app_env: AppEnv):
@@ -160,7 +166,6 @@ def test_template_refusing_a_sample_is_invalid_data(app_env: AppEnv, tmp_path):
         hyperparameters={"check_adapter_base_name": False},
     )
     response = app_env.alice.post("/v1/repair-jobs", json=body)
-    assert response.status_code == 422, response.text
-    assert error_code(response) == "invalid_data"
-    assert "only user and assistant roles" in response.json()["error"]["message"]
+    assert outcome(app_env.alice, response) == ("failed", "invalid_data"), response.text
+    assert "only user and assistant roles" in refusal_message(app_env.alice, response)
     assert app_env.inproc.queued == []

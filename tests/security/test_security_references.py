@@ -168,7 +168,13 @@ def strace_fuzz(world: World, workdir: Path) -> dict:
             )
 
         control_start = time.time()
-        control = post()  # positive control: a valid job reads the models root
+        control = post()  # positive control: a valid job reads the models root...
+        deadline = time.time() + 60  # ...in its validation task (a traced child of serve)
+        while time.time() < deadline:
+            job = client.get(f"/v1/repair-jobs/{control.json()['id']}").json()
+            if job["status"] != "validating":
+                break
+            time.sleep(0.2)
         control_end = time.time()
         time.sleep(0.2)
         start = time.time()

@@ -96,3 +96,11 @@ def outcome(client: Any, response: Any) -> tuple[int | str, str | None]:
     assert created["status"] == "validating", created  # POST never waits for validation
     job = client.get(f"/v1/repair-jobs/{created['id']}").json()
     return job["status"], (job.get("error") or {}).get("code")
+
+
+def refusal_message(client: Any, response: Any) -> str:
+    """The error message of a refused job: the 4xx answer's, or the failed job's."""
+    if response.status_code >= 400:
+        return (response.json().get("error") or {}).get("message", "")
+    job = client.get(f"/v1/repair-jobs/{response.json()['id']}").json()
+    return (job.get("error") or {}).get("message", "")

@@ -43,6 +43,9 @@ class WebhookSecret(BaseObject):
 class RepairJobError(BaseObject):
     code: str
     message: str
+    # A validation refusal's details: line-numbered `problems` for data,
+    # `limit`/`value`/`allowed` for a limit; None otherwise.
+    details: Any = None
 
 
 class RepairJob(BaseObject):

@@ -1,4 +1,5 @@
-"""jobs are validated by a task of their own: when its message was last sent
+"""jobs are validated by a task of their own: when its message was last sent, and the
+details of a refusal (line-numbered problems, the limit exceeded)
 
 Revision ID: 0004
 Revises: 0003
@@ -23,8 +24,10 @@ def upgrade() -> None:
         "repair_jobs",
         sa.Column("validation_sent_at", store.models.UTCDateTime(timezone=True), nullable=True),
     )
+    op.add_column("repair_jobs", sa.Column("error_details", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("repair_jobs") as batch_op:
+        batch_op.drop_column("error_details")
         batch_op.drop_column("validation_sent_at")
