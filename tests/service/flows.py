@@ -89,7 +89,7 @@ def wait_running(client: HCNRClient, job_id: str, timeout: float = 120) -> None:
         job = client.repair_jobs.retrieve(job_id)
         if job.status == "running" and job.progress > 0:
             return
-        assert job.status in ("queued", "running"), job
+        assert job.status in ("validating", "queued", "running"), job
         time.sleep(0.1)
     pytest.fail(f"job {job_id} never started running")
 

@@ -214,7 +214,7 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
     )
     same_page, *values = driver.execute_script(read)
     first = tuple(values)
-    assert same_page and first[0] in ("queued", "running"), first
+    assert same_page and first[0] in ("validating", "queued", "running"), first
     live: set[tuple[str, str]] = set()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
