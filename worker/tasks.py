@@ -6,6 +6,7 @@ is initialised in the pool child that runs the job, never in the parent before f
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -126,17 +127,20 @@ def _using(session_factory: Any, settings: Any) -> Iterator[None]:
         _inline.reset(token)
 
 
+def _consumed(sender: Any) -> set[str]:
+    try:
+        return {q.name for q in sender.task_consumer.queues}
+    except AttributeError:
+        return set()
+
+
 @signals.worker_ready.connect
 def warm_validation(sender: Any = None, **_: Any) -> None:
     """A worker that consumes the validation queue starts its validation forkserver now
     (it imports torch once), not on the first job's time limit."""
     from worker.celery_app import VALIDATION_QUEUE
 
-    try:
-        queues = {q.name for q in sender.task_consumer.queues}
-    except AttributeError:
-        return
-    if VALIDATION_QUEUE in queues and app.conf.hcnr_settings.validation_isolation:
+    if VALIDATION_QUEUE in _consumed(sender) and app.conf.hcnr_settings.validation_isolation:
         import threading
 
         from hcnr_core.bounded import warm_up
@@ -145,8 +149,16 @@ def warm_validation(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def start_reconciler(**_: Any) -> None:
+def start_reconciler(sender: Any = None, **_: Any) -> None:
+    """Workers of the job queue run the reconciler (leases, lost messages, lost
+    validations); a validation-only worker does not."""
+    from worker.celery_app import QUEUE
     from worker.reconciler import ReconcilerThread
+
+    consumed = _consumed(sender)
+    if QUEUE not in consumed:
+        return
+    logging.getLogger("hcnr.reconciler").info("reconciler started (queues %s)", sorted(consumed))
 
     settings = app.conf.hcnr_settings
     factory = make_session_factory(make_engine(settings.db_url, **_engine_options(settings)))

@@ -56,6 +56,18 @@ def test_worker_reserves_a_gpu_and_runs_one_process(compose: dict):
     assert "worker.celery_app" in dockerfile
 
 
+def test_a_cpu_validator_consumes_the_validation_queue(compose: dict):
+    """New jobs are validated on CPU (worker/validation.py), never on a GPU worker."""
+    validator = compose["services"]["validator"]
+    command = " ".join(validator["command"])
+    assert "-Q hcnr.validation" in command and "worker.celery_app" in command
+    assert "deploy" not in validator  # no GPU reserved
+    assert validator["build"]["dockerfile"] == "docker/Dockerfile.api"
+    assert validator["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    gpu = (ROOT / compose["services"]["worker"]["build"]["dockerfile"]).read_text()
+    assert "hcnr.validation" not in gpu
+
+
 def test_images_pin_torch_first_and_install_the_service_extra():
     bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
     pinned = re.search(r"TORCH_SPEC:-(torch==[0-9.]+)", bootstrap).group(1)
