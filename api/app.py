@@ -76,8 +76,15 @@ def _inline_validation(app: FastAPI, settings: Settings) -> Callable[[str], None
     (worker.validation.inline), at once, sending a validated job to that `enqueue`."""
     from worker.validation import inline
 
-    state = app.state
-    return inline(state.session_factory, state.storage, settings, state.enqueue, state.notify)
+    state = app.state  # read at call time: tests swap the producers after creation
+
+    def enqueue(job_id: str) -> None:
+        state.enqueue(job_id)
+
+    def notify(job_id: str) -> None:
+        state.notify(job_id)
+
+    return inline(state.session_factory, state.storage, settings, enqueue, notify)
 
 
 def _broker(

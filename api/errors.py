@@ -47,6 +47,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "job_not_cancellable": 409,
     "artifacts_not_ready": 409,
     "idempotency_conflict": 409,
+    "file_in_use": 409,
     "payload_too_large": 413,
     "range_not_satisfiable": 416,
     "invalid_request": 422,

@@ -73,6 +73,20 @@ class FilePublic(BaseModel):
     created_at: datetime
 
 
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FilePublic]
+    has_more: bool
+    # The last file of this page: pass it as `after` for the next one (OpenAI's paging).
+    last_id: str | None
+
+
+class FileDeleted(BaseModel):
+    object: Literal["file"] = "file"
+    id: str
+    deleted: bool
+
+
 class WebhookSecret(BaseModel):
     object: Literal["webhook_secret"] = "webhook_secret"
     secret: str = Field(

@@ -150,6 +150,34 @@ def _well_formed(ident: str) -> bool:
     return ID_PATTERN.fullmatch(ident) is not None
 
 
+def list_files(
+    session: Session, tenant: Tenant, limit: int, purpose: str | None, after: str | None
+) -> tuple[list[File], bool]:
+    """A page of the tenant's files (newest first) and whether more follow. `after` is a
+    file id of this tenant (another's, or a deleted one, is 404 like any unknown id)."""
+    anchor = get_file(session, tenant, after) if after else None
+    files = repositories.list_files(
+        session, tenant.id, limit=limit + 1, purpose=purpose, after=anchor
+    )
+    return files[:limit], len(files) > limit
+
+
+def delete_file(session: Session, storage: Storage, tenant: Tenant, file_id: str) -> File:
+    """Remove the stored object and tombstone the row (finished jobs keep referring to
+    it). Refused (409 file_in_use) while a job that is not finished reads it."""
+    file = get_file(session, tenant, file_id)
+    active = repositories.jobs_using_file(
+        session, file.id, [s for s in job_state.STATES if s not in job_state.TERMINAL_STATES]
+    )
+    if active:
+        ids = ", ".join(sorted(j.id for j in active)[:5])
+        raise APIError("file_in_use", f"file {file_id!r} is read by unfinished job(s) {ids}")
+    file.deleted_at = utcnow()
+    session.commit()  # gone for every route first, then from storage
+    storage.delete_prefix(file.storage_key)
+    return file
+
+
 def get_file(session: Session, tenant: Tenant, file_id: str) -> File:
     if not _well_formed(file_id):
         raise not_found("file", file_id)

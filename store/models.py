@@ -87,6 +87,9 @@ class File(Base):
     samples: Mapped[int] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Deleted: the stored object is gone and every route answers 404; the row stays (a
+    # tombstone) because finished jobs reference it.
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Job(Base):

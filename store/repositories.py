@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -91,7 +91,43 @@ def list_api_keys(session: Session) -> Sequence[ApiKey]:
 
 
 def get_file(session: Session, tenant_id: str, file_id: str) -> File | None:
-    return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+    """The tenant's file, unless deleted."""
+    query = select(File).where(
+        File.id == file_id, File.tenant_id == tenant_id, File.deleted_at.is_(None)
+    )
+    return session.scalar(query)
+
+
+def list_files(
+    session: Session,
+    tenant_id: str,
+    *,
+    limit: int,
+    purpose: str | None = None,
+    after: File | None = None,
+) -> list[File]:
+    """The tenant's files, newest first; `after`: those listed after that file."""
+    query = select(File).where(File.tenant_id == tenant_id, File.deleted_at.is_(None))
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    if after is not None:
+        query = query.where(
+            (File.created_at < after.created_at)
+            | ((File.created_at == after.created_at) & (File.id < after.id))
+        )
+    query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit)
+    return list(session.scalars(query).all())
+
+
+def jobs_using_file(session: Session, file_id: str, statuses: Iterable[str]) -> list[Job]:
+    """Jobs in `statuses` that read the file (any of their four file references)."""
+    uses = (
+        (Job.honesty_file_id == file_id)
+        | (Job.task_file_id == file_id)
+        | (Job.eval_file_id == file_id)
+        | (Job.validation_file_id == file_id)
+    )
+    return list(session.scalars(select(Job).where(uses, Job.status.in_(list(statuses)))).all())
 
 
 # --- jobs ----------------------------------------------------------------------------

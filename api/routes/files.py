@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 
 from api import services
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.errors import ERROR_RESPONSES
 from api.routing import ReleasingRoute
-from api.schemas import ErrorResponse, FilePublic, FilePurpose
+from api.schemas import ErrorResponse, FileDeleted, FileList, FilePublic, FilePurpose
 from store.models import File
 
 router = APIRouter(
@@ -44,3 +44,34 @@ def upload_file(
 @router.get("/{file_id}", response_model=FilePublic)
 def get_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FilePublic:
     return file_public(services.get_file(session, tenant, file_id))
+
+
+@router.get("", response_model=FileList)
+def list_files(
+    tenant: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="last_id of the previous page")] = None,
+    purpose: FilePurpose | None = None,
+) -> FileList:
+    """The tenant's files, newest first (`after`, `limit`, `has_more` as in OpenAI's API)."""
+    files, has_more = services.list_files(session, tenant, limit, purpose, after)
+    return FileList(
+        data=[file_public(f) for f in files],
+        has_more=has_more,
+        last_id=files[-1].id if files else None,
+    )
+
+
+@router.delete(
+    "/{file_id}",
+    response_model=FileDeleted,
+    responses={409: {"model": ErrorResponse, "description": "Read by an unfinished job"}},
+)
+def delete_file(
+    file_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep
+) -> FileDeleted:
+    """Delete a file: its stored data goes at once; it is then unknown to every route.
+    Refused (409 `file_in_use`) while a job that has not finished reads it."""
+    file = services.delete_file(session, storage, tenant, file_id)
+    return FileDeleted(id=file.id, deleted=True)

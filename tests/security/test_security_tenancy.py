@@ -107,14 +107,22 @@ def isolation_results(env: AppEnv, state: dict) -> dict:
         json=env.job_body(),  # alice's file ids
         headers={"Idempotency-Key": "alice-key-1"},
     )
+    bob_files = env.bob.get("/v1/files", params={"limit": 100}).json()["data"]
+    alice_files = set(state["files"])
+    files_seen = [f["id"] for f in bob_files if f["id"] in alice_files]
+    after_alice = env.bob.get("/v1/files", params={"after": state["files"][0]})
     id_less = {
         "list_by_alice_metadata": len(listing),
         "list_with_alice_cursor": len(paged),
         "list_all": len(every),
         "create_with_alice_files": replay.status_code,
+        "files_list": len(files_seen),
+        "files_after_alice_file": after_alice.status_code,
     }
     if listing or paged or every:
         successes.append(("GET", "/v1/repair-jobs (lists)", len(listing) + len(paged)))
+    if files_seen or after_alice.status_code < 400:
+        successes.append(("GET", "/v1/files (list)", len(files_seen)))
     if replay.status_code < 400:
         successes.append(("POST", "/v1/repair-jobs (alice's files / key)", replay.status_code))
     # The same routes for an id nobody has: the answers bob got must look just like it.
@@ -150,6 +158,7 @@ def check_isolation(env: AppEnv) -> dict:
     assert result["shapes"] == {(404, "not_found")}, result["shapes"]
     assert result["unknown_shapes"] == {(404, "not_found")}
     assert result["id_less"]["create_with_alice_files"] == 404
+    assert result["id_less"]["files_after_alice_file"] == 404
     return result
 
 

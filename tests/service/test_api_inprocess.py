@@ -535,3 +535,70 @@ def test_event_pages_and_stream_resume(inproc: InProcess, finished_job):
     ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
     assert ids == [e["id"] for e in events[3:]]
     assert body.rstrip().endswith('data: {"status": "succeeded"}')
+
+
+# --- files: list and delete ---------------------------------------------------------------
+
+
+def test_files_list_pages_newest_first_and_filters_by_purpose(
+    inproc: InProcess, models: Models, tmp_path: Path
+):
+    client = inproc.clients["bob"]  # bob's own files only (alice's are other tests')
+    ids = [inproc.upload("bob", models.honesty, "honesty").json()["id"] for _ in range(3)]
+    ids.append(inproc.upload("bob", models.task, "task").json()["id"])
+    newest_first = ids[::-1]
+    listed, after = [], None
+    while True:  # two at a time, OpenAI style: after=<last_id>
+        params = {"limit": 2, **({"after": after} if after else {})}
+        page = client.get("/v1/files", params=params).json()
+        listed += [f["id"] for f in page["data"]]
+        assert page["last_id"] == (page["data"][-1]["id"] if page["data"] else None)
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert [i for i in listed if i in ids] == newest_first
+    honesty = client.get("/v1/files", params={"purpose": "honesty", "limit": 100}).json()
+    assert {f["purpose"] for f in honesty["data"]} == {"honesty"}
+    assert set(ids[:3]) <= {f["id"] for f in honesty["data"]} and ids[3] not in str(honesty)
+    # alice sees none of bob's files; bob's id is an unknown `after` for her
+    alice = inproc.clients["alice"]
+    assert not set(ids) & {f["id"] for f in alice.get("/v1/files?limit=100").json()["data"]}
+    assert alice.get("/v1/files", params={"after": ids[0]}).status_code == 404
+
+
+def test_deleting_a_file_removes_its_data_and_refuses_while_a_job_reads_it(
+    inproc: InProcess, models: Models
+):
+    client = inproc.clients["alice"]
+    honesty = inproc.upload("alice", models.honesty, "honesty").json()["id"]
+    task = inproc.upload("alice", models.task, "task").json()["id"]
+    key = f"files/{_tenant_id(inproc, 'alice')}/{honesty}.jsonl"
+    assert inproc.app.state.storage.exists(key)
+    job = client.post("/v1/repair-jobs", json=job_body({"honesty": honesty, "task": task})).json()[
+        "id"
+    ]  # validated, queued: not finished
+    refused = client.delete(f"/v1/files/{honesty}")
+    assert refused.status_code == 409 and error_code(refused) == "file_in_use"
+    assert job in refused.json()["error"]["message"]
+    assert inproc.app.state.storage.exists(key)
+    client.post(f"/v1/repair-jobs/{job}/cancel")
+    inproc.queued.clear()
+    deleted = client.delete(f"/v1/files/{honesty}")
+    assert deleted.status_code == 200
+    assert deleted.json() == {"object": "file", "id": honesty, "deleted": True}
+    assert not inproc.app.state.storage.exists(key)
+    assert client.get(f"/v1/files/{honesty}").status_code == 404
+    assert honesty not in str(client.get("/v1/files?limit=100").json())
+    assert client.delete(f"/v1/files/{honesty}").status_code == 404
+    again = client.post("/v1/repair-jobs", json=job_body({"honesty": honesty, "task": task}))
+    assert again.status_code == 404 and error_code(again) == "not_found"
+    # the cancelled job still reads back (its file reference is a tombstone)
+    assert client.get(f"/v1/repair-jobs/{job}").json()["honesty_file"] == honesty
+
+
+def _tenant_id(inproc: InProcess, name: str) -> str:
+    from store.db import session_scope
+    from store.models import Tenant
+
+    with session_scope(inproc.app.state.session_factory) as session:
+        return next(t.id for t in session.query(Tenant).all() if t.name == name)

@@ -130,6 +130,7 @@ MIRRORS = {
     "EventPublic": types.JobEvent,
     "ArtifactPublic": types.Artifact,
     "ArtifactList": types.ArtifactList,
+    "FileDeleted": types.FileDeleted,
 }
 
 
@@ -321,5 +322,41 @@ def test_async_client_against_the_app(inproc: InProcess, client, job_id, files, 
                 await bob.repair_jobs.retrieve(job_id)
             with pytest.raises(hcnr_client.ConflictError):
                 await aclient.repair_jobs.cancel(job_id)
+
+    asyncio.run(main())
+
+
+def test_files_list_and_delete(client, inproc: InProcess, models: Models):
+    """files.list walks every page (after=last_id); delete removes a file, refused with a
+    ConflictError (not retried) while an unfinished job reads it; async the same."""
+    mine = [client.files.create(file=models.task, purpose="task").id for _ in range(3)]
+    listed = [f.id for f in client.files.list(limit=2, purpose="task")]
+    assert [i for i in listed if i in mine] == mine[::-1]
+    assert all(f.purpose == "task" for f in client.files.list(purpose="task", limit=100).data)
+    honesty = client.files.create(file=models.honesty, purpose="honesty").id
+    job = client.repair_jobs.create(
+        base="path:base", finetuned="path:finetuned-adapter", honesty_file=honesty,
+        task_file=mine[0],
+    )  # fmt: skip
+    inproc.queued.clear()  # validated and queued: never run here
+    with pytest.raises(hcnr_client.ConflictError) as conflict:
+        client.files.delete(honesty)
+    assert conflict.value.code == "file_in_use"
+    client.repair_jobs.cancel(job.id)
+    assert client.files.delete(honesty) == types.FileDeleted(id=honesty, deleted=True)
+    with pytest.raises(hcnr_client.NotFoundError):
+        client.files.retrieve(honesty)
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=inproc.app)
+        async with httpx.AsyncClient(transport=transport) as http:
+            aclient = hcnr_client.AsyncHCNRClient(
+                api_key=api_key(inproc, "alice"), base_url=BASE_URL, http_client=http
+            )
+            listed = [f.id async for f in aclient.files.list(limit=2, purpose="task")]
+            assert [i for i in listed if i in mine] == mine[::-1]
+            assert (await aclient.files.delete(mine[1])).deleted
+            with pytest.raises(hcnr_client.NotFoundError):
+                await aclient.files.retrieve(mine[1])
 
     asyncio.run(main())

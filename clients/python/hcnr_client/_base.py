@@ -26,7 +26,7 @@ INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
 MAX_RETRY_AFTER = 60.0
 # 409s that a retry cannot resolve: the job's state decides them, not a race.
-FINAL_CONFLICTS = frozenset({"job_not_cancellable", "artifacts_not_ready"})
+FINAL_CONFLICTS = frozenset({"job_not_cancellable", "artifacts_not_ready", "file_in_use"})
 
 
 class NotGiven:

@@ -20,6 +20,14 @@ class BaseObject(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
+class FileDeleted(BaseObject):
+    """What `DELETE /v1/files/{file_id}` returns."""
+
+    object: Literal["file"] = "file"
+    id: str
+    deleted: bool
+
+
 class FileObject(BaseObject):
     """An uploaded JSONL file (`POST /v1/files`, `GET /v1/files/{file_id}`)."""
 
