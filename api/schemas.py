@@ -81,6 +81,12 @@ class FileList(BaseModel):
     last_id: str | None
 
 
+class RepairJobDeleted(BaseModel):
+    object: Literal["repair_job"] = "repair_job"
+    id: str
+    deleted: bool
+
+
 class FileDeleted(BaseModel):
     object: Literal["file"] = "file"
     id: str

@@ -28,7 +28,7 @@ from store import job_state, repositories, webhooks
 from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
 from store.references import resolve_reference
 from store.settings import Settings
-from store.storage import Storage
+from store.storage import Storage, job_prefix
 
 log = logging.getLogger("hcnr.api")
 CHUNK = 1 << 20
@@ -376,6 +376,27 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
         raise APIError("job_not_cancellable", f"job is already {exc.status}") from None
     session.commit()
     return job
+
+
+def delete_job(session: Session, storage: Storage, tenant: Tenant, job_id: str) -> str:
+    """Delete a job and everything it published. Not yet running (validating, queued): it
+    is cancelled first, then deleted. Running: cancellation is requested and the answer
+    is 409 `job_not_finished` (delete it again once it is cancelled; the SDK retries)."""
+    job = get_job(session, tenant, job_id)
+    if job.status not in job_state.TERMINAL_STATES:
+        try:
+            job = job_state.cancel(session, job.id)
+        except job_state.TransitionRefused:  # finished meanwhile, or cancelling already
+            job = get_job(session, tenant, job_id)
+        session.commit()
+    if not job_state.delete_finished(session, job.id):
+        raise APIError(
+            "job_not_finished",
+            f"job is {job.status}: cancellation requested; delete it once it is cancelled",
+        )
+    session.commit()
+    storage.delete_prefix(job_prefix(job.id))  # after the row: nothing points at it
+    return job.id
 
 
 # --- artifacts -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, delete, select, update
 from sqlalchemy.orm import Session
 
 from store import repositories
@@ -129,6 +129,13 @@ def fail_validation(
     if job is not None:
         repositories.add_event(session, job, "failed", message[:4000], {"code": code})
     return job
+
+
+def delete_finished(session: Session, job_id: str) -> bool:
+    """Remove a finished job's row (its events, artifacts and labels go with it). One
+    conditional DELETE: a job that is not in a terminal state is never removed."""
+    result = session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL_STATES)))
+    return result.rowcount == 1
 
 
 def validation_sent(session: Session, job_id: str, now: datetime) -> None:

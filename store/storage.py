@@ -12,6 +12,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+def job_prefix(job_id: str) -> str:
+    """Where everything a job publishes lives (its checkpoint, reports, archive)."""
+    return f"jobs/{job_id}"
+
+
 class Storage:
     """Keys are relative, '/'-separated paths below the storage root."""
 

@@ -10,13 +10,9 @@ import shutil
 from pathlib import Path
 
 from store.settings import Settings
-from store.storage import Storage, make_storage
+from store.storage import Storage, job_prefix, make_storage
 
 log = logging.getLogger("hcnr.worker")
-
-
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}"
 
 
 def remove_leftovers(settings: Settings, job_id: str, storage: Storage | None = None) -> None:

@@ -28,7 +28,7 @@ from store.db import session_scope
 from store.models import Artifact, File, Job
 from store.references import resolve_reference
 from store.settings import Settings
-from store.storage import Storage
+from store.storage import Storage, job_prefix
 from worker import cleanup, faults, hub_card
 
 log = logging.getLogger("hcnr.worker")
@@ -52,7 +52,7 @@ class Context:
 
 
 def checkpoint_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoint"
+    return f"{job_prefix(job_id)}/checkpoint"
 
 
 # --- lease and cancellation ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""/v1/repair-jobs: create, list, get, cancel, events (paginated and a live stream)."""
+"""/v1/repair-jobs: create, list, get, cancel, delete, events (paginated and a live
+stream)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from api.schemas import (
     EventPublic,
     JobStatus,
     RepairJobCreate,
+    RepairJobDeleted,
     RepairJobList,
     RepairJobPublic,
 )
@@ -180,6 +182,20 @@ def cancel_job(
     if job.status == "cancelled" and job.webhook_url:  # a delivery task, after the response
         background.add_task(services.send_webhook, request.app.state.notify, job.id)
     return job_public(job)
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=RepairJobDeleted,
+    responses={409: {"description": "Running: cancellation requested, delete it again later"}},
+)
+def delete_job(
+    job_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep
+) -> RepairJobDeleted:
+    """Delete a job, its events and everything it published (checkpoint, reports). A job
+    not yet running is cancelled first; a running one is asked to cancel and the answer is
+    409 `job_not_finished` until it has stopped."""
+    return RepairJobDeleted(id=services.delete_job(session, storage, tenant, job_id), deleted=True)
 
 
 @router.get("/{job_id}/events", response_model=EventList)

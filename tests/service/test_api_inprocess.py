@@ -602,3 +602,55 @@ def _tenant_id(inproc: InProcess, name: str) -> str:
 
     with session_scope(inproc.app.state.session_factory) as session:
         return next(t.id for t in session.query(Tenant).all() if t.name == name)
+
+
+# --- deleting jobs ---------------------------------------------------------------------------
+
+
+def test_deleting_a_finished_job_removes_its_row_events_and_artifacts(
+    inproc: InProcess, alice_files
+):
+    client = inproc.clients["alice"]
+    job = client.post("/v1/repair-jobs", json=job_body(alice_files)).json()["id"]
+    assert inproc.run_queued() == ["succeeded"]
+    storage = inproc.app.state.storage
+    names = [a["name"] for a in client.get(f"/v1/repair-jobs/{job}/artifacts").json()["data"]]
+    assert names and storage.exists(f"jobs/{job}")
+    assert inproc.clients["bob"].delete(f"/v1/repair-jobs/{job}").status_code == 404
+    deleted = client.delete(f"/v1/repair-jobs/{job}")
+    assert deleted.status_code == 200
+    assert deleted.json() == {"object": "repair_job", "id": job, "deleted": True}
+    assert not storage.exists(f"jobs/{job}")
+    for suffix in ("", "/events", "/artifacts", f"/artifacts/{names[0]}", "/report"):
+        assert client.get(f"/v1/repair-jobs/{job}{suffix}").status_code == 404, suffix
+    assert job not in str(client.get("/v1/repair-jobs?limit=100").json())
+    from store.db import session_scope
+    from store.models import Artifact, JobEvent
+
+    with session_scope(inproc.app.state.session_factory) as session:  # cascaded
+        assert session.query(JobEvent).filter_by(job_id=job).count() == 0
+        assert session.query(Artifact).filter_by(job_id=job).count() == 0
+
+
+def test_deleting_a_queued_job_cancels_it_first_and_a_running_one_is_asked_to(
+    inproc: InProcess, alice_files
+):
+    from store import job_state
+    from store.db import session_scope
+
+    client = inproc.clients["alice"]
+    queued = client.post("/v1/repair-jobs", json=job_body(alice_files)).json()["id"]
+    assert client.delete(f"/v1/repair-jobs/{queued}").json()["deleted"] is True
+    assert client.get(f"/v1/repair-jobs/{queued}").status_code == 404
+    inproc.queued.clear()
+    running = client.post("/v1/repair-jobs", json=job_body(alice_files)).json()["id"]
+    inproc.queued.clear()
+    with session_scope(inproc.app.state.session_factory) as session:
+        assert job_state.claim(session, running, "w:1", 60) is not None  # a worker has it
+    refused = client.delete(f"/v1/repair-jobs/{running}")
+    assert refused.status_code == 409 and error_code(refused) == "job_not_finished"
+    assert client.get(f"/v1/repair-jobs/{running}").json()["status"] == "cancelling"
+    with session_scope(inproc.app.state.session_factory) as session:  # the worker stops
+        job_state.finish(session, running, "w:1", "cancelled")
+    assert client.delete(f"/v1/repair-jobs/{running}").status_code == 200
+    assert client.get(f"/v1/repair-jobs/{running}").status_code == 404

@@ -131,6 +131,7 @@ MIRRORS = {
     "ArtifactPublic": types.Artifact,
     "ArtifactList": types.ArtifactList,
     "FileDeleted": types.FileDeleted,
+    "RepairJobDeleted": types.RepairJobDeleted,
 }
 
 
@@ -344,6 +345,9 @@ def test_files_list_and_delete(client, inproc: InProcess, models: Models):
     assert conflict.value.code == "file_in_use"
     client.repair_jobs.cancel(job.id)
     assert client.files.delete(honesty) == types.FileDeleted(id=honesty, deleted=True)
+    assert client.repair_jobs.delete(job.id) == types.RepairJobDeleted(id=job.id, deleted=True)
+    with pytest.raises(hcnr_client.NotFoundError):
+        client.repair_jobs.retrieve(job.id)
     with pytest.raises(hcnr_client.NotFoundError):
         client.files.retrieve(honesty)
 

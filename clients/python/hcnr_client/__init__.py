@@ -45,6 +45,7 @@ from hcnr_client.types import (
     FileObject,
     JobEvent,
     RepairJob,
+    RepairJobDeleted,
     RepairJobError,
     WebhookSecret,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "RangeNotSatisfiableError",
     "RateLimitError",
     "RepairJob",
+    "RepairJobDeleted",
     "RepairJobError",
     "SyncPage",
     "UnprocessableEntityError",

@@ -20,6 +20,14 @@ class BaseObject(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
+class RepairJobDeleted(BaseObject):
+    """What `DELETE /v1/repair-jobs/{job_id}` returns."""
+
+    object: Literal["repair_job"] = "repair_job"
+    id: str
+    deleted: bool
+
+
 class FileDeleted(BaseObject):
     """What `DELETE /v1/files/{file_id}` returns."""
 

@@ -36,6 +36,7 @@ from hcnr_client.types import (
     JobEvent,
     JobStatus,
     RepairJob,
+    RepairJobDeleted,
 )
 
 if TYPE_CHECKING:
@@ -173,6 +174,13 @@ class RepairJobs:
                 after=cursor, limit=limit, status=status, metadata=metadata, timeout=timeout
             ),
         )
+
+    def delete(self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> RepairJobDeleted:
+        """Delete the job and what it published; one not yet running is cancelled first. A
+        running one answers 409 job_not_finished until it has stopped (retried with
+        backoff: ConflictError if it outlasts the retries)."""
+        response = self._client.request("DELETE", job_path(job_id), timeout=timeout)
+        return RepairJobDeleted.model_validate(response.json())
 
     def cancel(self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> RepairJob:
         """Queued jobs are cancelled at once, running ones go to `cancelling` first;
@@ -402,6 +410,12 @@ class AsyncRepairJobs:
             )
 
         return AsyncPaginator(lambda: page(after))
+
+    async def delete(
+        self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN
+    ) -> RepairJobDeleted:
+        response = await self._client.request("DELETE", job_path(job_id), timeout=timeout)
+        return RepairJobDeleted.model_validate(response.json())
 
     async def cancel(self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> RepairJob:
         return await self._client._post(job_path(job_id, "cancel"), RepairJob, timeout=timeout)
