@@ -49,6 +49,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "idempotency_conflict": 409,
     "file_in_use": 409,
     "job_not_finished": 409,
+    "artifacts_expired": 410,
     "payload_too_large": 413,
     "range_not_satisfiable": 416,
     "invalid_request": 422,

@@ -32,6 +32,27 @@ class JobsCollector:
         yield gauge
 
 
+class StorageCollector:
+    """`hcnr_storage_bytes{tenant, kind}`: bytes each tenant keeps (uploaded files, what
+    its jobs published), read from the database at scrape time."""
+
+    def __init__(self, session_factory):
+        self.session_factory = session_factory
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "hcnr_storage_bytes", "Bytes stored per tenant", labels=["tenant", "kind"]
+        )
+        try:
+            with session_scope(self.session_factory) as session:
+                usage = repositories.storage_bytes_by_tenant(session)
+        except Exception:
+            return
+        for (tenant, kind), total in sorted(usage.items()):
+            gauge.add_metric([tenant, kind], total)
+        yield gauge
+
+
 class Metrics:
     def __init__(self, session_factory):
         self.registry = CollectorRegistry()
@@ -48,6 +69,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(JobsCollector(session_factory))
+        self.registry.register(StorageCollector(session_factory))
 
 
 class MetricsMiddleware:

@@ -237,6 +237,7 @@ class RepairJobPublic(BaseModel):
     queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    artifacts_expired_at: datetime | None = None
 
 
 class RepairJobList(BaseModel):

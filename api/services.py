@@ -409,8 +409,17 @@ def succeeded_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     return job
 
 
-def get_artifact(session: Session, tenant: Tenant, job_id: str, name: str) -> Artifact:
+def job_with_artifacts(session: Session, tenant: Tenant, job_id: str) -> Job:
+    """A succeeded job whose artifacts are still stored (not expired by retention)."""
     job = succeeded_job(session, tenant, job_id)
+    if job.artifacts_expired_at is not None:
+        when = job.artifacts_expired_at.isoformat()
+        raise APIError("artifacts_expired", f"the job's artifacts expired at {when} (retention)")
+    return job
+
+
+def get_artifact(session: Session, tenant: Tenant, job_id: str, name: str) -> Artifact:
+    job = job_with_artifacts(session, tenant, job_id)
     if len(name) > 255 or any(ord(c) < 32 for c in name):
         raise not_found("artifact", name)
     artifact = repositories.get_artifact(session, job.id, name)

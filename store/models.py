@@ -136,6 +136,8 @@ class Job(Base):
     validation_sent_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set when the retention period (artifact_retention_days) removed what it published.
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     labels: Mapped[list[JobLabel]] = relationship(

@@ -200,6 +200,28 @@ def list_events(session: Session, job_id: str, after: int, limit: int) -> list[J
     return list(session.scalars(query).all())
 
 
+def storage_bytes_by_tenant(session: Session) -> dict[tuple[str, str], int]:
+    """{(tenant name, "files" | "artifacts"): bytes stored}: live uploads and what jobs
+    published (deleted files and expired artifacts no longer count)."""
+    files = (
+        select(Tenant.name, func.coalesce(func.sum(File.bytes), 0))
+        .join(File, File.tenant_id == Tenant.id)
+        .where(File.deleted_at.is_(None))
+        .group_by(Tenant.name)
+    )
+    artifacts = (
+        select(Tenant.name, func.coalesce(func.sum(Artifact.bytes), 0))
+        .join(Job, Job.tenant_id == Tenant.id)
+        .join(Artifact, Artifact.job_id == Job.id)
+        .group_by(Tenant.name)
+    )
+    out: dict[tuple[str, str], int] = {}
+    for kind, query in (("files", files), ("artifacts", artifacts)):
+        for name, total in session.execute(query).all():
+            out[(name, kind)] = int(total)
+    return out
+
+
 def count_jobs_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
     return {status: count for status, count in rows}

@@ -56,6 +56,13 @@ class Settings(Limits):
         900, gt=0, description="Re-send a job queued (or validating) this long: a lost message"
     )
     max_attempts: int = Field(3, ge=1, description="Runs of one job before it is failed")
+    artifact_retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Remove what a finished job published this many days after it finished "
+        "(the job and its report stay; its artifacts answer 410 artifacts_expired); "
+        "unset: keep them until the job is deleted",
+    )
     visibility_timeout: int = Field(24 * 3600, description="Broker redelivery delay (seconds)")
     webhook_attempts: int = Field(4, ge=1)
     webhook_backoff_seconds: float = Field(2.0, ge=0)

@@ -51,6 +51,13 @@ def reconcile_once(
             for job in job_state.stale_validating_jobs(session, stale):
                 job_state.validation_sent(session, job.id, now)
                 revalidate.append(job.id)
+    if settings.artifact_retention_days is not None:
+        from store.storage import make_storage
+        from worker.retention import expire_artifacts
+
+        expired = expire_artifacts(session_factory, make_storage(settings), settings, now)
+        if expired:
+            log.warning("artifacts expired (retention): %s", expired)
     for job_id in revalidate:  # idempotent: a duplicate finds the job no longer validating
         try:
             validate(job_id)

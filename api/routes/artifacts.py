@@ -28,7 +28,7 @@ NOT_READY = {409: {"description": "The job has not succeeded (code artifacts_not
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=NOT_READY)
 def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> ArtifactList:
     """Every file of the repaired checkpoint, with its size and sha256."""
-    job = services.succeeded_job(session, tenant, job_id)
+    job = services.job_with_artifacts(session, tenant, job_id)
     return ArtifactList(
         data=[
             ArtifactPublic(
@@ -107,7 +107,7 @@ def download_checkpoint(
     job_id: str, tenant: TenantDep, session: SessionDep, storage: StorageDep
 ) -> StreamingResponse:
     """The whole repaired checkpoint as one streamed tar archive (`<job_id>/<file>`)."""
-    job = services.succeeded_job(session, tenant, job_id)
+    job = services.job_with_artifacts(session, tenant, job_id)
     artifacts = repositories.list_artifacts(session, job.id)
     return StreamingResponse(
         services.tar_stream(storage, job.id, artifacts),

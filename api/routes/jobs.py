@@ -76,6 +76,7 @@ def job_public(job: Job) -> RepairJobPublic:
         queued_at=job.queued_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        artifacts_expired_at=job.artifacts_expired_at,
     )
 
 

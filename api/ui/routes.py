@@ -502,11 +502,12 @@ def job_page(
         report = api_call(
             artifact_routes.get_report, job_id=job_id, tenant=ui.tenant, session=session
         )
-        artifacts = api_call(
-            artifact_routes.list_artifacts, job_id=job_id, tenant=ui.tenant, session=session
-        ).data
+        if job.artifacts_expired_at is None:  # retention removed them otherwise: none shown
+            artifacts = api_call(
+                artifact_routes.list_artifacts, job_id=job_id, tenant=ui.tenant, session=session
+            ).data
         method_report = report
-        if job.method == "auto" and report.get("chosen_report"):
+        if job.method == "auto" and report.get("chosen_report") and artifacts is not None:
             method_report = _stored_json(session, storage, ui, job_id, report["chosen_report"])
     events = api_call(
         job_routes.list_events, job_id=job_id, tenant=ui.tenant, session=session, after=0, limit=200

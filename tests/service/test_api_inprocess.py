@@ -654,3 +654,70 @@ def test_deleting_a_queued_job_cancels_it_first_and_a_running_one_is_asked_to(
         job_state.finish(session, running, "w:1", "cancelled")
     assert client.delete(f"/v1/repair-jobs/{running}").status_code == 200
     assert client.get(f"/v1/repair-jobs/{running}").status_code == 404
+
+
+# --- retention and storage usage -------------------------------------------------------------
+
+
+def test_retention_expires_old_artifacts_and_keeps_the_job(inproc: InProcess, alice_files):
+    from datetime import timedelta
+
+    from store.db import session_scope
+    from store.models import Job, utcnow
+    from worker.retention import expire_artifacts
+
+    client, storage = inproc.clients["alice"], inproc.app.state.storage
+    old, recent = (
+        client.post("/v1/repair-jobs", json=job_body(alice_files)).json()["id"] for _ in range(2)
+    )
+    assert inproc.run_queued() == ["succeeded", "succeeded"]
+    factory = inproc.app.state.session_factory
+    with session_scope(factory) as session:
+        session.get(Job, old).finished_at = utcnow() - timedelta(days=8)
+        session.get(Job, recent).finished_at = utcnow() - timedelta(days=6)
+    unset = inproc.settings.model_copy(update={"artifact_retention_days": None})
+    assert expire_artifacts(factory, storage, unset) == []  # unset: kept
+    week = inproc.settings.model_copy(update={"artifact_retention_days": 7})
+    assert old in expire_artifacts(factory, storage, week)
+    assert recent not in expire_artifacts(factory, storage, week)  # and not twice
+    assert not storage.exists(f"jobs/{old}") and storage.exists(f"jobs/{recent}")
+    for suffix in ("/artifacts", "/checkpoint.tar"):
+        gone = client.get(f"/v1/repair-jobs/{old}{suffix}")
+        assert gone.status_code == 410 and error_code(gone) == "artifacts_expired", suffix
+    job = client.get(f"/v1/repair-jobs/{old}").json()
+    assert job["status"] == "succeeded" and job["artifacts_expired_at"] is not None
+    assert client.get(f"/v1/repair-jobs/{old}/report").status_code == 200  # kept
+    events = client.get(f"/v1/repair-jobs/{old}/events").json()["data"]
+    assert events[-1]["type"] == "artifacts_expired"
+    assert client.get(f"/v1/repair-jobs/{recent}/artifacts").status_code == 200
+
+
+def test_metrics_report_storage_bytes_per_tenant(inproc: InProcess, models: Models):
+    import re
+
+    from store.db import session_scope
+    from store.models import Artifact, File, Job, Tenant
+
+    inproc.upload("bob", models.task, "task")
+    text = inproc.clients["alice"].get("/metrics").text
+    with session_scope(inproc.app.state.session_factory) as session:
+        expected = {}
+        for tenant in session.query(Tenant).all():
+            files = sum(
+                f.bytes for f in session.query(File).filter_by(tenant_id=tenant.id, deleted_at=None)
+            )
+            arts = sum(
+                a.bytes
+                for a in session.query(Artifact).join(Job, Artifact.job_id == Job.id)
+                .filter(Job.tenant_id == tenant.id)
+            )  # fmt: skip
+            expected[(tenant.name, "files")] = files
+            if arts:
+                expected[(tenant.name, "artifacts")] = arts
+    got = {
+        (m.group(2), m.group(1)): int(float(m.group(3)))
+        for m in re.finditer(
+            r'^hcnr_storage_bytes\{kind="(\w+)",tenant="(\w+)"\} (\S+)$', text, flags=re.M
+        )
+    }
+    assert got == expected and got[("bob", "files")] > 0

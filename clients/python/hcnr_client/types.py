@@ -92,6 +92,7 @@ class RepairJob(BaseObject):
     queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    artifacts_expired_at: datetime | None = None
 
     @property
     def finished(self) -> bool:
