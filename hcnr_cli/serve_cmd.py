@@ -17,54 +17,24 @@ WORKER_SHUTDOWN_SECONDS = 20
 WORKER_SHUTDOWN_EXTRA_SECONDS = 3  # after the grace: the worker's kill and our own exit
 
 
+def _celery_worker(pool: str, concurrency: int, queues: str, name: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "--pool", pool, "--concurrency", str(concurrency), "-Q", queues,
+        "--loglevel", "INFO", "-n", name, "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+
+
 def worker_command(concurrency: int = 1, name: str = "hcnr-embedded@%h") -> list[str]:
     """One prefork child per GPU: CUDA is initialised in the child, never in the parent.
     It consumes the jobs and the webhook deliveries (worker.celery_app.QUEUES)."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        str(concurrency),
-        "-Q",
-        "hcnr,hcnr.webhooks",
-        "--loglevel",
-        "INFO",
-        "-n",
-        name,
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    return _celery_worker("prefork", concurrency, "hcnr,hcnr.webhooks", name)
 
 
 def validator_command(concurrency: int = 2, name: str = "hcnr-validator@%h") -> list[str]:
     """The CPU worker of the validation queue (worker/validation.py): threads, each check
     in a child process under the limits of hcnr_core.bounded. Never a GPU worker."""
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--pool",
-        "threads",
-        "--concurrency",
-        str(concurrency),
-        "-Q",
-        "hcnr.validation",
-        "--loglevel",
-        "INFO",
-        "-n",
-        name,
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    return _celery_worker("threads", concurrency, "hcnr.validation", name)
 
 
 def _die_with_parent() -> None:
