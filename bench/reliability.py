@@ -293,8 +293,10 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
         "title": "Load: concurrent users against the API",
         "rows": rows,
         "command": options.command("load", "users", "seconds", "think"),
-        "notes": "uvicorn (`hcnr serve --no-worker`, one process) + PostgreSQL + Redis on "
-        "loopback; no worker runs, so jobs stay queued and the CPU goes to the API, the "
+        "notes": "uvicorn (`hcnr serve --no-worker`, one process, and its validation "
+        "worker) + PostgreSQL + Redis on loopback; no GPU worker runs, so jobs are "
+        "validated (asynchronously, in the validation worker: POST answers `validating` "
+        "at once) and then stay queued; the CPU goes to the API, the validations, the "
         "databases and the load generator (one asyncio process, same machine). Each user "
         "uploads its two files, then loops: create a job, poll it 3×, list jobs, read its "
         "events, with the think time between requests.",
