@@ -78,15 +78,15 @@ def test_manifest_vouches_only_while_every_file_is_whole(tmp_path: Path) -> None
 RECIPE_PINS = {
     "organism": (
         "RECIPE_VERSION",
-        "a7961f9355d55557ba73505ffbf492184066d5ae81174061edc22912dc1f1983",
+        "e2f4b4078b730ae03dd343d9f85645460a8ba4d80920dae5f48b3ce9003045a0",
     ),
     "realmodel": (
         "RECIPE_VERSION",
-        "b6cf7527ccb3d26705e4494b3522af5aaa615dae1401bbb3efdf9e3883aa7348",
+        "7744fca85b7391f6e31766aae60c19a35ad9210eaf1528272b145b32ba0147fd",
     ),
     "realmodel eval": (
         "EVAL_VERSION",
-        "0f44ecf5aa419d15726ff46059020578cd9027b20e391f51e97051c693003fc7",
+        "69409af00809d5fdaacaee1094d8481e1e94663d1970abf7e29dcf8bc6544d53",
     ),
 }
 
