@@ -82,7 +82,7 @@ class Options:
             setattr(self, key, getattr(args, key))
 
     def command(self, name: str, *keys: str) -> str:
-        argv = [".venv/bin/python", "bench/reliability.py", "--only", name]
+        argv = [".venv/bin/python", "-m", "bench.reliability", "--only", name]
         for key in keys:
             value = getattr(self, key)
             if value != self.defaults[key]:
@@ -402,7 +402,7 @@ def hostile_work(options: Options, workdir: Path) -> dict[str, Any]:
                 job = http.get(job_url).json()
                 if job["status"] != "validating":
                     return job["status"], (job.get("error") or {}).get("code")
-                time.sleep(0.1)
+                time.sleep(1.0)  # the SDK's `wait` polls once a second too
 
         toy_files = {p: upload(toy[p], p).json()["id"] for p in ("honesty", "task")}
         # 1. one at a time (the control first: it is accepted and stays queued)
@@ -592,7 +592,9 @@ def hostile_work(options: Options, workdir: Path) -> dict[str, Any]:
         "notes": "`hcnr serve --no-worker` (SQLite, embedded broker; its validation worker "
         "but no GPU worker: refusals must not queue anything, the control job stays "
         "queued). POST answers `validating` at once; a case's time is until its job "
-        "failed (validation task) or its 4xx came back. Under the small limits "
+        "failed (validation task; its client polls the job once a second, as the SDK's "
+        "`wait` does) or its 4xx came back; in the burst, validations wait in the queue "
+        "for the validation worker's 2 slots, and that wait counts in their time. Under the small limits "
         "the tests use (tests/security/hostile_work.py WORK_LIMITS: validation "
         f"{hw.VALIDATION_TIMEOUT:g} s, 1 M parameters, 4 MiB of weights, 2048 tokens per "
         "sample, 20000 per job, 1000 samples, 1 MiB of data), defaults otherwise "
