@@ -116,6 +116,8 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
             ("job_stopping", "cancelling", now - timedelta(seconds=5)),
             ("job_waiting", "queued", None),
             ("job_lost", "queued", None),
+            ("job_validating", "validating", None),
+            ("job_unvalidated", "validating", None),
         ]:
             session.add(
                 Job(
@@ -130,17 +132,25 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
                     worker_id="w:1",
                     lease_expires_at=lease,
                     queued_at=now - timedelta(seconds=3600 if job_id == "job_lost" else 1),
+                    # a validation sent an hour ago and never done; one sent just now
+                    created_at=now - timedelta(seconds=3600),
+                    validation_sent_at=now
+                    - timedelta(seconds=3600 if job_id == "job_unvalidated" else 1),
                 )
             )
-    sent: list[str] = []
+    sent, validations = [], []
     settings = Settings(database_url=url, requeue_queued_seconds=600)
-    changed = reconcile_once(factory, settings, sent.append)
+    changed = reconcile_once(factory, settings, sent.append, validate=validations.append)
     assert changed == {"job_dead": "queued", "job_stopping": "cancelled", "job_lost": "queued"}
     assert sorted(sent) == ["job_dead", "job_lost"]
+    assert validations == ["job_unvalidated"]  # its validation message was lost: re-sent
     with session_scope(factory) as session:
         assert session.get(Job, "job_alive").status == "running"
         assert session.get(Job, "job_waiting").status == "queued"
-    assert reconcile_once(factory, settings, sent.append) == {}  # re-sent once per interval
+        assert session.get(Job, "job_unvalidated").status == "validating"  # only re-sent
+    # re-sent once per interval
+    assert reconcile_once(factory, settings, sent.append, validate=validations.append) == {}
+    assert validations == ["job_unvalidated"]
 
 
 def test_worker_parent_never_imports_torch():
