@@ -190,16 +190,24 @@ def tenant_routes(job_id: str, file_id: str) -> list[tuple[str, str]]:
         ("GET", f"/v1/repair-jobs/{job_id}/artifacts/config.json"),
         ("GET", f"/v1/repair-jobs/{job_id}/checkpoint.tar"),
         ("GET", f"/v1/repair-jobs/{job_id}/report"),
+        # last: alice's own call (the positive control) removes what they name
+        ("DELETE", f"/v1/files/{file_id}"),
+        ("DELETE", f"/v1/repair-jobs/{job_id}"),
     ]
 
 
-def test_other_tenant_gets_404_on_every_route(inproc: InProcess, finished_job, alice_files):
-    routes = tenant_routes(finished_job, alice_files["honesty"])
-    for method, url in routes:
-        assert inproc.clients["alice"].request(method, url).status_code in (200, 409), url
+def test_other_tenant_gets_404_on_every_route(inproc: InProcess, alice_files, models):
+    # A job and a file of this test's own: the DELETE routes remove them at the end.
+    own_file = inproc.upload("alice", models.task, "task").json()["id"]
+    files = {**alice_files, "task": own_file}
+    own_job = inproc.clients["alice"].post("/v1/repair-jobs", json=job_body(files)).json()["id"]
+    assert inproc.run_queued() == ["succeeded"]
+    routes = tenant_routes(own_job, own_file)
+    for method, url in routes:  # bob first, while alice's object exists; then alice
         response = inproc.clients["bob"].request(method, url)
         assert response.status_code == 404, url
         assert error_code(response) == "not_found"
+        assert inproc.clients["alice"].request(method, url).status_code in (200, 409), url
     body = job_body(alice_files)  # bob cannot use alice's files either
     assert inproc.clients["bob"].post("/v1/repair-jobs", json=body).status_code == 404
     assert inproc.clients["bob"].get("/v1/repair-jobs").json()["data"] == []
