@@ -102,10 +102,6 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def hcnr_error_details(exc: HCNRError) -> Any:
-    return exc.details()
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -113,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HCNRError)
     async def _hcnr_error(_: Request, exc: HCNRError) -> JSONResponse:
-        return error_response(status_of(exc.code), exc.code, str(exc), hcnr_error_details(exc))
+        return error_response(status_of(exc.code), exc.code, str(exc), exc.details())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

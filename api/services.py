@@ -187,16 +187,6 @@ def get_file(session: Session, tenant: Tenant, file_id: str) -> File:
     return file
 
 
-def local_file(storage: Storage, file: File, scratch: Path) -> Path:
-    """A local path of an uploaded file (downloaded when storage is remote)."""
-    local = storage.local_path(file.storage_key)
-    return (
-        local
-        if local is not None
-        else storage.get_file(file.storage_key, scratch / f"{file.id}.jsonl")
-    )
-
-
 # --- job creation ------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from api import services
 from api.deps import SessionDep, SettingsDep, StorageDep, ValidateDep
-from api.errors import APIError, hcnr_error_details
+from api.errors import APIError
 from api.routes import artifacts as artifact_routes
 from api.routes import files as file_routes
 from api.routes import jobs as job_routes
@@ -333,7 +333,7 @@ def _status_and_error(exc: Exception) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, APIError):
         return exc.status, _error(exc.code, exc.message, exc.details)
     assert isinstance(exc, HCNRError)
-    return status_of(exc.code), _error(exc.code, str(exc), hcnr_error_details(exc))
+    return status_of(exc.code), _error(exc.code, str(exc), exc.details())
 
 
 def _new_job_page(request: Request, ui: UiSession, status: int = 200, **form: Any):
