@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.limits import UploadSizeLimit
 from api.metrics import Metrics, MetricsMiddleware
-from api.routes import artifacts, files, health, jobs, webhooks
+from api.routes import artifacts, files, health, jobs, secrets, webhooks
 from api.ui import routes as ui
 from hcnr_core.bounded import warm_up
 from store.db import make_engine, make_session_factory, migrate
@@ -53,7 +53,7 @@ def create_app(
     app.state.enqueue, app.state.broker_check, app.state.notify, celery_validate = producers
     app.state.validate = validate or celery_validate or _inline_validation(app, settings)
     app.state.metrics = Metrics(app.state.session_factory)
-    for module in (files, jobs, artifacts, health, ui):
+    for module in (files, jobs, artifacts, secrets, health, ui):
         app.include_router(module.router)
     app.include_router(webhooks.router)
     install_error_handlers(app)

@@ -37,6 +37,9 @@ CLIENT_ERROR_CODES = {  # hcnr_core's codes that are the client's fault (422)
     "data_too_large",
     "validation_timeout",
     "validation_out_of_memory",
+    # hf: and s3:// models (store/remote_models.py; recorded on the failed job)
+    "hub_access_denied",
+    "revision_not_found",
 }
 STATUS_OF_CODE: dict[str, int] = {
     "bad_request": 400,
@@ -58,6 +61,8 @@ STATUS_OF_CODE: dict[str, int] = {
     "invalid_webhook_url": 422,
     **dict.fromkeys(CLIENT_ERROR_CODES, 422),
     "internal_error": 500,
+    # the hub or S3 cannot be reached and the model is not cached: retry later
+    "model_source_unavailable": 503,
 }
 # Starlette's own HTTP errors (routing, body parsing) by status.
 HTTP_CODES = {

@@ -27,6 +27,8 @@ from hcnr_core.config import (
     RepairConfig,
 )
 from store.job_state import STATES
+from store.secrets import MAX_VALUE_LENGTH as MAX_SECRET_LENGTH
+from store.secrets import SECRET_NAMES
 
 FilePurpose = Literal["honesty", "task", "eval"]
 JobStatus = Literal[STATES]  # type: ignore[valid-type]  # store/job_state.py lists them
@@ -102,6 +104,45 @@ class WebhookSecret(BaseModel):
     )
 
 
+SecretName = Literal[tuple(SECRET_NAMES)]  # type: ignore[valid-type]
+
+
+class SecretSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    value: Annotated[Text, Field(min_length=1, max_length=MAX_SECRET_LENGTH)] = Field(
+        description="Stored encrypted; never returned by the API"
+    )
+
+    @model_validator(mode="after")
+    def _printable(self) -> SecretSet:
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.value):
+            raise ValueError("value must not contain control characters")
+        return self
+
+
+class SecretPublic(BaseModel):
+    """A secret's name and dates; its value is never returned."""
+
+    object: Literal["secret"] = "secret"
+    name: str = Field(
+        description="; ".join(f"{name}: {what}" for name, what in SECRET_NAMES.items())
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+class SecretList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SecretPublic]
+
+
+class SecretDeleted(BaseModel):
+    object: Literal["secret"] = "secret"
+    name: str
+    deleted: bool
+
+
 def _client_hyperparameters(config: type[FileConfig], doc: str) -> type[BaseModel]:
     """The library config's fields a client may set (one spec for library, CLI and API),
     with the free-text fields bounded and storable."""
@@ -168,7 +209,11 @@ class RepairJobCreate(BaseModel):
         "the most honest within max_domain_drop on a validation split); hyperparameters "
         "follow the method",
     )
-    base: Reference = Field(description="'path:<dir under the models root>' or 'hf:org/name@rev'")
+    base: Reference = Field(
+        description="'path:<dir under the models root>', 'hf:org/name[@revision]' (downloaded "
+        "by the validation, safetensors only, with the tenant's hf_token if set) or "
+        "'s3://bucket/prefix' (under the operator's HCNR_MODELS_S3_PREFIXES)"
+    )
     finetuned: Reference = Field(description="Full fine-tuned model or PEFT LoRA adapter reference")
     honesty_file: FileId = Field(description="Id of an uploaded file with purpose honesty")
     task_file: FileId = Field(description="Id of an uploaded file with purpose task")
@@ -238,6 +283,15 @@ class RepairJobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     artifacts_expired_at: datetime | None = None
+    base_resolved: str | None = Field(
+        None,
+        description="The exact base model the job runs, pinned by its validation: "
+        "'hf:org/name@<commit sha>' or 's3://bucket/prefix#<listing digest>'; null for "
+        "'path:' references and before validation",
+    )
+    finetuned_resolved: str | None = Field(
+        None, description="The exact fine-tuned model the job runs (as base_resolved)"
+    )
 
 
 class RepairJobList(BaseModel):

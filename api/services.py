@@ -24,9 +24,9 @@ from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_line
 from hcnr_core.errors import CheckpointError, DataValidationError, TooManySamplesError
 from hcnr_core.methods import get_method
-from store import job_state, repositories, webhooks
-from store.models import Artifact, File, Job, JobLabel, Tenant, new_id, utcnow
-from store.references import resolve_reference
+from store import job_state, repositories, secrets, webhooks
+from store.models import Artifact, File, Job, JobLabel, Tenant, TenantSecret, new_id, utcnow
+from store.references import check_reference
 from store.settings import Settings
 from store.storage import Storage, job_prefix
 
@@ -187,6 +187,37 @@ def get_file(session: Session, tenant: Tenant, file_id: str) -> File:
     return file
 
 
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def set_secret(
+    session: Session, settings: Settings, tenant: Tenant, name: str, value: str
+) -> TenantSecret:
+    if name not in secrets.SECRET_NAMES:
+        known = ", ".join(sorted(secrets.SECRET_NAMES))
+        raise APIError("invalid_request", f"unknown secret name {name!r}; known: {known}")
+    row = secrets.put(session, settings, tenant.id, name, value)
+    session.commit()
+    return row
+
+
+def list_secrets(session: Session, tenant: Tenant) -> list[TenantSecret]:
+    return secrets.list_meta(session, tenant.id)
+
+
+def get_secret(session: Session, tenant: Tenant, name: str) -> TenantSecret:
+    row = secrets.get_meta(session, tenant.id, name) if name in secrets.SECRET_NAMES else None
+    if row is None:
+        raise not_found("secret", name)
+    return row
+
+
+def delete_secret(session: Session, tenant: Tenant, name: str) -> None:
+    if name not in secrets.SECRET_NAMES or not secrets.delete(session, tenant.id, name):
+        raise not_found("secret", name)
+    session.commit()
+
+
 # --- job creation ------------------------------------------------------------------------
 
 
@@ -242,7 +273,9 @@ def check_job(session: Session, settings: Settings, tenant: Tenant, body: Repair
             candidate_config(candidate, config)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
     for reference in (body.base, body.finetuned):
-        _check_is_checkpoint(reference, resolve_reference(reference, settings.models_dir))
+        local = check_reference(reference, settings)  # hf:/s3:// are the validation's to fetch
+        if local is not None:
+            _check_is_checkpoint(reference, local)
     return config
 
 

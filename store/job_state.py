@@ -101,9 +101,12 @@ def _status(session: Session, job_id: str) -> str | None:
 # --- the operations ----------------------------------------------------------------------
 
 
-def queue(session: Session, job_id: str) -> Job:
-    """validating -> queued: the job passed validation and waits for a worker."""
-    job = transition(session, job_id, "queued", only_from={"validating"}, queued_at=utcnow())
+def queue(session: Session, job_id: str, pinned: dict[str, str | None] | None = None) -> Job:
+    """validating -> queued: the job passed validation and waits for a worker. `pinned`:
+    the exact model versions the validation fetched (base_resolved, finetuned_resolved)."""
+    job = transition(
+        session, job_id, "queued", only_from={"validating"}, queued_at=utcnow(), **(pinned or {})
+    )
     if job is None:
         raise TransitionRefused(job_id, _status(session, job_id), "queued")
     repositories.add_event(session, job, "queued", "validated; waiting for a worker")

@@ -61,6 +61,21 @@ class Tenant(Base):
     webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
+class TenantSecret(Base):
+    """A named credential of a tenant (`hf_token`, ...), AES-GCM encrypted (store/secrets.py).
+    The API never returns `ciphertext` nor what it decrypts to."""
+
+    __tablename__ = "tenant_secrets"
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ApiKey(Base):
     __tablename__ = "api_keys"
 
@@ -138,6 +153,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     # Set when the retention period (artifact_retention_days) removed what it published.
     artifacts_expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The exact versions the job runs, pinned by its validation: `hf:org/name@<commit>`
+    # for a hub reference, `s3://bucket/prefix#<digest of the listing's ETags>` for S3,
+    # None for `path:` (the runner reads these, never the moving reference).
+    base_resolved: Mapped[str | None] = mapped_column(String(1100), default=None)
+    finetuned_resolved: Mapped[str | None] = mapped_column(String(1100), default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     labels: Mapped[list[JobLabel]] = relationship(

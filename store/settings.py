@@ -38,6 +38,31 @@ class Settings(Limits):
         description="The operator's service-wide secret (webhooks are signed with each "
         "tenant's own secret instead: GET /v1/webhook-secret)",
     )
+    previous_secret_keys: list[str] = Field(
+        default_factory=list,
+        description="Earlier values of secret_key (JSON list): tenant secrets encrypted under "
+        "them stay readable after a rotation (store/secrets.py re-encrypts on the next write)",
+    )
+    model_cache_dir: Path | None = Field(
+        None,
+        description="Shared cache of `hf:` and `s3://` models (default data_dir/model-cache); "
+        "the validation task writes it, GPU workers read it: one volume for both",
+    )
+    hub_endpoint: str | None = Field(
+        None, description="Hugging Face Hub (or mirror) URL for `hf:` references; unset: the hub"
+    )
+    hub_offline: bool = Field(
+        False, description="Never contact the hub: `hf:` references resolve from the cache only"
+    )
+    models_s3_prefixes: list[str] = Field(
+        default_factory=list,
+        description="JSON list of s3://bucket/prefix under which `s3://` model references may "
+        "lie (read with s3_endpoint_url and the service's AWS credentials); empty: `s3://` "
+        "references are refused",
+    )
+    max_remote_model_files: int = Field(
+        64, ge=1, le=10_000, description="Most files an `hf:`/`s3://` model may download"
+    )
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     min_samples: int = Field(8, ge=1, description="Fewest samples an honesty/task file may have")
     max_line_bytes: int = Field(
@@ -98,21 +123,6 @@ class Settings(Limits):
     )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
-    worker_metrics_port: int | None = Field(
-        None,
-        ge=1,
-        le=65535,
-        description="Port of a worker's own Prometheus endpoint (worker/metrics.py); unset: "
-        "off. `hcnr serve` gives its validation worker this port + 1",
-    )
-    worker_metrics_host: str = Field(
-        "127.0.0.1", description="Address the worker metrics endpoint binds (0.0.0.0: container)"
-    )
-    task_events: bool = Field(
-        True,
-        description="Celery task events (task-sent/received/started/succeeded, for Flower) "
-        "when the broker can carry them (Redis, AMQP); never on the embedded broker",
-    )
 
     @field_validator("worker_device")
     @classmethod
@@ -160,6 +170,10 @@ class Settings(Limits):
     @cached_property
     def models_dir(self) -> Path:
         return (self.models_root or self.data_dir / "models").resolve()
+
+    @cached_property
+    def model_cache(self) -> Path:
+        return (self.model_cache_dir or self.data_dir / "model-cache").resolve()
 
     @cached_property
     def artifacts_location(self) -> str:

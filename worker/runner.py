@@ -30,7 +30,6 @@ from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage, job_prefix
 from worker import cleanup, faults, hub_card
-from worker import metrics as worker_metrics
 
 log = logging.getLogger("hcnr.worker")
 
@@ -136,16 +135,8 @@ def timeout_outcome(settings: Settings) -> dict[str, str]:
 class ProgressRecorder:
     """Pipeline progress -> the job row (throttled) and one event per stage."""
 
-    def __init__(
-        self,
-        ctx: Context,
-        job_id: str,
-        lease: Lease,
-        delay: float = 0.0,
-        tracker: worker_metrics.JobTracker | None = None,
-    ):
+    def __init__(self, ctx: Context, job_id: str, lease: Lease, delay: float = 0.0):
         self.ctx, self.job_id, self.lease = ctx, job_id, lease
-        self.tracker = tracker  # the worker's metrics: the stage this job is in
         self.delay = delay  # fault injection only (worker/faults.py): 0 in production
         self.started = time.monotonic()
         self.stage: str | None = None
@@ -166,8 +157,6 @@ class ProgressRecorder:
             if self.stage is not None:
                 self.stage_seconds[self.stage] = round(now - self.stage_started, 4)
             self.stage_started = now
-            if self.tracker is not None:
-                self.tracker.stage(event.stage, self.stage_seconds)
         if not new_stage and now - self.last_write < self.ctx.settings.progress_interval_seconds:
             return
         self.stage, self.last_write = event.stage, now
@@ -200,39 +189,24 @@ def run_job(job_id: str, ctx: Context) -> str:
         if job is None:
             job = repositories.get_job_by_id(session, job_id)
             return job.status if job else "missing"
-        labels, attempt, method = job.metadata_dict, job.attempts, job.method
+        labels, attempt = job.metadata_dict, job.attempts
     faults.crash_if_poisoned(job_id, labels)  # a no-op unless a test switched it on
     if attempt > 1:  # earlier attempts died (the claim needed their lease gone): clear up
         cleanup.remove_leftovers(ctx.settings, job_id, ctx.storage)
     scratch = ctx.settings.scratch_dir / f"{job_id}-{ctx.worker.replace(':', '-')}"
-    tracker = worker_metrics.JobTracker(method, ctx.settings.worker_device.split(","))
-    result, outcome = "error", {}
     try:
         with Lease(ctx, job_id) as lease:
-            status, outcome = _execute(ctx, job_id, lease, scratch, tracker)
-            if _finish(ctx, job_id, status, outcome):
-                result = status
-            else:  # the lease thread recorded the timeout, or another attempt holds it
-                result = "failed" if lease.timed_out.is_set() else "lost"
+            status, outcome = _execute(ctx, job_id, lease, scratch)
+            _finish(ctx, job_id, status, outcome)
     finally:
-        # The stages as the row records them: the report's on success, else those the
-        # progress recorder completed.
-        report = outcome.get("report") if result == "succeeded" else None
-        tracker.finish(result, report.get("stage_seconds", {}) if report is not None else None)
         shutil.rmtree(scratch, ignore_errors=True)
     notify(ctx, job_id)
     return status
 
 
-def _execute(
-    ctx: Context,
-    job_id: str,
-    lease: Lease,
-    scratch: Path,
-    tracker: worker_metrics.JobTracker | None = None,
-) -> tuple[str, dict]:
+def _execute(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[str, dict]:
     try:
-        report, out = _repair(ctx, job_id, lease, scratch, tracker)
+        report, out = _repair(ctx, job_id, lease, scratch)
         return "succeeded", {"report": report, "out": out}
     except RepairCancelled:
         if lease.timed_out.is_set():
@@ -256,10 +230,11 @@ def _inputs(ctx: Context, job: Job, scratch: Path) -> dict[str, Any]:
         path = ctx.storage.local_path(file.storage_key)
         return path or ctx.storage.get_file(file.storage_key, scratch / f"{file.id}.jsonl")
 
-    root = ctx.settings.models_dir
+    root, cache = ctx.settings.models_dir, ctx.settings.model_cache
     return {
-        "base": resolve_reference(job.base_ref, root),
-        "finetuned": resolve_reference(job.finetuned_ref, root),
+        # what the validation pinned (hub commit, S3 listing), from the cache, offline
+        "base": resolve_reference(job.base_resolved or job.base_ref, root, cache),
+        "finetuned": resolve_reference(job.finetuned_resolved or job.finetuned_ref, root, cache),
         "honesty": local(job.honesty_file_id),
         "task": local(job.task_file_id),
         "eval": local(job.eval_file_id),
@@ -276,13 +251,7 @@ def _output_dir(ctx: Context, job_id: str, scratch: Path) -> Path:
     return local
 
 
-def _repair(
-    ctx: Context,
-    job_id: str,
-    lease: Lease,
-    scratch: Path,
-    tracker: worker_metrics.JobTracker | None = None,
-) -> tuple[dict, Path]:
+def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dict, Path]:
     with session_scope(ctx.session_factory) as session:
         job = repositories.get_job_by_id(session, job_id)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -290,7 +259,7 @@ def _repair(
     method = get_method(job.method)
     config = method.make_config(job.config, device=ctx.settings.worker_device)
     delay = faults.progress_delay(job.metadata_dict)
-    recorder = ProgressRecorder(ctx, job_id, lease, delay, tracker)
+    recorder = ProgressRecorder(ctx, job_id, lease, delay)
     out = _output_dir(ctx, job_id, scratch)
     with use_limits(ctx.settings.limits):  # the service's limits apply in `prepare` too
         report = method.run(
@@ -412,8 +381,8 @@ def _artifacts(job_id: str, report: dict, out: Path) -> list[Artifact]:
     ]
 
 
-def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> bool:
-    """Record the terminal state, only if this worker still holds the job (True)."""
+def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> None:
+    """Record the terminal state, only if this worker still holds the job."""
     with session_scope(ctx.session_factory) as session:
         job = job_state.finish(
             session,
@@ -428,10 +397,9 @@ def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> bool:
             log.warning("job %s: lease lost before recording %s", job_id, status)
             if status == "succeeded":
                 _discard(ctx, job_id, outcome["out"])
-            return False
+            return
         if status == "succeeded":
             session.add_all(_artifacts(job_id, outcome["report"], outcome["out"]))
-    return True
 
 
 def notify(ctx: Context, job_id: str) -> None:

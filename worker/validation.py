@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,12 @@ from pydantic import ValidationError
 from hcnr_core.bounded import validate_bounded
 from hcnr_core.errors import HCNRError
 from hcnr_core.methods import MethodInputs, get_method
-from store import job_state, repositories
+from store import job_state, repositories, secrets
 from store.db import session_scope
 from store.models import File
-from store.references import resolve_reference
+from store.references import fetch_reference
 from store.settings import Settings
 from store.storage import Storage
-from worker import metrics as worker_metrics
 
 log = logging.getLogger("hcnr.validation")
 
@@ -46,35 +44,17 @@ def validate_job(
     enqueue: Callable[[str], None],
     notify: Callable[[str], None] | None = None,
 ) -> str:
-    """Validate one job; returns its status afterwards (queued, failed, or what it was).
-    Its duration and outcome go to the worker's metrics (worker/metrics.py)."""
-    started, outcome, code = time.monotonic(), "error", None
-    try:
-        status, outcome, code = _validate(
-            job_id, session_factory, storage, settings, enqueue, notify
-        )
-        return status
-    finally:
-        worker_metrics.validation_done(outcome, time.monotonic() - started, code)
-
-
-def _validate(
-    job_id: str,
-    session_factory: Any,
-    storage: Storage,
-    settings: Settings,
-    enqueue: Callable[[str], None],
-    notify: Callable[[str], None] | None,
-) -> tuple[str, str, str | None]:
-    """(status afterwards, the metric's outcome, the failure's code)."""
+    """Validate one job; returns its status afterwards (queued, failed, or what it was)."""
     with session_scope(session_factory) as session:
         job = repositories.get_job_by_id(session, job_id)
         if job is None:
-            return "missing", "skipped", None
+            return "missing"
         if job.status != "validating":
-            return job.status, "skipped", None
+            return job.status
         method, config_values = job.method, dict(job.config)
         refs = (job.base_ref, job.finetuned_ref)
+        tenant_id = job.tenant_id
+        hub_token = _hub_token(session, settings, tenant_id, refs)
         keys = {
             role: session.get(File, file_id).storage_key
             for role, file_id in (
@@ -84,13 +64,16 @@ def _validate(
             )
             if file_id is not None
         }
-    failure = _check(method, config_values, refs, keys, storage, settings)
+    pinned: dict[str, str | None] = {}
+    failure = _check(
+        method, config_values, refs, keys, storage, settings, pinned, tenant_id, hub_token
+    )
     with session_scope(session_factory) as session:
         if failure is not None:
             moved = job_state.fail_validation(session, job_id, *failure)
         else:
             try:
-                moved = job_state.queue(session, job_id)
+                moved = job_state.queue(session, job_id, pinned)
             except job_state.TransitionRefused:
                 moved = None
         status = moved.status if moved is not None else _status(session, job_id)
@@ -98,9 +81,7 @@ def _validate(
         _send(enqueue, job_id, "job")
     elif moved is not None and notify is not None:  # failed: its webhook is due
         _send(notify, job_id, "webhook")
-    if moved is None:  # cancelled (or validated by a duplicate) meanwhile
-        return status, "skipped", None
-    return status, status, failure[0] if failure is not None else None
+    return status
 
 
 def _check(
@@ -110,11 +91,19 @@ def _check(
     keys: dict[str, str],
     storage: Storage,
     settings: Settings,
+    pinned: dict[str, str | None],
+    tenant_id: str,
+    hub_token: str | None,
 ) -> tuple[str, str, Any] | None:
-    """(code, message, details) of the refusal, None when the job may run."""
+    """(code, message, details) of the refusal, None when the job may run. `hf:`/`s3://`
+    models are fetched into the model cache here and what was fetched is put in `pinned`
+    (base_resolved, finetuned_resolved) for the job's row."""
     try:
         config = get_method(method).make_config(config_values, device=settings.worker_device)
-        base, finetuned = (resolve_reference(ref, settings.models_dir) for ref in refs)
+        base, pinned["base_resolved"] = fetch_reference(refs[0], settings, tenant_id, hub_token)
+        finetuned, pinned["finetuned_resolved"] = fetch_reference(
+            refs[1], settings, tenant_id, hub_token
+        )
         settings.scratch_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=settings.scratch_dir) as scratch:
             local = {
@@ -136,6 +125,21 @@ def _check(
         log.exception("validation of job %s failed", refs)
         return "internal_error", f"validation failed: {type(exc).__name__}: {exc}", None
     return None
+
+
+def _hub_token(session: Any, settings: Settings, tenant_id: str, refs: tuple[str, str]) -> Any:
+    """The tenant's own `hf_token` (decrypted here only, for the download), when a
+    reference names the hub. Unreadable (the secret key rotated without listing the old
+    one in HCNR_PREVIOUS_SECRET_KEYS): the download goes without, and says so."""
+    if not any(ref.startswith("hf:") for ref in refs):
+        return None
+    try:
+        return secrets.value(session, settings, tenant_id, "hf_token")
+    except secrets.SecretUnreadable:
+        log.error(
+            "the hf_token of tenant %s cannot be decrypted with the configured keys", tenant_id
+        )
+        return None
 
 
 def _status(session: Any, job_id: str) -> str:

@@ -77,6 +77,8 @@ def job_public(job: Job) -> RepairJobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
         artifacts_expired_at=job.artifacts_expired_at,
+        base_resolved=job.base_resolved,
+        finetuned_resolved=job.finetuned_resolved,
     )
 
 

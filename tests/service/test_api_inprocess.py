@@ -190,10 +190,17 @@ def tenant_routes(job_id: str, file_id: str) -> list[tuple[str, str]]:
         ("GET", f"/v1/repair-jobs/{job_id}/artifacts/config.json"),
         ("GET", f"/v1/repair-jobs/{job_id}/checkpoint.tar"),
         ("GET", f"/v1/repair-jobs/{job_id}/report"),
+        ("GET", "/v1/secrets/hf_token"),
         # last: alice's own call (the positive control) removes what they name
         ("DELETE", f"/v1/files/{file_id}"),
         ("DELETE", f"/v1/repair-jobs/{job_id}"),
+        ("DELETE", "/v1/secrets/hf_token"),
     ]
+
+
+# PUT /v1/secrets/{name} sets the caller's own secret of that name: there is no other
+# tenant's object to reach (test_remote_models checks bob's PUT leaves alice's alone).
+UPSERT_ROUTES = {("PUT", "/v1/secrets/{name}")}
 
 
 def test_other_tenant_gets_404_on_every_route(inproc: InProcess, alice_files, models):
@@ -202,6 +209,7 @@ def test_other_tenant_gets_404_on_every_route(inproc: InProcess, alice_files, mo
     files = {**alice_files, "task": own_file}
     own_job = inproc.clients["alice"].post("/v1/repair-jobs", json=job_body(files)).json()["id"]
     assert inproc.run_queued() == ["succeeded"]
+    assert inproc.clients["alice"].put("/v1/secrets/hf_token", json={"value": "hf_x"}).is_success
     routes = tenant_routes(own_job, own_file)
     for method, url in routes:  # bob first, while alice's object exists; then alice
         response = inproc.clients["bob"].request(method, url)
@@ -220,6 +228,7 @@ def test_every_route_with_an_id_is_covered_by_the_tenancy_test(inproc: InProcess
         for m, u in tenant_routes("job_x", "file_x")
     }
     tested = {(m, u.replace("config.json", "{name}")) for m, u in tested}
+    tested = {(m, u.replace("hf_token", "{name}")) for m, u in tested} | UPSERT_ROUTES
     spec = inproc.clients["alice"].get("/openapi.json").json()
     for path, operations in spec["paths"].items():
         if "{" in path:

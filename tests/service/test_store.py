@@ -39,8 +39,10 @@ def test_sqlite_schema_matches_models_after_migrations(tmp_path: Path):
         ("path:link", "invalid_reference"),  # symlink leaving the root
         ("path:x\x00y", "invalid_reference"),
         ("path:missing", "reference_not_found"),
-        ("hf:org/name", "invalid_reference"),  # a hub id needs a pinned revision
+        ("hf:org/name", "reference_not_found"),  # main, never fetched into the cache
         ("hf:org/name@0123abc", "reference_not_found"),  # offline, not cached
+        ("hf:org/../name", "invalid_reference"),
+        ("s3://bucket/prefix", "reference_not_found"),  # only the validation fetches it
         ("/abs/dir", "invalid_reference"),
     ],
 )
