@@ -37,6 +37,15 @@ def validator_command(concurrency: int = 2, name: str = "hcnr-validator@%h") -> 
     return _celery_worker("threads", concurrency, "hcnr.validation", name)
 
 
+def validator_env(env: dict[str, str]) -> dict[str, str]:
+    """Both workers of `hcnr serve` run on this machine: the validation worker's metrics
+    endpoint takes HCNR_WORKER_METRICS_PORT + 1 (worker/metrics.py)."""
+    port = env.get("HCNR_WORKER_METRICS_PORT", "").strip()
+    if not port:
+        return env
+    return {**env, "HCNR_WORKER_METRICS_PORT": str(int(port) + 1)}
+
+
 def _die_with_parent() -> None:
     """Linux: the worker gets SIGTERM if `hcnr serve` dies without cleaning up."""
     try:
@@ -94,7 +103,7 @@ def serve(
     processes = []
     if validator:
         concurrency = settings.limits.max_concurrent_validations
-        processes.append(start_worker(env, validator_command(concurrency)))
+        processes.append(start_worker(validator_env(env), validator_command(concurrency)))
     if worker:
         processes.append(start_worker(env))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

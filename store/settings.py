@@ -123,6 +123,21 @@ class Settings(Limits):
     )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port of a worker's own Prometheus endpoint (worker/metrics.py); unset: "
+        "off. `hcnr serve` gives its validation worker this port + 1",
+    )
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address the worker metrics endpoint binds (0.0.0.0: container)"
+    )
+    task_events: bool = Field(
+        True,
+        description="Celery task events (task-sent/received/started/succeeded, for Flower) "
+        "when the broker can carry them (Redis, AMQP); never on the embedded broker",
+    )
 
     @field_validator("worker_device")
     @classmethod

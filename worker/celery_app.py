@@ -45,7 +45,11 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=_transport_options(settings),
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events for Flower (`celery events`, EventReceiver): a task's name and its
+        # only argument, the job id, never a secret. The embedded broker keeps its topic
+        # bindings in each process's memory, so events there would reach nobody.
+        worker_send_task_events=_events_on(settings),
+        task_send_sent_event=_events_on(settings),
         # A job stuck past its limit (and its lease thread's grace) loses its pool child:
         # the row is already failed (timeout) by the lease thread or the reconciler.
         task_time_limit=int(
@@ -56,6 +60,14 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.conf.hcnr_settings = settings
     return app
+
+
+EVENT_BROKERS = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
+
+
+def _events_on(settings: Settings) -> bool:
+    scheme = settings.celery_broker_url.split("://", 1)[0].split("+", 1)[0]
+    return settings.task_events and scheme in EVENT_BROKERS
 
 
 def _transport_options(settings: Settings) -> dict:

@@ -30,6 +30,7 @@ from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage, job_prefix
 from worker import cleanup, faults, hub_card
+from worker import metrics as worker_metrics
 
 log = logging.getLogger("hcnr.worker")
 
@@ -135,8 +136,16 @@ def timeout_outcome(settings: Settings) -> dict[str, str]:
 class ProgressRecorder:
     """Pipeline progress -> the job row (throttled) and one event per stage."""
 
-    def __init__(self, ctx: Context, job_id: str, lease: Lease, delay: float = 0.0):
+    def __init__(
+        self,
+        ctx: Context,
+        job_id: str,
+        lease: Lease,
+        delay: float = 0.0,
+        tracker: worker_metrics.JobTracker | None = None,
+    ):
         self.ctx, self.job_id, self.lease = ctx, job_id, lease
+        self.tracker = tracker  # the worker's metrics: the stage this job is in
         self.delay = delay  # fault injection only (worker/faults.py): 0 in production
         self.started = time.monotonic()
         self.stage: str | None = None
@@ -157,6 +166,8 @@ class ProgressRecorder:
             if self.stage is not None:
                 self.stage_seconds[self.stage] = round(now - self.stage_started, 4)
             self.stage_started = now
+            if self.tracker is not None:
+                self.tracker.stage(event.stage, self.stage_seconds)
         if not new_stage and now - self.last_write < self.ctx.settings.progress_interval_seconds:
             return
         self.stage, self.last_write = event.stage, now
@@ -189,24 +200,39 @@ def run_job(job_id: str, ctx: Context) -> str:
         if job is None:
             job = repositories.get_job_by_id(session, job_id)
             return job.status if job else "missing"
-        labels, attempt = job.metadata_dict, job.attempts
+        labels, attempt, method = job.metadata_dict, job.attempts, job.method
     faults.crash_if_poisoned(job_id, labels)  # a no-op unless a test switched it on
     if attempt > 1:  # earlier attempts died (the claim needed their lease gone): clear up
         cleanup.remove_leftovers(ctx.settings, job_id, ctx.storage)
     scratch = ctx.settings.scratch_dir / f"{job_id}-{ctx.worker.replace(':', '-')}"
+    tracker = worker_metrics.JobTracker(method, ctx.settings.worker_device.split(","))
+    result, outcome = "error", {}
     try:
         with Lease(ctx, job_id) as lease:
-            status, outcome = _execute(ctx, job_id, lease, scratch)
-            _finish(ctx, job_id, status, outcome)
+            status, outcome = _execute(ctx, job_id, lease, scratch, tracker)
+            if _finish(ctx, job_id, status, outcome):
+                result = status
+            else:  # the lease thread recorded the timeout, or another attempt holds it
+                result = "failed" if lease.timed_out.is_set() else "lost"
     finally:
+        # The stages as the row records them: the report's on success, else those the
+        # progress recorder completed.
+        report = outcome.get("report") if result == "succeeded" else None
+        tracker.finish(result, report.get("stage_seconds", {}) if report is not None else None)
         shutil.rmtree(scratch, ignore_errors=True)
     notify(ctx, job_id)
     return status
 
 
-def _execute(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[str, dict]:
+def _execute(
+    ctx: Context,
+    job_id: str,
+    lease: Lease,
+    scratch: Path,
+    tracker: worker_metrics.JobTracker | None = None,
+) -> tuple[str, dict]:
     try:
-        report, out = _repair(ctx, job_id, lease, scratch)
+        report, out = _repair(ctx, job_id, lease, scratch, tracker)
         return "succeeded", {"report": report, "out": out}
     except RepairCancelled:
         if lease.timed_out.is_set():
@@ -251,7 +277,13 @@ def _output_dir(ctx: Context, job_id: str, scratch: Path) -> Path:
     return local
 
 
-def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dict, Path]:
+def _repair(
+    ctx: Context,
+    job_id: str,
+    lease: Lease,
+    scratch: Path,
+    tracker: worker_metrics.JobTracker | None = None,
+) -> tuple[dict, Path]:
     with session_scope(ctx.session_factory) as session:
         job = repositories.get_job_by_id(session, job_id)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -259,7 +291,7 @@ def _repair(ctx: Context, job_id: str, lease: Lease, scratch: Path) -> tuple[dic
     method = get_method(job.method)
     config = method.make_config(job.config, device=ctx.settings.worker_device)
     delay = faults.progress_delay(job.metadata_dict)
-    recorder = ProgressRecorder(ctx, job_id, lease, delay)
+    recorder = ProgressRecorder(ctx, job_id, lease, delay, tracker)
     out = _output_dir(ctx, job_id, scratch)
     with use_limits(ctx.settings.limits):  # the service's limits apply in `prepare` too
         report = method.run(
@@ -381,8 +413,8 @@ def _artifacts(job_id: str, report: dict, out: Path) -> list[Artifact]:
     ]
 
 
-def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> None:
-    """Record the terminal state, only if this worker still holds the job."""
+def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> bool:
+    """Record the terminal state, only if this worker still holds the job (True)."""
     with session_scope(ctx.session_factory) as session:
         job = job_state.finish(
             session,
@@ -397,9 +429,10 @@ def _finish(ctx: Context, job_id: str, status: str, outcome: dict) -> None:
             log.warning("job %s: lease lost before recording %s", job_id, status)
             if status == "succeeded":
                 _discard(ctx, job_id, outcome["out"])
-            return
+            return False
         if status == "succeeded":
             session.add_all(_artifacts(job_id, outcome["report"], outcome["out"]))
+    return True
 
 
 def notify(ctx: Context, job_id: str) -> None:

@@ -165,3 +165,26 @@ def start_reconciler(sender: Any = None, **_: Any) -> None:
     ReconcilerThread(
         factory, settings, enqueue_with(app), notify_with(app), validate_with(app)
     ).start()
+
+
+@signals.celeryd_init.connect
+def start_metrics(sender: Any = None, **_: Any) -> None:
+    """The worker's own Prometheus endpoint (HCNR_WORKER_METRICS_PORT), in its main
+    process before the pool forks: the children inherit the multiprocess directory."""
+    from worker import metrics
+
+    metrics.start_exporter(app.conf.hcnr_settings)
+
+
+@signals.worker_process_init.connect
+def metrics_in_child(**_: Any) -> None:
+    from worker import metrics
+
+    metrics.in_child()
+
+
+@signals.worker_shutdown.connect
+def stop_metrics(**_: Any) -> None:
+    from worker import metrics
+
+    metrics.stop_exporter()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from store.models import File
 from store.references import fetch_reference
 from store.settings import Settings
 from store.storage import Storage
+from worker import metrics as worker_metrics
 
 log = logging.getLogger("hcnr.validation")
 
@@ -44,13 +46,33 @@ def validate_job(
     enqueue: Callable[[str], None],
     notify: Callable[[str], None] | None = None,
 ) -> str:
-    """Validate one job; returns its status afterwards (queued, failed, or what it was)."""
+    """Validate one job; returns its status afterwards (queued, failed, or what it was).
+    Its duration and outcome go to the worker's metrics (worker/metrics.py)."""
+    started, outcome, code = time.monotonic(), "error", None
+    try:
+        status, outcome, code = _validate(
+            job_id, session_factory, storage, settings, enqueue, notify
+        )
+        return status
+    finally:
+        worker_metrics.validation_done(outcome, time.monotonic() - started, code)
+
+
+def _validate(
+    job_id: str,
+    session_factory: Any,
+    storage: Storage,
+    settings: Settings,
+    enqueue: Callable[[str], None],
+    notify: Callable[[str], None] | None,
+) -> tuple[str, str, str | None]:
+    """(status afterwards, the metric's outcome, the failure's code)."""
     with session_scope(session_factory) as session:
         job = repositories.get_job_by_id(session, job_id)
         if job is None:
-            return "missing"
+            return "missing", "skipped", None
         if job.status != "validating":
-            return job.status
+            return job.status, "skipped", None
         method, config_values = job.method, dict(job.config)
         refs = (job.base_ref, job.finetuned_ref)
         tenant_id = job.tenant_id
@@ -81,7 +103,9 @@ def validate_job(
         _send(enqueue, job_id, "job")
     elif moved is not None and notify is not None:  # failed: its webhook is due
         _send(notify, job_id, "webhook")
-    return status
+    if moved is None:  # cancelled (or validated by a duplicate) meanwhile
+        return status, "skipped", None
+    return status, status, failure[0] if failure is not None else None
 
 
 def _check(

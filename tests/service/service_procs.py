@@ -297,16 +297,20 @@ def create_key(env: dict[str, str], tenant: str) -> str:
     return result.stdout.strip()
 
 
-def start_api(env: dict[str, str], log: Path, worker: bool = True) -> tuple[subprocess.Popen, str]:
-    """`hcnr serve` (API, plus the embedded worker unless worker=False)."""
-    return on_free_port(lambda port: _start_api(env, log, worker, port), "hcnr serve")
+def start_api(
+    env: dict[str, str], log: Path, worker: bool = True, validator: bool = True
+) -> tuple[subprocess.Popen, str]:
+    """`hcnr serve` (API, plus the embedded worker unless worker=False, and the
+    validation worker unless validator=False)."""
+    return on_free_port(lambda port: _start_api(env, log, worker, validator, port), "hcnr serve")
 
 
 def _start_api(
-    env: dict[str, str], log: Path, worker: bool, port: int
+    env: dict[str, str], log: Path, worker: bool, validator: bool, port: int
 ) -> tuple[subprocess.Popen, str]:
     command = [HCNR, "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += [] if worker else ["--no-worker"]
+    command += [] if validator else ["--no-validator"]
     process = subprocess.Popen(
         command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -332,9 +336,12 @@ def _start_api(
     return process, url
 
 
-def start_celery_worker(env: dict[str, str], log: Path, name: str) -> subprocess.Popen:
-    """A real `celery worker` (prefork, one child) in its own process group."""
-    command = worker_command(name=f"{name}@%h")  # exactly what `hcnr serve` runs
+def start_celery_worker(
+    env: dict[str, str], log: Path, name: str, command: list[str] | None = None
+) -> subprocess.Popen:
+    """A real `celery worker` (prefork, one child) in its own process group; `command`:
+    another one of `hcnr serve`'s (the validation worker's, validator_command)."""
+    command = command or worker_command(name=f"{name}@%h")  # exactly what `hcnr serve` runs
     process = subprocess.Popen(
         command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )

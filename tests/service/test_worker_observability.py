@@ -1,0 +1,297 @@
+"""Issue 16: what a worker tells operators, on the real stack (Redis, PostgreSQL, a real
+prefork `celery worker` and the threads-pool validation worker, `hcnr serve --no-worker
+--no-validator` for the API):
+
+- Celery task events, as Flower reads them (`celery.events.EventReceiver` on the broker):
+  the repair task sent, received, started and succeeded, named, with the job id as its
+  only argument;
+- each worker's own Prometheus endpoint (worker/metrics.py): the stage histogram has
+  exactly the stages the job row records, the outcome counter moves by one, the
+  in-progress gauge follows a running job across the pool child and the main process.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from hcnr_client import HCNRClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from hcnr_cli.serve_cmd import validator_command
+from tests.service import flows
+from tests.service import service_procs as procs
+from tests.service.service_support import Models
+from worker.celery_app import TASK_NAME, VALIDATION_TASK
+
+GPU, VALIDATOR = "wobs", "vobs"  # node names of this module's workers
+
+
+@dataclass
+class Stack:
+    alice: HCNRClient
+    key: str
+    redis_url: str
+    worker_port: int
+    validator_port: int
+
+
+@pytest.fixture(scope="module")
+def stack(
+    models: Models, redis_url: str, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("observability")
+    env = procs.service_env(
+        env="test",
+        data_dir=data_dir,
+        models_root=models.root,
+        database_url=postgres_url,
+        broker_url=redis_url,
+        lease_seconds=6,
+        heartbeat_seconds=1,
+        reconcile_seconds=1,
+    )
+    key = procs.create_key(env, "alice")
+    api, url = procs.start_api(env, data_dir / "api.log", worker=False, validator=False)
+    worker_port, validator_port = procs.free_port(), procs.free_port()
+    gpu = procs.start_celery_worker(
+        {**env, "HCNR_WORKER_METRICS_PORT": str(worker_port)}, data_dir / "worker.log", GPU
+    )
+    validator = procs.start_celery_worker(
+        {**env, "HCNR_WORKER_METRICS_PORT": str(validator_port)},
+        data_dir / "validator.log",
+        VALIDATOR,
+        validator_command(2, name=f"{VALIDATOR}@%h"),
+    )
+    client = HCNRClient(base_url=url, api_key=key)
+    try:
+        yield Stack(client, key, redis_url, worker_port, validator_port)
+    finally:
+        client.close()
+        for process in (gpu, validator, api):
+            procs.stop(process)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset], float]:
+    """{(sample name, labels): value} of a worker's endpoint."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def labelled(samples: dict, name: str, label: str) -> dict[str, float]:
+    """{value of `label`: sample value} of every sample called `name`."""
+    return {dict(key)[label]: v for (n, key), v in samples.items() if n == name}
+
+
+def create_job(client: HCNRClient, models: Models) -> str:
+    files = flows.upload_inputs(client, models.honesty, models.task)
+    return client.repair_jobs.create(
+        base="path:base",
+        finetuned="path:finetuned-adapter",
+        honesty_file=files["honesty"],
+        task_file=files["task"],
+    ).id
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.2)
+
+
+class Events:
+    """The broker's event stream, captured in a thread (what Flower consumes)."""
+
+    def __init__(self, broker_url: str):
+        from celery import Celery
+
+        self.app = Celery(broker=broker_url)
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Events:
+        from celery.events import EventReceiver
+
+        self.connection = self.app.connection_for_read()
+        self.receiver = EventReceiver(self.connection, handlers={"*": self._on_event}, app=self.app)
+        self.thread = threading.Thread(
+            target=self.receiver.capture,
+            kwargs={"limit": None, "timeout": None, "wakeup": False},
+            daemon=True,
+        )
+        self.thread.start()
+        # A worker heartbeat seen: our queue is bound, nothing sent after this is missed.
+        wait_for(lambda: self.of("worker-heartbeat", hostname=f"{GPU}@"), 30, "a heartbeat")
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.receiver.should_stop = True
+        self.thread.join(10)
+        self.connection.release()
+
+    def _on_event(self, event: dict) -> None:
+        with self._lock:
+            self.events.append(dict(event))
+
+    def of(self, type_: str, hostname: str = "", **fields: object) -> list[dict]:
+        with self._lock:
+            events = list(self.events)
+        return [
+            e
+            for e in events
+            if e["type"] == type_
+            and e.get("hostname", "").startswith(hostname)
+            and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def task(self, name: str, job_id: str) -> str:
+        """The uuid of the task `name` sent for `job_id` (exactly one)."""
+        sent = [
+            e for e in self.of("task-sent", name=name) if ast.literal_eval(e["args"]) == [job_id]
+        ]
+        assert len(sent) == 1, sent
+        return sent[0]["uuid"]
+
+
+# --- Celery events ------------------------------------------------------------------------
+
+
+def test_task_events_show_each_job_as_flower_would(stack: Stack, models: Models):
+    with Events(stack.redis_url) as events:
+        job_id = create_job(stack.alice, models)
+        job = stack.alice.repair_jobs.wait(job_id, timeout=180, poll_interval=0.3)
+        assert job.status == "succeeded", job.error
+        repair = events.task(TASK_NAME, job_id)  # sent by the validation worker
+        wait_for(lambda: events.of("task-succeeded", uuid=repair), 20, "task-succeeded")
+        validation = events.task(VALIDATION_TASK, job_id)  # sent by the API
+    lifecycle = ("task-sent", "task-received", "task-started", "task-succeeded")
+    for uuid, worker in ((repair, GPU), (validation, VALIDATOR)):
+        seen = {kind: events.of(kind, uuid=uuid) for kind in lifecycle}
+        assert all(len(seen[kind]) == 1 for kind in lifecycle), seen
+        # received -> started -> succeeded (task-sent is published just after the task
+        # message itself, so a fast worker may receive the task first)
+        stamps = [seen[kind][0]["timestamp"] for kind in lifecycle[1:]]
+        assert stamps == sorted(stamps)
+        for kind in lifecycle[1:]:  # run by the worker of its queue
+            assert seen[kind][0]["hostname"].startswith(f"{worker}@"), seen[kind]
+    received = events.of("task-received", uuid=repair)[0]
+    assert received["name"] == TASK_NAME
+    assert ast.literal_eval(received["args"]) == [job_id] and received["kwargs"] == "{}"
+    assert events.of("task-succeeded", uuid=repair)[0]["result"] == "'succeeded'"
+    assert events.of("task-sent", uuid=validation)[0]["queue"] == "hcnr.validation"
+    # What Flower shows carries job ids only: never the caller's key.
+    assert stack.key not in json.dumps(events.events, default=str)
+    for event in events.events:
+        if event["type"] in ("task-sent", "task-received"):
+            assert ast.literal_eval(event["args"]) == [job_id], event
+
+
+# --- worker metrics -----------------------------------------------------------------------
+
+
+def test_stage_histogram_and_outcome_match_the_job_row(stack: Stack, models: Models):
+    before = scrape(stack.worker_port)
+    validator_before = scrape(stack.validator_port)
+    job_id = create_job(stack.alice, models)
+    job = stack.alice.repair_jobs.wait(job_id, timeout=180, poll_interval=0.3)
+    assert job.status == "succeeded", job.error
+    after = scrape(stack.worker_port)
+
+    stages = job.stage_seconds
+    assert {"fisher_task", "fisher_honesty", "select", "save"} <= set(stages)  # the pipeline
+    moved = {
+        stage: n - labelled(before, "hcnr_worker_stage_seconds_count", "stage").get(stage, 0)
+        for stage, n in labelled(after, "hcnr_worker_stage_seconds_count", "stage").items()
+    }
+    assert {stage: n for stage, n in moved.items() if n} == dict.fromkeys(stages, 1.0)
+    for stage, seconds in stages.items():
+        grew = value(after, "hcnr_worker_stage_seconds_sum", stage=stage, method="hcnr") - value(
+            before, "hcnr_worker_stage_seconds_sum", stage=stage, method="hcnr"
+        )
+        assert grew == pytest.approx(seconds, abs=1e-6), stage
+
+    finished = "hcnr_worker_jobs_finished_total"
+    for outcome in ("succeeded", "failed", "cancelled", "lost", "error"):
+        delta = value(after, finished, method="hcnr", outcome=outcome) - value(
+            before, finished, method="hcnr", outcome=outcome
+        )
+        assert delta == (1.0 if outcome == "succeeded" else 0.0), outcome
+    assert sum(labelled(after, "hcnr_worker_jobs_in_progress", "stage").values()) == 0
+
+    # The peak resident set of the pool child that ran the job (torch and two toy
+    # models loaded), below what this machine has.
+    peak = value(
+        after, "hcnr_worker_job_peak_memory_bytes", device="cpu", measure="process_peak_rss"
+    )
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 100e6 < peak < total, peak
+
+    validations = scrape(stack.validator_port)
+    queued = value(validations, "hcnr_validation_seconds_count", outcome="queued") - value(
+        validator_before, "hcnr_validation_seconds_count", outcome="queued"
+    )
+    assert queued == 1.0
+    assert value(validations, "hcnr_validation_seconds_sum", outcome="queued") > 0
+
+
+def test_in_progress_gauge_follows_a_running_job_and_its_cancel(stack: Stack, models: Models):
+    """The gauge is written by the pool child and served by the main process."""
+    before = scrape(stack.worker_port)
+    job_id = flows.slow_job(stack.alice, models)
+    flows.wait_running(stack.alice, job_id)
+
+    def one_in_progress() -> bool:
+        samples = scrape(stack.worker_port)
+        gauge = labelled(samples, "hcnr_worker_jobs_in_progress", "stage")
+        stage = stack.alice.repair_jobs.retrieve(job_id).stage
+        return sum(gauge.values()) == 1 and gauge.get(stage) == 1
+
+    wait_for(one_in_progress, 60, "the running job's stage in hcnr_worker_jobs_in_progress")
+    stack.alice.repair_jobs.cancel(job_id)
+    job = stack.alice.repair_jobs.wait(job_id, timeout=120, poll_interval=0.2)
+    assert job.status == "cancelled"
+    after = scrape(stack.worker_port)
+    assert sum(labelled(after, "hcnr_worker_jobs_in_progress", "stage").values()) == 0
+    finished = "hcnr_worker_jobs_finished_total"
+    cancelled = value(after, finished, method="hcnr", outcome="cancelled") - value(
+        before, finished, method="hcnr", outcome="cancelled"
+    )
+    assert cancelled == 1.0
+    # A cancelled run's stages are those it completed (what its row records).
+    done = {
+        stage
+        for stage, n in labelled(after, "hcnr_worker_stage_seconds_count", "stage").items()
+        if n - labelled(before, "hcnr_worker_stage_seconds_count", "stage").get(stage, 0)
+    }
+    assert done == set(job.stage_seconds)
+
+
+def test_the_endpoint_is_off_without_a_port(tmp_path: Path):
+    """Unset HCNR_WORKER_METRICS_PORT: no exporter, no multiprocess directory."""
+    from store.settings import Settings
+    from worker import metrics
+
+    assert Settings().worker_metrics_port is None
+    assert metrics.start_exporter(Settings(data_dir=tmp_path)) is None
+    assert metrics.MULTIPROC_ENV not in os.environ
