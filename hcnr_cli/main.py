@@ -20,6 +20,7 @@ from hcnr_cli import (
     organism_cmd,
     realmodel_cmd,
     serve_cmd,
+    tracking_opts,
 )
 from hcnr_cli.common import (
     SHARED_FLAGS,
@@ -73,6 +74,11 @@ def repair(
         typer.Option("--set", help="KEY=VALUE of the method's config (e.g. lr=1e-3), repeatable"),
     ] = [],  # noqa: B006
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
+    track: tracking_opts.Track = [],  # noqa: B006
+    track_project: tracking_opts.TrackProject = None,
+    track_uri: tracking_opts.TrackUri = None,
+    track_entity: tracking_opts.TrackEntity = None,
+    track_name: tracking_opts.TrackName = None,
     **flags: Any,
 ) -> None:
     """Repair a fine-tuned model's honesty with METHOD and write the checkpoint to OUT.
@@ -107,12 +113,19 @@ def repair(
         fail(exc)
     inputs = MethodInputs(base, finetuned, honesty, task, validation)
     validate_within_limits(method, cfg, inputs)
+    integrations = tracking_opts.integrations_of(
+        track, track_project, track_uri, track_entity, track_name
+    )
+    tracking = tracking_opts.start(integrations, method, cfg, inputs, out)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
-            report = spec.run(cfg, inputs, out, progress=bar)
+            report = spec.run(cfg, inputs, out, progress=tracking.progress(bar))
     except HCNRError as exc:
+        tracking.finish("failed")
         fail(exc)
-    typer.echo(json.dumps(summary_of(method, out, report)))
+    tracked = tracking_opts.finish(tracking, report, out, spec.report_name)
+    summary = summary_of(method, out, report)
+    typer.echo(json.dumps({**summary, "tracking": tracked} if tracked else summary))
 
 
 @app.command()
