@@ -33,8 +33,8 @@ def substitute(value: str) -> str:
 
 def test_services_and_healthchecks(compose: dict):
     services = compose["services"]
-    assert {"redis", "postgres", "api", "worker", "minio", "migrate"} <= set(services)
-    for name in ("redis", "postgres", "api", "worker", "minio"):
+    assert {"redis", "postgres", "api", "worker", "minio", "migrate", "flower"} <= set(services)
+    for name in ("redis", "postgres", "api", "worker", "minio", "flower"):
         assert "healthcheck" in services[name], name
         assert services[name]["healthcheck"]["test"], name
     assert services["minio"]["profiles"] == ["s3"]  # optional S3-compatible storage
@@ -99,7 +99,7 @@ def test_volumes_are_declared_and_shared(compose: dict):
     assert all(v.endswith(":ro") for v in api + worker if "/models" in v)
 
 
-@pytest.mark.parametrize("service", ["api", "worker", "migrate"])
+@pytest.mark.parametrize("service", ["api", "worker", "validator", "migrate"])
 def test_environment_is_valid_production_settings(compose: dict, service: str):
     """Every HCNR_* variable is a Settings field and together they pass the production
     checks (PostgreSQL, real broker, secret, models root)."""
@@ -136,3 +136,44 @@ def test_api_image_command_is_importable():
     target = re.search(r'"--factory", "([\w.]+):(\w+)"', text)
     module = __import__(target.group(1), fromlist=[target.group(2)])
     assert callable(getattr(module, target.group(2)))
+
+
+def production_settings(compose: dict, service: str):
+    from store.settings import Settings
+
+    env = {k: substitute(str(v)) for k, v in compose["services"][service]["environment"].items()}
+    return Settings(
+        **{k.removeprefix("HCNR_").lower(): v for k, v in env.items() if k.startswith("HCNR_")}
+    )
+
+
+@pytest.mark.parametrize("service", ["worker", "validator"])
+def test_workers_serve_their_metrics_on_the_compose_network(compose: dict, service: str):
+    """worker/metrics.py: each worker's endpoint, reachable by a Prometheus on the compose
+    network (bound to 0.0.0.0 in its container), never published on the host, where the
+    replicas of a scaled worker would clash."""
+    settings = production_settings(compose, service)
+    assert settings.worker_metrics_port == 9808
+    assert settings.worker_metrics_host == "0.0.0.0"
+    assert compose["services"][service]["expose"] == ["9808"]
+    assert "ports" not in compose["services"][service]
+
+
+def test_flower_watches_the_workers_broker_behind_auth(compose: dict):
+    """Flower (`--profile flower`) reads the task events of the broker the workers use,
+    and can stop workers: it needs FLOWER_BASIC_AUTH and listens on the host's loopback."""
+    from worker.celery_app import make_celery
+
+    flower = compose["services"]["flower"]
+    assert flower["profiles"] == ["flower"]
+    command = flower["command"][-1]
+    broker = re.search(r"--broker=(\S+)", command).group(1)
+    worker = production_settings(compose, "worker")
+    assert broker == worker.celery_broker_url
+    assert command.startswith('test -n "$$FLOWER_BASIC_AUTH" || {') and "exit 1; }" in command
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "${FLOWER_BASIC_AUTH:-}"
+    assert flower["ports"] and all(p.startswith("127.0.0.1:") for p in flower["ports"])
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    for service in ("worker", "validator", "api"):  # the workers send, the API sends task-sent
+        conf = make_celery(production_settings(compose, service)).conf
+        assert conf.worker_send_task_events and conf.task_send_sent_event, service
