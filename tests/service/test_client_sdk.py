@@ -132,6 +132,9 @@ MIRRORS = {
     "ArtifactList": types.ArtifactList,
     "FileDeleted": types.FileDeleted,
     "RepairJobDeleted": types.RepairJobDeleted,
+    "SecretPublic": types.Secret,
+    "SecretList": types.SecretList,
+    "SecretDeleted": types.SecretDeleted,
 }
 
 
@@ -364,3 +367,29 @@ def test_files_list_and_delete(client, inproc: InProcess, models: Models):
                 await aclient.files.retrieve(mine[1])
 
     asyncio.run(main())
+
+
+def test_secrets_sync_and_async(inproc: InProcess, client):
+    """client.secrets: set, retrieve, list, delete; the value never comes back."""
+    secret = client.secrets.set("hf_token", "hf_sdk_value_123")
+    assert secret.name == "hf_token" and "hf_sdk_value_123" not in secret.model_dump_json()
+    assert [s.name for s in client.secrets.list().data] == ["hf_token"]
+    assert client.secrets.retrieve("hf_token").created_at == secret.created_at
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=inproc.app)
+        async with httpx.AsyncClient(transport=transport) as http:
+            aclient = hcnr_client.AsyncHCNRClient(
+                api_key=api_key(inproc, "alice"), base_url=BASE_URL, http_client=http
+            )
+            assert (await aclient.secrets.retrieve("hf_token")).name == "hf_token"
+            assert (await aclient.secrets.delete("hf_token")).deleted
+            with pytest.raises(hcnr_client.NotFoundError):
+                await aclient.secrets.retrieve("hf_token")
+            assert (await aclient.secrets.set("hf_token", "x")).name == "hf_token"
+            assert [s.name for s in (await aclient.secrets.list()).data] == ["hf_token"]
+
+    asyncio.run(main())
+    assert client.secrets.delete("hf_token").deleted
+    with pytest.raises(hcnr_client.NotFoundError):
+        client.secrets.retrieve("hf_token")

@@ -26,6 +26,7 @@ from hcnr_client._exceptions import (
 )
 from hcnr_client.resources.files import AsyncFiles, Files
 from hcnr_client.resources.repair_jobs import AsyncRepairJobs, RepairJobs
+from hcnr_client.resources.secrets import AsyncSecrets, Secrets
 from hcnr_client.resources.webhook_secret import AsyncWebhookSecrets, WebhookSecrets
 
 M = TypeVar("M", bound=BaseModel)
@@ -61,6 +62,7 @@ class HCNRClient:
 
     files: Files
     webhook_secret: WebhookSecrets
+    secrets: Secrets
     repair_jobs: RepairJobs
 
     def __init__(
@@ -79,6 +81,7 @@ class HCNRClient:
         self.files = Files(self)
         self.repair_jobs = RepairJobs(self)
         self.webhook_secret = WebhookSecrets(self)
+        self.secrets = Secrets(self)
 
     @property
     def api_key(self) -> str:
@@ -187,6 +190,7 @@ class AsyncHCNRClient:
 
     files: AsyncFiles
     webhook_secret: AsyncWebhookSecrets
+    secrets: AsyncSecrets
     repair_jobs: AsyncRepairJobs
 
     def __init__(
@@ -205,6 +209,7 @@ class AsyncHCNRClient:
         self.files = AsyncFiles(self)
         self.repair_jobs = AsyncRepairJobs(self)
         self.webhook_secret = AsyncWebhookSecrets(self)
+        self.secrets = AsyncSecrets(self)
 
     @property
     def api_key(self) -> str:

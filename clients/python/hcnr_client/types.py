@@ -56,6 +56,26 @@ class WebhookSecret(BaseObject):
     secret: str
 
 
+class Secret(BaseObject):
+    """A tenant secret's name and dates (`/v1/secrets`); its value is never returned."""
+
+    object: Literal["secret"] = "secret"
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class SecretList(BaseObject):
+    object: Literal["list"] = "list"
+    data: list[Secret]
+
+
+class SecretDeleted(BaseObject):
+    object: Literal["secret"] = "secret"
+    name: str
+    deleted: bool
+
+
 class RepairJobError(BaseObject):
     code: str
     message: str
@@ -93,6 +113,10 @@ class RepairJob(BaseObject):
     started_at: datetime | None
     finished_at: datetime | None
     artifacts_expired_at: datetime | None = None
+    # the exact models the job runs, pinned by its validation: hf:org/name@<commit>,
+    # s3://bucket/prefix#<digest>; None for path: references and before validation
+    base_resolved: str | None = None
+    finetuned_resolved: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -138,4 +162,7 @@ __all__ = [
     "JobStatus",
     "RepairJob",
     "RepairJobError",
+    "Secret",
+    "SecretDeleted",
+    "SecretList",
 ]
