@@ -295,3 +295,72 @@ def test_the_endpoint_is_off_without_a_port(tmp_path: Path):
     assert Settings().worker_metrics_port is None
     assert metrics.start_exporter(Settings(data_dir=tmp_path)) is None
     assert metrics.MULTIPROC_ENV not in os.environ
+
+
+def test_task_events_only_where_the_broker_carries_them(tmp_path: Path):
+    """The embedded broker keeps its bindings in each process: events there would reach
+    no one (and Flower cannot read it), so they are off; on Redis they are on unless
+    HCNR_TASK_EVENTS=false."""
+    from store.settings import Settings
+    from worker.celery_app import make_celery
+
+    def events(**settings) -> tuple[bool, bool]:
+        conf = make_celery(Settings(data_dir=tmp_path, **settings)).conf
+        return conf.worker_send_task_events, conf.task_send_sent_event
+
+    assert events() == (False, False)  # sqla+sqlite
+    assert events(broker_url="redis://127.0.0.1:6379/0") == (True, True)
+    assert events(broker_url="redis://127.0.0.1:6379/0", task_events=False) == (False, False)
+
+
+def test_a_killed_process_leaves_the_in_progress_gauge(tmp_path: Path):
+    """A pool child SIGKILLed mid-job (OOM, a kill) never ran its cleanup: the main
+    process's collector drops its live gauge, and keeps its counters."""
+    import signal
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from worker.metrics import LiveCollector
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from worker.metrics import metrics\n"
+            "m = metrics()\n"
+            "m.in_progress.labels('fisher_task').inc()\n"
+            "m.finished.labels('hcnr', 'succeeded').inc()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        registry = CollectorRegistry()
+        LiveCollector(registry, str(tmp_path))
+
+        def samples() -> dict:
+            text = generate_latest(registry).decode()
+            return {
+                (s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+
+        running = samples()
+        assert value(running, "hcnr_worker_jobs_in_progress", stage="fisher_task") == 1
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        after = samples()
+        assert labelled(after, "hcnr_worker_jobs_in_progress", "stage") == {}
+        finished = "hcnr_worker_jobs_finished_total"
+        assert value(after, finished, method="hcnr", outcome="succeeded") == 1
+    finally:
+        child.kill()
+        child.wait()
