@@ -10,7 +10,10 @@ from typing import Annotated, Any
 import typer
 
 from hcnr_cli.common import (
+    EvalFile,
     ProgressPrinter,
+    check_eval_file,
+    evaluate_into_card,
     fail,
     quiet_libraries,
     summary_of,
@@ -46,6 +49,7 @@ Device = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N [cpu]")]
 Dtype = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto [float32]")]
 NSamples = Annotated[int | None, typer.Option(help="Seeded subset of the honesty set")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads [torch's default]")]
+PATHS = ("base", "finetuned", "honesty", "out", "no_progress", "eval_file")  # not config
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar")]
 
 
@@ -72,11 +76,14 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
         fail(exc)
     inputs = MethodInputs(paths["base"], paths["finetuned"], paths["honesty"])
     validate_within_limits(method, cfg, inputs)
+    check_eval_file(paths["eval_file"])
     try:
         with ProgressPrinter(enabled=not paths["no_progress"] and sys.stderr.isatty()) as bar:
             report = spec.run(cfg, inputs, paths["out"], progress=bar)
     except HCNRError as exc:
         fail(exc)
+    if paths["eval_file"] is not None:
+        evaluate_into_card(method, spec, cfg, inputs, paths["out"], report, paths["eval_file"])
     summary = summary_of(method, paths["out"], report)
     summary["trainable_params"] = report["trainable_params"]
     typer.echo(json.dumps(summary))
@@ -103,10 +110,11 @@ def rait(
     n_samples: NSamples = None,
     threads: Threads = None,
     no_progress: NoProgress = False,
+    eval_file: EvalFile = None,
 ) -> None:
     """RAIT: fine-tune a LoRA on the honesty set (refusals + gold answers), merge, save."""
     flags = dict(locals())
-    paths = {k: flags.pop(k) for k in ("base", "finetuned", "honesty", "out", "no_progress")}
+    paths = {k: flags.pop(k) for k in PATHS}
     _run("rait", flags.pop("config"), flags, **paths)
 
 
@@ -141,10 +149,11 @@ def dpo(
     n_samples: NSamples = None,
     threads: Threads = None,
     no_progress: NoProgress = False,
+    eval_file: EvalFile = None,
 ) -> None:
     """DPO on IDK pairs (refusal vs the model's own answer), the fine-tune as reference."""
     flags = dict(locals())
-    paths = {k: flags.pop(k) for k in ("base", "finetuned", "honesty", "out", "no_progress")}
+    paths = {k: flags.pop(k) for k in PATHS}
     _run("dpo", flags.pop("config"), flags, **paths)
 
 

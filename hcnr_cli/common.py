@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -130,6 +130,19 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
 
 
 def summary_of(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    summary = _summary(method, out, report)
+    if report.get("metrics"):  # --eval: the refusal F1 of each model and the recovery
+        metrics = report["metrics"]
+        summary["refusal_f1"] = {
+            role: metrics[role]["refusal_f1"]
+            for role in ("base", "finetuned", "repaired")
+            if role in metrics
+        }
+        summary["recovery"] = metrics.get("recovery")
+    return summary
+
+
+def _summary(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]:
     if method == "auto":
         return {
             "out": str(out),
@@ -166,3 +179,61 @@ def summary_of(method: str, out: Path, report: dict[str, Any]) -> dict[str, Any]
     if "pairs" in report:
         summary["pairs"] = report["pairs"]
     return summary
+
+
+EvalFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--eval",
+        help="Eval JSONL (`answerable` / `answers` rows): evaluate base, fine-tuned and "
+        "repaired models; the metrics go into the report and the card's model-index",
+    ),
+]
+
+
+def check_eval_file(eval_file: Path | None) -> None:
+    """A bad eval file fails before the repair, not after it."""
+    if eval_file is None:
+        return
+    from hcnr_core import HCNRError
+    from hcnr_core.data import load_jsonl
+
+    try:
+        load_jsonl(eval_file)
+    except (HCNRError, OSError) as exc:
+        fail(exc)
+
+
+def evaluate_into_card(
+    method: str,
+    spec: Any,
+    cfg: Any,
+    inputs: Any,
+    out: Path,
+    report: dict[str, Any],
+    eval_file: Path,
+) -> None:
+    """Before/after metrics of a published run (`evaluate_repair`, as the service's eval
+    file), written into its report and its Hub card's model-index (`write_card`)."""
+    from hcnr_core import HCNRError
+    from hcnr_core.card import CardInputs, write_card
+    from hcnr_core.evaluation import evaluate_repair
+
+    try:
+        report["metrics"] = evaluate_repair(
+            inputs.base,
+            inputs.finetuned,
+            out,
+            eval_file,
+            max_seq_len=cfg.max_seq_len,
+            device=cfg.device,
+        )
+    except HCNRError as exc:
+        fail(exc)
+    if "inputs" in report:
+        card = CardInputs.of_report(method, report)
+    else:  # auto's report names no inputs of its own
+        base = None if inputs.base is None else str(inputs.base)
+        card = CardInputs(method, base, str(inputs.finetuned), report.get("config") or {})
+    report["report_name"] = spec.report_name
+    write_card(out, card, report, eval_file.name)

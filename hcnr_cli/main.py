@@ -24,8 +24,11 @@ from hcnr_cli import (
 )
 from hcnr_cli.common import (
     SHARED_FLAGS,
+    EvalFile,
     ProgressPrinter,
+    check_eval_file,
     err,
+    evaluate_into_card,
     fail,
     parse_settings,
     quiet_libraries,
@@ -79,6 +82,7 @@ def repair(
     track_uri: tracking_opts.TrackUri = None,
     track_entity: tracking_opts.TrackEntity = None,
     track_name: tracking_opts.TrackName = None,
+    eval_file: EvalFile = None,
     **flags: Any,
 ) -> None:
     """Repair a fine-tuned model's honesty with METHOD and write the checkpoint to OUT.
@@ -116,6 +120,7 @@ def repair(
     integrations = tracking_opts.integrations_of(
         track, track_project, track_uri, track_entity, track_name
     )
+    check_eval_file(eval_file)
     tracking = tracking_opts.start(integrations, method, cfg, inputs, out)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
@@ -123,6 +128,8 @@ def repair(
     except HCNRError as exc:
         tracking.finish("failed")
         fail(exc)
+    if eval_file is not None:
+        evaluate_into_card(method, spec, cfg, inputs, out, report, eval_file)
     tracked = tracking_opts.finish(tracking, report, out, spec.report_name)
     summary = summary_of(method, out, report)
     typer.echo(json.dumps({**summary, "tracking": tracked} if tracked else summary))

@@ -24,7 +24,6 @@ reader can judge the resolution of a 2-point limit.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -400,8 +399,7 @@ def _publish(
                 shutil.move(str(path), staged.dir / path.name)
         if _plot(report, config, staged.dir / FRONTIER_NAME) is None:
             report.setdefault("warnings", []).append("matplotlib is not installed: no PNG")
-        report["files"] = staged.file_digests()
-        staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
+        staged.write_report(REPORT_NAME, report)
         staged.publish()
     run.stage("published", run.slots, cancellable=False)  # too late to cancel
 

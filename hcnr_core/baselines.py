@@ -91,8 +91,8 @@ from typing import Any, Literal
 import torch
 
 from hcnr_core import __version__
+from hcnr_core.card import CardInputs
 from hcnr_core.checkpoint import (
-    TOKENIZER_FILES,
     CheckpointInfo,
     DictSource,
     check_adapter_matches,
@@ -108,7 +108,7 @@ from hcnr_core.data import Sample, encode_sample, encode_samples, load_jsonl
 from hcnr_core.errors import CheckpointError, DataValidationError, HCNRError, RepairCancelled
 from hcnr_core.evaluation import GenerationSettings, RefusalDetector, generate
 from hcnr_core.report import versions
-from hcnr_core.writer import StagedOutput, check_output_dir, sha256_file
+from hcnr_core.writer import CheckpointFiles, check_output_dir, sha256_file, write_checkpoint
 
 REPORT_NAME = "baseline_report.json"
 
@@ -487,46 +487,26 @@ def _merge_and_write(
     }
     ft = prep.finetuned
     model_dir = ft.path if ft.kind == "full" or prep.base is None else prep.base.path
-    token_dirs = [ft.path] if ft.has_tokenizer or prep.base is None else [prep.base.path]
-    with StagedOutput(out) as staged:
-        staged.write_tensors(sizes, lambda k: merged[k] if k in merged else ft_source.get(k))
-        staged.copy_files(model_dir, ["config.json"])
-        if not staged.copy_files(ft.path, ["generation_config.json"]) and prep.base is not None:
-            staged.copy_files(prep.base.path, ["generation_config.json"])
-        staged.copy_files(token_dirs[0], TOKENIZER_FILES)
-        staged.write_text("README.md", _model_card(method, report))
-        report["files"] = staged.file_digests()
+    token_dir = ft.path if ft.has_tokenizer or prep.base is None else prep.base.path
+    generation_dirs = [ft.path] if prep.base is None else [ft.path, prep.base.path]
+
+    def timed(report: dict[str, Any]) -> None:
         run.seconds["save"] = round(time.perf_counter() - run._started, 4)
         report["stage_seconds"] = dict(run.seconds)
         report["seconds_total"] = round(sum(run.seconds.values()), 4)
-        staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
-        staged.publish()
+
+    write_checkpoint(
+        out,
+        sizes,
+        lambda k: merged[k] if k in merged else ft_source.get(k),
+        CheckpointFiles(model_dir, generation_dirs, token_dir),
+        CardInputs.of_report(method, report),
+        report,
+        REPORT_NAME,
+        before_report=timed,
+    )
     run.finished()
     return report
-
-
-def _model_card(method: str, report: dict[str, Any]) -> str:
-    title = {"rait": "RAIT (SFT on IDK data)", "dpo": "DPO on IDK preference pairs"}[method]
-    cfg = report["config"]
-    return "\n".join(
-        [
-            "---",
-            "library_name: transformers",
-            f"tags: [hcnr-baseline, {method}, honesty]",
-            "---",
-            "",
-            f"# Honesty baseline: {title}",
-            "",
-            "A LoRA trained on the fine-tuned model and merged into it; a baseline that",
-            "HCNR is compared against. `baseline_report.json` has the details.",
-            "",
-            f"- fine-tuned: `{report['inputs']['finetuned']}`",
-            f"- samples used: {report['samples_used']}",
-            f"- steps / lr / LoRA r: {report['steps']} / {cfg['lr']} / {cfg['lora_r']}",
-            f"- parameters changed: {100 * report['fraction_model_params_changed']:.2f}%",
-            "",
-        ]
-    )
 
 
 def _report_head(method: str, prep: _Loaded, config: BaselineConfig, trainable: int) -> dict:

@@ -18,7 +18,7 @@ import re
 import string
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 
 from hcnr_core.batching import pad_rows, pad_token_id
 from hcnr_core.data import Sample, load_jsonl, render_prompt
+from hcnr_core.errors import RepairCancelled
 
 # Case-insensitive regexes searched in the response (curly quotes are straightened
 # first). Each names a way models say they cannot or will not answer; plain answers
@@ -439,6 +440,46 @@ def evaluate_model(
     if not keep_responses:
         result.pop("responses")
     return result
+
+
+def evaluate_repair(
+    base: str | Path | None,
+    finetuned: str | Path,
+    repaired: str | Path,
+    eval_file: str | Path,
+    *,
+    max_seq_len: int,
+    device: str = "cpu",
+    should_cancel: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Honesty metrics of the base, fine-tuned and repaired models on one eval set, and the
+    recovery of the refusal F1 (DESIGN.md §5): what the card's model-index shows, for the
+    CLI's `--eval` and the service's eval file alike. An adapter fine-tune is evaluated on
+    `base`; a run without a base (a baseline on a full fine-tune) has no `base` entry."""
+    models = {
+        "base": (base, None),
+        "finetuned": (finetuned, base),
+        "repaired": (repaired, None),
+    }
+    settings = GenerationSettings(max_seq_len=max_seq_len)
+    results: dict[str, Any] = {}
+    for name, (model_dir, base_dir) in models.items():
+        if model_dir is None:
+            continue
+        if should_cancel is not None and should_cancel():
+            raise RepairCancelled(f"cancelled before evaluating {name}")
+        result = evaluate_model(
+            model_dir,
+            {"eval": eval_file},
+            base_dir=base_dir,
+            settings=settings,
+            device=device,
+            keep_responses=False,
+        )
+        results[name] = result["metrics"]
+    f1 = {name: metrics["refusal_f1"] for name, metrics in results.items()}
+    gap = recovery(f1["repaired"], f1["finetuned"], f1["base"]) if "base" in f1 else None
+    return {**results, "recovery": gap}
 
 
 def write_report(result: Mapping[str, Any], path: str | Path) -> Path:

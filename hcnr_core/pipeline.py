@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import math
 import os
 import re
@@ -27,8 +26,8 @@ import torch
 
 from hcnr_core import __version__
 from hcnr_core.batching import pad_token_id
+from hcnr_core.card import CardInputs
 from hcnr_core.checkpoint import (
-    TOKENIZER_FILES,
     CheckpointInfo,
     TensorSource,
     check_adapter_matches,
@@ -55,11 +54,17 @@ from hcnr_core.errors import (
 from hcnr_core.layerwise import check_layerwise_layout, layerwise_sequential
 from hcnr_core.limits import check_data
 from hcnr_core.progress import ProgressEvent
-from hcnr_core.report import build_model_card, versions
+from hcnr_core.report import versions
 from hcnr_core.runners import Placement, Runner, RunnerKind, runner_kind
 from hcnr_core.scoring import CrossInputs, InputHessians
 from hcnr_core.selection import displacement, select_columns, select_matrices
-from hcnr_core.writer import REPORT_NAME, StagedOutput, check_output_dir, sha256_file
+from hcnr_core.writer import (
+    REPORT_NAME,
+    CheckpointFiles,
+    check_output_dir,
+    sha256_file,
+    write_checkpoint,
+)
 
 # Stage name -> share of the overall progress bar.
 STAGES: dict[str, float] = {
@@ -532,7 +537,8 @@ class RepairPipeline:
         if out is not None:
             self._write(prep, out, ft_source, repaired, report, started)
         self._leave(started)
-        report["stage_seconds"] = dict(self.stage_seconds)
+        if out is None:  # written, the report keeps the timings its file has (`_write`)
+            report["stage_seconds"] = dict(self.stage_seconds)
         return report
 
     # --- output ------------------------------------------------------------------
@@ -594,22 +600,27 @@ class RepairPipeline:
         }
         model_dir = prep.finetuned.path if prep.finetuned.kind == "full" else prep.base.path
         token_dir = prep.finetuned.path if prep.finetuned.has_tokenizer else prep.base.path
-        with StagedOutput(out) as staged:
-            staged.write_tensors(sizes, tensor)
-            self._tick(1, 3, "tensors written")
-            staged.copy_files(model_dir, ["config.json"])
-            gen = staged.copy_files(prep.finetuned.path, ["generation_config.json"])
-            if not gen:
-                staged.copy_files(prep.base.path, ["generation_config.json"])
-            staged.copy_files(token_dir, TOKENIZER_FILES)
-            staged.write_text("README.md", build_model_card(report))
-            self._tick(2, 3, "metadata written")
-            report["files"] = staged.file_digests()
+        files = CheckpointFiles(model_dir, [prep.finetuned.path, prep.base.path], token_dir)
+
+        def timed(report: dict[str, Any]) -> None:
             # The report cannot time its own writing: "save" stops before it.
             self.stage_seconds["save"] = round(time.perf_counter() - started, 4)
             report["stage_seconds"] = dict(self.stage_seconds)
-            staged.write_text(REPORT_NAME, json.dumps(report, indent=2) + "\n")
-            staged.publish()
+
+        write_checkpoint(
+            out,
+            sizes,
+            tensor,
+            files,
+            CardInputs.of_report("hcnr", report),
+            report,
+            REPORT_NAME,
+            tick=lambda done, total: self._tick(done, total, _SAVE_STEPS[done]),
+            before_report=timed,
+        )
+
+
+_SAVE_STEPS = {1: "tensors written", 2: "metadata written"}  # write_checkpoint's ticks
 
 
 def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> list[str]:

@@ -1,6 +1,9 @@
 """Output checkpoint writer: staged in a sibling directory, published by one rename.
 
 A failed or cancelled repair therefore never leaves a half-written `--out`.
+`write_checkpoint` is the one writer of every repair method (HCNR and the RAIT/DPO
+baselines): sharded safetensors, the config, generation config and tokenizer files, the
+Hub model card (`hcnr_core.card`) and the JSON report that lists every file's sha256.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from hcnr_core.card import CARD_NAME, CardInputs, render_card
+from hcnr_core.checkpoint import TOKENIZER_FILES
 from hcnr_core.errors import OutputExistsError
 
 SHARD_BYTES = 2 * 1024**3
@@ -106,6 +112,12 @@ class StagedOutput:
     def write_text(self, name: str, text: str) -> None:
         (self.dir / name).write_text(text, encoding="utf-8")
 
+    def write_report(self, name: str, report: dict[str, Any]) -> None:
+        """`report["files"]` := the digests of every staged file, then the report itself
+        (it cannot list its own digest)."""
+        report["files"] = self.file_digests()
+        self.write_text(name, json.dumps(report, indent=2) + "\n")
+
     def file_digests(self) -> dict[str, dict[str, Any]]:
         return {
             path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -123,3 +135,51 @@ class StagedOutput:
             self.out.rmdir()  # empty, checked above
         os.rename(self.dir, self.out)
         return self.out
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where a repaired checkpoint's files besides its tensors come from: `config.json`
+    from `config_dir`, `generation_config.json` from the first of `generation_dirs` that
+    has one, the tokenizer's files from `tokenizer_dir` (an adapter fine-tune has no
+    config of its own; its base's is the model's)."""
+
+    config_dir: Path
+    generation_dirs: Sequence[Path]
+    tokenizer_dir: Path
+
+
+def write_checkpoint(
+    out: Path,
+    sizes: dict[str, int],
+    get_tensor: Callable[[str], torch.Tensor],
+    files: CheckpointFiles,
+    card: CardInputs,
+    report: dict[str, Any],
+    report_name: str,
+    *,
+    tick: Callable[[int, int], None] | None = None,
+    before_report: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Stage and publish a checkpoint at `out`: tensors (`sizes`: name -> bytes, in file
+    order), the model's metadata files, the card and `report` (its `files` set here).
+    `tick(done, 3)` reports the steps; `before_report(report)` runs last before the report
+    is written (its stage timings end there). Same inputs, same bytes, except the report's
+    own `created_at` and timings."""
+    with StagedOutput(out) as staged:
+        staged.write_tensors(sizes, get_tensor)
+        if tick is not None:
+            tick(1, 3)
+        staged.copy_files(files.config_dir, ["config.json"])
+        for directory in files.generation_dirs:
+            if staged.copy_files(directory, ["generation_config.json"]):
+                break
+        staged.copy_files(files.tokenizer_dir, TOKENIZER_FILES)
+        staged.write_text(CARD_NAME, render_card(card, report))
+        if tick is not None:
+            tick(2, 3)
+        report["files"] = staged.file_digests()
+        if before_report is not None:
+            before_report(report)
+        staged.write_text(report_name, json.dumps(report, indent=2) + "\n")
+        return staged.publish()

@@ -365,31 +365,19 @@ def _location_is_ours(ctx: Context, job_id: str) -> bool:
 def evaluate(
     config: Any, inputs: dict[str, Any], repaired: Path, should_cancel: Any
 ) -> dict[str, Any]:
-    """Honesty metrics of base, fine-tuned and repaired models on the eval set, and the
-    recovery of the refusal F1 (DESIGN.md §5)."""
-    from hcnr_core.evaluation import GenerationSettings, evaluate_model, recovery
+    """Honesty metrics of base, fine-tuned and repaired models on the job's eval set, and
+    the recovery of the refusal F1 (`hcnr_core.evaluation.evaluate_repair`)."""
+    from hcnr_core.evaluation import evaluate_repair
 
-    generation = GenerationSettings(max_seq_len=config.max_seq_len)
-    models = {
-        "base": (inputs["base"], None),
-        "finetuned": (inputs["finetuned"], inputs["base"]),
-        "repaired": (repaired, None),
-    }
-    results: dict[str, Any] = {}
-    for name, (model_dir, base_dir) in models.items():
-        if should_cancel():
-            raise RepairCancelled(f"cancelled before evaluating {name}")
-        result = evaluate_model(
-            model_dir,
-            {"eval": inputs["eval"]},
-            base_dir=base_dir,
-            settings=generation,
-            device=config.device,
-            keep_responses=False,
-        )
-        results[name] = result["metrics"]
-    f1 = {name: metrics["refusal_f1"] for name, metrics in results.items()}
-    return {**results, "recovery": recovery(f1["repaired"], f1["finetuned"], f1["base"])}
+    return evaluate_repair(
+        inputs["base"],
+        inputs["finetuned"],
+        repaired,
+        inputs["eval"],
+        max_seq_len=config.max_seq_len,
+        device=config.device,
+        should_cancel=should_cancel,
+    )
 
 
 # --- recording the outcome -------------------------------------------------------------
