@@ -364,3 +364,53 @@ def test_a_killed_process_leaves_the_in_progress_gauge(tmp_path: Path):
     finally:
         child.kill()
         child.wait()
+
+
+def free_port_pair() -> int:
+    """A port P with P + 1 free too (`hcnr serve`: the validation worker takes P + 1)."""
+    import socket
+
+    for _ in range(50):
+        port = procs.free_port()
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no pair of free ports")
+
+
+@pytest.mark.slow  # ~50 s on 2 cores: `hcnr serve` with two workers on the polling broker
+def test_hcnr_serve_exports_both_workers(models: Models, tmp_path: Path):
+    """Embedded mode (SQLite, the kombu SQLAlchemy broker): `hcnr serve`'s prefork worker
+    serves HCNR_WORKER_METRICS_PORT and its validation worker the next port."""
+    port = free_port_pair()
+    env = procs.service_env(
+        env="test", data_dir=tmp_path, models_root=models.root, worker_metrics_port=port
+    )
+    key = procs.create_key(env, "alice")
+    process, url = procs.start_api(env, tmp_path / "serve.log")
+    try:
+        with HCNRClient(base_url=url, api_key=key) as client:
+            wait_for(lambda: _answers(port) and _answers(port + 1), 60, "both endpoints")
+            job_id = create_job(client, models)
+            job = client.repair_jobs.wait(job_id, timeout=180, poll_interval=0.3)
+        assert job.status == "succeeded", job.error
+        gpu, validator = scrape(port), scrape(port + 1)
+        finished = "hcnr_worker_jobs_finished_total"
+        assert value(gpu, finished, method="hcnr", outcome="succeeded") == 1
+        assert labelled(gpu, "hcnr_worker_stage_seconds_count", "stage") == dict.fromkeys(
+            job.stage_seconds, 1.0
+        )
+        assert value(validator, "hcnr_validation_seconds_count", outcome="queued") == 1
+        assert not labelled(validator, finished, "outcome")  # each worker its own numbers
+    finally:
+        procs.stop(process)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
