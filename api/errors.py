@@ -59,6 +59,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "invalid_cursor": 422,
     "invalid_file_purpose": 422,
     "invalid_webhook_url": 422,
+    "invalid_integration": 422,  # a tracker integration the service refuses (file: URI, ...)
     **dict.fromkeys(CLIENT_ERROR_CODES, 422),
     "internal_error": 500,
     # the hub or S3 cannot be reached and the model is not cached: retry later

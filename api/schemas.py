@@ -26,6 +26,7 @@ from hcnr_core.config import (
     RaitConfig,
     RepairConfig,
 )
+from hcnr_core.tracking import Integration
 from store.job_state import STATES
 from store.secrets import MAX_VALUE_LENGTH as MAX_SECRET_LENGTH
 from store.secrets import SECRET_NAMES
@@ -230,6 +231,15 @@ class RepairJobCreate(BaseModel):
     webhook_url: AnyHttpUrl | None = Field(
         None, max_length=2000, description="POSTed on terminal states"
     )
+    integrations: list[Integration] = Field(
+        default_factory=list,
+        max_length=2,
+        description="Experiment trackers the run is logged to (one per type): parameters, "
+        "stage timings, metrics, the selected-matrix table and plots. No credentials here: "
+        "the worker uses the tenant's wandb_api_key / mlflow_token secrets (PUT "
+        "/v1/secrets/{name}), else the operator's. An MLflow uri must be http(s) on a "
+        "public address; W&B without a key runs offline and publishes wandb-offline.tar",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -269,6 +279,7 @@ class RepairJobPublic(BaseModel):
     hyperparameters: dict[str, Any]
     metadata: dict[str, str]
     webhook_url: str | None
+    integrations: list[Integration] = Field(default_factory=list)
     webhook_status: str | None = Field(
         None,
         description="retrying, delivered, failed, rejected_<code> or refused_address "

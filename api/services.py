@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from fastapi import UploadFile
 from pydantic import ValidationError
@@ -242,6 +243,28 @@ def check_webhook_url(url: str | None, settings: Settings) -> None:
         raise APIError("invalid_webhook_url", str(exc)) from exc
 
 
+def check_integrations(body: RepairJobCreate, settings: Settings) -> None:
+    """A job's trackers: one per type; an MLflow URI over http(s) only — `file:`,
+    `sqlite:` and the like would name the worker's filesystem, not the tenant's — to a
+    public address, by the webhooks' SSRF rule (`webhook_allow_private` lifts both)."""
+    kinds = [i.type for i in body.integrations]
+    if len(set(kinds)) != len(kinds):
+        raise APIError("invalid_integration", "one integration per tracker type")
+    for integration in body.integrations:
+        uri = integration.uri
+        if uri is None:
+            continue
+        if urlsplit(uri).scheme not in ("http", "https") or not urlsplit(uri).hostname:
+            raise APIError(
+                "invalid_integration",
+                f"mlflow uri {uri!r}: the service logs to an http(s) tracking server only",
+            )
+        try:
+            webhooks.check_address(uri, settings.webhook_allow_private)
+        except webhooks.UnsafeWebhookAddress as exc:
+            raise APIError("invalid_integration", f"mlflow uri: {exc}") from exc
+
+
 def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) -> File:
     file = get_file(session, tenant, file_id)
     if file.purpose != purpose:
@@ -272,6 +295,7 @@ def check_job(session: Session, settings: Settings, tenant: Tenant, body: Repair
         for candidate in config.tried():
             candidate_config(candidate, config)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
+    check_integrations(body, settings)
     for reference in (body.base, body.finetuned):
         local = check_reference(reference, settings)  # hf:/s3:// are the validation's to fetch
         if local is not None:
@@ -355,13 +379,24 @@ def _new_job(
         task_file_id=body.task_file,
         eval_file_id=body.eval_file,
         validation_file_id=body.validation_file,
-        config=config.model_dump(exclude=set(RUN_OPTIONS)),
+        config=_stored_config(body, config),
         webhook_url=str(body.webhook_url) if body.webhook_url else None,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         labels=[JobLabel(key=k, value=v) for k, v in body.metadata.items()],
         validation_sent_at=utcnow(),
     )
+
+
+def _stored_config(body: RepairJobCreate, config: Any) -> dict[str, Any]:
+    """The hyper-parameters, and the integrations under `Job.INTEGRATIONS_KEY`."""
+    stored = config.model_dump(exclude=set(RUN_OPTIONS))
+    if body.integrations:
+        stored[Job.INTEGRATIONS_KEY] = [
+            i.model_dump(exclude_none=True, exclude_defaults=True) | {"type": i.type}
+            for i in body.integrations
+        ]
+    return stored
 
 
 def send_webhook(notify: Callable[[str], None], job_id: str) -> None:

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import struct
@@ -174,8 +175,10 @@ class WandbTracker:
     """A W&B run. `directory`: where W&B writes (offline runs stay there); WANDB_DIR or
     the working directory by default."""
 
-    def __init__(self, integration: Integration, directory: Path | None = None):
-        self.integration, self.directory = integration, directory
+    def __init__(
+        self, integration: Integration, directory: Path | None = None, api_key: str | None = None
+    ):
+        self.integration, self.directory, self.api_key = integration, directory, api_key
         self.run: Any = None
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
@@ -185,6 +188,8 @@ class WandbTracker:
         settings = wandb.Settings(
             silent=True, console="off", disable_git=True, save_code=False, x_disable_stats=True
         )
+        if self.api_key:  # a service tenant's own key; otherwise W&B's environment
+            settings.api_key = self.api_key
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
@@ -242,8 +247,8 @@ MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILL
 class MlflowTracker:
     """An MLflow run through `MlflowClient` (no global active run: safe beside a user's own)."""
 
-    def __init__(self, integration: Integration):
-        self.integration = integration
+    def __init__(self, integration: Integration, token: str | None = None):
+        self.integration, self.token = integration, token
         self.client: Any = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -306,10 +311,49 @@ class MlflowTracker:
         }
 
 
-def make_tracker(integration: Integration, workdir: Path | None = None) -> Tracker:
+def make_tracker(
+    integration: Integration, workdir: Path | None = None, credential: str | None = None
+) -> Tracker:
+    """The tracker of `integration`; `credential` (a W&B API key, an MLflow token) when
+    the caller holds one, else the tracker's own environment applies."""
     if integration.type == "wandb":
-        return WandbTracker(integration, workdir)
-    return MlflowTracker(integration)
+        return WandbTracker(integration, workdir, credential)
+    return (
+        _WithToken(MlflowTracker(integration, credential))
+        if credential
+        else MlflowTracker(integration)
+    )
+
+
+class _WithToken:
+    """An MlflowTracker whose calls see MLFLOW_TRACKING_TOKEN set to its token (MLflow's
+    REST client reads its credentials from the environment at each request)."""
+
+    def __init__(self, tracker: MlflowTracker):
+        self.tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.tracker, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _environment("MLFLOW_TRACKING_TOKEN", self.tracker.token):
+                return method(*args, **kwargs)
+
+        return call
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 # --- a run logged to every tracker, failures contained ------------------------------------------

@@ -168,6 +168,19 @@ class Job(Base):
     def metadata_dict(self) -> dict[str, str]:
         return {label.key: label.value for label in self.labels}
 
+    # A job's tracker integrations (issue 17) ride in its `config` JSON under this key
+    # rather than a column of their own (no migration); `hyperparameters` is the rest,
+    # which is what the method's config, the API and the model card read.
+    INTEGRATIONS_KEY: ClassVar[str] = "_integrations"
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.config or {}).items() if k != self.INTEGRATIONS_KEY}
+
+    @property
+    def integrations(self) -> list[dict[str, Any]]:
+        return list((self.config or {}).get(self.INTEGRATIONS_KEY) or [])
+
 
 class JobLabel(Base):
     """One `metadata` key/value of a job; a table so that list filters are indexable."""

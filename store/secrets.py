@@ -28,6 +28,8 @@ from store.models import TenantSecret, utcnow
 # name -> what reads it (the API documents these)
 SECRET_NAMES: dict[str, str] = {
     "hf_token": "Hugging Face Hub token: downloads private or gated `hf:` models",
+    "wandb_api_key": "Weights & Biases API key: a job's wandb integration logs with it",
+    "mlflow_token": "MLflow bearer token (MLFLOW_TRACKING_TOKEN): a job's mlflow integration",
 }
 MAX_VALUE_LENGTH = 4096
 _VERSION = "v1"

@@ -57,6 +57,7 @@ def tracked(toy: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> d
         args = repair_argv(toy, out, "--track", "mlflow", "--track", "wandb")
         args += ["--track-uri", store, "--track-project", "honesty-exp", "--track-name", "toy-run"]
         result = CliRunner().invoke(app, args)
+        wandb.teardown()  # what the CLI's exit does: W&B's service flushes the run's log
     finally:
         patch.undo()
     assert result.exit_code == 0, result.output

@@ -29,7 +29,7 @@ from store.models import Artifact, File, Job
 from store.references import resolve_reference
 from store.settings import Settings
 from store.storage import Storage, job_prefix
-from worker import cleanup, faults, hub_card
+from worker import cleanup, faults, hub_card, job_tracking
 from worker import metrics as worker_metrics
 
 log = logging.getLogger("hcnr.worker")
@@ -289,11 +289,15 @@ def _repair(
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = _inputs(ctx, job, scratch)
     method = get_method(job.method)
-    config = method.make_config(job.config, device=ctx.settings.worker_device)
+    config = method.make_config(job.hyperparameters, device=ctx.settings.worker_device)
     delay = faults.progress_delay(job.metadata_dict)
     recorder = ProgressRecorder(ctx, job_id, lease, delay, tracker)
     out = _output_dir(ctx, job_id, scratch)
-    with use_limits(ctx.settings.limits):  # the service's limits apply in `prepare` too
+    tracking = job_tracking.start(ctx, job, config, scratch)  # never raises
+    with (
+        job_tracking.closed_on_error(tracking),
+        use_limits(ctx.settings.limits),  # the service's limits apply in `prepare` too
+    ):
         report = method.run(
             config,
             MethodInputs(
@@ -304,7 +308,7 @@ def _repair(
                 inputs["validation"],
             ),
             out,
-            progress=recorder,
+            progress=tracking.progress(recorder),
             should_cancel=recorder.should_cancel,
         )
     report["report_name"] = method.report_name
@@ -314,11 +318,13 @@ def _repair(
             report["metrics"] = evaluate(config, inputs, out, recorder.should_cancel)
             _reliability_artifact(report, out)
         hub_card.publish(job, report, out, eval_name=job.eval_file_id)  # the Hub model card
+        job_tracking.finish(tracking, report, out)  # before the upload: wandb-offline.tar
         if lease.cancelled.is_set():
             raise RepairCancelled("cancelled after the last step")
         if not ctx.storage.is_local:
             ctx.storage.put_dir(out, checkpoint_prefix(job_id))
-    except BaseException:
+    except BaseException as exc:
+        job_tracking.abandon(tracking, exc)
         _discard(ctx, job_id, out)
         raise
     return report, out

@@ -73,7 +73,7 @@ def _validate(
             return "missing", "skipped", None
         if job.status != "validating":
             return job.status, "skipped", None
-        method, config_values = job.method, dict(job.config)
+        method, config_values = job.method, job.hyperparameters
         refs = (job.base_ref, job.finetuned_ref)
         tenant_id = job.tenant_id
         hub_token = _hub_token(session, settings, tenant_id, refs)

@@ -164,6 +164,7 @@ def job_create_body(
     metadata: dict[str, str] | None,
     webhook_url: str | None,
     extra_body: dict[str, Any] | None,
+    integrations: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "base": base,
@@ -178,6 +179,8 @@ def job_create_body(
         "hyperparameters": hyperparameters,
         "metadata": metadata,
         "webhook_url": webhook_url,
+        # [{"type": "wandb" | "mlflow", "project": ..., "uri": ...}]: no credentials
+        "integrations": integrations,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     return {**body, **(extra_body or {})}

@@ -104,6 +104,8 @@ class RepairJob(BaseObject):
     metadata: dict[str, str]
     webhook_url: str | None
     webhook_status: str | None = None
+    # experiment trackers the run is logged to: {"type": "wandb" | "mlflow", ...}
+    integrations: list[dict[str, Any]] = []
     stage_seconds: dict[str, float]
     metrics: dict[str, Any] | None
     error: RepairJobError | None

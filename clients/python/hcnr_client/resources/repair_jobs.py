@@ -120,6 +120,7 @@ class RepairJobs:
         hyperparameters: dict[str, Any] | None = None,
         metadata: dict[str, str] | None = None,
         webhook_url: str | None = None,
+        integrations: list[dict[str, Any]] | None = None,
         idempotency_key: str | None = None,
         extra_body: dict[str, Any] | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
@@ -139,6 +140,7 @@ class RepairJobs:
             metadata=metadata,
             webhook_url=webhook_url,
             extra_body=extra_body,
+            integrations=integrations,
         )
         headers = {"Idempotency-Key": idempotency_key or f"hcnr-client-{uuid.uuid4()}"}
         return self._client._post(
@@ -358,6 +360,7 @@ class AsyncRepairJobs:
         hyperparameters: dict[str, Any] | None = None,
         metadata: dict[str, str] | None = None,
         webhook_url: str | None = None,
+        integrations: list[dict[str, Any]] | None = None,
         idempotency_key: str | None = None,
         extra_body: dict[str, Any] | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
@@ -374,6 +377,7 @@ class AsyncRepairJobs:
             metadata=metadata,
             webhook_url=webhook_url,
             extra_body=extra_body,
+            integrations=integrations,
         )
         headers = {"Idempotency-Key": idempotency_key or f"hcnr-client-{uuid.uuid4()}"}
         return await self._client._post(
