@@ -107,6 +107,7 @@ from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig
 from hcnr_core.data import Sample, encode_sample, encode_samples, load_jsonl
 from hcnr_core.errors import CheckpointError, DataValidationError, HCNRError, RepairCancelled
 from hcnr_core.evaluation import GenerationSettings, RefusalDetector, generate
+from hcnr_core.progress import ProgressEvent
 from hcnr_core.report import versions
 from hcnr_core.writer import CheckpointFiles, check_output_dir, sha256_file, write_checkpoint
 
@@ -309,15 +310,32 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# Stage -> its share of a run's progress bar (the overall `ProgressEvent.fraction`).
+STAGES: dict[str, dict[str, float]] = {
+    "rait": {"load": 0.05, "train": 0.8, "merge": 0.05, "save": 0.1},
+    "dpo": {
+        "load": 0.05,
+        "generate_rejected": 0.1,
+        "reference": 0.05,
+        "train": 0.65,
+        "merge": 0.05,
+        "save": 0.1,
+    },
+}
+
+
 class _Run:
-    """Stage timing, progress and cancellation for one baseline run."""
+    """Stage timing, progress (`ProgressEvent`s, like every method's) and cancellation
+    for one baseline run."""
 
     def __init__(
         self,
-        progress: Callable[[str, int, int], None] | None,
+        method: Literal["rait", "dpo"],
+        progress: Callable[[ProgressEvent], None] | None,
         should_cancel: Callable[[], bool] | None,
     ):
         self.progress, self.should_cancel = progress, should_cancel
+        self.stages = STAGES[method]
         self.seconds: dict[str, float] = {}
         self.stage, self._started = "", 0.0
 
@@ -331,14 +349,20 @@ class _Run:
 
     def finished(self) -> None:
         """The last stage is complete (published: too late to cancel)."""
-        if self.progress is not None:
-            self.progress(self.stage, 1, 1)
+        self._emit(1, 1)
 
     def tick(self, done: int, total: int) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise RepairCancelled(f"cancelled during {self.stage}")
-        if self.progress is not None:
-            self.progress(self.stage, done, total)
+        self._emit(done, total)
+
+    def _emit(self, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        order = list(self.stages)
+        before = sum(self.stages[s] for s in order[: order.index(self.stage)])
+        share = self.stages[self.stage] * (done / total if total else 1.0)
+        self.progress(ProgressEvent(self.stage, done, total, min(1.0, before + share)))
 
 
 # --- training on TRL's trainers ----------------------------------------------------------
@@ -550,7 +574,7 @@ def train_rait(
     out: str | Path,
     config: RaitConfig | None = None,
     *,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     columns: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
@@ -562,7 +586,7 @@ def train_rait(
     gradient, so ΔW = B·(A⊙M) is zero in every other column. AdamW moves a parameter whose
     gradient and moments are zero by exactly zero (and weight decay keeps zero at zero)."""
     config = config or RaitConfig()
-    run = _Run(progress, should_cancel)
+    run = _Run("rait", progress, should_cancel)
     with _torch_threads(config.threads):
         return _rait(base, finetuned, honesty, Path(out), config, run, columns)
 
@@ -701,14 +725,14 @@ def train_dpo(
     config: DpoConfig | None = None,
     *,
     detector: RefusalDetector | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """DPO of a LoRA on IDK preference pairs, merged and published at `out`."""
     config = config or DpoConfig()
     detector = detector or RefusalDetector()
     with _torch_threads(config.threads):
-        run = _Run(progress, should_cancel)
+        run = _Run("dpo", progress, should_cancel)
         return _dpo(base, finetuned, honesty, Path(out), config, detector, run)
 
 

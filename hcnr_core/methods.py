@@ -123,14 +123,12 @@ class HCNRMethod:
 
 @dataclass(frozen=True)
 class BaselineMethod:
-    """A LoRA trained on the fine-tune with the honesty set, merged (`hcnr_core.baselines`).
-
-    `stages` weighs each stage's share of the run for the overall progress fraction."""
+    """A LoRA trained on the fine-tune with the honesty set, merged (`hcnr_core.baselines`,
+    which reports `ProgressEvent`s like the HCNR pipeline)."""
 
     name: Literal["rait", "dpo"]
     title: str
     config_type: type[BaselineConfig]
-    stages: dict[str, float]
     report_name: str = "baseline_report.json"
 
     def make_config(self, values: dict[str, Any], **run_options: Any) -> BaselineConfig:
@@ -160,47 +158,17 @@ class BaselineMethod:
             inputs.honesty,
             out,
             config,  # type: ignore[arg-type]  # the method's own config type
-            progress=self._events(progress) if progress else None,
+            progress=progress,
             should_cancel=should_cancel,
         )
-
-    def _events(self, progress: Progress) -> Callable[[str, int, int], None]:
-        """(stage, done, total) of a baseline -> a ProgressEvent with the overall fraction."""
-        order = list(self.stages)
-
-        def on_step(stage: str, done: int, total: int) -> None:
-            before = order[: order.index(stage)] if stage in order else []
-            share = self.stages.get(stage, 0.0) * (done / total if total else 1.0)
-            fraction = min(1.0, sum(self.stages[s] for s in before) + share)
-            progress(ProgressEvent(stage, done, total, fraction))
-
-        return on_step
 
 
 # The methods that repair by themselves (auto's candidates); get_method also knows "auto".
 METHODS: dict[str, Method] = {
     "hcnr": HCNRMethod(),
-    "rait": BaselineMethod(
-        "rait",
-        "RAIT (SFT on IDK data)",
-        RaitConfig,
-        {"load": 0.05, "train": 0.8, "merge": 0.05, "save": 0.1},
-    ),
-    "dpo": BaselineMethod(
-        "dpo",
-        "DPO on IDK preference pairs",
-        DpoConfig,
-        {
-            "load": 0.05,
-            "generate_rejected": 0.1,
-            "reference": 0.05,
-            "train": 0.65,
-            "merge": 0.05,
-            "save": 0.1,
-        },
-    ),
+    "rait": BaselineMethod("rait", "RAIT (SFT on IDK data)", RaitConfig),
+    "dpo": BaselineMethod("dpo", "DPO on IDK preference pairs", DpoConfig),
 }
-
 
 METHOD_NAMES = (*METHODS, "auto")
 

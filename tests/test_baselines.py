@@ -29,6 +29,7 @@ from hcnr_core.checkpoint import inspect_checkpoint, load_tokenizer
 from hcnr_core.data import Sample, encode_sample, load_jsonl
 from hcnr_core.errors import CheckpointError, DataValidationError, HCNRError, RepairCancelled
 from hcnr_core.evaluation import RefusalDetector, evaluate_model
+from hcnr_core.progress import ProgressEvent
 
 FAST = {"steps": 6, "batch_size": 4, "threads": 1}
 
@@ -300,13 +301,34 @@ def test_threads_hold_while_training_and_are_restored(toy, tmp_path):
     wanted = 2 if before != 2 else 1
     seen: set[int] = set()
 
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage == "train":
+    def progress(event: ProgressEvent) -> None:
+        if event.stage == "train":
             seen.add(torch.get_num_threads())
 
     cfg = RaitConfig(steps=2, batch_size=4, threads=wanted)
     train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg, progress=progress)
     assert seen == {wanted} and torch.get_num_threads() == before
+
+
+def test_progress_is_the_one_event_type_with_a_rising_overall_fraction(toy, tmp_path):
+    """The baselines report `ProgressEvent`s themselves (as the HCNR pipeline does), with
+    the run's overall fraction: the method seam passes the callback through unchanged."""
+    from hcnr_core.baselines import STAGES
+    from hcnr_core.methods import MethodInputs, get_method
+
+    events: list[ProgressEvent] = []
+    method = get_method("rait")
+    config = method.make_config({"steps": 2, "batch_size": 4, "threads": 1})
+    inputs = MethodInputs(toy["base"], toy["full"], toy["honesty"])
+    method.run(config, inputs, tmp_path / "out", progress=events.append)
+    assert events and all(isinstance(e, ProgressEvent) for e in events)
+    fractions = [e.fraction for e in events]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert fractions == sorted(fractions)
+    assert list(dict.fromkeys(e.stage for e in events)) == list(STAGES["rait"])
+    # enter (0 of 1), one tick per optimizer step (1, 2 of 2), leave (1 of 1)
+    train = [(e.done, e.total) for e in events if e.stage == "train"]
+    assert train == [(0, 1), (1, 2), (2, 2), (1, 1)]
 
 
 def test_library_errors(toy, other_toy, tmp_path):
