@@ -414,3 +414,43 @@ def _answers(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def _touch(n: int) -> bytearray:
+    """n bytes, every page written (resident)."""
+    block = bytearray(n)
+    block[::4096] = b"\1" * len(block[::4096])
+    return block
+
+
+def test_peak_rss_is_the_jobs_not_the_processes():
+    """The host peak is reset at the job's start (VmHWM through /proc/self/clear_refs):
+    a big allocation before the job does not count, one during the job does."""
+    from worker.metrics import RSS, JobTracker, peak_memory
+
+    before = _touch(600 * 2**20)
+    del before  # freed (mmap'd): the process's lifetime peak stays above 600 MiB
+    tracker = JobTracker("hcnr", ["cpu"])
+    assert tracker.rss_reset
+    during = _touch(100 * 2**20)
+    [(device, measure, peak)] = peak_memory(["cpu"], tracker.rss_reset)
+    del during
+    assert (device, measure) == ("cpu", RSS)
+    assert 100 * 2**20 < peak < 600 * 2**20
+
+
+@pytest.mark.gpu
+def test_peak_cuda_memory_is_the_jobs():
+    """torch.cuda.max_memory_allocated, reset at the job's start, labelled by index."""
+    import torch
+
+    from worker.metrics import CUDA, JobTracker, peak_memory
+
+    before = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    del before
+    tracker = JobTracker("hcnr", ["cuda"])
+    during = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    cuda = [v for v in peak_memory(["cuda"], tracker.rss_reset) if v[1] == CUDA]
+    del during
+    assert [(d, m) for d, m, _ in cuda] == [(f"cuda:{torch.cuda.current_device()}", CUDA)]
+    assert 64 * 2**20 <= cuda[0][2] < 512 * 2**20
