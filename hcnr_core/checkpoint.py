@@ -95,7 +95,7 @@ class TensorSource(Protocol):
     """Read access to a checkpoint's tensors by name, one at a time (nothing else is
     loaded): safetensors files (`SafetensorsSource`), an in-memory state dict
     (`DictSource`), a LoRA adapter merged onto its base per tensor
-    (`layerwise.LoraMergedSource`), generated weights (`bench/scale.py`)."""
+    (`layerwise.LoraMergedSource`), generated weights (`bench/scale/synthetic.py`)."""
 
     def keys(self) -> list[str]: ...
     def __contains__(self, name: str) -> bool: ...
