@@ -73,6 +73,10 @@ LABELS = {
 }
 
 
+def this_machine() -> str:
+    return platform.processor() or platform.machine()
+
+
 def evaluate(
     model_dir: Path, paths: dict[str, Path], settings: GenerationSettings = SETTINGS
 ) -> dict[str, float]:
@@ -185,6 +189,8 @@ def one_seed(seed: int, work: Path, quick: bool, log: Callable[[str], None]) -> 
             sweep.append({"method": method, "name": name})
     return {
         "seed": seed,
+        "quick": quick,  # --reuse takes a saved seed only for the same sweep
+        "machine": this_machine(),  # where the numbers were measured, for the re-render
         "organism": {"build_seconds": manifest["seconds"], "metrics": manifest["metrics"]},
         "runs": runs,
         "sweep": sweep,
@@ -383,11 +389,13 @@ def organisms(results: list[dict]) -> list[str]:
 def write_markdown(results: list[dict], path: Path, command: str) -> None:
     points = pareto_points(results)
     seeds = ", ".join(str(r["seed"]) for r in results)
+    # Results saved before the machine was recorded: the rendering machine's name.
+    machines = ", ".join(sorted({r.get("machine") or this_machine() for r in results}))
     lines = [
         "# HCNR on the model organism: the paper's tables",
         "",
         f"Command: `{command}`. Seeds {seeds}; mean ± std over seeds. Machine: "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
+        f"{machines}, {torch.get_num_threads()} torch "
         "threads; eval sets of 128 (greedy). Raw numbers: `organism.json`.",
         "",
         "## Goals (issue #3)",
@@ -426,6 +434,24 @@ def write_markdown(results: list[dict], path: Path, command: str) -> None:
     plot(points, results, path.with_name("organism_pareto.png"))
 
 
+def saved_results(path: Path, quick: bool) -> dict[int, dict[str, Any]]:
+    """Seed -> its results in a published organism.json, those of the same sweep (a result
+    without `quick` is from before the flag was recorded: a full sweep)."""
+    if not path.is_file():
+        return {}
+    return {r["seed"]: r for r in json.loads(path.read_text()) if r.get("quick", False) == quick}
+
+
+def command_of(seeds: list[int], quick: bool) -> str:
+    """The command the tables name: what reproduces the numbers (seeds, sweep), not how
+    this call was spelled (--reuse, --work and --out change no number)."""
+    return (
+        "python -m bench.paper_tables --seeds "
+        + " ".join(map(str, seeds))
+        + (" --quick" if quick else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -436,7 +462,9 @@ def main(argv: list[str] | None = None) -> None:
         "--reuse",
         action="store_true",
         help="take a seed's results from --work when an earlier run saved them (lets seeds "
-        "run as parallel processes, then one call with all seeds and --reuse aggregates)",
+        "run as parallel processes, then one call with all seeds and --reuse aggregates), "
+        "else from --out's organism.json: with every seed saved, nothing runs and the "
+        "tables are re-rendered, byte for byte what that run wrote",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: one thread is fastest and reproducible
@@ -446,18 +474,20 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    published = saved_results(args.out / "organism.json", args.quick) if args.reuse else {}
     results = []
     for seed in args.seeds:
         cached = args.work / f"result-seed{seed}{'-quick' if args.quick else ''}.json"
         if args.reuse and cached.is_file():
             results.append(json.loads(cached.read_text()))
             continue
+        if seed in published:
+            results.append(published[seed])
+            continue
         results.append(one_seed(seed, args.work, args.quick, log))
         cached.write_text(json.dumps(results[-1], indent=1) + "\n")
-    argv = sys.argv[1:] if argv is None else argv
-    command = "python -m bench.paper_tables " + " ".join(a for a in argv if a != "--reuse")
     (args.out / "organism.json").write_text(json.dumps(results, indent=1) + "\n")
-    write_markdown(results, args.out / "organism.md", command.strip())
+    write_markdown(results, args.out / "organism.md", command_of(args.seeds, args.quick))
     print((args.out / "organism.md").read_text())
 
 
