@@ -260,7 +260,8 @@ class Exporter:
         from prometheus_client.exposition import start_http_server
 
         self.pid = os.getpid()
-        self.directory = Path(tempfile.mkdtemp(prefix="hcnr-worker-metrics-"))
+        _sweep_stale_directories(self.pid)
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{self.pid}-"))
         os.environ[MULTIPROC_ENV] = str(self.directory)  # inherited by the pool children
         if not getattr(values.ValueClass, "_multiprocess", False):
             # prometheus_client chose its value class when first imported; if that was
@@ -287,6 +288,18 @@ class Exporter:
         self.server.shutdown()
         self.server.server_close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+DIR_PREFIX = "hcnr-worker-metrics-"
+
+
+def _sweep_stale_directories(own_pid: int) -> None:
+    """Remove the directories of workers that died without their shutdown (SIGKILL): the
+    pid in the name is gone, or it is this process's (a restarted container's pid 1)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{DIR_PREFIX}*-*")):
+        pid = path.removeprefix(os.path.join(tempfile.gettempdir(), DIR_PREFIX)).split("-")[0]
+        if pid.isdigit() and (int(pid) == own_pid or not _alive(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _live_collector_base():

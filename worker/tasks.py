@@ -173,7 +173,14 @@ def start_metrics(sender: Any = None, **_: Any) -> None:
     process before the pool forks: the children inherit the multiprocess directory."""
     from worker import metrics
 
-    metrics.start_exporter(app.conf.hcnr_settings)
+    settings = app.conf.hcnr_settings
+    try:
+        metrics.start_exporter(settings)
+    except OSError as exc:
+        # Celery logs and swallows a signal handler's exception, and the worker would run
+        # unmonitored: a port that cannot be bound stops it (SystemExit passes through).
+        where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        raise SystemExit(f"worker metrics: cannot listen on {where}: {exc}") from exc
 
 
 @signals.worker_process_init.connect

@@ -454,3 +454,50 @@ def test_peak_cuda_memory_is_the_jobs():
     del during
     assert [(d, m) for d, m, _ in cuda] == [(f"cuda:{torch.cuda.current_device()}", CUDA)]
     assert 64 * 2**20 <= cuda[0][2] < 512 * 2**20
+
+
+def test_a_taken_metrics_port_stops_the_worker(tmp_path: Path):
+    """Celery swallows a signal handler's error: the worker must not run unmonitored."""
+    import socket
+    import subprocess
+
+    from hcnr_cli.serve_cmd import worker_command
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = procs.service_env(data_dir=tmp_path, worker_metrics_port=port)
+        result = subprocess.run(
+            worker_command(), env=env, capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout + result.stderr
+
+
+def test_stale_metrics_directories_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A worker SIGKILLed never removed its directory: the next one to start does, and
+    leaves those of workers still alive."""
+    import tempfile
+
+    from worker import metrics
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = _exited_pid()
+    alive = os.getppid()
+    for pid in (dead, alive, os.getpid()):
+        (tmp_path / f"{metrics.DIR_PREFIX}{pid}-x1").mkdir()
+    (tmp_path / "unrelated").mkdir()
+    metrics._sweep_stale_directories(os.getpid())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{metrics.DIR_PREFIX}{alive}-x1",
+        "unrelated",
+    ]
+
+
+def _exited_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
