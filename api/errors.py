@@ -59,6 +59,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "invalid_cursor": 422,
     "invalid_file_purpose": 422,
     "invalid_webhook_url": 422,
+    "hub_token_missing": 422,  # push_to_hub without the tenant's hf_token secret
     "invalid_integration": 422,  # a tracker integration the service refuses (file: URI, ...)
     **dict.fromkeys(CLIENT_ERROR_CODES, 422),
     "internal_error": 500,

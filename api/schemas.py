@@ -27,6 +27,7 @@ from hcnr_core.config import (
     RepairConfig,
 )
 from hcnr_core.tracking import Integration
+from store.hub_push import MAX_COMMIT_MESSAGE, check_repo_id, check_revision
 from store.job_state import STATES
 from store.secrets import MAX_VALUE_LENGTH as MAX_SECRET_LENGTH
 from store.secrets import SECRET_NAMES
@@ -200,6 +201,49 @@ HYPERPARAMETERS: dict[str, type[BaseModel]] = {
 }
 
 
+class JobError(BaseModel):
+    code: str
+    message: str
+    # A validation refusal's details, as a synchronous 422 carries them: line-numbered
+    # `problems` for data, `limit`/`value`/`allowed` for a limit; null otherwise.
+    details: Any = None
+
+
+class HubPushCreate(BaseModel):
+    """Where a succeeded job's checkpoint is pushed (worker/hub_push.py), with the
+    tenant's `hf_token` secret (it needs write access to the repository's namespace)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: Annotated[Text, Field(max_length=192), AfterValidator(check_repo_id)] = Field(
+        description="'org/name' (or 'user/name'); created when missing", examples=["acme/llm-hcnr"]
+    )
+    private: bool = Field(
+        True, description="Visibility of a repository the push creates (an existing one keeps its)"
+    )
+    revision: Annotated[Text, Field(max_length=255), AfterValidator(check_revision)] | None = Field(
+        None, description="Branch to commit to, created from main when missing; null: main"
+    )
+    commit_message: Annotated[Text, Field(max_length=MAX_COMMIT_MESSAGE)] | None = Field(
+        None, description="null: 'Upload HCNR-repaired checkpoint (<job id>)'"
+    )
+
+
+HubPushStatus = Literal["pending", "pushing", "retrying", "succeeded", "failed", "skipped"]
+
+
+class HubPushPublic(HubPushCreate):
+    status: HubPushStatus = Field(
+        description="pending (the job has not finished, or the push is queued), pushing, "
+        "retrying (429/5xx/network, with backoff), succeeded, failed (see error; the job "
+        "stays succeeded and its artifacts downloadable), skipped (the job did not succeed)"
+    )
+    commit_sha: str | None = None
+    commit_url: str | None = None
+    url: str | None = Field(None, description="The repository's address on the hub")
+    error: JobError | None = None
+
+
 class RepairJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -240,6 +284,13 @@ class RepairJobCreate(BaseModel):
         "/v1/secrets/{name}), else the operator's. An MLflow uri must be http(s) on a "
         "public address; W&B without a key runs offline and publishes wandb-offline.tar",
     )
+    push_to_hub: HubPushCreate | None = Field(
+        None,
+        description="Push the published checkpoint (weights, config, tokenizer, README "
+        "card, report) to this Hub repository once the job succeeds, with the tenant's "
+        "hf_token secret (required at creation: 422 hub_token_missing). The outcome is "
+        "the job's push_to_hub.status and its hub_push_* events",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -252,14 +303,6 @@ class RepairJobCreate(BaseModel):
             if kind is not None and (values is None or isinstance(values, dict)):
                 data = {**data, "hyperparameters": kind.model_validate(values or {})}
         return data
-
-
-class JobError(BaseModel):
-    code: str
-    message: str
-    # A validation refusal's details, as a synchronous 422 carries them: line-numbered
-    # `problems` for data, `limit`/`value`/`allowed` for a limit; null otherwise.
-    details: Any = None
 
 
 class RepairJobPublic(BaseModel):
@@ -280,6 +323,7 @@ class RepairJobPublic(BaseModel):
     metadata: dict[str, str]
     webhook_url: str | None
     integrations: list[Integration] = Field(default_factory=list)
+    push_to_hub: HubPushPublic | None = None
     webhook_status: str | None = Field(
         None,
         description="retrying, delivered, failed, rejected_<code> or refused_address "

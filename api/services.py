@@ -265,6 +265,17 @@ def check_integrations(body: RepairJobCreate, settings: Settings) -> None:
             raise APIError("invalid_integration", f"mlflow uri: {exc}") from exc
 
 
+def check_push_to_hub(session: Session, tenant: Tenant, body: RepairJobCreate) -> None:
+    """A push needs the tenant's own hub token: refused now rather than after the repair.
+    Whether it may write to the repository only the hub can say, at push time."""
+    if body.push_to_hub is not None and secrets.get_meta(session, tenant.id, "hf_token") is None:
+        raise APIError(
+            "hub_token_missing",
+            "push_to_hub needs this tenant's Hugging Face token with write access: "
+            "PUT /v1/secrets/hf_token",
+        )
+
+
 def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) -> File:
     file = get_file(session, tenant, file_id)
     if file.purpose != purpose:
@@ -296,6 +307,7 @@ def check_job(session: Session, settings: Settings, tenant: Tenant, body: Repair
             candidate_config(candidate, config)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
     check_integrations(body, settings)
+    check_push_to_hub(session, tenant, body)
     for reference in (body.base, body.finetuned):
         local = check_reference(reference, settings)  # hf:/s3:// are the validation's to fetch
         if local is not None:
@@ -396,6 +408,8 @@ def _stored_config(body: RepairJobCreate, config: Any) -> dict[str, Any]:
             i.model_dump(exclude_none=True, exclude_defaults=True) | {"type": i.type}
             for i in body.integrations
         ]
+    if body.push_to_hub is not None:
+        stored[Job.PUSH_KEY] = body.push_to_hub.model_dump()
     return stored
 
 

@@ -93,6 +93,20 @@ def create(
     ] = [],  # noqa: B006
     metadata: Annotated[list[str], typer.Option(help="KEY=VALUE, repeatable")] = [],  # noqa: B006
     webhook_url: Annotated[str | None, typer.Option(help="Called on terminal states")] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ORG/NAME",
+            help="Push the checkpoint to this Hub repository when the job succeeds, with "
+            "the tenant's hf_token secret (hcnr_client: client.secrets.set)",
+        ),
+    ] = None,
+    hub_private: Annotated[
+        bool,
+        typer.Option(
+            "--hub-private/--hub-public", help="Visibility of a repository the push creates"
+        ),
+    ] = True,
     idempotency_key: Annotated[str | None, typer.Option(help="Safe retries of create")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job to finish")] = False,
     api_url: ApiUrl = DEFAULT_URL,
@@ -123,6 +137,8 @@ def create(
         body["hyperparameters"] = {**hyperparameters, **overrides}
     if webhook_url:
         body["webhook_url"] = webhook_url
+    if push_to_hub:
+        body["push_to_hub"] = {"repo_id": push_to_hub, "private": hub_private}
     job = _call(client.repair_jobs.create, **body, idempotency_key=idempotency_key)
     if wait:
         job = _call(client.repair_jobs.wait, job.id)

@@ -15,6 +15,7 @@ from rich.markup import escape
 from hcnr_cli import (
     baseline_cmd,
     gguf_cmd,
+    hub_opts,
     jobs_cmd,
     keys_cmd,
     organism_cmd,
@@ -82,6 +83,8 @@ def repair(
     track_uri: tracking_opts.TrackUri = None,
     track_entity: tracking_opts.TrackEntity = None,
     track_name: tracking_opts.TrackName = None,
+    push_to_hub: hub_opts.PushToHub = None,
+    hub_private: hub_opts.HubPrivate = True,
     eval_file: EvalFile = None,
     **flags: Any,
 ) -> None:
@@ -121,6 +124,7 @@ def repair(
         track, track_project, track_uri, track_entity, track_name
     )
     check_eval_file(eval_file)
+    hub_target = hub_opts.target_of(push_to_hub, hub_private)  # token and id: before work
     tracking = tracking_opts.start(integrations, method, cfg, inputs, out)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
@@ -132,7 +136,12 @@ def repair(
         evaluate_into_card(method, spec, cfg, inputs, out, report, eval_file)
     tracked = tracking_opts.finish(tracking, report, out, spec.report_name)
     summary = summary_of(method, out, report)
-    typer.echo(json.dumps({**summary, "tracking": tracked} if tracked else summary))
+    if tracked:
+        summary["tracking"] = tracked
+    pushed = hub_opts.push(hub_target, out, report, spec.report_name)
+    if pushed:
+        summary["hub"] = pushed
+    typer.echo(json.dumps(summary))
 
 
 @app.command()

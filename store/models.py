@@ -173,13 +173,22 @@ class Job(Base):
     # which is what the method's config, the API and the model card read.
     INTEGRATIONS_KEY: ClassVar[str] = "_integrations"
 
+    # The Hub repository a succeeded job's checkpoint is pushed to (issue 17), likewise;
+    # the push's outcome goes into its report (worker/hub_push.py).
+    PUSH_KEY: ClassVar[str] = "_push_to_hub"
+
     @property
     def hyperparameters(self) -> dict[str, Any]:
-        return {k: v for k, v in (self.config or {}).items() if k != self.INTEGRATIONS_KEY}
+        private = (self.INTEGRATIONS_KEY, self.PUSH_KEY)
+        return {k: v for k, v in (self.config or {}).items() if k not in private}
 
     @property
     def integrations(self) -> list[dict[str, Any]]:
         return list((self.config or {}).get(self.INTEGRATIONS_KEY) or [])
+
+    @property
+    def push_target(self) -> dict[str, Any] | None:
+        return (self.config or {}).get(self.PUSH_KEY)
 
 
 class JobLabel(Base):

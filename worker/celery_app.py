@@ -6,9 +6,9 @@ celery -A worker.celery_app worker --pool threads --concurrency 4 -Q hcnr.valida
 Validation of new jobs runs on a CPU queue of its own (`hcnr.validation`, worker/validation.py):
 never on a GPU worker, each check in a child process under the limits of hcnr_core.bounded.
 
-Webhook deliveries are tasks of their own (queue `hcnr.webhooks`, retried with backoff):
-a GPU worker consuming both queues delivers them between jobs; a CPU worker with
-`-Q hcnr.webhooks --pool threads` delivers them at once.
+Webhook deliveries and Hub pushes are tasks of their own (queue `hcnr.webhooks`, retried
+with backoff): a GPU worker consuming both queues runs them between jobs; a CPU worker
+with `-Q hcnr.webhooks --pool threads` runs them at once.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ TASK_NAME = "hcnr.run_repair_job"
 QUEUE = "hcnr"
 WEBHOOK_TASK = "hcnr.deliver_webhook"
 WEBHOOK_QUEUE = "hcnr.webhooks"
+# The Hub push of a succeeded job (worker/hub_push.py): network I/O, on the webhook queue
+HUB_PUSH_TASK = "hcnr.push_to_hub"
 VALIDATION_TASK = "hcnr.validate_job"
 VALIDATION_QUEUE = "hcnr.validation"
 QUEUES = (QUEUE, WEBHOOK_QUEUE, VALIDATION_QUEUE)
@@ -38,6 +40,7 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             TASK_NAME: {"queue": QUEUE},
             WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+            HUB_PUSH_TASK: {"queue": WEBHOOK_QUEUE},
             VALIDATION_TASK: {"queue": VALIDATION_QUEUE},
         },
         task_serializer="json",
@@ -94,10 +97,13 @@ def validate_with(celery: Celery):
 
 
 def notify_with(celery: Celery):
-    """Producer of webhook deliveries: the task looks the job up and sends (or not)."""
+    """Producer of what follows a terminal state: the webhook delivery and the Hub push.
+    Each task looks the job up and acts (or not: no webhook, no push_to_hub, not
+    succeeded), so callers need not know which apply."""
 
     def notify(job_id: str) -> None:
         celery.send_task(WEBHOOK_TASK, args=[job_id], queue=WEBHOOK_QUEUE)
+        celery.send_task(HUB_PUSH_TASK, args=[job_id], queue=WEBHOOK_QUEUE)
 
     return notify
 

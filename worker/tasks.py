@@ -18,6 +18,7 @@ from celery import signals
 from store.db import make_engine, make_session_factory, worker_engine_options
 from store.storage import make_storage
 from worker.celery_app import (
+    HUB_PUSH_TASK,
     TASK_NAME,
     VALIDATION_TASK,
     WEBHOOK_TASK,
@@ -26,6 +27,7 @@ from worker.celery_app import (
     notify_with,
     validate_with,
 )
+from worker.hub_push import RetryablePush
 from worker.webhooks import RetryableDelivery
 
 _contexts: dict[int, Any] = {}
@@ -106,14 +108,37 @@ def deliver_webhook(self: Any, job_id: str) -> str | None:
     return deliver_job(factory, settings, job_id, final=final)
 
 
+@app.task(
+    name=HUB_PUSH_TASK,
+    bind=True,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(RetryablePush,),
+    # the webhooks' schedule: backoff * 2**n seconds, settings.webhook_attempts attempts
+    retry_backoff=_WEBHOOK_SETTINGS.webhook_backoff_seconds or False,
+    retry_backoff_max=600,
+    retry_jitter=False,
+    retry_kwargs={"countdown": 0},
+    max_retries=None,
+)
+def push_to_hub(self: Any, job_id: str) -> str | None:
+    from store.storage import make_storage
+    from worker.hub_push import push_job
+
+    factory, settings = _webhook_context()
+    final = self.request.retries + 1 >= settings.webhook_attempts
+    return push_job(factory, settings, make_storage(settings), job_id, final=final)
+
+
 def deliver_inline(session_factory: Any, settings: Any) -> Callable[[str], None]:
-    """Run the delivery task in this process (Celery's eager `apply`, retries included,
-    without their countdown) against these settings and database: for tests and
-    embedding without a broker."""
+    """Run the delivery and push tasks in this process (Celery's eager `apply`, retries
+    included, without their countdown) against these settings and database: for tests
+    and embedding without a broker."""
 
     def notify(job_id: str) -> None:
         with _using(session_factory, settings):
             deliver_webhook.apply(args=[job_id])
+            push_to_hub.apply(args=[job_id])
 
     return notify
 

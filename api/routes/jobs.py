@@ -21,6 +21,7 @@ from api.routing import ReleasingRoute
 from api.schemas import (
     EventList,
     EventPublic,
+    HubPushPublic,
     JobStatus,
     RepairJobCreate,
     RepairJobDeleted,
@@ -66,6 +67,7 @@ def job_public(job: Job) -> RepairJobPublic:
         validation_file=job.validation_file_id,
         hyperparameters=job.hyperparameters,
         integrations=job.integrations,
+        push_to_hub=hub_push_public(job),
         metadata=job.metadata_dict,
         webhook_url=job.webhook_url,
         webhook_status=job.webhook_status,
@@ -81,6 +83,19 @@ def job_public(job: Job) -> RepairJobPublic:
         base_resolved=job.base_resolved,
         finetuned_resolved=job.finetuned_resolved,
     )
+
+
+def hub_push_public(job: Job) -> HubPushPublic | None:
+    """The push target (the job's config) with its outcome (the job's report)."""
+    target = job.push_target
+    if target is None:
+        return None
+    outcome = dict((job.report or {}).get("hub_push") or {})
+    if not outcome:
+        skipped = job.status in TERMINAL_STATES and job.status != "succeeded"
+        outcome = {"status": "skipped" if skipped else "pending"}
+    fields = ("status", "commit_sha", "commit_url", "url", "error")
+    return HubPushPublic(**target, **{k: outcome.get(k) for k in fields if k in outcome})
 
 
 def event_public(event: JobEvent) -> EventPublic:

@@ -5,10 +5,26 @@ GET  /api/models/{org}/{name}/revision/{revision}   id, sha, private, gated, sib
 HEAD/GET /{org}/{name}/resolve/{commit}/{file}       X-Repo-Commit, ETag, Content-Length
 
 A private repository answers 401 `X-Error-Code: RepoNotFound` (as the hub does) unless
-the request carries `Authorization: Bearer <its token>`."""
+the request carries `Authorization: Bearer <its token>`.
+
+And the ones `create_repo`, `create_branch` and `create_commit`/`upload_folder` call:
+
+POST /api/repos/create                          {name, organization, visibility}
+POST /api/validate-yaml                         (a README card's metadata: accepted)
+POST /api/models/{org}/{name}/preupload/{rev}   every file "regular" (base64 in the commit)
+POST /api/models/{org}/{name}/branch/{branch}
+POST /api/models/{org}/{name}/commit/{rev}      NDJSON: header, then `file` lines
+
+Writes need `Authorization: Bearer <token>` of a token in `writers` allowed the
+namespace (401 without a known token, 403 for another namespace). `fail_creates` lists
+statuses the next create_repo calls answer (429, 503: the client's retries). Pushed
+commits are kept in `commits`; main's files replace `Repo.files`, a branch's go to
+`Repo.branch_files`. The real hub would ask for LFS/Xet for large files: the stand-in
+never does, which the pushed toy checkpoints (a few KiB) do not need."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -24,6 +40,7 @@ class Repo:
     private: bool = False
     token: str | None = None
     revisions: dict[str, str] = field(default_factory=dict)  # branch -> commit
+    branch_files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # not main
 
     @property
     def commit(self) -> str:
@@ -37,9 +54,21 @@ def repo_from_dir(directory: Path, **options) -> Repo:
     return repo
 
 
+@dataclass
+class Commit:
+    repo_id: str
+    revision: str
+    sha: str
+    summary: str
+    files: dict[str, bytes]  # what this commit added
+
+
 class HubStandIn:
-    def __init__(self, repos: dict[str, Repo]):
+    def __init__(self, repos: dict[str, Repo], writers: dict[str, set[str]] | None = None):
         self.repos = repos
+        self.writers = writers or {}  # token -> namespaces it may create and push to
+        self.commits: list[Commit] = []
+        self.fail_creates: list[int] = []
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, Authorization
         self.port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -83,6 +112,109 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 self._file(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), body)
             else:
                 self._error(404, "EntryNotFound", body)
+
+        def do_POST(self) -> None:
+            path = unquote(urlsplit(self.path).path)
+            hub.requests.append((self.command, path, self.headers.get("Authorization")))
+            length = int(self.headers.get("Content-Length") or 0)
+            payload = self.rfile.read(length)
+            parts = path.strip("/").split("/")
+            if parts == ["api", "validate-yaml"]:
+                self._json(200, {"errors": [], "warnings": []})
+            elif parts == ["api", "repos", "create"]:
+                self._create(json.loads(payload))
+            elif parts[:2] == ["api", "models"] and len(parts) >= 6:
+                repo_id, action, revision = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
+                repo = self._writable(repo_id)
+                if repo is None:
+                    return
+                if action == "preupload":
+                    files = json.loads(payload)["files"]
+                    answer = [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        for f in files
+                    ]
+                    self._json(200, {"files": answer, "commitOid": repo.revisions.get("main")})
+                elif action == "branch":
+                    if revision in repo.revisions:
+                        self._error(409, "BranchExists", True)
+                        return
+                    repo.revisions[revision] = repo.revisions.get("main", repo.commit)
+                    repo.branch_files[revision] = dict(repo.files)
+                    self._json(200, {})
+                elif action == "commit":
+                    self._commit_files(repo_id, repo, revision, payload)
+                else:
+                    self._error(404, "EntryNotFound", True)
+            else:
+                self._error(404, "EntryNotFound", True)
+
+        def _writer(self, namespace: str) -> bool:
+            """Answers 401/403 itself when the request may not write to `namespace`."""
+            auth = self.headers.get("Authorization") or ""
+            token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+            if token not in hub.writers:
+                self._error(401, "InvalidCredentials", True)
+                return False
+            if namespace not in hub.writers[token]:
+                self._error(403, "Forbidden", True)
+                return False
+            return True
+
+        def _create(self, request: dict) -> None:
+            repo_id = f"{request.get('organization')}/{request['name']}"
+            if not self._writer(str(request.get("organization"))):
+                return
+            if hub.fail_creates:
+                self._error(hub.fail_creates.pop(0), "Unavailable", True)
+                return
+            if repo_id in hub.repos:
+                self._error(409, "RepoExists", True)
+                return
+            token = self.headers["Authorization"].removeprefix("Bearer ")
+            private = request.get("visibility") == "private"
+            repo = Repo({}, private=private, token=token)
+            repo.revisions["main"] = repo.commit
+            hub.repos[repo_id] = repo
+            self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+
+        def _writable(self, repo_id: str) -> Repo | None:
+            if not self._writer(repo_id.split("/")[0]):
+                return None
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(404, "RepoNotFound", True)
+            return repo
+
+        def _commit_files(self, repo_id: str, repo: Repo, revision: str, payload: bytes) -> None:
+            lines = [json.loads(line) for line in payload.decode().splitlines() if line.strip()]
+            header = lines[0]
+            assert header["key"] == "header", header
+            added: dict[str, bytes] = {}
+            for line in lines[1:]:
+                if line["key"] != "file" or line["value"].get("encoding") != "base64":
+                    self._error(400, "UnsupportedOperation", True)  # LFS: never asked for
+                    return
+                added[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            if revision == "main":
+                repo.files = {**repo.files, **added}
+                sha = repo.commit
+            elif revision in repo.branch_files:
+                repo.branch_files[revision] = {**repo.branch_files[revision], **added}
+                sha = hashlib.sha1(repr(sorted(repo.branch_files[revision].items())).encode())
+                sha = sha.hexdigest()
+            else:
+                self._error(404, "RevisionNotFound", True)
+                return
+            repo.revisions[revision] = sha
+            summary = header["value"]["summary"]
+            hub.commits.append(Commit(repo_id, revision, sha, summary, added))
+            commit_url = f"{hub.url}/{repo_id}/commit/{sha}"
+            self._json(200, {"commitOid": sha, "commitUrl": commit_url, "pullRequestUrl": None})
+
+        def _json(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self._send(status, data, {"Content-Type": "application/json"}, True)
 
         def _repo(self, repo_id: str, body: bool) -> Repo | None:
             repo = hub.repos.get(repo_id)

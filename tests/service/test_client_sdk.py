@@ -127,6 +127,7 @@ MIRRORS = {
     "FilePublic": types.FileObject,
     "RepairJobPublic": types.RepairJob,
     "JobError": types.RepairJobError,
+    "HubPushPublic": types.HubPush,
     "EventPublic": types.JobEvent,
     "ArtifactPublic": types.Artifact,
     "ArtifactList": types.ArtifactList,

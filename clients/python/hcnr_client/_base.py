@@ -165,6 +165,7 @@ def job_create_body(
     webhook_url: str | None,
     extra_body: dict[str, Any] | None,
     integrations: list[dict[str, Any]] | None = None,
+    push_to_hub: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "base": base,
@@ -181,6 +182,8 @@ def job_create_body(
         "webhook_url": webhook_url,
         # [{"type": "wandb" | "mlflow", "project": ..., "uri": ...}]: no credentials
         "integrations": integrations,
+        # "org/name", or {"repo_id", "private", "revision", "commit_message"}
+        "push_to_hub": {"repo_id": push_to_hub} if isinstance(push_to_hub, str) else push_to_hub,
     }
     body.update({key: value for key, value in optional.items() if value is not None})
     return {**body, **(extra_body or {})}

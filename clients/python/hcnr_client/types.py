@@ -84,6 +84,22 @@ class RepairJobError(BaseObject):
     details: Any = None
 
 
+class HubPush(BaseObject):
+    """A job's push of its checkpoint to a Hugging Face Hub repository: the target and
+    its outcome. `status`: pending, pushing, retrying, succeeded, failed (see `error`;
+    the job stays succeeded) or skipped (the job did not succeed)."""
+
+    repo_id: str
+    private: bool = True
+    revision: str | None = None
+    commit_message: str | None = None
+    status: str
+    commit_sha: str | None = None
+    commit_url: str | None = None
+    url: str | None = None
+    error: RepairJobError | None = None
+
+
 class RepairJob(BaseObject):
     """A repair job (`/v1/repair-jobs`)."""
 
@@ -106,6 +122,7 @@ class RepairJob(BaseObject):
     webhook_status: str | None = None
     # experiment trackers the run is logged to: {"type": "wandb" | "mlflow", ...}
     integrations: list[dict[str, Any]] = []
+    push_to_hub: HubPush | None = None
     stage_seconds: dict[str, float]
     metrics: dict[str, Any] | None
     error: RepairJobError | None

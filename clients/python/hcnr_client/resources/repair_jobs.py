@@ -121,13 +121,16 @@ class RepairJobs:
         metadata: dict[str, str] | None = None,
         webhook_url: str | None = None,
         integrations: list[dict[str, Any]] | None = None,
+        push_to_hub: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         extra_body: dict[str, Any] | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
     ) -> RepairJob:
         """Create a repair job. File arguments take ids or FileObjects. Retries re-send the
         same Idempotency-Key (a fresh one per call unless given), so they never create a
-        second job."""
+        second job. `push_to_hub` ("org/name" or a dict with repo_id, private, revision,
+        commit_message) pushes the checkpoint once the job succeeds, with the tenant's
+        hf_token secret (`client.secrets.set("hf_token", ...)` first)."""
         body = job_create_body(
             base=base,
             finetuned=finetuned,
@@ -141,6 +144,7 @@ class RepairJobs:
             webhook_url=webhook_url,
             extra_body=extra_body,
             integrations=integrations,
+            push_to_hub=push_to_hub,
         )
         headers = {"Idempotency-Key": idempotency_key or f"hcnr-client-{uuid.uuid4()}"}
         return self._client._post(
@@ -361,6 +365,7 @@ class AsyncRepairJobs:
         metadata: dict[str, str] | None = None,
         webhook_url: str | None = None,
         integrations: list[dict[str, Any]] | None = None,
+        push_to_hub: str | dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         extra_body: dict[str, Any] | None = None,
         timeout: Timeout | NotGiven = NOT_GIVEN,
@@ -378,6 +383,7 @@ class AsyncRepairJobs:
             webhook_url=webhook_url,
             extra_body=extra_body,
             integrations=integrations,
+            push_to_hub=push_to_hub,
         )
         headers = {"Idempotency-Key": idempotency_key or f"hcnr-client-{uuid.uuid4()}"}
         return await self._client._post(
