@@ -29,6 +29,7 @@ CLIENT_ERROR_CODES = {  # hcnr_core's codes that are the client's fault (422)
     "reference_not_found",
     "invalid_hyperparameters",
     "checkpoint_config_mismatch",
+    "no_worker_fits",  # POST /v1/repair-jobs/estimate: no worker has the memory
     # the limits of hcnr_core.limits (issue 14)
     "limit_exceeded",
     "checkpoint_too_large",

@@ -390,3 +390,60 @@ class ArtifactList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# --- POST /v1/repair-jobs/estimate (hcnr_core/estimate.py) -------------------------------------
+
+
+class TokenCount(BaseModel):
+    samples: int
+    tokens: int = Field(description="The count the estimate uses")
+    tokens_upper: int = Field(
+        description="A bound the real count cannot exceed (samples x max_seq_len when the "
+        "tokenizer was not run)"
+    )
+    longest: int = Field(description="The longest sample's tokens (max_seq_len when not counted)")
+    basis: Literal["tokenizer", "file_bytes"] = Field(
+        description="tokenizer: counted as the repair encodes; file_bytes: ~4 bytes per token"
+    )
+
+
+class MemoryPeak(BaseModel):
+    host_gib: float = Field(description="Peak host (CPU) memory")
+    device_gib: float | None = Field(description="Peak memory of each GPU; null on CPUs")
+
+
+class WorkerCapacity(BaseModel):
+    name: str
+    device: str
+    host_memory_gib: float | None = Field(description="null: unknown, not checked")
+    device_memory_gib: float | None = Field(description="Of each GPU; null: unknown or CPU")
+    layerwise: bool = Field(description="Whether it runs repairs layer by layer")
+    source: str = Field(description="settings (HCNR_WORKER_*) or detected")
+
+
+class EstimatePublic(BaseModel):
+    object: Literal["repair_job.estimate"] = "repair_job.estimate"
+    method: str
+    parameters: int = Field(description="The base's parameters (the repaired model)")
+    adapter_parameters: int = Field(description="The LoRA adapter's; 0 for a full fine-tune")
+    total_parameters: int
+    finetuned_kind: Literal["adapter", "full"]
+    devices: list[str]
+    dtype: str
+    tokens: dict[str, TokenCount]
+    memory_whole: MemoryPeak
+    memory_layerwise: MemoryPeak | None = Field(
+        description="null for methods without a layer-by-layer mode (rait, dpo)"
+    )
+    layerwise_needed: bool | None = Field(
+        description="The whole model fits no worker and layer by layer fits one; null when "
+        "no worker's memory is known"
+    )
+    wall_seconds: float
+    wall_seconds_low: float
+    wall_seconds_high: float
+    wall_basis: str = Field(description="What the time is measured on and how it extrapolates")
+    workers: list[WorkerCapacity]
+    runnable: bool
+    notes: list[str]

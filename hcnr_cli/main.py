@@ -55,7 +55,10 @@ def repair(
         Path, typer.Option(help="Fine-tuned model directory or PEFT LoRA adapter directory")
     ],
     honesty: Annotated[Path, typer.Option(help="Honesty set D_hon (JSONL)")],
-    out: Annotated[Path, typer.Option(help="Output directory (must not exist or be empty)")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory (must not exist or be empty); not with --estimate"),
+    ] = None,
     task: Annotated[
         Path | None, typer.Option(help="Task set D_task (JSONL); needed by HCNR")
     ] = None,
@@ -78,6 +81,15 @@ def repair(
         typer.Option("--set", help="KEY=VALUE of the method's config (e.g. lr=1e-3), repeatable"),
     ] = [],  # noqa: B006
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Print parameters, tokens, peak memory and wall time on this machine, and "
+            "exit without repairing (exit 1: it does not fit here)",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="--estimate as JSON")] = False,
     track: tracking_opts.Track = [],  # noqa: B006
     track_project: tracking_opts.TrackProject = None,
     track_uri: tracking_opts.TrackUri = None,
@@ -115,11 +127,18 @@ def repair(
     except (ValidationError, ValueError, OSError, HCNRError) as exc:
         fail(exc)
     try:
-        resolve_devices(cfg.device)  # before reading any data
+        if not estimate:  # an estimate may be for devices this machine lacks
+            resolve_devices(cfg.device)  # before reading any data
     except HCNRError as exc:
         fail(exc)
     inputs = MethodInputs(base, finetuned, honesty, task, validation)
     validate_within_limits(method, cfg, inputs)
+    if estimate:  # nothing is loaded or written: headers, tokenizer and the models
+        from hcnr_cli.estimate_cmd import estimate_and_exit
+
+        estimate_and_exit(method, cfg, inputs, as_json)
+    if out is None:
+        fail(ValueError("--out is required (except with --estimate)"))
     integrations = tracking_opts.integrations_of(
         track, track_project, track_uri, track_entity, track_name
     )

@@ -71,6 +71,21 @@ class Settings(Limits):
     worker_device: str = Field(
         "cpu", description="Device(s) repairs run on: cpu, cuda, cuda:N, cuda:0,cuda:1 (replicas)"
     )
+    # What a worker can hold, for POST /v1/repair-jobs/estimate (hcnr_core/estimate.py).
+    # Operator settings, not announced by the workers: the API and the workers read the
+    # same HCNR_* environment, and `hcnr serve` runs both on this machine.
+    worker_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Host memory one repair may use on a worker (GiB); unset: this machine's "
+        "physical memory (right for `hcnr serve`, where the worker runs here)",
+    )
+    worker_device_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of each GPU of worker_device (GiB); unset: read from the device "
+        "when this process sees it, else unknown (not checked)",
+    )
     worker_max_tasks_per_child: int | None = Field(
         None, ge=1, description="Replace the pool child after N jobs (1: fresh CUDA context)"
     )

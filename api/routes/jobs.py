@@ -14,11 +14,12 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from api import services
+from api import estimates, services
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, ValidateDep
 from api.errors import ERROR_RESPONSES, APIError
 from api.routing import ReleasingRoute
 from api.schemas import (
+    EstimatePublic,
     EventList,
     EventPublic,
     HubPushPublic,
@@ -130,6 +131,22 @@ def create_job(
     if not created:
         response.status_code = 200
     return job_public(job)
+
+
+@router.post(
+    "/estimate",
+    response_model=EstimatePublic,
+    responses={422: {"description": "Invalid input, or no_worker_fits (details: the estimate)"}},
+)
+def estimate_job(
+    body: RepairJobCreate, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+) -> EstimatePublic:
+    """What the job `body` describes would cost, without creating it: parameters, tokens,
+    peak memory per device (whole model and layer by layer), wall time, and whether a
+    worker can run it (422 `no_worker_fits` when none can; `details` holds the estimate).
+    The quick checks of job creation apply; only config.json and safetensors headers are
+    read (hcnr_core/estimate.py)."""
+    return estimates.estimate_job(session, settings, tenant, body)
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:

@@ -218,6 +218,7 @@ def test_other_tenant_gets_404_on_every_route(inproc: InProcess, alice_files, mo
         assert inproc.clients["alice"].request(method, url).status_code in (200, 409), url
     body = job_body(alice_files)  # bob cannot use alice's files either
     assert inproc.clients["bob"].post("/v1/repair-jobs", json=body).status_code == 404
+    assert inproc.clients["bob"].post("/v1/repair-jobs/estimate", json=body).status_code == 404
     assert inproc.clients["bob"].get("/v1/repair-jobs").json()["data"] == []
 
 

@@ -48,6 +48,7 @@ from hcnr_client.types import (
     RepairJob,
     RepairJobDeleted,
     RepairJobError,
+    RepairJobEstimate,
     WebhookSecret,
 )
 
@@ -84,6 +85,7 @@ __all__ = [
     "RepairJob",
     "RepairJobDeleted",
     "RepairJobError",
+    "RepairJobEstimate",
     "SyncPage",
     "UnprocessableEntityError",
     "WaitTimeoutError",

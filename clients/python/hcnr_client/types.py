@@ -170,6 +170,53 @@ class ArtifactList(BaseObject):
     data: list[Artifact]
 
 
+class TokenCount(BaseObject):
+    samples: int
+    tokens: int
+    tokens_upper: int
+    longest: int
+    basis: str  # "tokenizer" (counted) or "file_bytes" (~4 bytes per token)
+
+
+class MemoryPeak(BaseObject):
+    host_gib: float
+    device_gib: float | None = None  # of each GPU; None on CPUs
+
+
+class WorkerCapacity(BaseObject):
+    name: str
+    device: str
+    host_memory_gib: float | None = None
+    device_memory_gib: float | None = None
+    layerwise: bool
+    source: str
+
+
+class RepairJobEstimate(BaseObject):
+    """What `POST /v1/repair-jobs/estimate` returns (EstimatePublic): parameters, tokens,
+    peak memory per device, wall time, and whether a worker can run the job."""
+
+    object: Literal["repair_job.estimate"] = "repair_job.estimate"
+    method: str
+    parameters: int
+    adapter_parameters: int
+    total_parameters: int
+    finetuned_kind: str
+    devices: list[str]
+    dtype: str
+    tokens: dict[str, TokenCount]
+    memory_whole: MemoryPeak
+    memory_layerwise: MemoryPeak | None = None
+    layerwise_needed: bool | None = None
+    wall_seconds: float
+    wall_seconds_low: float
+    wall_seconds_high: float
+    wall_basis: str
+    workers: list[WorkerCapacity]
+    runnable: bool
+    notes: list[str]
+
+
 __all__ = [
     "TERMINAL_STATUSES",
     "Artifact",
@@ -181,6 +228,7 @@ __all__ = [
     "JobStatus",
     "RepairJob",
     "RepairJobError",
+    "RepairJobEstimate",
     "Secret",
     "SecretDeleted",
     "SecretList",

@@ -1,5 +1,6 @@
-"""client.repair_jobs: create, retrieve, list, cancel, list_events, stream_events, wait,
-list_artifacts, retrieve_report, artifact_content and download (resumable, sha256-checked)."""
+"""client.repair_jobs: create, estimate, retrieve, list, cancel, list_events, stream_events,
+wait, list_artifacts, retrieve_report, artifact_content and download (resumable,
+sha256-checked)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from hcnr_client.types import (
     JobStatus,
     RepairJob,
     RepairJobDeleted,
+    RepairJobEstimate,
 )
 
 if TYPE_CHECKING:
@@ -149,6 +151,41 @@ class RepairJobs:
         headers = {"Idempotency-Key": idempotency_key or f"hcnr-client-{uuid.uuid4()}"}
         return self._client._post(
             "/v1/repair-jobs", RepairJob, json=body, headers=headers, timeout=timeout
+        )
+
+    def estimate(
+        self,
+        *,
+        base: str,
+        finetuned: str,
+        honesty_file: Any,
+        task_file: Any,
+        method: str | None = None,
+        eval_file: Any = None,
+        validation_file: Any = None,
+        hyperparameters: dict[str, Any] | None = None,
+        extra_body: dict[str, Any] | None = None,
+        timeout: Timeout | NotGiven = NOT_GIVEN,
+    ) -> RepairJobEstimate:
+        """What `create` with these arguments would cost, without creating a job:
+        parameters, tokens, peak memory, wall time. Raises UnprocessableEntityError with
+        code `no_worker_fits` (its `details`: the estimate as a dict) when no
+        worker can run it."""
+        body = job_create_body(
+            base=base,
+            finetuned=finetuned,
+            honesty_file=honesty_file,
+            task_file=task_file,
+            method=method,
+            eval_file=eval_file,
+            validation_file=validation_file,
+            hyperparameters=hyperparameters,
+            metadata=None,
+            webhook_url=None,
+            extra_body=extra_body,
+        )
+        return self._client._post(
+            "/v1/repair-jobs/estimate", RepairJobEstimate, json=body, timeout=timeout
         )
 
     def retrieve(self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> RepairJob:
@@ -388,6 +425,37 @@ class AsyncRepairJobs:
         headers = {"Idempotency-Key": idempotency_key or f"hcnr-client-{uuid.uuid4()}"}
         return await self._client._post(
             "/v1/repair-jobs", RepairJob, json=body, headers=headers, timeout=timeout
+        )
+
+    async def estimate(
+        self,
+        *,
+        base: str,
+        finetuned: str,
+        honesty_file: Any,
+        task_file: Any,
+        method: str | None = None,
+        eval_file: Any = None,
+        validation_file: Any = None,
+        hyperparameters: dict[str, Any] | None = None,
+        extra_body: dict[str, Any] | None = None,
+        timeout: Timeout | NotGiven = NOT_GIVEN,
+    ) -> RepairJobEstimate:
+        body = job_create_body(
+            base=base,
+            finetuned=finetuned,
+            honesty_file=honesty_file,
+            task_file=task_file,
+            method=method,
+            eval_file=eval_file,
+            validation_file=validation_file,
+            hyperparameters=hyperparameters,
+            metadata=None,
+            webhook_url=None,
+            extra_body=extra_body,
+        )
+        return await self._client._post(
+            "/v1/repair-jobs/estimate", RepairJobEstimate, json=body, timeout=timeout
         )
 
     async def retrieve(self, job_id: str, *, timeout: Timeout | NotGiven = NOT_GIVEN) -> RepairJob:
