@@ -6,10 +6,14 @@ process (Celery's eager apply, as the webhook). The hub is the loopback stand-in
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.service import service_procs as procs
 from tests.service.hub_standin import HubStandIn
 from tests.service.service_support import InProcess, Models, job_body, make_inprocess
 
@@ -196,3 +200,41 @@ def test_push_of_a_job_that_did_not_succeed_is_skipped(env: InProcess, hub: HubS
     assert job["push_to_hub"]["status"] == "skipped"
     assert events(env, "alice", job_id) == []
     assert "alice-org/never" not in hub.repos
+
+
+@pytest.mark.slow
+def test_the_push_runs_as_a_celery_task_of_hcnr_serve(
+    models: Models, hub: HubStandIn, tmp_path: Path
+):
+    """`hcnr serve` (broker, embedded worker on the job and webhook queues): the push is
+    a task of its own, routed and run by Celery, with the secret read in that process."""
+    env = procs.service_env(
+        env="test", data_dir=tmp_path, models_root=models.root, hub_endpoint=hub.url
+    )
+    key = procs.create_key(env, "carol")
+    process, url = procs.start_api(env, tmp_path / "serve.log")
+    try:
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        assert client.put("/v1/secrets/hf_token", json={"value": ALICE_TOKEN}).status_code == 200
+        files = {}
+        for purpose, path in (("honesty", models.honesty), ("task", models.task)):
+            upload = {"file": (path.name, path.read_bytes(), "application/jsonl")}
+            files[purpose] = client.post("/v1/files", files=upload, data={"purpose": purpose})
+            files[purpose] = files[purpose].json()["id"]
+        body = job_body(files, push_to_hub={"repo_id": "alice-org/served"})
+        job_id = client.post("/v1/repair-jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            job = client.get(f"/v1/repair-jobs/{job_id}").json()
+            if job["push_to_hub"]["status"] in ("succeeded", "failed", "skipped"):
+                break
+            time.sleep(0.5)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["push_to_hub"]["status"] == "succeeded", job["push_to_hub"]
+        artifacts = client.get(f"/v1/repair-jobs/{job_id}/artifacts").json()["data"]
+        repo = hub.repos["alice-org/served"]
+        pushed = {name: hashlib.sha256(data).hexdigest() for name, data in repo.files.items()}
+        assert pushed == {a["name"]: a["sha256"] for a in artifacts}
+        assert job["push_to_hub"]["commit_sha"] == repo.revisions["main"]
+    finally:
+        procs.stop(process)
