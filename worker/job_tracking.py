@@ -31,7 +31,7 @@ from hcnr_core.tracking import (
     record_in_report,
 )
 from hcnr_core.writer import sha256_file
-from store import secrets
+from store import repositories, secrets
 from store.db import session_scope
 from store.models import Job
 
@@ -75,6 +75,7 @@ def start(ctx: Any, job: Job, config: Any, scratch: Path) -> Tracking:
         warn=lambda message: log.warning("job %s: %s", job.id, message),
     )
     tracking.start()
+    tracking.job = (ctx, job.id)  # type: ignore[attr-defined]  # for `finish`'s event
     return tracking
 
 
@@ -144,6 +145,22 @@ def finish(tracking: Tracking, report: dict[str, Any], out: Path) -> None:
             tar.unlink(missing_ok=True)
     report["tracking"] = summary
     record_in_report(out / name, summary)
+    _event(tracking, summary)
+
+
+def _event(tracking: Tracking, summary: list[dict[str, Any]]) -> None:
+    """One `tracking` event on the job: where each run is, or why it is not."""
+    ctx, job_id = getattr(tracking, "job", (None, None))
+    if ctx is None:
+        return
+    failed = [e["type"] for e in summary if e["status"] == "failed"]
+    message = f"tracking failed: {', '.join(failed)}" if failed else "tracked"
+    try:
+        with session_scope(ctx.session_factory) as session:
+            job = repositories.get_job_by_id(session, job_id)
+            repositories.add_event(session, job, "tracking", message, {"tracking": summary})
+    except Exception:  # the report holds it too
+        log.exception("job %s: could not record the tracking event", job_id)
 
 
 def _flush_wandb() -> None:

@@ -112,6 +112,9 @@ def test_a_wandb_job_publishes_its_offline_run(
     for stage, seconds in report["stage_seconds"].items():
         assert run["summary"][f"stage_seconds/{stage}"] == seconds, stage
     assert run["summary"]["n_selected_matrices"] == report["n_selected_matrices"]
+    events = client.get(f"/v1/repair-jobs/{job_id}/events").json()["data"]
+    (event,) = [e for e in events if e["type"] == "tracking"]
+    assert event["message"] == "tracked" and event["data"]["tracking"] == report["tracking"]
 
 
 def test_the_tenants_own_key_is_used(inproc: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
