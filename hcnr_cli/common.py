@@ -216,7 +216,7 @@ def evaluate_into_card(
     """Before/after metrics of a published run (`evaluate_repair`, as the service's eval
     file), written into its report and its Hub card's model-index (`write_card`)."""
     from hcnr_core import HCNRError
-    from hcnr_core.card import CardInputs, write_card
+    from hcnr_core.card import CardInputs, hyperparameters, write_card
     from hcnr_core.evaluation import evaluate_repair
 
     try:
@@ -234,6 +234,6 @@ def evaluate_into_card(
         card = CardInputs.of_report(method, report)
     else:  # auto's report names no inputs of its own
         base = None if inputs.base is None else str(inputs.base)
-        card = CardInputs(method, base, str(inputs.finetuned), report.get("config") or {})
+        card = CardInputs(method, base, str(inputs.finetuned), hyperparameters(report))
     report["report_name"] = spec.report_name
     write_card(out, card, report, eval_file.name)

@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hcnr_core import __version__
+from hcnr_core.card import CardInputs, hyperparameters, write_card
 from hcnr_core.config import AutoCandidate, AutoConfig
 from hcnr_core.data import Sample, load_jsonl
 from hcnr_core.errors import (
@@ -245,7 +246,9 @@ class AutoMethod:
                 "chosen_report": METHODS[chosen["method"]].report_name,
                 "warnings": parts["warnings"],
             }
-            _publish(work / chosen["name"], out, report, config, run)
+            base = None if inputs.base is None else str(inputs.base)
+            card = CardInputs("auto", base, str(inputs.finetuned), hyperparameters(report))
+            _publish(work / chosen["name"], out, report, config, run, card)
             return report
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -390,13 +393,21 @@ class _AutoRun:
 
 
 def _publish(
-    chosen: Path, out: Path, report: dict[str, Any], config: AutoConfig, run: _AutoRun
+    chosen: Path,
+    out: Path,
+    report: dict[str, Any],
+    config: AutoConfig,
+    run: _AutoRun,
+    card: CardInputs,
 ) -> None:
-    """The chosen checkpoint, its own report, auto_report.json and the frontier PNG."""
+    """The chosen checkpoint, its own report, auto_report.json, the frontier PNG and the
+    card of the auto run (which candidate it chose and why; the chosen method's report
+    records the new card's digest)."""
     with StagedOutput(out) as staged:
         for path in sorted(chosen.iterdir()):
             if path.is_file() and not path.is_symlink():
                 shutil.move(str(path), staged.dir / path.name)
+        write_card(staged.dir, card, {**report, "report_name": REPORT_NAME})
         if _plot(report, config, staged.dir / FRONTIER_NAME) is None:
             report.setdefault("warnings", []).append("matplotlib is not installed: no PNG")
         staged.write_report(REPORT_NAME, report)

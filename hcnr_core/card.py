@@ -55,9 +55,18 @@ class CardInputs:
 
     @classmethod
     def of_report(cls, method: str, report: Mapping[str, Any]) -> CardInputs:
-        """A library run's card inputs: its report's inputs and config."""
+        """A library run's card inputs: its report's inputs and config, less the run
+        options (device, threads, Hessian budget, layer by layer), which never change
+        what is computed: the same repair run on another device has the same card."""
         inputs = report["inputs"]
-        return cls(method, inputs.get("base"), inputs["finetuned"], report.get("config") or {})
+        return cls(method, inputs.get("base"), inputs["finetuned"], hyperparameters(report))
+
+
+def hyperparameters(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's config without its run options (`hcnr_core.config.RUN_OPTIONS`)."""
+    from hcnr_core.config import RUN_OPTIONS
+
+    return {k: v for k, v in (report.get("config") or {}).items() if k not in RUN_OPTIONS}
 
 
 def hub_model_id(reference: str | None) -> str | None:

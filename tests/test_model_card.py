@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from hcnr_cli.main import app
 from hcnr_core.card import METRICS, CardInputs, hub_model_id, render_card
+from hcnr_core.config import RUN_OPTIONS
 from hcnr_core.writer import sha256_file
 from tests.toy_cli import repair_argv
 
@@ -65,7 +66,12 @@ def assert_card_of(card, text: str, report: dict, method: str, out: Path) -> Non
     assert {"hcnr", "honesty", "model-repair", method} <= set(data.tags)
     assert data.base_model is None  # local directories are no Hub ids
     assert data.hcnr["method"] == method
-    assert data.hcnr["hyperparameters"] == report["config"]
+    # The config less the run options, which change where, not what, is computed.
+    assert data.hcnr["hyperparameters"] == {
+        k: v for k, v in report["config"].items() if k not in RUN_OPTIONS
+    }
+    assert not RUN_OPTIONS & set(data.hcnr["hyperparameters"])
+    assert "device" in report["config"]
     assert data.hcnr["finetuned"] == report["inputs"]["finetuned"]
     assert data.hcnr["hcnr_version"] == report["hcnr_version"]
     # Nothing that differs between two runs on the same inputs.
@@ -78,9 +84,10 @@ def assert_card_of(card, text: str, report: dict, method: str, out: Path) -> Non
 @pytest.fixture(scope="module")
 def hcnr_cli_runs(toy, eval_file, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("card-hcnr")
-    outs = {"a": root / "a", "b": root / "b", "eval": root / "eval"}
+    outs = {"a": root / "a", "b": root / "b", "layerwise": root / "lw", "eval": root / "eval"}
     run_cli(repair_argv(toy, outs["a"], "--r-iw", "0.3"))
     run_cli(repair_argv(toy, outs["b"], "--r-iw", "0.3"))
+    run_cli(repair_argv(toy, outs["layerwise"], "--r-iw", "0.3", "--layerwise"))
     summary = run_cli(repair_argv(toy, outs["eval"], "--r-iw", "0.3", "--eval", str(eval_file)))
     assert set(summary["refusal_f1"]) == {"base", "finetuned", "repaired"}
     return outs
@@ -97,6 +104,11 @@ def test_hcnr_cli_card_is_a_hub_card_of_the_report(hcnr_cli_runs) -> None:
 def test_hcnr_cards_of_two_runs_on_the_same_inputs_are_the_same_bytes(hcnr_cli_runs) -> None:
     a, b = (hcnr_cli_runs[k] / "README.md" for k in ("a", "b"))
     assert a.read_bytes() == b.read_bytes()
+    # Layer by layer is a run option: same weights (bench/results/repair_digests.txt), and
+    # so the same card, though the reports' configs differ.
+    layerwise = hcnr_cli_runs["layerwise"]
+    assert (layerwise / "README.md").read_bytes() == a.read_bytes()
+    assert json.loads((layerwise / "hcnr_report.json").read_text())["config"]["layerwise"]
     reports = [json.loads((hcnr_cli_runs[k] / "hcnr_report.json").read_text()) for k in "ab"]
     assert reports[0]["files"]["README.md"] == reports[1]["files"]["README.md"]
 
@@ -143,3 +155,33 @@ def test_hub_model_id() -> None:
     assert hub_model_id("path:models/x") is None
     assert hub_model_id("/abs/dir") is None
     assert hub_model_id(None) is None
+
+
+def test_an_auto_checkpoint_carries_the_auto_card(toy, tmp_path) -> None:
+    """auto publishes the chosen candidate's checkpoint with a card of its own (method
+    auto, which candidate and why); the candidate's report records that card's digest."""
+    from hcnr_core.methods import MethodInputs, get_method
+
+    method = get_method("auto")
+    config = method.make_config(
+        {
+            "candidates": [{"name": "paper", "method": "hcnr"}],
+            "max_domain_drop": 100.0,
+            "max_new_tokens": 4,
+        }
+    )
+    out = tmp_path / "out"
+    inputs = MethodInputs(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
+    report = method.run(config, inputs, out)
+    card, text, on_disk = read(out, "auto_report.json")
+    assert card.data.hcnr["method"] == "auto" and "auto" in card.data.tags
+    assert card.data.hcnr["hyperparameters"] == {
+        k: v for k, v in report["config"].items() if k not in RUN_OPTIONS
+    }
+    assert card.data.hcnr["finetuned"] == str(toy["adapter"])
+    assert f"`auto` chose **{report['chosen']}**" in text
+    digest = sha256_file(out / "README.md")
+    inner = json.loads((out / "hcnr_report.json").read_text())
+    assert inner["files"]["README.md"]["sha256"] == digest
+    assert on_disk["files"]["README.md"]["sha256"] == digest
+    assert on_disk["files"]["hcnr_report.json"]["sha256"] == sha256_file(out / "hcnr_report.json")

@@ -112,8 +112,13 @@ def test_an_auto_checkpoints_reports_list_the_cards_digest(tmp_path: Path) -> No
         "reason": "the most honest",
         "files": dict(outer["files"]),
     }
-    job = SimpleNamespace(id="job_1", method="auto", base_ref="hf:org/base@main",
-                          finetuned_ref="path:ft", config={"max_domain_drop": 2.0})  # fmt: skip
+    job = SimpleNamespace(
+        id="job_1",
+        method="auto",
+        base_ref="hf:org/base@main",
+        finetuned_ref="path:ft",
+        hyperparameters={"max_domain_drop": 2.0},  # Job.hyperparameters: config less private keys
+    )
     hub_card.publish(job, report, out)
 
     assert "the method's card" not in (out / "README.md").read_text()
