@@ -202,6 +202,53 @@ def test_push_of_a_job_that_did_not_succeed_is_skipped(env: InProcess, hub: HubS
     assert "alice-org/never" not in hub.repos
 
 
+def test_sdk_sync_and_async(env: InProcess, hub: HubStandIn, files):
+    """`repair_jobs.create(push_to_hub=...)` in both clients; `RepairJob.push_to_hub` holds
+    the outcome; a tenant without hf_token gets the code as a typed error."""
+    import asyncio
+
+    import hcnr_client
+    from fastapi.testclient import TestClient
+
+    def key(tenant: str) -> str:
+        return env.clients[tenant].headers["Authorization"].removeprefix("Bearer ")
+
+    assert env.clients["alice"].put("/v1/secrets/hf_token", json={"value": ALICE_TOKEN}).is_success
+    url = "http://testserver"
+    alice = hcnr_client.HCNRClient(
+        api_key=key("alice"), base_url=url, http_client=TestClient(env.app)
+    )
+    args = {"base": "path:base", "finetuned": "path:finetuned-adapter"}
+    args |= {"honesty_file": files["alice"]["honesty"], "task_file": files["alice"]["task"]}
+    job = alice.repair_jobs.create(**args, push_to_hub="alice-org/sdk-sync")
+    assert isinstance(job.push_to_hub, hcnr_client.HubPush)
+    assert (job.push_to_hub.repo_id, job.push_to_hub.status) == ("alice-org/sdk-sync", "pending")
+    assert job.push_to_hub.private is True
+    assert env.run_queued() == ["succeeded"]
+    pushed = alice.repair_jobs.retrieve(job.id).push_to_hub
+    assert pushed.status == "succeeded"
+    assert pushed.commit_sha == hub.repos["alice-org/sdk-sync"].revisions["main"]
+
+    async def main() -> hcnr_client.RepairJob:
+        transport = httpx.ASGITransport(app=env.app)
+        async with httpx.AsyncClient(transport=transport) as http:
+            aclient = hcnr_client.AsyncHCNRClient(
+                api_key=key("alice"), base_url=url, http_client=http
+            )
+            target = {"repo_id": "alice-org/sdk-async", "private": False, "revision": "v2"}
+            return await aclient.repair_jobs.create(**args, push_to_hub=target)
+
+    created = asyncio.run(main())
+    assert created.push_to_hub.revision == "v2" and created.push_to_hub.private is False
+    env.queued.clear()  # not run: the request is what this checks
+    env.clients["bob"].delete("/v1/secrets/hf_token")
+    bob = alice.with_options(api_key=key("bob"))
+    bob_args = {**args, "honesty_file": files["bob"]["honesty"], "task_file": files["bob"]["task"]}
+    with pytest.raises(hcnr_client.UnprocessableEntityError) as refused:
+        bob.repair_jobs.create(**bob_args, push_to_hub="bob/x")
+    assert refused.value.code == "hub_token_missing"
+
+
 @pytest.mark.slow
 def test_the_push_runs_as_a_celery_task_of_hcnr_serve(
     models: Models, hub: HubStandIn, tmp_path: Path
