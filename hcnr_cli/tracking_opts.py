@@ -21,6 +21,7 @@ Track = Annotated[
     list[str],
     typer.Option(
         "--track",
+        metavar="wandb|mlflow",
         help="Log the run to wandb or mlflow (repeat for both): hyper-parameters, stage "
         "timings, metrics, the selected-matrix table and plots",
         rich_help_panel=PANEL,
@@ -28,22 +29,22 @@ Track = Annotated[
 ]
 TrackProject = Annotated[
     str | None,
-    typer.Option(help="W&B project / MLflow experiment [hcnr]", rich_help_panel=PANEL),
+    typer.Option(help=r"W&B project / MLflow experiment \[hcnr]", rich_help_panel=PANEL),
 ]
 TrackUri = Annotated[
     str | None,
     typer.Option(
-        help="MLflow tracking URI (http(s)://, sqlite:///, file:) [MLFLOW_TRACKING_URI]",
+        help=r"MLflow tracking URI (http(s)://, sqlite:///, file:) \[MLFLOW_TRACKING_URI]",
         rich_help_panel=PANEL,
     ),
 ]
 TrackEntity = Annotated[
     str | None,
-    typer.Option(help="W&B entity (team or user) [WANDB_ENTITY]", rich_help_panel=PANEL),
+    typer.Option(help=r"W&B entity (team or user) \[WANDB_ENTITY]", rich_help_panel=PANEL),
 ]
 TrackName = Annotated[
     str | None,
-    typer.Option(help="Run name [hcnr-<method>-<output directory name>]", rich_help_panel=PANEL),
+    typer.Option(help=r"Run name \[hcnr-METHOD-OUT's name]", rich_help_panel=PANEL),
 ]
 
 

@@ -50,6 +50,11 @@ def start(ctx: Any, job: Job, config: Any, scratch: Path) -> Tracking:
         except ValueError as exc:  # validated at POST; a row from an older rule
             log.warning("job %s: integration %r ignored: %s", job.id, stored, exc)
     keys = _credentials(ctx, job, specs)
+    if any(spec.type == "mlflow" for spec in specs):
+        # MLflow's defaults (7 retries with exponential backoff, 120 s timeouts) would hold
+        # a GPU job for minutes on a dead server; the operator's own values win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     specs = [_with_mode(spec, keys.get(spec.type)) for spec in specs]
     params = {
         "method": job.method,
