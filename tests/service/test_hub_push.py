@@ -6,6 +6,8 @@ process (Celery's eager apply, as the webhook). The hub is the loopback stand-in
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,7 +256,8 @@ def test_the_push_runs_as_a_celery_task_of_hcnr_serve(
     models: Models, hub: HubStandIn, tmp_path: Path
 ):
     """`hcnr serve` (broker, embedded worker on the job and webhook queues): the push is
-    a task of its own, routed and run by Celery, with the secret read in that process."""
+    a task of its own, routed and run by Celery, with the secret read in that process;
+    the job comes from `hcnr jobs create --push-to-hub ... --hub-public`."""
     env = procs.service_env(
         env="test", data_dir=tmp_path, models_root=models.root, hub_endpoint=hub.url
     )
@@ -263,13 +266,14 @@ def test_the_push_runs_as_a_celery_task_of_hcnr_serve(
     try:
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
         assert client.put("/v1/secrets/hf_token", json={"value": ALICE_TOKEN}).status_code == 200
-        files = {}
-        for purpose, path in (("honesty", models.honesty), ("task", models.task)):
-            upload = {"file": (path.name, path.read_bytes(), "application/jsonl")}
-            files[purpose] = client.post("/v1/files", files=upload, data={"purpose": purpose})
-            files[purpose] = files[purpose].json()["id"]
-        body = job_body(files, push_to_hub={"repo_id": "alice-org/served"})
-        job_id = client.post("/v1/repair-jobs", json=body).json()["id"]
+        # the job is created by `hcnr jobs create --push-to-hub` (the CLI over HTTP)
+        cli_env = {**env, "HCNR_API_URL": url, "HCNR_API_KEY": key}
+        argv = [procs.HCNR, "jobs", "create", "--base", "path:base"]
+        argv += ["--finetuned", "path:finetuned-adapter", "--honesty", str(models.honesty)]
+        argv += ["--task", str(models.task), "--push-to-hub", "alice-org/served", "--hub-public"]
+        created = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=120)
+        assert created.returncode == 0, created.stderr
+        job_id = json.loads(created.stdout)["id"]
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             job = client.get(f"/v1/repair-jobs/{job_id}").json()
@@ -283,5 +287,6 @@ def test_the_push_runs_as_a_celery_task_of_hcnr_serve(
         pushed = {name: hashlib.sha256(data).hexdigest() for name, data in repo.files.items()}
         assert pushed == {a["name"]: a["sha256"] for a in artifacts}
         assert job["push_to_hub"]["commit_sha"] == repo.revisions["main"]
+        assert not repo.private  # --hub-public
     finally:
         procs.stop(process)
