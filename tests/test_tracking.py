@@ -468,3 +468,35 @@ def test_eval_metrics_keep_their_roles() -> None:
         "eval/repaired/rf_delta": 0.4,
         "eval/recovery": 0.8,
     }
+
+
+def test_auto_logs_its_candidates_and_the_frontier_plot(
+    toy: dict[str, Path], tmp_path: Path
+) -> None:
+    """`--method auto`: the candidates table, the chosen candidate's validation metrics and
+    auto's frontier PNG reach the tracker."""
+    from mlflow.tracking import MlflowClient
+
+    out, store = tmp_path / "out", f"sqlite:///{tmp_path / 'auto.db'}"
+    settings = ["candidates=[{name: paper}]", "max_domain_drop=100", "max_new_tokens=4"]
+    flags = ["--method", "auto", "--track", "mlflow", "--track-uri", store]
+    flags += [arg for pair in settings for arg in ("--set", pair)]
+    result = CliRunner().invoke(app, repair_argv(toy, out, *flags))
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "auto_report.json").read_text())
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(report["tracking"][0]["run_id"])
+    assert run.info.status == "FINISHED"
+    (chosen,) = [c for c in report["candidates"] if c["name"] == report["chosen"]]
+    assert run.data.metrics["auto/chosen/refusal_f1"] == pytest.approx(chosen["refusal_f1"])
+    ft = report["reference"]["finetuned"]
+    assert run.data.metrics["auto/reference/finetuned/refusal_f1"] == pytest.approx(
+        ft["refusal_f1"]
+    )
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/auto_frontier.png" in plots
+    local = client.download_artifacts(run.info.run_id, "auto_candidates.json", str(tmp_path))
+    table = json.loads(Path(local).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [(r["name"], r["status"], r["chosen"]) for r in rows] == [("paper", "ok", True)]
+    assert "auto_report.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
