@@ -4,11 +4,11 @@ the job's webhook when it reaches a terminal state (worker.celery_app.notify_wit
 run on the webhook queue, so a GPU worker is never held by an upload.
 
 What is pushed is exactly what the job published (its artifact rows: weights, config,
-tokenizer, README card, the method's report), read from the artifact store, with the
-tenant's own `hf_token` secret, to `settings.hub_endpoint`. The outcome goes into the
-job's report under `hub_push` (status, repo, commit sha and URL, or the error) with
-`hub_push_*` events; a failed push never changes the job's own status — its checkpoint
-stays downloadable.
+tokenizer, README card, the method's report), read from the artifact store and checked
+against the rows' sha256, with the tenant's own `hf_token` secret, to
+`settings.hub_endpoint`. The outcome goes into the job's report under `hub_push`
+(status, repo, commit sha and URL, or the error) with `hub_push_*` events; a failed push
+never changes the job's own status — its checkpoint stays downloadable.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def push_job(
             _record(session, job, {"status": "pushing"}, "hub_push_started", target)
         expired = job.artifacts_expired_at is not None
         token = secrets.value(session, settings, job.tenant_id, "hf_token")
-        artifacts = [(a.name, a.storage_key) for a in repositories.list_artifacts(session, job_id)]
+        artifacts = repositories.list_artifacts(session, job_id)
+        digests = {a.name: a.sha256 for a in artifacts}
+        artifacts = [(a.name, a.storage_key) for a in artifacts]
     try:
         if expired:
             raise HubPushError("artifacts_expired", "the job's artifacts were removed")
@@ -70,6 +72,7 @@ def push_job(
                 "hub_token_missing", "no hf_token secret: PUT /v1/secrets/hf_token, then re-run"
             )
         with _local_files(storage, artifacts, settings.scratch_dir) as files:
+            _check_digests(files, digests)
             outcome = push(
                 files,
                 target,
@@ -88,6 +91,18 @@ def push_job(
         event = "hub_push_failed"
     _update(session_factory, job_id, outcome, event)
     return outcome["status"]
+
+
+def _check_digests(files: dict[str, Path], digests: dict[str, str]) -> None:
+    """What leaves for the hub is what the job published: a file changed or damaged in
+    the artifact store since is refused, not pushed under the job's name."""
+    from hcnr_core.writer import sha256_file
+
+    for name, path in files.items():
+        if sha256_file(path) != digests[name]:
+            raise HubPushError(
+                "checksum_mismatch", f"{name}: its sha256 is no longer the published one"
+            )
 
 
 @contextmanager

@@ -159,6 +159,32 @@ def test_a_refused_push_is_recorded_and_the_job_stays_succeeded(
     assert env.clients["alice"].get(f"/v1/repair-jobs/{job['id']}").status_code == 404
 
 
+def test_a_damaged_artifact_is_not_pushed(env: InProcess, hub: HubStandIn, files):
+    """The push re-reads the published files and checks them against the job's digests:
+    a file changed in the artifact store since is refused, nothing reaches the hub."""
+    from store import repositories
+    from store.db import session_scope
+
+    alice = env.clients["alice"]
+    assert alice.put("/v1/secrets/hf_token", json={"value": ALICE_TOKEN}).status_code == 200
+    target = {"repo_id": "alice-org/damaged"}
+    job = run_job(env, "alice", files, target)
+    assert job["push_to_hub"]["status"] == "succeeded"
+    factory = env.app.state.session_factory
+    with session_scope(factory) as session:  # as if this push had not happened yet...
+        row = repositories.get_job_by_id(session, job["id"])
+        row.report = {k: v for k, v in row.report.items() if k != "hub_push"}
+        first = repositories.list_artifacts(session, job["id"])[0]
+        name, stored = first.name, env.app.state.storage.local_path(first.storage_key)
+    stored.write_bytes(stored.read_bytes() + b" ")  # ...and a published file changed
+    del hub.repos["alice-org/damaged"]
+    env.app.state.notify(job["id"])
+    push = alice.get(f"/v1/repair-jobs/{job['id']}").json()["push_to_hub"]
+    assert push["status"] == "failed" and push["error"]["code"] == "checksum_mismatch"
+    assert name in push["error"]["message"]
+    assert "alice-org/damaged" not in hub.repos
+
+
 def test_a_wrong_token_fails_the_push_not_the_job(env: InProcess, hub: HubStandIn, files):
     bob = env.clients["bob"]
     assert bob.put("/v1/secrets/hf_token", json={"value": "hf_not_a_hub_token"}).status_code == 200
