@@ -24,11 +24,12 @@ SERVICE_ONLY = {
     "psycopg",
     "fsspec",
     "prometheus-client",
+    "cryptography",
 }
 # The import names of the service's packages, and the service's own packages.
 BLOCKED = (
     "fastapi uvicorn multipart python_multipart httpx celery kombu redis sqlalchemy alembic "
-    "psycopg fsspec prometheus_client api worker store hcnr_client"
+    "psycopg fsspec prometheus_client cryptography api worker store hcnr_client"
 ).split()
 
 WITHOUT_SERVICE = f"""
