@@ -70,5 +70,5 @@ def push(target: tuple[Any, str] | None, out: Path, report: dict, report_name: s
     try:
         return push_files(files, hub_target, token, os.environ.get("HF_ENDPOINT") or None)
     except HubPushError as exc:
-        fail(RuntimeError(f"{exc.code}: {exc} (the checkpoint is in {out})"))
+        fail(HubPushError(exc.code, f"{exc} (the checkpoint is in {out})"))
     return None

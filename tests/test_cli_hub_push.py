@@ -88,6 +88,6 @@ def test_a_refused_push_exits_non_zero_and_keeps_the_checkpoint(
     out = tmp_path / "out"
     result = run(repair_argv(toy, out, "--push-to-hub", "someone-else/x"))
     assert result.exit_code != 0
-    assert "hub_access_denied" in result.output and str(out) in result.output
+    assert "error [hub_access_denied]" in result.output and str(out) in result.output
     assert (out / "hcnr_report.json").is_file()
     assert "someone-else/x" not in hub.repos
