@@ -16,6 +16,7 @@ themselves: the leases they renew are per job, and no table lists idle workers.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -25,7 +26,13 @@ from api.schemas import EstimatePublic, MemoryPeak, RepairJobCreate, TokenCount,
 from hcnr_core import estimate as est
 from hcnr_core.limits import GIB
 from store.models import Tenant
-from store.references import resolve_reference
+from store.references import (
+    ReferenceNotFoundError,
+    check_reference,
+    parse_hub,
+    resolve_reference,
+)
+from store.remote_models import cached_snapshot
 from store.settings import Settings
 
 
@@ -91,15 +98,29 @@ def public(estimate: est.Estimate) -> EstimatePublic:
     )
 
 
+def local_model(reference: str, settings: Settings, tenant: Tenant) -> Path:
+    """No network in a request: `path:` models, `s3://` models a validation pinned, and
+    `hf:` models already in the model cache that this tenant may read (a private commit
+    another tenant fetched is not found, as if absent); otherwise reference_not_found."""
+    if reference.startswith("hf:"):
+        check_reference(reference, settings)
+        repo_id, revision = parse_hub(reference)
+        found = cached_snapshot(settings.model_cache, repo_id, revision or "main", tenant.id)
+        if found is None:
+            raise ReferenceNotFoundError(
+                f"{reference}: not in the model cache yet; the estimate reads what a job's "
+                "validation has fetched (create the job, or estimate a local copy)"
+            )
+        return found
+    return resolve_reference(reference, settings.models_dir, settings.model_cache)
+
+
 def estimate_job(
     session: Session, settings: Settings, tenant: Tenant, body: RepairJobCreate
 ) -> EstimatePublic:
     """The estimate of `body`, or 422 `no_worker_fits` (its details: the estimate)."""
     config = services.check_job(session, settings, tenant, body)
-    # Local directories only: an `hf:` model must already be in the cache (the estimate
-    # never downloads; reference_not_found says so).
-    base = resolve_reference(body.base, settings.models_dir)
-    finetuned = resolve_reference(body.finetuned, settings.models_dir)
+    base, finetuned = (local_model(ref, settings, tenant) for ref in (body.base, body.finetuned))
     shapes = est.read_shapes(base, finetuned, settings.limits)
     sets = {}
     for name, file_id in (("honesty", body.honesty_file), ("task", body.task_file)):

@@ -350,6 +350,16 @@ def _allowed(cache: Path, repo_id: str, commit: str, tenant_id: str) -> bool:
     return not access.get("private") or tenant_id in access.get("tenants", [])
 
 
+def cached_snapshot(cache: Path, repo_id: str, revision: str, tenant_id: str) -> Path | None:
+    """The cached snapshot of `hf:repo_id@revision` this tenant may read without the hub
+    (public, or private and authorised once), else None: for reads that must not go to the
+    network or leak a private model to another tenant, e.g. an estimate."""
+    commit = revision if COMMIT.fullmatch(revision) else _cached_ref(cache, repo_id, revision)
+    if commit is None or not _allowed(cache, repo_id, commit, tenant_id):
+        return None
+    return hub_snapshot(cache, repo_id, commit)
+
+
 def _hub_from_cache(cache: Path, repo_id: str, revision: str, tenant_id: str, why: str) -> Fetched:
     commit = revision if COMMIT.fullmatch(revision) else _cached_ref(cache, repo_id, revision)
     if commit is None or hub_snapshot(cache, repo_id, commit) is None:

@@ -200,6 +200,37 @@ def test_private_repo_needs_the_tenants_token(env: InProcess, hub: HubStandIn, f
     assert job["status"] == "failed" and job["error"]["code"] == "hub_access_denied"
 
 
+def test_estimate_reads_the_cache_never_the_hub_and_only_what_the_tenant_may(
+    env: InProcess, hub: HubStandIn, files
+):
+    """After alice's job fetched both repositories: her estimate reads the cache without a
+    request to the hub; bob's is refused for the private adapter as if it were absent, and a
+    repository no validation fetched is not found (the estimate never downloads)."""
+    assert env.clients["alice"].put("/v1/secrets/hf_token", json={"value": TOKEN}).is_success
+    alice = post_job(env, "alice", files, "hf:acme/toy-base", "hf:acme/toy-adapter")
+    assert alice["status"] == "queued", alice["error"]
+    hub.requests.clear()
+
+    def estimate(tenant: str, finetuned: str):
+        body = {
+            "base": "hf:acme/toy-base",
+            "finetuned": finetuned,
+            "honesty_file": files[tenant]["honesty"],
+            "task_file": files[tenant]["task"],
+        }
+        return env.clients[tenant].post("/v1/repair-jobs/estimate", json=body)
+
+    mine = estimate("alice", "hf:acme/toy-adapter")
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["parameters"] > 0 and mine.json()["adapter_parameters"] > 0
+    assert hub.requests == []
+    for tenant, reference in (("bob", "hf:acme/toy-adapter"), ("alice", "hf:acme/never-fetched")):
+        refused = estimate(tenant, reference)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == "reference_not_found"
+    assert hub.requests == []
+
+
 def test_pickle_only_repo_is_refused_before_download(env: InProcess, hub: HubStandIn, files):
     hub.requests.clear()
     job = post_job(env, "alice", files, "hf:acme/pickle-only", "hf:acme/toy-adapter")
