@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -49,7 +50,7 @@ def create_app(
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = make_storage(settings)
-    producers = _broker(settings, enqueue, notify)
+    producers = _broker(settings, app.state.session_factory, enqueue, notify)
     app.state.enqueue, app.state.broker_check, app.state.notify, celery_validate = producers
     app.state.validate = validate or celery_validate or _inline_validation(app, settings)
     app.state.metrics = Metrics(app.state.session_factory)
@@ -89,6 +90,7 @@ def _inline_validation(app: FastAPI, settings: Settings) -> Callable[[str], None
 
 def _broker(
     settings: Settings,
+    session_factory: Any,
     enqueue: Callable[[str], None] | None,
     notify: Callable[[str], None] | None,
 ):
@@ -106,4 +108,4 @@ def _broker(
     if enqueue is not None:
         return enqueue, lambda: None, notify or (lambda _job_id: None), None
     producers = enqueue_with(celery), broker_check_with(celery)
-    return *producers, notify or notify_with(celery), validate_with(celery)
+    return *producers, notify or notify_with(celery, session_factory), validate_with(celery)

@@ -150,6 +150,26 @@ def validation_sent(session: Session, job_id: str, now: datetime) -> None:
     )
 
 
+def notified(session: Session, job_id: str, now: datetime) -> None:
+    """Record that the broker accepted the finished job's follow-up tasks (its webhook and
+    Hub push); not a status change."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(TERMINAL_STATES)).values(notified_at=now)
+    )
+
+
+def unnotified_jobs(session: Session, before: datetime) -> list[Job]:
+    """Jobs finished before `before` whose follow-up message never reached the broker (a
+    worker died between recording the outcome and sending it, or the broker was down)."""
+    query = (
+        select(Job)
+        .where(Job.status.in_(TERMINAL_STATES), Job.finished_at < before)
+        .where(Job.notified_at.is_(None))
+        .with_for_update(skip_locked=True)
+    )
+    return list(session.scalars(query).all())
+
+
 def stale_validating_jobs(session: Session, before: datetime) -> list[Job]:
     """Jobs validating since before `before` whose task was not sent since (lost)."""
     sent = Job.validation_sent_at

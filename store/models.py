@@ -149,6 +149,9 @@ class Job(Base):
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
     # When the job's validation task was last sent (the reconciler re-sends a lost one).
     validation_sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When the broker accepted the follow-up tasks of the finished job (webhook, Hub push);
+    # NULL on a finished job = that message was lost, and the reconciler sends it again.
+    notified_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     # Set when the retention period (artifact_retention_days) removed what it published.

@@ -13,6 +13,8 @@ with `-Q hcnr.webhooks --pool threads` runs them at once.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from store.settings import Settings
@@ -96,14 +98,23 @@ def validate_with(celery: Celery):
     return validate
 
 
-def notify_with(celery: Celery):
+def notify_with(celery: Celery, session_factory: Any = None):
     """Producer of what follows a terminal state: the webhook delivery and the Hub push.
     Each task looks the job up and acts (or not: no webhook, no push_to_hub, not
-    succeeded), so callers need not know which apply."""
+    succeeded), so callers need not know which apply. With a `session_factory`, that the
+    broker accepted both is recorded on the job (`notified_at`): a job finished without
+    it lost its message, and the reconciler sends it again."""
 
     def notify(job_id: str) -> None:
         celery.send_task(WEBHOOK_TASK, args=[job_id], queue=WEBHOOK_QUEUE)
         celery.send_task(HUB_PUSH_TASK, args=[job_id], queue=WEBHOOK_QUEUE)
+        if session_factory is not None:
+            from store import job_state
+            from store.db import session_scope
+            from store.models import utcnow
+
+            with session_scope(session_factory) as session:
+                job_state.notified(session, job_id, utcnow())
 
     return notify
 

@@ -1,5 +1,6 @@
 """Reconciler: re-queues jobs whose worker died (expired lease), up to `max_attempts` runs,
-and re-sends jobs queued for too long (a lost message)."""
+and re-sends lost messages: of jobs queued or validating for too long, and the follow-up
+tasks (webhook, Hub push) of finished jobs the broker never accepted."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def reconcile_once(
     validation task of a job whose validation message was lost."""
     changed: dict[str, str] = {}
     revalidate: list[str] = []
+    unnotified: list[str] = []
     now = utcnow()
     with session_scope(session_factory) as session:
         for job in job_state.expired_jobs(session, now):
@@ -47,6 +49,8 @@ def reconcile_once(
             # it again. A duplicate is harmless: only one worker can claim a queued job.
             job_state.resend(session, job, now)
             changed[job.id] = "queued"
+        if notify is not None:
+            unnotified = [job.id for job in job_state.unnotified_jobs(session, stale)]
         if validate is not None:
             for job in job_state.stale_validating_jobs(session, stale):
                 job_state.validation_sent(session, job.id, now)
@@ -63,6 +67,9 @@ def reconcile_once(
             validate(job_id)
         except Exception:
             log.exception("could not re-send the validation of job %s", job_id)
+    for job_id in unnotified:  # records notified_at once the broker has it; else next pass
+        log.warning("re-sending the follow-up tasks (webhook, hub push) of job %s", job_id)
+        _notify(notify, job_id)
     for job_id, status in changed.items():
         if status == "queued":
             enqueue(job_id)

@@ -42,7 +42,9 @@ def context() -> Any:
         settings = app.conf.hcnr_settings
         engine = make_engine(settings.db_url, **_engine_options(settings))
         factory = make_session_factory(engine)
-        _contexts[pid] = Context(settings, factory, make_storage(settings), notify=notify_with(app))
+        _contexts[pid] = Context(
+            settings, factory, make_storage(settings), notify=notify_with(app, factory)
+        )
     return _contexts[pid]
 
 
@@ -80,7 +82,8 @@ def validate_repair_job(job_id: str) -> str:
 
     factory, settings = _webhook_context()  # database and settings only: no runner
     storage = _storages.setdefault(os.getpid(), make_storage(settings))
-    return validate_job(job_id, factory, storage, settings, enqueue_with(app), notify_with(app))
+    notify = notify_with(app, factory)
+    return validate_job(job_id, factory, storage, settings, enqueue_with(app), notify)
 
 
 _storages: dict[int, Any] = {}
@@ -188,7 +191,7 @@ def start_reconciler(sender: Any = None, **_: Any) -> None:
     settings = app.conf.hcnr_settings
     factory = make_session_factory(make_engine(settings.db_url, **_engine_options(settings)))
     ReconcilerThread(
-        factory, settings, enqueue_with(app), notify_with(app), validate_with(app)
+        factory, settings, enqueue_with(app), notify_with(app, factory), validate_with(app)
     ).start()
 
 

@@ -155,6 +155,90 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
     assert validations == ["job_unvalidated"]
 
 
+def test_reconciler_resends_follow_up_messages_the_broker_never_accepted(tmp_path: Path):
+    """A worker that dies between recording a job's outcome and sending its webhook / Hub
+    push task (or a broker that is down then) leaves `notified_at` empty: the reconciler
+    sends the follow-up again, once the job is older than the lost-message delay, and the
+    producer records that the broker took it, so it is sent once; a send that fails is
+    tried again at the next pass. Jobs already notified, or just finished, are left."""
+    from celery import Celery
+
+    from store import job_state
+    from store.db import make_engine, make_session_factory, migrate, session_scope
+    from store.models import File, Job, Tenant, utcnow
+    from store.settings import Settings
+    from worker.celery_app import notify_with
+    from worker.reconciler import reconcile_once
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate(url)
+    factory = make_session_factory(make_engine(url))
+    now = utcnow()
+    hour_ago = now - timedelta(seconds=3600)
+    with session_scope(factory) as session:
+        session.add(Tenant(id="ten_1", name="t"))
+        session.flush()
+        session.add(
+            File(
+                id="file_1",
+                tenant_id="ten_1",
+                purpose="honesty",
+                filename="h",
+                bytes=1,
+                sha256="0",
+                samples=1,
+                storage_key="k",
+            )
+        )
+        session.flush()
+        for job_id, status, finished, notified in [
+            ("job_told", "succeeded", hour_ago, hour_ago),
+            ("job_lost_ok", "succeeded", hour_ago, None),
+            ("job_lost_failed", "failed", hour_ago, None),
+            ("job_just_done", "cancelled", now, None),
+            ("job_running", "running", None, None),
+        ]:
+            session.add(
+                Job(
+                    id=job_id,
+                    tenant_id="ten_1",
+                    status=status,
+                    base_ref="path:b",
+                    finetuned_ref="path:f",
+                    honesty_file_id="file_1",
+                    task_file_id="file_1",
+                    webhook_url="https://example.com/hook",
+                    lease_expires_at=now + timedelta(seconds=600),
+                    finished_at=finished,
+                    notified_at=notified,
+                )
+            )
+    settings = Settings(database_url=url, requeue_queued_seconds=600)
+    # Kombu's in-memory transport: a real producer, no server needed for sending
+    producer = notify_with(Celery(broker="memory://"), factory)
+    sent: list[str] = []
+    broker_down = True
+
+    def notify(job_id: str) -> None:
+        sent.append(job_id)
+        if broker_down:
+            raise ConnectionError("broker unreachable")
+        producer(job_id)
+
+    reconcile_once(factory, settings, lambda _id: None, notify=notify)
+    assert sorted(sent) == ["job_lost_failed", "job_lost_ok"]
+    broker_down = False
+    reconcile_once(factory, settings, lambda _id: None, notify=notify)  # tried again
+    assert sorted(sent) == sorted(["job_lost_failed", "job_lost_ok"] * 2)
+    with session_scope(factory) as session:
+        for job_id in ("job_lost_ok", "job_lost_failed"):
+            assert session.get(Job, job_id).notified_at is not None
+        assert session.get(Job, "job_just_done").notified_at is None
+        assert job_state.unnotified_jobs(session, utcnow()) == [session.get(Job, "job_just_done")]
+    reconcile_once(factory, settings, lambda _id: None, notify=notify)
+    assert len(sent) == 4  # accepted once: not sent again
+
+
 def test_worker_parent_never_imports_torch():
     """CUDA must be initialised in the pool child: the parent does not even import torch."""
     code = "import sys, worker.tasks, worker.celery_app; print('torch' in sys.modules)"
