@@ -569,6 +569,9 @@ class RepairPipeline:
                     "name": w,
                     "displacement": _finite(displacements[w]),
                     "n_columns": columns[w].numel(),
+                    # the matrix's width: what n_columns is a fraction of (dashboards,
+                    # trackers) without reading the checkpoint's headers again
+                    "in_features": ft_source.shape(w)[1],
                     "columns": columns[w].tolist(),
                 }
                 for w in kept

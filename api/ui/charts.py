@@ -227,13 +227,42 @@ def frontier(auto_report: Mapping[str, Any]) -> Markup:
     return _svg(width, height, "auto: trade-off frontier", desc, body, "frontier")
 
 
-def heatmap(cells: Mapping[tuple[str, str], int], layers: Sequence[str], kinds: Sequence[str]):
-    """Columns restored per (layer, kind): one cell per pair, darker = more columns."""
+def percent(value: float | None) -> str:
+    """A fraction as a percentage: two significant digits below 1% (restoring 0.4% of a
+    matrix's columns is common and must not print as 0%)."""
+    if value is None:
+        return "n/a"
+    pct = 100 * value
+    return f"{pct:.2g}%" if 0 < pct < 1 else f"{pct:.1f}%"
+
+
+def _cell_order(item: tuple[tuple[str, str], Any]) -> tuple[int, str]:
+    (layer, kind), _ = item
+    return int(layer), kind
+
+
+def heatmap(
+    cells: Mapping[tuple[str, str], Mapping[str, Any]],
+    layers: Sequence[str],
+    kinds: Sequence[str],
+    by_fraction: bool = True,
+) -> Markup:
+    """Share of input columns restored per (layer, kind): one cell per pair, darker = a
+    larger fraction of the matrix's columns. The shade scales to the largest fraction (a
+    few percent is typical; an absolute 0-100% scale would leave every cell white) and
+    the legend says which fraction the darkest shade is. The percentage is written in the
+    cell; the tooltip adds the counts. A report without matrix widths (older jobs) falls
+    back to counts, and says so in the title."""
     if not cells:
         return Markup("")
-    cell_w, cell_h, left, top = max(22, min(48, 900 // max(1, len(layers)))), 26, 110, 28
-    width, height = left + cell_w * len(layers) + 10, top + cell_h * len(kinds) + 10
-    peak = max(cells.values()) or 1
+    cell_w, cell_h, left, top = max(30, min(52, 900 // max(1, len(layers)))), 26, 110, 28
+    width = left + cell_w * len(layers) + 10
+    height = top + cell_h * len(kinds) + 34
+
+    def value(cell: Mapping[str, Any]) -> float:
+        return cell["fraction"] if by_fraction else cell["columns"]
+
+    peak = max(value(c) for c in cells.values()) or 1
     body = []
     for j, layer in enumerate(layers):
         body.append(
@@ -246,26 +275,60 @@ def heatmap(cells: Mapping[tuple[str, str], int], layers: Sequence[str], kinds: 
             f'<text x="{left - 8}" y="{y + 17}" font-size="12" text-anchor="end">{_e(kind)}</text>'
         )
         for j, layer in enumerate(layers):
-            n = cells.get((layer, kind), 0)
-            shade = n / peak
-            # white → dark blue; the count is written in the cell too
+            cell = cells.get((layer, kind))
+            n = cell["columns"] if cell else 0
+            shade = value(cell) / peak if cell else 0.0
+            # white → dark blue; the value is written in the cell too
             r, g, b = (int(255 - shade * (255 - c)) for c in (8, 48, 107))
             ink = "#fff" if shade > 0.55 else "#000"
+            if cell and by_fraction:
+                label = percent(cell["fraction"])
+                tip = (
+                    f"layer {layer}, {kind}: {label} of the input columns restored "
+                    f"({n} of {cell['in_features']})"
+                )
+                data = (
+                    f'data-fraction="{cell["fraction"]!r}" data-in-features="{cell["in_features"]}"'
+                )
+            else:
+                label = str(n)
+                tip = f"layer {layer}, {kind}: {n} columns restored"
+                data = ""
             body.append(
                 f'<g class="cell" data-layer="{_e(layer)}" data-kind="{_e(kind)}" '
-                f'data-columns="{n}"><rect x="{left + j * cell_w}" y="{y}" width="{cell_w - 2}" '
-                f'height="{cell_h - 2}" fill="rgb({r},{g},{b})" stroke="#ccc"/>'
-                f"<title>layer {_e(layer)}, {_e(kind)}: {n} columns restored</title>"
+                f'data-columns="{n}" {data}><rect x="{left + j * cell_w}" y="{y}" '
+                f'width="{cell_w - 2}" height="{cell_h - 2}" fill="rgb({r},{g},{b})" '
+                f'stroke="#ccc"/><title>{_e(tip)}</title>'
                 + (
                     f'<text x="{left + j * cell_w + (cell_w - 2) / 2:.1f}" y="{y + 17}" '
-                    f'font-size="10" text-anchor="middle" fill="{ink}">{n}</text>'
+                    f'font-size="10" text-anchor="middle" fill="{ink}">{_e(label)}</text>'
                     if n
                     else ""
                 )
                 + "</g>"
             )
-    desc = "; ".join(f"layer {layer} {kind}: {n}" for (layer, kind), n in sorted(cells.items()))
-    return _svg(width, height, "Columns restored per layer and kind", desc, body, "heatmap")
+    y = top + cell_h * len(kinds) + 8
+    darkest = percent(peak) if by_fraction else f"{peak} columns"
+    body.append(
+        f'<g class="legend"><rect x="{left}" y="{y}" width="14" height="14" fill="#fff" '
+        f'stroke="#ccc"/><text x="{left + 18}" y="{y + 11}" font-size="11">none</text>'
+        f'<rect x="{left + 70}" y="{y}" width="14" height="14" fill="rgb(8,48,107)"/>'
+        f'<text x="{left + 88}" y="{y + 11}" font-size="11">{_e(darkest)} (darkest)</text></g>'
+    )
+    if by_fraction:
+        title = "Share of input columns restored per layer and kind"
+        desc = "; ".join(
+            f"layer {layer} {kind}: {percent(c['fraction'])} ({c['columns']} of "
+            f"{c['in_features']} columns)"
+            for (layer, kind), c in sorted(cells.items(), key=_cell_order)
+        )
+    else:
+        title = "Columns restored per layer and kind (the report records no matrix widths)"
+        desc = "; ".join(
+            f"layer {layer} {kind}: {c['columns']}"
+            for (layer, kind), c in sorted(cells.items(), key=_cell_order)
+        )
+    return _svg(width, height, title, desc, body, "heatmap")
 
 
 def reliability(calibrations: Mapping[str, Mapping[str, Any] | None]) -> Markup:

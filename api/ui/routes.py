@@ -14,10 +14,11 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
-from fastapi import APIRouter, BackgroundTasks, Form, Request, Response, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, Form, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.templating import Jinja2Templates
@@ -29,8 +30,9 @@ from api.errors import APIError
 from api.routes import artifacts as artifact_routes
 from api.routes import files as file_routes
 from api.routes import jobs as job_routes
+from api.routes import secrets as secret_routes
 from api.routing import ReleasingRoute
-from api.schemas import JobStatus, RepairJobCreate, RepairJobPublic
+from api.schemas import EstimatePublic, JobStatus, RepairJobCreate, RepairJobPublic, SecretSet
 from api.ui import views
 from api.ui.auth import (
     COOKIE,
@@ -46,6 +48,7 @@ from api.ui.auth import (
 )
 from hcnr_core.errors import HCNRError
 from store.db import session_scope
+from store.secrets import SECRET_NAMES
 
 HERE = Path(__file__).parent
 STATIC = {
@@ -72,6 +75,8 @@ STREAM_MAX_SECONDS = 600  # then the browser's EventSource reconnects
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["fmt"] = views.fmt
 templates.env.filters["human_bytes"] = views.human_bytes
+templates.env.filters["percent"] = views.percent
+templates.env.filters["safe_url"] = views.safe_url
 
 
 class UiRoute(ReleasingRoute):
@@ -344,6 +349,9 @@ def _new_job_page(request: Request, ui: UiSession, status: int = 200, **form: An
         "hyperparameters": "{}",
         "metadata": "",
         "webhook_url": "",
+        "push_to_hub": "",
+        "hub_public": "",
+        "integrations": "",
         **{f"{name}_file": "" for name in PURPOSES},
         # One key per rendered form: submitting it twice (a double click, a reload of the
         # post) replays the first job instead of creating another (the API's Idempotency-Key).
@@ -356,7 +364,7 @@ def _new_job_page(request: Request, ui: UiSession, status: int = 200, **form: An
         ui=ui,
         methods=METHODS,
         form={**defaults, **form.pop("form", {})},
-        **{"error": None, **form},
+        **{"error": None, "estimate": None, **form},
     )
 
 
@@ -366,41 +374,44 @@ def new_job_form(request: Request, ui: PageSession) -> HTMLResponse:
     return _new_job_page(request, ui)
 
 
-@router.post("/jobs")
-def create_job(
-    request: Request,
-    ui: FormSession,
-    session: SessionDep,
-    storage: StorageDep,
-    settings: SettingsDep,
-    validate: ValidateDep,
-    method: Annotated[str, Form()] = "hcnr",
-    base: Annotated[str, Form()] = "",
-    finetuned: Annotated[str, Form()] = "",
-    hyperparameters: Annotated[str, Form()] = "{}",
-    metadata: Annotated[str, Form()] = "",
-    webhook_url: Annotated[str, Form()] = "",
-    honesty_file: Annotated[str, Form()] = "",
-    task_file: Annotated[str, Form()] = "",
-    eval_file: Annotated[str, Form()] = "",
-    validation_file: Annotated[str, Form()] = "",
+@dataclass
+class JobForm:
+    """The new-job form as posted: its text fields, and the files chosen for upload."""
+
+    fields: dict[str, str]
+    uploads: dict[str, UploadFile | None]
+
+
+def job_form(
+    method: Annotated[str, Form(max_length=16)] = "hcnr",
+    base: Annotated[str, Form(max_length=2000)] = "",
+    finetuned: Annotated[str, Form(max_length=2000)] = "",
+    hyperparameters: Annotated[str, Form(max_length=100_000)] = "{}",
+    metadata: Annotated[str, Form(max_length=10_000)] = "",
+    webhook_url: Annotated[str, Form(max_length=2000)] = "",
+    push_to_hub: Annotated[str, Form(max_length=300)] = "",
+    hub_public: Annotated[str, Form(max_length=8)] = "",
+    integrations: Annotated[str, Form(max_length=20_000)] = "",
+    honesty_file: Annotated[str, Form(max_length=64)] = "",
+    task_file: Annotated[str, Form(max_length=64)] = "",
+    eval_file: Annotated[str, Form(max_length=64)] = "",
+    validation_file: Annotated[str, Form(max_length=64)] = "",
     idempotency_key: Annotated[str, Form(max_length=255)] = "",
     honesty_upload: UploadFile | None = None,
     task_upload: UploadFile | None = None,
     eval_upload: UploadFile | None = None,
     validation_upload: UploadFile | None = None,
-) -> Response:
-    """Upload the chosen files (each through POST /v1/files' code), then create the job
-    through POST /v1/repair-jobs' code; on an error the form comes back filled in, with
-    the ids of the files already uploaded."""
-    _remember(request, ui)
-    form = {
+) -> JobForm:
+    fields = {
         "method": method,
         "base": base,
         "finetuned": finetuned,
         "hyperparameters": hyperparameters,
         "metadata": metadata,
         "webhook_url": webhook_url,
+        "push_to_hub": push_to_hub.strip(),
+        "hub_public": "on" if hub_public else "",
+        "integrations": integrations,
         "honesty_file": honesty_file.strip(),
         "task_file": task_file.strip(),
         "eval_file": eval_file.strip(),
@@ -413,30 +424,56 @@ def create_job(
         "eval": eval_upload,
         "validation": validation_upload,
     }
+    return JobForm(fields, uploads)
+
+
+JobFormDep = Annotated[JobForm, Depends(job_form)]
+
+
+def _upload_chosen(ui: UiSession, session, storage, settings, posted: JobForm) -> None:
+    """Upload each chosen file (through POST /v1/files' code) and put its id in the form,
+    so a form that comes back (an error, an estimate) keeps what was already uploaded."""
+    for name, upload in posted.uploads.items():
+        if upload is not None and upload.filename:
+            stored = api_call(
+                file_routes.upload_file,
+                tenant=ui.tenant,
+                session=session,
+                storage=storage,
+                settings=settings,
+                file=upload,
+                purpose=PURPOSES[name],
+            )
+            posted.fields[f"{name}_file"] = stored.id
+
+
+@router.post("/jobs")
+def create_job(
+    request: Request,
+    ui: FormSession,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    validate: ValidateDep,
+    posted: JobFormDep,
+) -> Response:
+    """Upload the chosen files, then create the job through POST /v1/repair-jobs' code;
+    on an error the form comes back filled in, with the ids of the files already
+    uploaded."""
+    _remember(request, ui)
+    form = posted.fields
     try:
-        for name, upload in uploads.items():
-            if upload is not None and upload.filename:
-                stored = api_call(
-                    file_routes.upload_file,
-                    tenant=ui.tenant,
-                    session=session,
-                    storage=storage,
-                    settings=settings,
-                    file=upload,
-                    purpose=PURPOSES[name],
-                )
-                form[f"{name}_file"] = stored.id
-        body = _job_body(form)
+        _upload_chosen(ui, session, storage, settings, posted)
         job = api_call(
             job_routes.create_job,
-            body=body,
+            body=_job_body(form),
             response=Response(),
             tenant=ui.tenant,
             session=session,
             storage=storage,
             settings=settings,
             validate=validate,
-            idempotency_key=idempotency_key or None,
+            idempotency_key=form["idempotency_key"] or None,
         )
     except (APIError, HCNRError) as exc:
         status, error = _status_and_error(exc)
@@ -444,11 +481,48 @@ def create_job(
     return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)
 
 
-def _job_body(form: dict[str, str]) -> RepairJobCreate:
+@router.post("/jobs/estimate")
+def estimate_job(
+    request: Request,
+    ui: FormSession,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    posted: JobFormDep,
+) -> HTMLResponse:
+    """The form's job estimated through POST /v1/repair-jobs/estimate's code, before it
+    is created: the form comes back filled in with the estimate (or the refusal, with
+    the estimate it carries for no_worker_fits). Nothing is created or queued; chosen
+    files are uploaded, so their ids are in the form for the job."""
+    _remember(request, ui)
+    form = posted.fields
     try:
-        hyperparameters = json.loads(form["hyperparameters"] or "{}")
+        _upload_chosen(ui, session, storage, settings, posted)
+        estimate = api_call(
+            job_routes.estimate_job,
+            body=_job_body(form),
+            tenant=ui.tenant,
+            session=session,
+            settings=settings,
+        )
+    except (APIError, HCNRError) as exc:
+        status, error = _status_and_error(exc)
+        refused = None
+        if error["code"] == "no_worker_fits" and isinstance(error["details"], dict):
+            refused = EstimatePublic.model_validate(error["details"])
+        return _new_job_page(request, ui, status, form=form, error=error, estimate=refused)
+    return _new_job_page(request, ui, form=form, estimate=estimate)
+
+
+def _json_field(text: str, what: str, default: Any) -> Any:
+    try:
+        return json.loads(text) if text.strip() else default
     except json.JSONDecodeError as exc:
-        raise APIError("invalid_request", f"hyper-parameters are not JSON: {exc}") from exc
+        raise APIError("invalid_request", f"{what} are not JSON: {exc}") from exc
+
+
+def _job_body(form: dict[str, str]) -> RepairJobCreate:
+    hyperparameters = _json_field(form["hyperparameters"], "hyper-parameters", {})
     labels: dict[str, str] = {}
     for pair in views.parse_labels(form["metadata"]):
         key, sep, value = pair.partition("=")
@@ -467,6 +541,13 @@ def _job_body(form: dict[str, str]) -> RepairJobCreate:
     for optional in ("eval_file", "validation_file", "webhook_url"):
         if form[optional].strip():
             data[optional] = form[optional].strip()
+    integrations = _json_field(form.get("integrations", ""), "integrations", [])
+    if integrations:
+        # one object is one integration: the list brackets are easy to forget
+        data["integrations"] = [integrations] if isinstance(integrations, dict) else integrations
+    if form.get("push_to_hub"):
+        # private unless the box is ticked: a repository made public by accident is a leak
+        data["push_to_hub"] = {"repo_id": form["push_to_hub"], "private": not form["hub_public"]}
     try:
         return RepairJobCreate.model_validate(data)
     except ValidationError as exc:
@@ -531,6 +612,7 @@ def job_page(
         stage_chart=views.charts.stage_bars(timings),
         frontier=views.frontier(report) if job.method == "auto" else None,
         selected=views.selected_cells(method_report),
+        tracking=views.tracking_runs(report, events.data),
         artifacts=artifacts,
     )
 
@@ -632,6 +714,83 @@ def download_tar(ui: ApiSession, session: SessionDep, storage: StorageDep, job_i
         session=session,
         storage=storage,
     )
+
+
+# --- settings: the tenant's secrets --------------------------------------------------------
+
+
+def _settings_page(
+    request: Request, ui: UiSession, session, status: int = 200, **context: Any
+) -> HTMLResponse:
+    listed = api_call(secret_routes.list_secrets, tenant=ui.tenant, session=session).data
+    return _page(
+        request,
+        "settings.html",
+        status,
+        ui=ui,
+        secrets=listed,
+        names=SECRET_NAMES,
+        **{"error": None, "saved": None, "deleted": None, **context},
+    )
+
+
+@router.get("/settings")
+def settings_page(
+    request: Request, ui: PageSession, session: SessionDep, saved: str = "", deleted: str = ""
+) -> HTMLResponse:
+    """The tenant's secrets: names and dates (values never leave the API), set and delete."""
+    _remember(request, ui)
+    # only a known name is echoed back ("hf_token saved"): the query is the user's to edit
+    return _settings_page(
+        request,
+        ui,
+        session,
+        saved=saved if saved in SECRET_NAMES else None,
+        deleted=deleted if deleted in SECRET_NAMES else None,
+    )
+
+
+@router.post("/secrets")
+def set_secret(
+    request: Request,
+    ui: FormSession,
+    session: SessionDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form(max_length=64)] = "",
+    value: Annotated[str, Form()] = "",
+) -> Response:
+    """PUT /v1/secrets/{name}'s code; back to the settings page (a reload posts nothing)."""
+    _remember(request, ui)
+    try:
+        body = SecretSet(value=value)
+    except ValidationError as exc:
+        # the value is never echoed: pydantic's error would carry it as `input`
+        messages = "; ".join(e.get("msg", "") for e in exc.errors())
+        error = _error("invalid_request", f"the value of {name or 'the secret'}: {messages}")
+        return _settings_page(request, ui, session, 422, error=error)
+    try:
+        api_call(
+            secret_routes.set_secret,
+            name=name,
+            body=body,
+            tenant=ui.tenant,
+            session=session,
+            settings=settings,
+        )
+    except (APIError, HCNRError) as exc:
+        status, error = _status_and_error(exc)
+        return _settings_page(request, ui, session, status, error=error)
+    return RedirectResponse(f"/ui/settings?saved={name}", status_code=303)
+
+
+@router.post("/secrets/{name}/delete")
+def delete_secret(
+    request: Request, ui: FormSession, session: SessionDep, name: str
+) -> RedirectResponse:
+    """DELETE /v1/secrets/{name}'s code: only this tenant's secret of that name."""
+    _remember(request, ui)
+    api_call(secret_routes.delete_secret, name=name, tenant=ui.tenant, session=session)
+    return RedirectResponse(f"/ui/settings?deleted={name}", status_code=303)
 
 
 __all__ = ["csrf_token", "router"]

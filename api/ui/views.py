@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from markupsafe import Markup
 
@@ -79,11 +80,15 @@ def reliability(metrics: Mapping[str, Any] | None) -> Markup:
 
 
 def selected_cells(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Columns restored per (layer, kind) from an HCNR report's selected_matrices; None
-    when the report has none (RAIT, DPO)."""
+    """Columns restored per (layer, kind) from an HCNR report's selected_matrices, as a
+    fraction of the input columns of the cell's matrices (a count alone misleads across
+    kinds of different widths); None when the report has none (RAIT, DPO).
+
+    Each cell: {columns, in_features, fraction}; `in_features` and `fraction` are None
+    when a matrix of the cell has no recorded width (reports older than the field)."""
     if not report or "selected_matrices" not in report:
         return None
-    cells: dict[tuple[str, str], int] = {}
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
     layers: set[int] = set()
     kinds: list[str] = []
     other: list[dict[str, Any]] = []
@@ -96,19 +101,38 @@ def selected_cells(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
         layers.add(layer)
         if kind not in kinds:
             kinds.append(kind)
-        key = (str(layer), kind)
-        cells[key] = cells.get(key, 0) + int(matrix.get("n_columns", 0))
+        cell = cells.setdefault((str(layer), kind), {"columns": 0, "in_features": 0})
+        cell["columns"] += int(matrix.get("n_columns", 0))
+        width = matrix.get("in_features")
+        if cell["in_features"] is not None and isinstance(width, int) and width > 0:
+            cell["in_features"] += width
+        else:
+            cell["in_features"] = None
+    for cell in cells.values():
+        width = cell["in_features"]
+        cell["fraction"] = cell["columns"] / width if width else None
     order = [str(n) for n in range(min(layers), max(layers) + 1)] if layers else []
+    by_fraction = bool(cells) and all(c["fraction"] is not None for c in cells.values())
     return {
         "cells": cells,
+        "by_fraction": by_fraction,
         "layers": order,
         "kinds": kinds,
-        "svg": charts.heatmap(cells, order, kinds),
-        "matrices": report["selected_matrices"],
+        "svg": charts.heatmap(cells, order, kinds, by_fraction),
+        "matrices": [
+            {
+                **m,
+                "fraction": m["n_columns"] / m["in_features"] if m.get("in_features") else None,
+            }
+            for m in report["selected_matrices"]
+        ],
         "unplaced": other,
         "n_selected": report.get("n_selected_matrices"),
         "n_target": report.get("n_target_matrices"),
     }
+
+
+percent = charts.percent
 
 
 def frontier(auto_report: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -129,6 +153,39 @@ def candidate_seconds(auto_report: Mapping[str, Any] | None) -> dict[str, float]
     """auto records seconds per candidate, not per stage: those are its timings."""
     rows = (auto_report or {}).get("candidates") or []
     return {f"candidate {r['name']}": r["seconds"] for r in rows if r.get("seconds") is not None}
+
+
+def safe_url(url: Any) -> str | None:
+    """`url` when it is an http(s) address, else None: a tracker's run URL is written by
+    the worker from the tracker's answer, and a `javascript:` one must never be a link."""
+    if not isinstance(url, str) or len(url) > 2000:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return url if parts.scheme in ("http", "https") and parts.netloc else None
+
+
+def tracking_runs(
+    report: Mapping[str, Any] | None, events: Sequence[Any]
+) -> list[dict[str, Any]] | None:
+    """Each tracker run of the job (type, project, status, run, link, offline artifact,
+    errors): the report's `tracking` summary, else the `tracking` event's (the event is
+    there before the report is read, and for jobs whose report is not shown). None when
+    the job recorded no tracking."""
+    summary = (report or {}).get("tracking")
+    if summary is None:
+        for event in events:
+            if event.type == "tracking" and isinstance(event.data, Mapping):
+                summary = event.data.get("tracking")
+    if not isinstance(summary, list):
+        return None
+    return [
+        {**entry, "link": safe_url(entry.get("url"))}
+        for entry in summary
+        if isinstance(entry, Mapping)
+    ]
 
 
 def human_bytes(n: int) -> str:

@@ -284,6 +284,32 @@ def test_the_job_page_shows_the_jobs_report(inproc: InProcess, finished):
     assert sum(ui.page_cells(page).values()) == sum(
         m["n_columns"] for m in report["selected_matrices"]
     )
+    # Shaded by the fraction of each matrix's input columns: widths as published (the
+    # safetensors headers of the job's own weights), fractions summed by hand.
+    widths = {}
+    for artifact in api.get(f"/v1/repair-jobs/{job_id}/artifacts").json()["data"]:
+        if artifact["name"].endswith(".safetensors"):
+            data = api.get(f"/v1/repair-jobs/{job_id}/artifacts/{artifact['name']}").content
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            widths |= {k: v["shape"][1] for k, v in header.items() if len(v.get("shape", [])) == 2}
+    assert report["selected_matrices"]
+    for matrix in report["selected_matrices"]:
+        assert matrix["in_features"] == widths[matrix["name"]], matrix["name"]
+    fractions = ui.page_fractions(page)
+    assert fractions == ui.expected_fractions(report)
+    assert all(0 < f < 1 for _, _, f in fractions.values())  # a share, not a count
+    table = {
+        (r.attrs["data-layer"], r.attrs["data-kind"]): json.loads(
+            next(td for td in r.find_all("td") if "data-value" in td.attrs).attrs["data-value"]
+        )
+        for r in page.by_id("heatmap-table").find_all("tr")
+        if "data-layer" in r.attrs
+    }
+    assert table == {k: f for k, (_, _, f) in fractions.items()}  # the text alternative
+    svg_desc = page.by_id("heatmap").find("desc").text
+    layer, kind = next(iter(fractions))
+    n, width, _ = fractions[(layer, kind)]
+    assert f"layer {layer} {kind}: " in svg_desc and f"({n} of {width} columns)" in svg_desc
     listed = {}
     for row in page.by_id("artifacts-table").find_all("tr"):
         if "data-artifact" in row.attrs:

@@ -143,3 +143,28 @@ def page_cells(page: Element) -> dict[tuple[str, str], int]:
         for g in page.find_all("g")
         if g.attrs.get("class") == "cell" and int(g.attrs["data-columns"]) > 0
     }
+
+
+def expected_fractions(report: dict[str, Any]) -> dict[tuple[str, str], tuple[int, int, float]]:
+    """(columns restored, input columns, fraction) per (layer, kind), summed by hand from
+    the report's selected matrices (`n_columns`, `in_features`)."""
+    sums: dict[tuple[str, str], list[int]] = {}
+    for matrix in report["selected_matrices"]:
+        parts = matrix["name"].split(".")
+        key = (parts[parts.index("layers") + 1], parts[-2])
+        pair = sums.setdefault(key, [0, 0])
+        pair[0] += matrix["n_columns"]
+        pair[1] += matrix["in_features"]
+    return {k: (n, width, n / width) for k, (n, width) in sums.items()}
+
+
+def page_fractions(page: Element) -> dict[tuple[str, str], tuple[int, int, float]]:
+    return {
+        (g.attrs["data-layer"], g.attrs["data-kind"]): (
+            int(g.attrs["data-columns"]),
+            int(g.attrs["data-in-features"]),
+            float(g.attrs["data-fraction"]),
+        )
+        for g in page.find_all("g")
+        if g.attrs.get("class") == "cell" and "data-fraction" in g.attrs
+    }
