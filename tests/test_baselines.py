@@ -290,7 +290,10 @@ def test_cancel_leaves_nothing(toy, tmp_path):
 
 
 def test_a_diverged_run_stops_and_writes_nothing(toy, tmp_path):
-    cfg = RaitConfig(steps=6, batch_size=4, lr=1e12, threads=1)
+    # lr 1e25 makes the LoRA's activations overflow to inf within a few steps on every
+    # version tried; 1e12 no longer did with transformers 5.24 (RMSNorm keeps the huge but
+    # finite activations bounded and the loss plateaus at a finite value).
+    cfg = RaitConfig(steps=6, batch_size=4, lr=1e25, threads=1)
     with pytest.raises(HCNRError, match="training diverged"):
         train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg)
     assert list(tmp_path.iterdir()) == []
