@@ -59,7 +59,17 @@ class CardInputs:
         options (device, threads, Hessian budget, layer by layer), which never change
         what is computed: the same repair run on another device has the same card."""
         inputs = report["inputs"]
-        return cls(method, inputs.get("base"), inputs["finetuned"], hyperparameters(report))
+        base, finetuned = shown(inputs.get("base")), shown(inputs["finetuned"])
+        return cls(method, base, finetuned or "", hyperparameters(report))
+
+
+def shown(reference: str | None) -> str | None:
+    """How a card names a model: references (`hf:`, `path:`, `s3://`) as they are; a local
+    directory by its name only, so a card pushed to the Hub does not publish the user's
+    file system (`/home/alice/models/llama-ft` -> `llama-ft`)."""
+    if reference is None or reference.startswith(("hf:", "path:", "s3://")):
+        return reference
+    return Path(reference).name or reference
 
 
 def hyperparameters(report: Mapping[str, Any]) -> dict[str, Any]:
