@@ -50,10 +50,10 @@ SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 # --- the measurements (bench/results/scale.md) ----------------------------------------------
-# Parameters of bench/scale.py's sizes (its `param_count`).
+# Parameters of the sizes of bench/scale (`bench/scale/checkpoints.py`'s `param_count`).
 P_20M, P_64M, P_290M = 20_318_464, 64_233_984, 292_062_208
 # "Memory model for 8B and 70B": peak RSS (GiB) of CPU float32 repairs, whole model by
-# parameters and layer by layer by R (GiB, bench/scale.py's `_layerwise_resident_bytes`:
+# parameters and layer by layer by R (GiB, `bench/scale/render.py`'s `_layerwise_resident_bytes`:
 # 0.104, 0.277, 0.828 for the three sizes). The lines are fitted here as the document
 # fits them (least squares), not copied rounded: 13.7 B/param instead of 13.65 is off by
 # 2.6 GiB at 70B.
@@ -342,7 +342,7 @@ def whole_host_bytes(parameters: int, b: int, cpu_replicas: int = 1) -> float:
 def layerwise_resident_bytes(shapes: Shapes, set_tokens: int, b: int) -> float:
     """R = (embeddings + head + the largest block + (L + 1) x T x h) x b: what layer by
     layer keeps by design, T the larger data set's tokens (every block's input hidden
-    states for one data set, as bench/scale.py's `_layerwise_resident_bytes`)."""
+    states for one data set, as `bench/scale/render.py`'s `_layerwise_resident_bytes`)."""
     hidden_states = (shapes.layers + 1) * set_tokens * shapes.hidden_size
     return (shapes.outside_blocks + shapes.largest_block + hidden_states) * b
 
