@@ -14,7 +14,7 @@ from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, files, health, jobs, secrets, webhooks
 from api.ui import routes as ui
 from hcnr_core.bounded import warm_up
-from store.db import make_engine, make_session_factory, migrate
+from store.db import make_engine, make_session_factory, migrate, pool_options
 from store.settings import Settings
 from store.storage import make_storage
 
@@ -45,7 +45,10 @@ def create_app(
         version="1.0.0",
         description="Repair the honesty of fine-tuned LLMs (HCNR) as asynchronous jobs.",
     )
-    engine = make_engine(settings.db_url)
+    engine = make_engine(
+        settings.db_url,
+        **pool_options(settings.db_url, settings.db_pool_size, settings.db_max_overflow),
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)

@@ -56,9 +56,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_worker(env: dict[str, str], command: list[str] | None = None) -> subprocess.Popen:
+def start_worker(
+    env: dict[str, str], command: list[str] | None = None, nice: int = 0
+) -> subprocess.Popen:
+    """`nice` > 0 lowers the worker's CPU priority (and its children's) below the API's."""
     command = command or worker_command()
-    return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
+
+    def setup() -> None:
+        _die_with_parent()
+        if nice:
+            os.nice(nice)
+
+    return subprocess.Popen(command, env=env, preexec_fn=setup)
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:
@@ -103,7 +112,10 @@ def serve(
     processes = []
     if validator:
         concurrency = settings.limits.max_concurrent_validations
-        processes.append(start_worker(validator_env(env), validator_command(concurrency)))
+        # Validations are CPU work (tokenising every sample) on the API's cores: a burst of
+        # new jobs must not take them from the requests (bench/reliability.py `load`).
+        command = validator_command(concurrency)
+        processes.append(start_worker(validator_env(env), command, settings.validation_nice))
     if worker:
         processes.append(start_worker(env))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -21,6 +21,15 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+def pool_options(url: str, size: int, overflow: int) -> dict[str, Any]:
+    """QueuePool sizes (PostgreSQL; SQLite's pool is left as it is). A request thread that
+    finds the pool empty opens an overflow connection and closes it on return: with a pool
+    smaller than the request threads, the API under load spent its time connecting."""
+    if url.startswith("sqlite"):
+        return {}
+    return {"pool_size": size, "max_overflow": overflow}
+
+
 def worker_engine_options(url: str, lease_seconds: int) -> dict[str, Any]:
     """Engine options of worker processes. PostgreSQL ends a worker's transaction that
     sits idle longer than a lease: a worker frozen mid-transaction (SIGSTOP, a paused VM)

@@ -136,6 +136,26 @@ class Settings(Limits):
         "the server never closes a connection a client is just reusing (uvicorn's 5 s "
         "default raced httpx's 5 s: a POST failed with ReadError under load)",
     )
+    validation_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="`hcnr serve`: niceness of its validation worker (and the validations' "
+        "child processes). Validations tokenise every sample on the API's cores; below the "
+        "API's priority, a burst of new jobs waits longer in `validating` instead of making "
+        "every request wait (0: same priority)",
+    )
+    db_pool_size: int = Field(
+        40,
+        ge=1,
+        le=1000,
+        description="The API's pooled PostgreSQL connections (per process). At least its "
+        "request threads (AnyIO's 40): with SQLAlchemy's default of 5 (+10 overflow), 200 "
+        "users made the API open and close a connection for most requests",
+    )
+    db_max_overflow: int = Field(
+        10, ge=0, le=1000, description="Connections beyond db_pool_size, closed when returned"
+    )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
     worker_metrics_port: int | None = Field(
