@@ -4,9 +4,10 @@ driven by selenium) against a running `hcnr serve` (API + embedded worker, SQLit
 Logs in with the keyboard, uploads a file, creates an `auto` job on the toy from the form
 (two more files uploaded by the form itself), watches it finish through server-sent
 events, checks that the page's tables equal the job's report and artifacts as the API
-serves them, cancels a running job with the keyboard, and checks that another tenant
-gets 404. Screenshots of each page are saved and checked for their key elements (the
-PNG's size and colours, and the pixels of the charts' elements)."""
+serves them, cancels a running job with the keyboard, estimates a job from the form (the API's
+numbers, nothing created), sets and deletes a secret on the settings page, and checks
+that another tenant gets 404. Screenshots of each page are saved and checked for their
+key elements (the PNG's size and colours, and the pixels of the charts' elements)."""
 
 from __future__ import annotations
 
@@ -234,6 +235,7 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
     page = ui.parse(driver.page_source)
     assert ui.honesty_values(page) == ui.expected_honesty(job["metrics"])
     assert ui.page_cells(page) == ui.expected_cells(chosen)
+    assert ui.page_fractions(page) == ui.expected_fractions(chosen)  # shaded by share
     assert driver.find_element(By.ID, "auto-chosen").text == report["chosen"]
     candidates = [
         e.get_attribute("data-candidate")
@@ -306,6 +308,45 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
     with server.api("alice") as api:
         assert api.get(f"/v1/repair-jobs/{slow}").json()["status"] == "cancelled"
 
+    # --- estimate a job from the form, with the keyboard: the API's numbers, nothing created ---
+    go("/ui/jobs/new")
+    driver.find_element(By.ID, "job-base").send_keys("path:base")
+    driver.find_element(By.ID, "job-finetuned").send_keys("path:finetuned-adapter")
+    driver.find_element(By.ID, "job-honesty-file").send_keys(files["honesty"])
+    driver.find_element(By.ID, "job-task-file").send_keys(files["task"])
+    button = driver.find_element(By.ID, "job-estimate")
+    driver.execute_script("arguments[0].focus()", button)
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(driver, lambda d: d.find_elements(By.ID, "estimate"), what="the estimate")
+    with server.api("alice") as api:
+        body = {"base": "path:base", "finetuned": "path:finetuned-adapter",
+                "honesty_file": files["honesty"], "task_file": files["task"]}  # fmt: skip
+        estimate = api.post("/v1/repair-jobs/estimate", json=body).json()
+        n_jobs = len(api.get("/v1/repair-jobs", params={"limit": 100}).json()["data"])
+    shown = driver.find_element(By.ID, "est-parameters").get_attribute("data-value")
+    assert int(shown) == estimate["parameters"]
+    host = driver.find_element(By.CSS_SELECTOR, '#estimate-memory tr[data-mode="whole"] td')
+    assert float(host.get_attribute("data-value")) == estimate["memory_whole"]["host_gib"]
+    assert n_jobs == 2  # the auto job and the cancelled one: the estimate created none
+    screenshot(driver, shots, "07-estimate")
+
+    # --- settings: a secret set with the keyboard, listed by name only, deleted ---------------
+    go("/ui/settings")
+    assert unlabelled_fields(driver) == []
+    driver.find_element(By.CSS_SELECTOR, "#secret-name option[value=mlflow_token]").click()
+    value = "mlflow-token-typed-in-the-browser"
+    driver.find_element(By.ID, "secret-value").send_keys(value + Keys.ENTER)
+    wait(driver, lambda d: d.find_elements(By.ID, "secret-saved"), what="the saved secret")
+    assert driver.find_elements(By.CSS_SELECTOR, 'tr[data-secret="mlflow_token"]')
+    assert value not in driver.page_source
+    screenshot(driver, shots, "08-settings")
+    with server.api("alice") as api:
+        assert [s["name"] for s in api.get("/v1/secrets").json()["data"]] == ["mlflow_token"]
+    driver.find_element(By.ID, "delete-mlflow_token").click()
+    wait(driver, lambda d: d.find_elements(By.ID, "secret-deleted"), what="the deleted secret")
+    with server.api("alice") as api:
+        assert api.get("/v1/secrets").json()["data"] == []
+
     # --- another tenant: 404 on alice's job, not in his list -----------------------------------
     driver.delete_all_cookies()
     go("/ui/login")
@@ -314,7 +355,7 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
     assert driver.find_elements(By.CSS_SELECTOR, "tr[data-job-id]") == []
     go(f"/ui/jobs/{job_id}")
     assert driver.find_element(By.ID, "error-message").get_attribute("data-code") == "not_found"
-    screenshot(driver, shots, "07-other-tenant-404")
+    screenshot(driver, shots, "09-other-tenant-404")
 
     # The key is in no URL the browser visited and in nothing the server logged.
     assert not [u for u in visited if key in u or server.keys["bob"] in u]
@@ -323,5 +364,6 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
     assert key not in logged and server.keys["bob"] not in logged
     assert sorted(p.name for p in shots.glob("0*.png")) == [
         "01-login.png", "02-upload.png", "03-new-job.png", "04-job-succeeded.png",
-        "05-jobs-live.png", "06-job-cancelled.png", "07-other-tenant-404.png",
+        "05-jobs-live.png", "06-job-cancelled.png", "07-estimate.png", "08-settings.png",
+        "09-other-tenant-404.png",
     ]  # fmt: skip

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.service import ui_support as ui
-from tests.service.service_support import InProcess, Models, job_body
+from tests.service.service_support import InProcess, Models, job_body, make_inprocess
 
 MISSING = "job_" + "0" * 24
 
@@ -122,6 +122,9 @@ def _posts(job_id: str, models: Models) -> list[tuple[str, dict, dict]]:
         (f"/ui/jobs/{job_id}/cancel", {}, {}),
         ("/ui/files", {"purpose": "honesty"}, jsonl),
         ("/ui/jobs", job, {}),
+        ("/ui/jobs/estimate", job, {}),
+        ("/ui/secrets", {"name": "mlflow_token", "value": "t" * 20}, {}),
+        ("/ui/secrets/mlflow_token/delete", {}, {}),
         ("/ui/logout", {}, {}),
     ]
 
@@ -148,6 +151,7 @@ def test_form_posts_need_a_session_the_csrf_token_and_the_same_origin(
             ),
         ]
         assert [r.status_code for r in refused] == [401, 403, 403, 403, 403], path
+    assert inproc.clients["alice"].get("/v1/secrets").json()["data"] == []  # none was set
     assert inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json()["status"] == (
         "queued"
     )
@@ -170,7 +174,8 @@ def test_form_posts_need_a_session_the_csrf_token_and_the_same_origin(
 
 
 def _id_routes(routes: list) -> set[tuple[str, str]]:
-    """(method, path) of every /ui route that takes a job id (FastAPI may wrap routers)."""
+    """(method, path) of every /ui route that takes an id or a name (FastAPI may wrap
+    routers)."""
     from fastapi.routing import APIRoute
 
     found = set()
@@ -180,7 +185,8 @@ def _id_routes(routes: list) -> set[tuple[str, str]]:
         if (
             isinstance(route, APIRoute)
             and route.path.startswith("/ui/")
-            and "{job_id}" in route.path
+            and "{" in route.path
+            and route.path != "/ui/static/{name}"  # the dashboard's own files, no tenant data
         ):
             found |= {(method, route.path) for method in route.methods}
     return found
@@ -205,7 +211,9 @@ def test_every_ui_route_is_tenant_isolated(inproc: InProcess, keys, finished, qu
             f"/ui/jobs/{j}/checkpoint.tar"
         ),
     }
-    assert set(requests) == _id_routes(inproc.app.routes)  # a new route needs a line here
+    secret_routes = {("POST", "/ui/secrets/{name}/delete")}  # tested in the secrets test
+    assert set(requests) | secret_routes == _id_routes(inproc.app.routes)
+    # (a new route with an id needs a line above)
     before = inproc.clients["alice"].get(f"/v1/repair-jobs/{queued_job}").json()
     for route, request in requests.items():
         for target in (job_id, queued_job):
@@ -456,3 +464,241 @@ def test_frontier_chart_marks_the_choice_and_the_non_dominated_candidates():
     assert len(line.attrs["points"].split()) == 2
     (limit,) = [e for e in svg.find_all("line") if e.attrs.get("class") == "limit"]
     assert "88.0%" in limit.text
+
+
+# --- secrets, estimates, Hub push, tracking and pinned models --------------------------------
+
+HUB_TOKEN = "hf_alice_ui_write_0123456789"
+
+
+def test_settings_page_sets_lists_and_deletes_secrets_per_tenant(inproc: InProcess, keys):
+    """Names and dates only (the value never comes back), through the API's secret routes;
+    bob neither sees nor deletes alice's."""
+    alice, bob = ui.login(inproc.app, keys["alice"]), ui.login(inproc.app, keys["bob"])
+    token, bobs = ui.csrf_of(alice), ui.csrf_of(bob)
+    value = "hf_secret_value_never_shown_0123"
+    saved = alice.post(
+        "/ui/secrets", data={"csrf_token": token, "name": "hf_token", "value": value},
+        follow_redirects=False,
+    )  # fmt: skip
+    assert (saved.status_code, saved.headers["location"]) == (303, "/ui/settings?saved=hf_token")
+    page = alice.get(saved.headers["location"])
+    assert value not in page.text
+    doc = ui.parse(page.text)
+    assert doc.by_id("secret-saved").text == "hf_token saved."
+    rows = [r.attrs["data-secret"] for r in doc.by_id("secrets-table").find_all("tr")
+            if "data-secret" in r.attrs]  # fmt: skip
+    api = inproc.clients["alice"].get("/v1/secrets").json()["data"]
+    assert rows == [s["name"] for s in api] == ["hf_token"]
+    # bob's page lists none of alice's; his delete of the name is a 404 and hers stays
+    assert ui.parse(bob.get("/ui/settings").text).find_all(data_secret="hf_token") == []
+    refused = bob.post("/ui/secrets/hf_token/delete", data={"csrf_token": bobs})
+    assert refused.status_code == 404
+    assert ui.parse(refused.text).by_id("error-message").attrs["data-code"] == "not_found"
+    assert [s["name"] for s in inproc.clients["alice"].get("/v1/secrets").json()["data"]] == [
+        "hf_token"
+    ]
+    # bad input comes back as the API's refusal, without echoing the value
+    bad = alice.post("/ui/secrets", data={"csrf_token": token, "name": "nope", "value": value})
+    assert bad.status_code == 422 and value not in bad.text
+    assert ui.parse(bad.text).by_id("form-error").attrs["data-code"] == "invalid_request"
+    ctrl = alice.post(
+        "/ui/secrets", data={"csrf_token": token, "name": "hf_token", "value": "a\x01b"}
+    )
+    assert ctrl.status_code == 422 and "a\x01b" not in ctrl.text
+    gone = alice.post(
+        "/ui/secrets/hf_token/delete", data={"csrf_token": token}, follow_redirects=False
+    )
+    assert (gone.status_code, gone.headers["location"]) == (303, "/ui/settings?deleted=hf_token")
+    assert inproc.clients["alice"].get("/v1/secrets").json()["data"] == []
+    assert ui.parse(alice.get("/ui/settings").text).by_id("no-secrets")
+
+
+def _estimate_shown(page: ui.Element) -> dict:
+    memory = {
+        r.attrs["data-mode"]: [json.loads(td.attrs["data-value"]) for td in r.find_all("td")]
+        for r in page.by_id("estimate-memory").find_all("tr")
+        if "data-mode" in r.attrs
+    }
+    wall = page.by_id("est-wall").attrs
+    return {
+        "parameters": int(page.by_id("est-parameters").attrs["data-value"]),
+        "tokens": {
+            li.attrs["data-set"]: int(li.attrs["data-tokens"])
+            for li in page.by_id("est-tokens").find_all("li")
+        },
+        "memory": memory,
+        "wall": (float(wall["data-value"]), float(wall["data-low"]), float(wall["data-high"])),
+        "runnable": page.by_id("estimate").attrs["data-runnable"] == "true",
+    }
+
+
+def _estimate_expected(answer: dict) -> dict:
+    memory = {"whole": [answer["memory_whole"]["host_gib"], answer["memory_whole"]["device_gib"]]}
+    if answer["memory_layerwise"]:
+        layerwise = answer["memory_layerwise"]
+        memory["layerwise"] = [layerwise["host_gib"], layerwise["device_gib"]]
+    return {
+        "parameters": answer["parameters"],
+        "tokens": {k: v["tokens"] for k, v in answer["tokens"].items()},
+        "memory": memory,
+        "wall": (answer["wall_seconds"], answer["wall_seconds_low"], answer["wall_seconds_high"]),
+        "runnable": answer["runnable"],
+    }
+
+
+def test_estimate_button_shows_the_apis_estimate_and_creates_nothing(
+    inproc: InProcess, keys, models: Models, tmp_path_factory
+):
+    client = ui.login(inproc.app, keys["alice"])
+    ids = {
+        p: inproc.upload("alice", path, p).json()["id"]
+        for p, path in (("honesty", models.honesty), ("task", models.task))
+    }
+    body = job_body(ids)
+    before = inproc.clients["alice"].get("/v1/repair-jobs", params={"limit": 100}).json()
+    form = {"csrf_token": ui.csrf_of(client), **{k: body[k] for k in ("base", "finetuned")}}
+    form |= {"honesty_file": ids["honesty"], "task_file": ids["task"]}
+    response = client.post("/ui/jobs/estimate", data=form)
+    assert response.status_code == 200, response.text
+    page = ui.parse(response.text)
+    answer = inproc.clients["alice"].post("/v1/repair-jobs/estimate", json=body).json()
+    assert answer["parameters"] > 0 and answer["memory_whole"]["host_gib"] > 0
+    assert _estimate_shown(page) == _estimate_expected(answer)
+    # the form comes back filled in, and nothing was created or queued
+    assert page.by_id("job-honesty-file").attrs["value"] == ids["honesty"]
+    assert inproc.queued == []
+    after = inproc.clients["alice"].get("/v1/repair-jobs", params={"limit": 100}).json()
+    assert [j["id"] for j in after["data"]] == [j["id"] for j in before["data"]]
+
+    # no worker with the memory: the API's 422 no_worker_fits, with the estimate it carries
+    tiny = make_inprocess(tmp_path_factory.mktemp("ui-tiny"), models, worker_memory_gib=0.001)
+    tiny_key = tiny.clients["alice"].headers["Authorization"].split()[1]
+    small = ui.login(tiny.app, tiny_key)
+    tiny_ids = {
+        p: tiny.upload("alice", path, p).json()["id"]
+        for p, path in (("honesty", models.honesty), ("task", models.task))
+    }
+    form = {**form, "csrf_token": ui.csrf_of(small)}
+    form |= {"honesty_file": tiny_ids["honesty"], "task_file": tiny_ids["task"]}
+    refused = small.post("/ui/jobs/estimate", data=form)
+    api = tiny.clients["alice"].post("/v1/repair-jobs/estimate", json=job_body(tiny_ids))
+    assert refused.status_code == api.status_code == 422
+    page = ui.parse(refused.text)
+    assert page.by_id("form-error").attrs["data-code"] == "no_worker_fits"
+    shown = _estimate_shown(page)
+    assert shown == _estimate_expected(api.json()["error"]["details"])
+    assert shown["runnable"] is False
+
+
+@pytest.fixture(scope="module")
+def hub_env(models: Models, tmp_path_factory):
+    """An app whose hub is the loopback stand-in: a public base to pin, alice's token may
+    write to alice-org/."""
+    from tests.service.hub_standin import HubStandIn, repo_from_dir
+
+    hub = HubStandIn(
+        {"acme/toy-base": repo_from_dir(models.root / "base")},
+        writers={HUB_TOKEN: {"alice-org"}},
+    ).start()
+    env = make_inprocess(tmp_path_factory.mktemp("ui-hub"), models, hub_endpoint=hub.url)
+    yield env, hub
+    hub.stop()
+
+
+def test_job_page_shows_the_push_the_tracking_runs_and_the_pinned_base(
+    hub_env, models: Models, monkeypatch: pytest.MonkeyPatch
+):
+    """One job from the form: hf: base (pinned by the validation), pushed to the Hub with
+    the hf_token set on the settings page, tracked by W&B offline; its page shows what the
+    API and the hub say."""
+    pytest.importorskip("wandb")
+    env, hub = hub_env
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    keys = {t: c.headers["Authorization"].split()[1] for t, c in env.clients.items()}
+    alice, bob = ui.login(env.app, keys["alice"]), ui.login(env.app, keys["bob"])
+    ids = {
+        p: env.upload(t, path, p).json()["id"]
+        for t in ("bob",)
+        for p, path in (("honesty", models.honesty), ("task", models.task))
+    }
+    form = {
+        "base": "hf:acme/toy-base",
+        "finetuned": "path:finetuned",
+        "push_to_hub": "alice-org/ui-push",
+        "integrations": '{"type": "wandb", "project": "ui"}',
+    }
+    # bob has no hf_token: the API's refusal, with the way to the settings page
+    refused = bob.post(
+        "/ui/jobs", data={**form, **_file_fields(ids), "csrf_token": ui.csrf_of(bob)}
+    )
+    assert refused.status_code == 422
+    error = ui.parse(refused.text).by_id("form-error")
+    assert error.attrs["data-code"] == "hub_token_missing"
+    assert error.find("a", id="to-settings").attrs["href"] == "/ui/settings"
+    assert env.queued == []
+
+    token = ui.csrf_of(alice)
+    set_token = {"csrf_token": token, "name": "hf_token", "value": HUB_TOKEN}
+    assert alice.post("/ui/secrets", data=set_token, follow_redirects=False).status_code == 303
+    uploads = {
+        "honesty_upload": ("h.jsonl", models.honesty.read_bytes(), "application/jsonl"),
+        "task_upload": ("t.jsonl", models.task.read_bytes(), "application/jsonl"),
+    }
+    created = alice.post(
+        "/ui/jobs", data={**form, "csrf_token": token}, files=uploads, follow_redirects=False
+    )
+    assert created.status_code == 303, created.text
+    job_id = created.headers["location"].rsplit("/", 1)[1]
+    assert env.run_queued() == ["succeeded"]
+    api = env.clients["alice"]
+    job = api.get(f"/v1/repair-jobs/{job_id}").json()
+    page = ui.parse(alice.get(f"/ui/jobs/{job_id}").text)
+
+    # the pinned base: the hub's commit, as the API reports it
+    assert job["base_resolved"] == f"hf:acme/toy-base@{hub.repos['acme/toy-base'].commit}"
+    assert page.by_id("base-resolved").text == job["base_resolved"]
+    assert page.find_all(id="finetuned-resolved") == []  # a path: reference is not pinned
+
+    # the push: succeeded, to a private repository, at the hub's commit
+    push = job["push_to_hub"]
+    repo = hub.repos["alice-org/ui-push"]
+    assert push["status"] == "succeeded" and repo.private  # the box was not ticked
+    assert page.by_id("push-status").text == "succeeded"
+    assert page.by_id("push-repo").text == "alice-org/ui-push"
+    commit = page.by_id("push-commit")
+    assert commit.text == push["commit_sha"] == repo.revisions["main"]
+    assert commit.attrs["href"] == push["commit_url"]
+    assert page.by_id("push-url").attrs["href"] == push["url"] == f"{hub.url}/alice-org/ui-push"
+    assert page.find_all(id="push-error") == []
+
+    # tracking: the integration, and the run as the tracking event records it
+    (integration,) = page.by_id("integrations-table").find_all(data_integration="wandb")
+    assert "ui" in integration.text
+    events = api.get(f"/v1/repair-jobs/{job_id}/events", params={"limit": 200}).json()["data"]
+    ((run,),) = [e["data"]["tracking"] for e in events if e["type"] == "tracking"]
+    row = page.by_id("tracking-table").find("tr", data_run="wandb")
+    assert row.attrs["data-status"] == run["status"] == "ok"
+    assert run["run_id"] in row.text
+    link = row.find("a", **{"class": "run-offline"})
+    assert link.attrs["href"] == f"/ui/jobs/{job_id}/artifacts/wandb-offline.tar"
+    tar = alice.get(link.attrs["href"])
+    listed = {a["name"]: a for a in api.get(f"/v1/repair-jobs/{job_id}/artifacts").json()["data"]}
+    assert hashlib.sha256(tar.content).hexdigest() == listed["wandb-offline.tar"]["sha256"]
+
+    # a revision the hub does not have: the validation's code, with what to do about it
+    form = {**form, "base": "hf:acme/toy-base@no-such-branch", "push_to_hub": ""}
+    form |= {"integrations": "", "honesty_file": job["honesty_file"], "task_file": job["task_file"]}
+    failed = alice.post("/ui/jobs", data={**form, "csrf_token": token})
+    assert failed.status_code == 200  # redirected to the job, which failed its validation
+    page = ui.parse(failed.text)
+    assert page.by_id("job-status").text == "failed"
+    assert page.by_id("job-error").attrs["data-code"] == "revision_not_found"
+    assert "after @" in page.by_id("job-error").text
+    assert page.by_id("base-resolved").text.startswith("not pinned yet")
+
+
+def _file_fields(ids: dict[str, str]) -> dict[str, str]:
+    return {"honesty_file": ids["honesty"], "task_file": ids["task"]}
