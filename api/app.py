@@ -68,6 +68,12 @@ def create_app(
     return app
 
 
+def create_served_app() -> FastAPI:
+    """The app of one process of `hcnr serve --workers N` (uvicorn builds it in each, with
+    settings from the environment); `hcnr serve` migrated the database before."""
+    return create_app(run_migrations=False)
+
+
 def _preload_transformers() -> None:
     """transformers resolves its classes lazily and that is not thread-safe: the first
     concurrent job validations (threadpool) failed with `ImportError: cannot import name

@@ -95,6 +95,17 @@ def serve(
     validator: Annotated[
         bool, typer.Option(help="Also run the CPU worker that validates new jobs")
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            envvar="HCNR_API_WORKERS",
+            help="API processes (uvicorn workers) sharing the port. One process runs Python "
+            "on one core at a time: use about one per core the API may have. Each keeps "
+            "its own database pool (HCNR_DB_POOL_SIZE + HCNR_DB_MAX_OVERFLOW connections)",
+        ),
+    ] = 1,
 ) -> None:
     """Run the repair-job API, the validation worker and a worker (settings from HCNR_*
     environment variables)."""
@@ -103,11 +114,17 @@ def serve(
 
     from api.app import create_app
     from hcnr_core.bounded import stop_children
+    from store.db import migrate as migrate_database
     from store.settings import Settings
 
     settings = Settings()
     settings.ensure_dirs()
-    app = create_app(settings)  # migrates the database first
+    if workers == 1:
+        app: object = create_app(settings)  # migrates the database first
+    else:  # each process builds its app (api.app.create_served_app); migrate once, here
+        if settings.auto_migrate:
+            migrate_database(settings.db_url)
+        app = "api.app:create_served_app"
     env = {**os.environ, "HCNR_DATA_DIR": str(settings.data_dir.resolve())}
     processes = []
     if validator:
@@ -132,8 +149,13 @@ def serve(
             log_level="info",
             timeout_graceful_shutdown=max(1, round(grace)),
             timeout_keep_alive=round(settings.keep_alive_seconds),
+            workers=workers,
+            factory=workers > 1,
         )
-        _server(config, processes, stop_children).run()
+        if workers == 1:
+            _server(config, processes, stop_children).run()
+        else:
+            _supervisor(config, processes).run()
     finally:
         _exit_soon(WORKER_SHUTDOWN_EXTRA_SECONDS)
         for process in processes:  # they got SIGTERM with the server: the grace has passed
@@ -155,6 +177,29 @@ def _server(config: object, workers: list[subprocess.Popen], stop_children) -> o
             super().handle_exit(sig, frame)
 
     return Server(config)
+
+
+def _supervisor(config: object, workers: list[subprocess.Popen]) -> object:
+    """uvicorn's process supervisor (`--workers` > 1) that, like `_server`, stops the Celery
+    workers as soon as it is asked to exit; each API process has its requests' grace."""
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def handle_term(self) -> None:
+            _terminate(workers)
+            super().handle_term()
+
+        def handle_int(self) -> None:
+            _terminate(workers)
+            super().handle_int()
+
+    return Supervisor(config, sockets=[config.bind_socket()])
+
+
+def _terminate(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown starts now
 
 
 def _exit_soon(seconds: float) -> None:

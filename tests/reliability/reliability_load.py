@@ -182,9 +182,10 @@ def load(
     keys = [tenant_keys[i % tenants] for i in range(users)]
     tally, wall = asyncio.run(_run(cluster.api.url, keys, inputs or cluster.inputs, seconds, think))
     with cluster.session_factory() as session:
-        rows = session.scalar(
-            select(func.count()).select_from(Job).join(Tenant).where(Tenant.name.in_(names))
-        )
+        mine = select(func.count()).select_from(Job).join(Tenant).where(Tenant.name.in_(names))
+        rows = session.scalar(mine)
+        # the validation worker's backlog: jobs not yet validated when the users stopped
+        validating = session.scalar(mine.where(Job.status == "validating"))
     _retire(cluster, names)
     requests = sum(len(v) for v in tally.latencies.values()) + sum(tally.errors.values())
     routes = {}
@@ -210,5 +211,6 @@ def load(
         "error_samples": tally.error_samples,
         "submitted": len(tally.created),
         "rows": rows,
+        "validating_after": validating,
         "routes": routes,
     }
