@@ -256,7 +256,7 @@ def heatmap(
     if not cells:
         return Markup("")
     cell_w, cell_h, left, top = max(30, min(52, 900 // max(1, len(layers)))), 26, 110, 28
-    width = left + cell_w * len(layers) + 10
+    width = max(left + cell_w * len(layers) + 10, left + 220)  # room for the legend's text
     height = top + cell_h * len(kinds) + 34
 
     def value(cell: Mapping[str, Any]) -> float:
