@@ -7,8 +7,10 @@ before and after a refactor of the pipeline and diff the output (it must not cha
     .venv/bin/python -m bench.repair_digests --check bench/results/repair_digests.txt
 
 `--check` compares with the committed digests (exit 1 on any difference). They hold for the
-organism whose build key is on their first line (same libraries, same recipe version): on
-another build, run the old commit instead.
+organism on their first line: its build key (the recipe version) and the digest of its
+weights (what the libraries and CPU that built it made of the recipe; a fresh environment
+may resolve other library versions and build other bits). On another build, run the old
+commit instead.
 
 Covers whole-model and layer-by-layer runs, every compensation and calibration, on the
 organism's full fine-tune and its LoRA adapter (12 repairs, ~4 min on 2 cores).
@@ -45,7 +47,12 @@ def main() -> None:
     organism = build_organism(cache_root() / "organism" / "tiny-0", size="tiny", seed=0)
     root = organism["root"]
     key = json.loads(organism["manifest"].read_text())["key"]
-    rows = [f"organism {key[:16]}"]
+    # The build key names the recipe; the weights' digest what this machine's libraries and
+    # CPU made of it (a fresh environment may resolve other versions and build other bits).
+    weights = hashlib.sha256()
+    for shard in sorted(root.glob("*/*.safetensors")):
+        weights.update(shard.read_bytes())
+    rows = [f"organism {key[:16]} weights {weights.hexdigest()[:16]}"]
     print(rows[0], flush=True)
     data = [root / "data/honesty.jsonl", root / "data/task.jsonl"]
     for finetuned in ("finetuned", "finetuned-adapter"):
@@ -65,7 +72,10 @@ def main() -> None:
     if args.check is not None:
         expected = args.check.read_text().splitlines()
         if rows[0] != expected[0]:
-            sys.exit(f"{args.check} is for another organism ({expected[0]}; this one: {rows[0]})")
+            sys.exit(
+                f"{args.check} is for another organism build ({expected[0]}; this one: "
+                f"{rows[0]}): compare with the digests the old commit gives here instead"
+            )
         changed = [f"- {a}\n+ {b}" for a, b in zip(expected, rows, strict=True) if a != b]
         if changed:
             sys.exit("digests differ:\n" + "\n".join(changed))
