@@ -102,6 +102,7 @@ from hcnr_core.checkpoint import (
     load_merged_adapter,
     load_model,
     load_tokenizer,
+    resolve_adapter_base,
 )
 from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig
 from hcnr_core.data import Sample, encode_sample, encode_samples, load_jsonl
@@ -211,13 +212,7 @@ def _prepare(
         raise CheckpointError(f"{base}: the base must be a full model, not an adapter")
     notes: list[str] = []
     if ft_info.kind == "adapter":
-        if base_info is None:  # like `hcnr eval`: the base the adapter names, if local
-            named = ft_info.adapter_config.get("base_model_name_or_path")
-            if not named or not Path(named).is_dir():
-                raise CheckpointError(
-                    f"{finetuned}: a LoRA adapter fine-tune needs its base model (--base)"
-                )
-            base_info = inspect_checkpoint(named)
+        base_info = base_info or resolve_adapter_base(ft_info, None)
         check_adapter_matches(base_info, ft_info, check_name=config.check_adapter_base_name)
     elif base_info is not None:
         notes += check_full_compatible(base_info, ft_info)

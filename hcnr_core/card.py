@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hcnr_core.formats import sha256_file
+
 CARD_NAME = "README.md"
 # (metric key, name) of the model-index, for each of repaired, fine-tuned and base.
 METRICS = [
@@ -235,7 +237,6 @@ def write_card(
     `report["files"]`. `report["report_name"]` names the run's report file; its
     `metrics`, when present, are written into that file as well, so the checkpoint carries
     the numbers its model-index shows."""
-    from hcnr_core.writer import sha256_file
 
     def digest(path: Path) -> dict[str, Any]:
         return {"sha256": sha256_file(path), "bytes": path.stat().st_size}

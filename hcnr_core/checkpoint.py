@@ -21,13 +21,17 @@ from hcnr_core.errors import (
     IncompatibleCheckpointsError,
     UnsafeCheckpointError,
 )
+from hcnr_core.formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PICKLE_SUFFIXES,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    SAFETENSORS_DTYPES,
+)
+from hcnr_core.formats import COMPUTE_DTYPES as COMPUTE_DTYPE_NAMES
 from hcnr_core.limits import check_checkpoint
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -40,12 +44,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 SUPPORTED_ADAPTERS = frozenset({"LORA"})
-_DTYPES = {
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F64": torch.float64,
-}
+_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_DTYPES.items()}
 
 
 def _inside(root: Path, candidate: Path) -> bool:
@@ -293,6 +292,26 @@ def _adapter_names_base(adapter: CheckpointInfo, base: CheckpointInfo) -> bool:
     )
 
 
+def resolve_adapter_base(adapter: CheckpointInfo, base: str | Path | None) -> CheckpointInfo:
+    """The full model a LoRA adapter is merged onto: `base` when given, else the local
+    directory its `base_model_name_or_path` names. The one rule of every entry point
+    (repair, baselines, eval, probe, auto); a hub id or a path from another machine is
+    not looked up: pass the base. Its name and shapes are checked by
+    `check_adapter_matches`."""
+    if base is None:
+        named = adapter.adapter_config.get("base_model_name_or_path")
+        if not named or not Path(str(named)).is_dir():
+            raise CheckpointError(
+                f"{adapter.path}: a LoRA adapter needs its base model (--base); its "
+                f"adapter_config names {named!r}, not a local directory"
+            )
+        base = str(named)
+    info = inspect_checkpoint(base)
+    if info.kind != "full":
+        raise CheckpointError(f"{base}: the base must be a full model, not an adapter")
+    return info
+
+
 def check_adapter_matches(
     base: CheckpointInfo, adapter: CheckpointInfo, *, check_name: bool = True
 ) -> None:
@@ -350,7 +369,7 @@ def check_full_compatible(base: CheckpointInfo, finetuned: CheckpointInfo) -> li
 
 
 # The compute dtypes a config may name (`dtype`; "auto" = `stored_dtype`).
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
 
 
 def compute_dtype(name: str, info: CheckpointInfo) -> torch.dtype:

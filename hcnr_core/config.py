@@ -184,11 +184,11 @@ class BaselineConfig(FileConfig):
     @field_validator("device")
     @classmethod
     def _valid_device(cls, value: str) -> str:
-        if value not in ("cpu", "mps") and not (
-            value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit())
-        ):
-            raise ValueError("device must be 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        return value
+        # The repair's rules (`parse_devices`), then one device: RAIT/DPO train one model.
+        devices = parse_devices(value)
+        if len(devices) > 1:
+            raise ValueError("RAIT and DPO train on one device; name one (cpu, cuda:N, mps)")
+        return devices[0]
 
     @field_validator("lora_targets")
     @classmethod

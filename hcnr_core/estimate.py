@@ -32,6 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from hcnr_core.errors import CheckpointError, HCNRError, UnsafeCheckpointError
+from hcnr_core.formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DTYPE_BYTES,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    SAFETENSORS_DTYPES,
+)
 from hcnr_core.limits import (
     GIB,
     Limits,
@@ -40,13 +48,7 @@ from hcnr_core.limits import (
     read_safetensors_header,
 )
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_JSON_BYTES = 16 * 1024**2  # config.json / index: far above any real one
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 # --- the measurements (bench/results/scale.md) ----------------------------------------------

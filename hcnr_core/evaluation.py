@@ -390,17 +390,14 @@ def load_for_eval(model_dir: str | Path, base_dir: str | Path | None, device: st
         load_merged_adapter,
         load_model,
         load_tokenizer,
+        resolve_adapter_base,
         stored_dtype,
     )
-    from hcnr_core.errors import CheckpointError
 
     info = inspect_checkpoint(model_dir)
     if info.kind == "full":
         return load_model(info, stored_dtype(info), device), load_tokenizer(info)
-    base_ref = base_dir or info.adapter_config.get("base_model_name_or_path")
-    if not base_ref:
-        raise CheckpointError(f"{model_dir}: an adapter needs its base model (pass base_dir)")
-    base = inspect_checkpoint(base_ref)
+    base = resolve_adapter_base(info, base_dir)
     check_adapter_matches(base, info)
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
         warnings.simplefilter("ignore", FutureWarning)

@@ -8,7 +8,6 @@ Hub model card (`hcnr_core.card`) and the JSON report that lists every file's sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,18 +23,11 @@ from safetensors.torch import save_file
 from hcnr_core.card import CARD_NAME, CardInputs, render_card
 from hcnr_core.checkpoint import TOKENIZER_FILES
 from hcnr_core.errors import OutputExistsError
+from hcnr_core.formats import sha256_file  # re-exported: the writer's callers digest files too
 
 SHARD_BYTES = 2 * 1024**3
 REPORT_NAME = "hcnr_report.json"
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_output_dir(out: Path) -> None:

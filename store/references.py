@@ -20,6 +20,10 @@ from typing import Any
 
 from hcnr_core.errors import HCNRError
 
+# Defined beside the fetches that raise it; imported from here by the API (one direction:
+# references -> remote_models, never back).
+from store.remote_models import ReferenceNotFoundError
+
 # Hub ids as the hub allows them: ASCII letters, digits, `_ . -`; no leading `.`/`-`,
 # no `..` or `--` (checked below). `\w` would also admit any Unicode letter.
 _HUB_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}"
@@ -36,10 +40,6 @@ MAX_REFERENCE_LENGTH = 1000  # the width of the job's reference columns
 
 class InvalidReferenceError(HCNRError):
     code = "invalid_reference"
-
-
-class ReferenceNotFoundError(HCNRError):
-    code = "reference_not_found"
 
 
 def _syntax(reference: str) -> None:

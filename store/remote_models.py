@@ -45,15 +45,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hcnr_core.checkpoint import PICKLE_SUFFIXES
 from hcnr_core.errors import (
     CheckpointError,
     CheckpointTooLargeError,
     HCNRError,
     UnsafeCheckpointError,
 )
+from hcnr_core.formats import PICKLE_SUFFIXES  # torch-free: the API process imports this
 
 log = logging.getLogger("hcnr.models")
+
+
+class ReferenceNotFoundError(HCNRError):
+    """A model reference names nothing (or nothing this tenant may read)."""
+
+    code = "reference_not_found"
+
 
 SAFE_NAMES = frozenset(
     {
@@ -436,6 +443,4 @@ def fetch_s3(location: str, settings: Any) -> Fetched:
 
 
 def _not_found(source: str) -> HCNRError:
-    from store.references import ReferenceNotFoundError
-
     return ReferenceNotFoundError(f"{source}: no objects under this prefix")

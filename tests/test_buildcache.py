@@ -78,7 +78,7 @@ def test_manifest_vouches_only_while_every_file_is_whole(tmp_path: Path) -> None
 RECIPE_PINS = {
     "organism": (
         "RECIPE_VERSION",
-        "e2f4b4078b730ae03dd343d9f85645460a8ba4d80920dae5f48b3ce9003045a0",
+        "3afd3c58e1a11bf85c8987da095cc0e4951c01e7dad649c1e283cda397603e44",
     ),
     "realmodel": (
         "RECIPE_VERSION",
@@ -86,7 +86,7 @@ RECIPE_PINS = {
     ),
     "realmodel eval": (
         "EVAL_VERSION",
-        "69409af00809d5fdaacaee1094d8481e1e94663d1970abf7e29dcf8bc6544d53",
+        "6ec4f01abde6c4cede7cb733152ea7c2a0c5a08adb22822c2a8f952b905d5fca",
     ),
 }
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import bench.scale as package
 from bench.scale.checkpoints import SIZES, build, param_count
-from bench.scale.measure import RESULTS, ROOT, child, machine, save
-from bench.scale.render import render
+from bench.scale.measure import ROOT, child, machine, save
+from bench.scale.render import RESULTS, render
 
 
 def parse_args() -> argparse.Namespace:

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
+from bench.scale.render import ROOT, render
 
 
 def cpu_seconds() -> float:
@@ -63,8 +62,6 @@ def save(store: Path, key: str, row: dict[str, Any]) -> None:
     results = json.loads(store.read_text()) if store.exists() else {}
     results[key] = row
     store.write_text(json.dumps(results, indent=2) + "\n")
-    from bench.scale.render import render  # render reads this module's RESULTS
-
     render(results)
 
 

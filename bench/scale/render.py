@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from bench.scale.checkpoints import N_SAMPLES, PROMPT_TOKENS, RESPONSE_TOKENS, SIZES, param_count
-from bench.scale.measure import RESULTS
+
+# Where the measurements are kept and rendered (`measure` imports them from here: one way).
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
 
 
 def render(results: dict[str, Any]) -> None:
