@@ -57,6 +57,13 @@ def _question(obj: Any, line: int) -> Question:
     answers = [answers] if isinstance(answers, str) else answers
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise ValueError("'answers' must be a string or a list of strings")
+    for part in (text, *answers):
+        try:  # as `data.parse_line`: a `\ud800` escape decodes to text no tokenizer takes
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "text with a lone surrogate (\\ud800-\\udfff escape): not valid Unicode"
+            ) from None
     if obj.get("answerable") is False:
         answers = []  # unanswerable by construction, whatever a gold field says
     return Question(text.strip(), tuple(a for a in answers if a.strip()), line)

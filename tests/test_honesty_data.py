@@ -47,6 +47,21 @@ def test_jsonl_questions_and_their_errors(tmp_path):
     assert [line for line, _ in info.value.problems] == [2, 3, 4]
 
 
+def test_questions_with_lone_surrogates_are_refused_like_samples(tmp_path):
+    """The question import checks text as the JSONL samples do (`data.parse_line`): a
+    lone surrogate in a question or an answer is refused with its line, not written into
+    a honesty set that the repair would refuse later."""
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(
+        '{"question": "ok ?"}\n{"question": "who \\ud800 ?"}\n'
+        '{"question": "q ?", "answers": ["a\\udfff"]}\n'
+    )
+    with pytest.raises(DataValidationError) as info:
+        load_questions(bad)
+    assert [line for line, _ in info.value.problems] == [2, 3]
+    assert all("lone surrogate" in why for _, why in info.value.problems)
+
+
 @pytest.fixture(scope="module")
 def organism_questions(organism):
     """Known people's questions with their gold answers, and held-out names with a
