@@ -290,8 +290,29 @@ def _cpu_seconds(root_pid: int) -> dict[str, float]:
     return totals
 
 
+def _previous_load() -> list[tuple[str, str]]:
+    """The headline figures of the load section this run replaces (read from
+    reliability.json, as measured then): before/after stays visible in the results."""
+    previous = load_results()["sections"].get("load") or {}
+    details, run = previous.get("details") or {}, previous.get("run") or {}
+    if not details.get("routes"):
+        return []
+    routes = details["routes"]
+    gets = [f["p95_ms"] for r, f in routes.items() if r.startswith("GET") and f["p95_ms"]]
+    return [
+        (
+            f"previous run (commit {run.get('commit', '?')}, {run.get('date', '?')}): "
+            "requests per s / POST /v1/repair-jobs p95 (ms) / GET p95 range (ms)",
+            f"{details.get('requests_per_second')} / "
+            f"{routes['POST /v1/repair-jobs']['p95_ms']} / "
+            f"{min(gets, default=0)}–{max(gets, default=0)}",
+        )
+    ]
+
+
 def load(options: Options, workdir: Path) -> dict[str, Any]:
     inputs = options.inputs()
+    previous = _previous_load()
     with cluster(workdir, inputs) as running:
         before, generator = _cpu_seconds(running.api.process.pid), time.process_time()
         load_average = os.getloadavg()[0]
@@ -323,6 +344,7 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
             )
         )
     rows.append(("jobs still `validating` when the load ended", str(result["validating_after"])))
+    rows += previous
     for route, figures in result["routes"].items():
         rows.append(
             (
@@ -340,7 +362,15 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
         "validated (asynchronously, in the validation worker: POST answers `validating` "
         "at once) and then stay queued; the CPU goes to the API, the validations, the "
         "databases and the load generator (one asyncio process on aiohttp, same machine; "
-        "until 2026-12-01 11:00 httpx, which took 6.5 ms of CPU per request). Each user "
+        "until commit 70a5c70 it used httpx, whose CPU per request exceeded the API's and "
+        "starved it). Since then the API's PostgreSQL pool holds as many connections as "
+        "it has request threads (it used to open and close one for most requests) and "
+        "the validation worker runs at nice 10 (HCNR_VALIDATION_NICE): under load, "
+        "validations wait (the backlog row) rather than the requests. CPU rows: seconds "
+        "of CPU over the run's wall time and 2 cores, and per request served; other "
+        "processes on the machine (the load average) get their share too: Linux groups "
+        "CPU by session (autogroup), so another session's nice 15 does not make it yield. "
+        "Each user "
         "uploads its two files, then loops: create a job, poll it 3×, list jobs, read its "
         "events, with the think time between requests.",
         "details": result,
