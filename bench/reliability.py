@@ -344,6 +344,15 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
             )
         )
     rows.append(("jobs still `validating` when the load ended", str(result["validating_after"])))
+    api_ms = 1000 * cpu["api"] / max(1, served)
+    rows.append(
+        (
+            "offered at zero latency (users / think time) vs the API's capacity at its CPU "
+            "per request, one process (one core) / two cores (req/s)",
+            f"{options.users / options.think if options.think else float('inf'):.0f} vs "
+            f"{1000 / api_ms:.0f} / {2000 / api_ms:.0f}",
+        )
+    )
     rows += previous
     for route, figures in result["routes"].items():
         rows.append(
