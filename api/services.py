@@ -24,7 +24,7 @@ from api.errors import APIError, not_found
 from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_line
 from hcnr_core.errors import CheckpointError, DataValidationError, TooManySamplesError
-from hcnr_core.methods import get_method
+from hcnr_core.registry import get_method
 from store import job_state, repositories, secrets, webhooks
 from store.models import Artifact, File, Job, JobLabel, Tenant, TenantSecret, new_id, utcnow
 from store.references import check_reference

@@ -205,7 +205,8 @@ def run_auto(paths: dict, out: Path, validation: Path | None = None) -> dict[str
     repair sets (or the given `validation` file), five HCNR candidates, the most honest
     within 2 domain points published (or none: `no_acceptable_candidate`, recorded)."""
     from hcnr_core.errors import NoAcceptableCandidateError
-    from hcnr_core.methods import MethodInputs, get_method
+    from hcnr_core.methods import MethodInputs
+    from hcnr_core.registry import get_method
 
     method = get_method("auto")
     inputs = MethodInputs(

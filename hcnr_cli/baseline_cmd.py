@@ -60,7 +60,8 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
     quiet_libraries()
     from hcnr_core import HCNRError
     from hcnr_core.devices import resolve_devices
-    from hcnr_core.methods import MethodInputs, get_method
+    from hcnr_core.methods import MethodInputs
+    from hcnr_core.registry import get_method
 
     spec = get_method(method)
     overrides = {k: v for k, v in flags.items() if v is not None}

@@ -108,7 +108,8 @@ def repair(
 
     from hcnr_core import HCNRError
     from hcnr_core.devices import resolve_devices
-    from hcnr_core.methods import MethodInputs, get_method
+    from hcnr_core.methods import MethodInputs
+    from hcnr_core.registry import get_method
 
     quiet_libraries()
     overrides = {k: v for k, v in flags.items() if v is not None}

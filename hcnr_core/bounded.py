@@ -129,7 +129,7 @@ def validate_inputs(method: str, config: Any, inputs: Any) -> list[str]:
     """Every check of `method` that needs no weights, plus the data limits (bytes,
     samples, tokens) for methods whose `check` does not apply them itself (HCNR's
     `prepare` does). Returns the warnings."""
-    from hcnr_core.methods import get_method
+    from hcnr_core.registry import get_method
 
     limits = current_limits()
     paths = {

@@ -163,22 +163,10 @@ class BaselineMethod:
         )
 
 
-# The methods that repair by themselves (auto's candidates); get_method also knows "auto".
+# The methods that repair by themselves (auto's candidates); `hcnr_core.registry.get_method`
+# also knows "auto", which runs these.
 METHODS: dict[str, Method] = {
     "hcnr": HCNRMethod(),
     "rait": BaselineMethod("rait", "RAIT (SFT on IDK data)", RaitConfig),
     "dpo": BaselineMethod("dpo", "DPO on IDK preference pairs", DpoConfig),
 }
-
-METHOD_NAMES = (*METHODS, "auto")
-
-
-def get_method(name: str) -> Method:
-    if name == "auto":  # imported here: auto runs the other methods
-        from hcnr_core.auto import AutoMethod
-
-        return AutoMethod()
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise HCNRError(f"unknown method {name!r}; one of {', '.join(METHOD_NAMES)}") from None

@@ -13,7 +13,8 @@ from hcnr_core.config import AutoCandidate, AutoConfig
 from hcnr_core.data import Sample, load_jsonl
 from hcnr_core.errors import DataValidationError, InvalidConfigError, NoAcceptableCandidateError
 from hcnr_core.evaluation import GenerationSettings, evaluate_samples, load_for_eval
-from hcnr_core.methods import MethodInputs, get_method
+from hcnr_core.methods import MethodInputs
+from hcnr_core.registry import get_method
 from hcnr_core.writer import sha256_file
 
 PAPER = {"name": "paper"}

@@ -317,7 +317,8 @@ def test_progress_is_the_one_event_type_with_a_rising_overall_fraction(toy, tmp_
     """The baselines report `ProgressEvent`s themselves (as the HCNR pipeline does), with
     the run's overall fraction: the method seam passes the callback through unchanged."""
     from hcnr_core.baselines import STAGES
-    from hcnr_core.methods import MethodInputs, get_method
+    from hcnr_core.methods import MethodInputs
+    from hcnr_core.registry import get_method
 
     events: list[ProgressEvent] = []
     method = get_method("rait")

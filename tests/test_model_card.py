@@ -164,7 +164,8 @@ def test_hub_model_id() -> None:
 def test_an_auto_checkpoint_carries_the_auto_card(toy, tmp_path) -> None:
     """auto publishes the chosen candidate's checkpoint with a card of its own (method
     auto, which candidate and why); the candidate's report records that card's digest."""
-    from hcnr_core.methods import MethodInputs, get_method
+    from hcnr_core.methods import MethodInputs
+    from hcnr_core.registry import get_method
 
     method = get_method("auto")
     config = method.make_config(

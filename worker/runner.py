@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hcnr_core.errors import HCNRError, JobTimeoutError, RepairCancelled
 from hcnr_core.limits import use_limits
-from hcnr_core.methods import MethodInputs, get_method
+from hcnr_core.methods import MethodInputs
 from hcnr_core.progress import ProgressEvent
+from hcnr_core.registry import get_method
 from hcnr_core.writer import sha256_file
 from store import job_state, repositories
 from store.db import session_scope

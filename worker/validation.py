@@ -26,7 +26,8 @@ from pydantic import ValidationError
 
 from hcnr_core.bounded import validate_bounded
 from hcnr_core.errors import HCNRError
-from hcnr_core.methods import MethodInputs, get_method
+from hcnr_core.methods import MethodInputs
+from hcnr_core.registry import get_method
 from store import job_state, repositories, secrets
 from store.db import session_scope
 from store.models import File

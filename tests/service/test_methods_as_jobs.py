@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hcnr_core.methods import METHODS, MethodInputs, get_method
+from hcnr_core.methods import METHODS, MethodInputs
+from hcnr_core.registry import get_method
 from tests.service.service_support import InProcess, Models, digests, job_body, outcome
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
