@@ -61,6 +61,8 @@ def parse_hub(reference: str) -> tuple[str, str | None]:
     match = HF_REFERENCE.fullmatch(reference)
     if match is None or ".." in reference or "--" in reference:
         raise _expected(reference)
+    if any(part.endswith((".", "-")) for part in match.group(1).split("/")):
+        raise _expected(reference)  # the hub's rule: no name ends with `.` or `-`
     return match.group(1), match.group(2)
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No test reaches the Hugging Face Hub: `hf:` references resolve from the model cache
+# unless a test points the service at its loopback stand-in (hub_offline=False there).
+os.environ.setdefault("HCNR_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -613,6 +613,8 @@ def python_roots() -> list[str]:
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     roots |= {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     roots |= {str(REPO / pkg) for pkg in ("api", "store", "hcnr_core", "worker", "hcnr_cli")}
+    # The editable install's metadata and path hook (entry points read by a lazy import).
+    roots |= {str(REPO / "hcnr.egg-info"), *(p for p in sys.path if "__editable__" in p)}
     return sorted({os.path.realpath(r) for r in roots})
 
 

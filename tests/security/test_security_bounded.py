@@ -371,7 +371,7 @@ def test_stuck_job_is_failed_by_its_lease_and_not_renewed(timed_api, work, monke
     from store.db import session_scope
     from worker import runner
 
-    def stuck(ctx, job_id, lease, scratch):
+    def stuck(*_args, **_kwargs):  # whatever `_repair` takes
         time.sleep(5)
         raise RuntimeError("the stuck step returned at last")
 

@@ -40,6 +40,16 @@ from tests.security.hostile import (
 from tests.service import service_procs as procs
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+# Well-formed hub references: accepted at POST (201 validating) and fetched by the
+# validation task. Tests run with HCNR_HUB_OFFLINE=1 (tests/conftest.py) and an empty model
+# cache, so each such job fails its validation with model_source_unavailable: no request to
+# any hub, no download, nothing queued. Every other fuzzed reference is refused at POST.
+ACCEPTED_HUB_REFS = {
+    "hf:org/name",
+    "hf:ORG/NAME@MAIN",
+    "hf:org/name@0123456789abcdef0123456789abcdef01234567",
+    "hf:meta-llama/Llama-2-7b-hf@main",
+}
 ALLOWED_CODES = {
     "invalid_reference",
     "reference_not_found",
@@ -63,12 +73,17 @@ def fuzz_results(env: AppEnv) -> list[dict]:
         for role in ("base", "finetuned"):
             with audit.recording() as records:
                 response = env.post_job(env.job_body(**{role: ref}))
+                job = {}
+                if response.status_code == 201:  # validated in this process at once
+                    client = env.inproc.clients["alice"]
+                    job = client.get(f"/v1/repair-jobs/{response.json()['id']}").json()
             results.append(
                 {
                     "ref": ref,
                     "role": role,
                     "status": response.status_code,
                     "code": error_code(response),
+                    "job": (job.get("status"), (job.get("error") or {}).get("code")),
                     "outside": violations(list(records), roots),
                     "queued": list(env.inproc.queued),
                 }
@@ -87,14 +102,21 @@ def test_at_least_200_distinct_references(results):
 
 
 def test_every_reference_is_a_4xx_with_a_json_code(results, app_env: AppEnv):
+    refused = [r for r in results if r["ref"] not in ACCEPTED_HUB_REFS]
     wrong = [
         (r["ref"][:80], r["role"], r["status"], r["code"])
-        for r in results
+        for r in refused
         if not 400 <= r["status"] < 500 or r["code"] not in ALLOWED_CODES
     ]
     assert not wrong
+    accepted = [r for r in results if r["ref"] in ACCEPTED_HUB_REFS]
+    assert len(accepted) == 2 * len(ACCEPTED_HUB_REFS)
+    assert {(r["status"], r["job"]) for r in accepted} == {
+        (201, ("failed", "model_source_unavailable"))
+    }
     assert not [r["ref"] for r in results if r["queued"]]
-    assert app_env.job_ids() == []  # not one job was created
+    # Only the accepted hub references made jobs, and all of them failed validation.
+    assert len(app_env.job_ids()) == len(accepted)
 
 
 def test_traversal_is_refused_by_syntax_not_by_lookup(results):
@@ -179,7 +201,7 @@ def strace_fuzz(world: World, workdir: Path) -> dict:
         time.sleep(0.2)
         start = time.time()
         # One role: both go through the same resolver (the audit-hook test covers both).
-        statuses = [post(base=ref).status_code for ref in refs]
+        statuses = {ref: post(base=ref).status_code for ref in refs}
         end = time.time()
         time.sleep(0.5)  # let strace flush
     print(
@@ -215,7 +237,7 @@ def strace_fuzz(world: World, workdir: Path) -> dict:
     connects = [r for r in records if r.call == "connect" and not forkserver.search(r.args)]
     return {
         "requests": len(statuses),
-        "statuses": sorted(set(statuses)),
+        "statuses": statuses,
         "syscalls": len(records),
         "opens_outside": opens_outside,
         "probes_outside": probes_outside,
@@ -238,7 +260,10 @@ def traced(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_no_read_outside_the_roots_strace(traced):
     assert traced["control_status"] == 201
     assert traced["control_reads_models"] > 0  # the instrument sees model reads
-    assert traced["requests"] >= 200 and all(400 <= s < 500 for s in traced["statuses"])
+    statuses = traced["statuses"]
+    assert traced["requests"] >= 200
+    assert all(400 <= s < 500 for ref, s in statuses.items() if ref not in ACCEPTED_HUB_REFS)
+    assert {statuses[ref] for ref in ACCEPTED_HUB_REFS} == {201}  # validated (offline) later
     assert traced["syscalls"] > 0
     assert not [(r.call, r.path) for r in traced["opens_outside"]]
     assert not [(r.call, r.path) for r in traced["probes_outside"]]

@@ -16,6 +16,7 @@ from tests.security.hostile import AppEnv, World, error_code, make_app_env
 from tests.service import service_procs as procs
 
 pytestmark = [pytest.mark.security, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+ALICE_SECRET = "hf_alice_0123456789abcdefghijklmnopqrstuvw"
 UNKNOWN = {"job_id": "job_000000000000000000000000", "file_id": "file_000000000000000000000000"}
 
 
@@ -37,6 +38,8 @@ def alice_state(env: AppEnv) -> dict:
     artifacts = alice.get(f"/v1/repair-jobs/{jobs[0]}/artifacts").json()["data"]
     files = [alice.get(f"/v1/files/{f}").json() for f in env.files.values()]
     digests = [a["sha256"] for a in artifacts] + [f["sha256"] for f in files]
+    # A secret of hers: bob's reads and deletes by its name must look like "none set".
+    assert alice.put("/v1/secrets/hf_token", json={"value": ALICE_SECRET}).status_code == 200
     return {
         "jobs": jobs,
         "files": list(env.files.values()),
@@ -44,6 +47,7 @@ def alice_state(env: AppEnv) -> dict:
         "event_ids": [e["id"] for e in events],
         "cursor": cursor,
         "digests": digests,
+        "secret_names": ["hf_token"],
     }
 
 
@@ -58,10 +62,16 @@ def attempts(spec: dict, state: dict) -> list[tuple[str, str, dict]]:
     for path, operations in spec["paths"].items():
         if "{" not in path:
             continue
+        # A secret's {name} is in the tenant's own name space: bob's PUT sets his own secret
+        # (check_isolation: it leaves alice's); his reads and deletes are tried.
+        secrets = path.startswith("/v1/secrets/")
+        names = state["secret_names"] if secrets else state["names"]
         for method in operations:
+            if secrets and method == "put":
+                continue
             for job in state["jobs"] if "{job_id}" in path else [None]:
                 for file_id in state["files"] if "{file_id}" in path else [None]:
-                    for name in state["names"] if "{name}" in path else [None]:
+                    for name in names if "{name}" in path else [None]:
                         jobs_ = id_variants(job) if job else [None]
                         for job_v in jobs_:
                             url = path
@@ -86,7 +96,7 @@ def attempts(spec: dict, state: dict) -> list[tuple[str, str, dict]]:
 def isolation_results(env: AppEnv, state: dict) -> dict:
     spec = env.alice.get("/openapi.json").json()
     tried = attempts(spec, state)
-    secrets_ = state["jobs"] + state["files"] + state["digests"]
+    secrets_ = state["jobs"] + state["files"] + state["digests"] + [ALICE_SECRET]
     successes, leaks, shapes, covered = [], [], set(), set()
     for method, url, headers in tried:
         response = env.bob.request(method, url, headers=headers)
@@ -159,6 +169,12 @@ def check_isolation(env: AppEnv) -> dict:
     assert result["unknown_shapes"] == {(404, "not_found")}
     assert result["id_less"]["create_with_alice_files"] == 404
     assert result["id_less"]["files_after_alice_file"] == 404
+    # Bob's PUT of the same name sets his own secret; his DELETE removes his; hers stays.
+    assert env.bob.put("/v1/secrets/hf_token", json={"value": "hf_bob_1234567890"}).is_success
+    assert [s["name"] for s in env.bob.get("/v1/secrets").json()["data"]] == ["hf_token"]
+    assert env.bob.delete("/v1/secrets/hf_token").is_success
+    assert env.bob.get("/v1/secrets/hf_token").status_code == 404
+    assert env.alice.get("/v1/secrets/hf_token").status_code == 200
     return result
 
 

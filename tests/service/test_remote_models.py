@@ -87,6 +87,7 @@ def env(models: Models, hub: HubStandIn, s3, tmp_path_factory) -> InProcess:
         tmp_path_factory.mktemp("remote"),
         models,
         hub_endpoint=hub.url,
+        hub_offline=False,
         s3_endpoint_url=s3.endpoint,
         models_s3_prefixes=[f"s3://{MODELS_BUCKET}/shared"],
     )

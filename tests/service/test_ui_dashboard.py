@@ -601,7 +601,9 @@ def hub_env(models: Models, tmp_path_factory):
         {"acme/toy-base": repo_from_dir(models.root / "base")},
         writers={HUB_TOKEN: {"alice-org"}},
     ).start()
-    env = make_inprocess(tmp_path_factory.mktemp("ui-hub"), models, hub_endpoint=hub.url)
+    env = make_inprocess(
+        tmp_path_factory.mktemp("ui-hub"), models, hub_endpoint=hub.url, hub_offline=False
+    )
     yield env, hub
     hub.stop()
 
