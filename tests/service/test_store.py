@@ -86,9 +86,30 @@ def test_api_keys_are_stored_hashed(tmp_path: Path):
         assert repositories.authenticate(session, plaintext) is None
 
 
+def _tenant_with_a_file(session) -> None:
+    """Tenant ten_1 and its file file_1: what a job row needs to exist."""
+    from store.models import File, Tenant
+
+    session.add(Tenant(id="ten_1", name="t"))
+    session.flush()
+    session.add(
+        File(
+            id="file_1",
+            tenant_id="ten_1",
+            purpose="honesty",
+            filename="h",
+            bytes=1,
+            sha256="0",
+            samples=1,
+            storage_key="k",
+        )
+    )
+    session.flush()
+
+
 def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
     from store.db import make_engine, make_session_factory, migrate, session_scope
-    from store.models import File, Job, Tenant, utcnow
+    from store.models import Job, utcnow
     from store.settings import Settings
     from worker.reconciler import reconcile_once
 
@@ -97,21 +118,7 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
     factory = make_session_factory(make_engine(url))
     now = utcnow()
     with session_scope(factory) as session:
-        session.add(Tenant(id="ten_1", name="t"))
-        session.flush()
-        session.add(
-            File(
-                id="file_1",
-                tenant_id="ten_1",
-                purpose="honesty",
-                filename="h",
-                bytes=1,
-                sha256="0",
-                samples=1,
-                storage_key="k",
-            )
-        )
-        session.flush()
+        _tenant_with_a_file(session)
         for job_id, status, lease in [
             ("job_dead", "running", now - timedelta(seconds=5)),
             ("job_alive", "running", now + timedelta(seconds=60)),
@@ -165,7 +172,7 @@ def test_reconciler_resends_follow_up_messages_the_broker_never_accepted(tmp_pat
 
     from store import job_state
     from store.db import make_engine, make_session_factory, migrate, session_scope
-    from store.models import File, Job, Tenant, utcnow
+    from store.models import Job, utcnow
     from store.settings import Settings
     from worker.celery_app import notify_with
     from worker.reconciler import reconcile_once
@@ -176,21 +183,7 @@ def test_reconciler_resends_follow_up_messages_the_broker_never_accepted(tmp_pat
     now = utcnow()
     hour_ago = now - timedelta(seconds=3600)
     with session_scope(factory) as session:
-        session.add(Tenant(id="ten_1", name="t"))
-        session.flush()
-        session.add(
-            File(
-                id="file_1",
-                tenant_id="ten_1",
-                purpose="honesty",
-                filename="h",
-                bytes=1,
-                sha256="0",
-                samples=1,
-                storage_key="k",
-            )
-        )
-        session.flush()
+        _tenant_with_a_file(session)
         for job_id, status, finished, notified in [
             ("job_told", "succeeded", hour_ago, hour_ago),
             ("job_lost_ok", "succeeded", hour_ago, None),
