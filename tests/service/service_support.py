@@ -104,3 +104,40 @@ def refusal_message(client: Any, response: Any) -> str:
         return (response.json().get("error") or {}).get("message", "")
     job = client.get(f"/v1/repair-jobs/{response.json()['id']}").json()
     return (job.get("error") or {}).get("message", "")
+
+
+def add_tenant_with_a_file(session: Any) -> None:
+    """Tenant ten_1 and its file file_1: what a job row needs to exist (store-level tests)."""
+    from store.models import File, Tenant
+
+    session.add(Tenant(id="ten_1", name="t"))
+    session.flush()
+    session.add(
+        File(
+            id="file_1",
+            tenant_id="ten_1",
+            purpose="honesty",
+            filename="h",
+            bytes=1,
+            sha256="0",
+            samples=1,
+            storage_key="k",
+        )
+    )
+    session.flush()
+
+
+def job_row(job_id: str, status: str, **fields: Any) -> Any:
+    """A job of ten_1 reading file_1 (see add_tenant_with_a_file), with `fields` set."""
+    from store.models import Job
+
+    return Job(
+        id=job_id,
+        tenant_id="ten_1",
+        status=status,
+        base_ref="path:b",
+        finetuned_ref="path:f",
+        honesty_file_id="file_1",
+        task_file_id="file_1",
+        **fields,
+    )

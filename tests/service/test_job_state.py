@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, select, text
 from store import job_state
 from store.db import make_engine, make_session_factory, migrate, session_scope
 from store.job_state import STATES, TERMINAL_STATES, TRANSITIONS, TransitionRefused
-from store.models import File, Job, JobEvent, Tenant, utcnow
+from store.models import Job, JobEvent, utcnow
+from tests.service.service_support import add_tenant_with_a_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # The documented diagram (README, store/job_state.py), written out independently.
@@ -49,20 +50,7 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path):
     engine = make_engine(url)
     factory = make_session_factory(engine)
     with session_scope(factory) as session:
-        session.add(Tenant(id="ten_1", name="t"))
-        session.flush()
-        session.add(
-            File(
-                id="file_1",
-                tenant_id="ten_1",
-                purpose="honesty",
-                filename="h",
-                bytes=1,
-                sha256="0",
-                samples=1,
-                storage_key="k",
-            )
-        )
+        add_tenant_with_a_file(session)
     yield factory
     engine.dispose()
 

@@ -12,6 +12,7 @@ import pytest
 
 from hcnr_core.errors import HCNRError
 from store.references import resolve_reference
+from tests.service.service_support import add_tenant_with_a_file, job_row
 
 
 def test_sqlite_schema_matches_models_after_migrations(tmp_path: Path):
@@ -86,27 +87,6 @@ def test_api_keys_are_stored_hashed(tmp_path: Path):
         assert repositories.authenticate(session, plaintext) is None
 
 
-def _tenant_with_a_file(session) -> None:
-    """Tenant ten_1 and its file file_1: what a job row needs to exist."""
-    from store.models import File, Tenant
-
-    session.add(Tenant(id="ten_1", name="t"))
-    session.flush()
-    session.add(
-        File(
-            id="file_1",
-            tenant_id="ten_1",
-            purpose="honesty",
-            filename="h",
-            bytes=1,
-            sha256="0",
-            samples=1,
-            storage_key="k",
-        )
-    )
-    session.flush()
-
-
 def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
     from store.db import make_engine, make_session_factory, migrate, session_scope
     from store.models import Job, utcnow
@@ -118,7 +98,7 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
     factory = make_session_factory(make_engine(url))
     now = utcnow()
     with session_scope(factory) as session:
-        _tenant_with_a_file(session)
+        add_tenant_with_a_file(session)
         for job_id, status, lease in [
             ("job_dead", "running", now - timedelta(seconds=5)),
             ("job_alive", "running", now + timedelta(seconds=60)),
@@ -129,14 +109,9 @@ def test_reconciler_requeues_expired_leases_only(tmp_path: Path):
             ("job_unvalidated", "validating", None),
         ]:
             session.add(
-                Job(
-                    id=job_id,
-                    tenant_id="ten_1",
-                    status=status,
-                    base_ref="path:b",
-                    finetuned_ref="path:f",
-                    honesty_file_id="file_1",
-                    task_file_id="file_1",
+                job_row(
+                    job_id,
+                    status,
                     attempts=1,
                     worker_id="w:1",
                     lease_expires_at=lease,
@@ -183,7 +158,7 @@ def test_reconciler_resends_follow_up_messages_the_broker_never_accepted(tmp_pat
     now = utcnow()
     hour_ago = now - timedelta(seconds=3600)
     with session_scope(factory) as session:
-        _tenant_with_a_file(session)
+        add_tenant_with_a_file(session)
         for job_id, status, finished, notified in [
             ("job_told", "succeeded", hour_ago, hour_ago),
             ("job_lost_ok", "succeeded", hour_ago, None),
@@ -192,14 +167,9 @@ def test_reconciler_resends_follow_up_messages_the_broker_never_accepted(tmp_pat
             ("job_running", "running", None, None),
         ]:
             session.add(
-                Job(
-                    id=job_id,
-                    tenant_id="ten_1",
-                    status=status,
-                    base_ref="path:b",
-                    finetuned_ref="path:f",
-                    honesty_file_id="file_1",
-                    task_file_id="file_1",
+                job_row(
+                    job_id,
+                    status,
                     webhook_url="https://example.com/hook",
                     lease_expires_at=now + timedelta(seconds=600),
                     finished_at=finished,
