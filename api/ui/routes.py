@@ -313,15 +313,7 @@ def upload(
             error=_error("invalid_request", f"unknown purpose {purpose!r}"),
         )
     try:
-        stored = api_call(
-            file_routes.upload_file,
-            tenant=ui.tenant,
-            session=session,
-            storage=storage,
-            settings=settings,
-            file=file,
-            purpose=purpose,
-        )
+        stored = _upload(ui, session, storage, settings, file, purpose)
     except (APIError, HCNRError) as exc:
         status, error = _status_and_error(exc)
         return _page(request, "upload.html", status, ui=ui, uploaded=None, error=error)
@@ -430,20 +422,25 @@ def job_form(
 JobFormDep = Annotated[JobForm, Depends(job_form)]
 
 
+def _upload(ui: UiSession, session, storage, settings, file, purpose: str):
+    """One file through POST /v1/files' own code, as this tenant."""
+    return api_call(
+        file_routes.upload_file,
+        tenant=ui.tenant,
+        session=session,
+        storage=storage,
+        settings=settings,
+        file=file,
+        purpose=purpose,
+    )
+
+
 def _upload_chosen(ui: UiSession, session, storage, settings, posted: JobForm) -> None:
     """Upload each chosen file (through POST /v1/files' code) and put its id in the form,
     so a form that comes back (an error, an estimate) keeps what was already uploaded."""
     for name, upload in posted.uploads.items():
         if upload is not None and upload.filename:
-            stored = api_call(
-                file_routes.upload_file,
-                tenant=ui.tenant,
-                session=session,
-                storage=storage,
-                settings=settings,
-                file=upload,
-                purpose=PURPOSES[name],
-            )
+            stored = _upload(ui, session, storage, settings, upload, PURPOSES[name])
             posted.fields[f"{name}_file"] = stored.id
 
 
