@@ -41,3 +41,4 @@ def fresh(service: Cluster) -> Iterator[Cluster]:
     """The shared cluster with no worker left running after the test."""
     yield service
     service.stop_workers()
+    service.cancel_unfinished()

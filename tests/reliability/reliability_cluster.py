@@ -255,6 +255,22 @@ class Cluster:
             query = select(Job) if ids is None else select(Job).where(Job.id.in_(ids))
             return {job.id: job for job in session.scalars(query).all()}
 
+    def cancel_unfinished(self) -> int:
+        """Cancel every job still validating or queued (a load test leaves hundreds), so the
+        next test's worker does not work through another test's backlog first."""
+        from sqlalchemy import select
+
+        from store import job_state
+        from store.db import session_scope
+        from store.models import Job
+
+        with session_scope(self.session_factory) as session:
+            waiting = Job.status.in_(("validating", "queued"))
+            ids = list(session.scalars(select(Job.id).where(waiting)).all())
+            for job_id in ids:
+                job_state.cancel(session, job_id)
+        return len(ids)
+
     def event_types(self, job_id: str) -> list[str]:
         from sqlalchemy import select
 
