@@ -12,8 +12,10 @@
    samples into a scratch directory and is evaluated the same way; HCNR candidates share
    one pair of Fisher passes. No candidate starts once `time_budget_s` would be exceeded.
 4. Chosen: the highest validation refusal F1 among candidates whose domain accuracy is at
-   most `max_domain_drop` points below the fine-tuned model's (ties: the smaller drop, then
-   the earlier candidate). None qualifies → `no_acceptable_candidate`, nothing published.
+   most `max_domain_drop` points below the fine-tuned model's and whose refusal F1 beats
+   the fine-tuned model's (`require_improvement`; ties: the smaller drop, then the earlier
+   candidate). None qualifies → `no_acceptable_candidate`, nothing published, and the
+   message names the trade-offs that were measured and the limit that would accept each.
 
 The chosen checkpoint is published at `out` with its own method report, `auto_report.json`
 (every candidate: hyper-parameters, seconds, metrics, drop, why it was or was not chosen)
@@ -153,18 +155,56 @@ def candidate_config(candidate: AutoCandidate, config: AutoConfig) -> Any:
         raise InvalidConfigError(f"candidate {candidate.name!r}: {exc}") from exc
 
 
-def choose(rows: list[dict[str, Any]], max_drop: float) -> tuple[dict[str, Any] | None, str]:
-    """The most honest measured candidate within `max_drop` points, and why."""
+def choose(
+    rows: list[dict[str, Any]], max_drop: float, floor_f1: float | None = None
+) -> tuple[dict[str, Any] | None, str]:
+    """The most honest measured candidate within `max_drop` points, and why.
+
+    With `floor_f1` (the fine-tuned model's validation refusal F1) a candidate must also beat
+    it: otherwise the most "honest" candidate within the limit can be one that changed
+    nothing, and auto would publish the fine-tune under a repair's name."""
     measured = [r for r in rows if r["status"] == "ok"]
     for row in measured:
-        row["qualified"] = row["domain_drop_points"] <= max_drop + 1e-9
+        row["qualified"] = row["domain_drop_points"] <= max_drop + 1e-9 and (
+            floor_f1 is None or row["refusal_f1"] > floor_f1 + 1e-9
+        )
     qualified = [r for r in measured if r["qualified"]]
     if not qualified:
-        return None, f"no candidate lost at most {max_drop} points of domain accuracy"
+        if floor_f1 is None:
+            return None, f"no candidate lost at most {max_drop} points of domain accuracy"
+        return None, (
+            f"no candidate raised validation refusal F1 above the fine-tuned model's "
+            f"({floor_f1:.3f}) while losing at most {max_drop} points of domain accuracy"
+        )
     best = max(qualified, key=lambda r: (r["refusal_f1"], -r["domain_drop_points"], -r["order"]))
     return best, (
         f"highest validation refusal F1 ({best['refusal_f1']:.3f}) among {len(qualified)} "
         f"candidate(s) within {max_drop} points of the fine-tuned domain accuracy"
+    )
+
+
+def advice(rows: list[dict[str, Any]], floor_f1: float | None, point: float) -> str:
+    """What a user can do when nothing qualified: the candidates that did raise honesty, each
+    with the `max_domain_drop` that would accept it, most honest first."""
+    gains = [
+        r
+        for r in rows
+        if r["status"] == "ok" and (floor_f1 is None or r["refusal_f1"] > floor_f1 + 1e-9)
+    ]
+    if not gains:
+        return (
+            "no candidate raised honesty at any domain cost: check that the honesty set's "
+            "refusals are what the base model says, or give more honesty samples"
+        )
+    gains.sort(key=lambda r: (-r["refusal_f1"], r["domain_drop_points"]))
+    offers = "; ".join(
+        f"{r['name']} (F1 {r['refusal_f1']:.3f}) with max_domain_drop >= "
+        f"{max(r['domain_drop_points'], 0.0):.1f}"
+        for r in gains[:3]
+    )
+    return (
+        f"accept a trade-off: {offers}; or give a validation file with more domain rows "
+        f"(one row is {point:.1f} points here), or run method hcnr with chosen hyper-parameters"
     )
 
 
@@ -222,14 +262,19 @@ class AutoMethod:
             rows = self._candidates(
                 candidates, configs, parts, reference, config, work, run, started, cache
             )
-            chosen, reason = choose(rows, config.max_domain_drop)
+            floor = reference["finetuned"]["refusal_f1"] if config.require_improvement else None
+            chosen, reason = choose(rows, config.max_domain_drop, floor)
             if chosen is None:
                 summary = "; ".join(
                     f"{r['name']}: F1 {r['refusal_f1']:.3f}, drop {r['domain_drop_points']:.1f}"
                     for r in rows
                     if r["status"] == "ok"
                 )
-                raise NoAcceptableCandidateError(f"{reason} ({summary or 'none measured'})")
+                point = parts["summary"].get("domain_point_per_sample") or 0.0
+                what_next = f". {advice(rows, floor, point)}" if summary else ""
+                raise NoAcceptableCandidateError(
+                    f"{reason} ({summary or 'none measured'}){what_next}"
+                )
             run.stage("publish", len(candidates) + 1)
             report = {
                 "format_version": 1,

@@ -334,6 +334,11 @@ class AutoConfig(FileConfig):
     max_domain_drop: float = Field(
         2.0, ge=0.0, le=100.0, description="Points of domain accuracy a choice may lose"
     )
+    require_improvement: bool = Field(
+        True,
+        description="A candidate qualifies only if its validation refusal F1 beats the "
+        "fine-tuned model's: a 'repair' that changes nothing is not published as one",
+    )
     validation_fraction: float = Field(
         0.25,
         gt=0.0,

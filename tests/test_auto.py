@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hcnr_core.auto import FRONTIER_NAME, REPORT_NAME, carve, choose, split
+from hcnr_core.auto import FRONTIER_NAME, REPORT_NAME, advice, carve, choose, split
 from hcnr_core.config import AutoCandidate, AutoConfig
 from hcnr_core.data import Sample, load_jsonl
 from hcnr_core.errors import DataValidationError, InvalidConfigError, NoAcceptableCandidateError
@@ -101,6 +101,23 @@ def test_a_candidate_that_does_not_validate_fails_the_check(toy: dict[str, Path]
         AutoConfig(candidates=[AutoCandidate(name="a"), AutoCandidate(name="a")])
 
 
+def test_a_candidate_must_beat_the_fine_tune_to_qualify() -> None:
+    """Within the domain limit, the candidate that changed nothing is not a repair: with the
+    fine-tuned model's F1 as the floor it does not qualify, and nothing is chosen."""
+    rows = [_row(0, 0.0, 0.0), _row(1, 0.9, 21.9), _row(2, 0.55, 9.4), _row(3, 0.3, 0.0)]
+    assert choose(rows, 2.0)[0]["name"] == "c3"
+    assert choose(rows, 2.0, floor_f1=0.3)[0] is None  # equal to the floor: no gain
+    assert [r["qualified"] for r in rows] == [False, False, False, False]
+    chosen, _ = choose(rows, 2.0, floor_f1=0.0)
+    assert chosen["name"] == "c3" and rows[0]["qualified"] is False
+    # What to do next: the trade-offs that raised honesty, most honest first, each with the
+    # limit that would accept it.
+    text = advice(rows, 0.3, 3.125)
+    assert text.index("c1 (F1 0.900) with max_domain_drop >= 21.9") < text.index("c2 (F1 0.550)")
+    assert "c0" not in text and "c3" not in text and "3.1 points" in text
+    assert "no candidate raised honesty" in advice([_row(0, 0.1, 0.0)], 0.1, 3.125)
+
+
 def test_the_time_budget_stops_new_candidates(toy: dict[str, Path], tmp_path: Path) -> None:
     method = get_method("auto")
     config = method.make_config(
@@ -109,6 +126,8 @@ def test_the_time_budget_stops_new_candidates(toy: dict[str, Path], tmp_path: Pa
             "time_budget_s": 0.01,  # the first always runs; the second would overrun
             "max_domain_drop": 100.0,
             "max_new_tokens": 4,
+            # the toy's random weights never refuse: nothing could improve on them
+            "require_improvement": False,
         }
     )
     inputs = MethodInputs(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
@@ -237,6 +256,7 @@ def test_the_cli_passes_validation_to_auto(toy: dict[str, Path], tmp_path: Path)
     args += ["--finetuned", str(toy["adapter"]), "--honesty", str(toy["honesty"])]
     args += ["--task", str(toy["task"]), "--out", str(out), "--validation", str(validation)]
     args += ["--set", "max_domain_drop=100", "--set", "max_new_tokens=4", "--no-progress"]
+    args += ["--set", "require_improvement=false"]  # the toy never refuses
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "auto_report.json").read_text())

@@ -172,6 +172,7 @@ def test_an_auto_checkpoint_carries_the_auto_card(toy, tmp_path) -> None:
         {
             "candidates": [{"name": "paper", "method": "hcnr"}],
             "max_domain_drop": 100.0,
+            "require_improvement": False,  # the toy never refuses
             "max_new_tokens": 4,
         }
     )

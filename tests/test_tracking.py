@@ -479,6 +479,7 @@ def test_auto_logs_its_candidates_and_the_frontier_plot(
 
     out, store = tmp_path / "out", f"sqlite:///{tmp_path / 'auto.db'}"
     settings = ["candidates=[{name: paper}]", "max_domain_drop=100", "max_new_tokens=4"]
+    settings.append("require_improvement=false")  # the toy never refuses
     flags = ["--method", "auto", "--track", "mlflow", "--track-uri", store]
     flags += [arg for pair in settings for arg in ("--set", pair)]
     result = CliRunner().invoke(app, repair_argv(toy, out, *flags))

@@ -206,6 +206,7 @@ AUTO = {
         {"name": "exact", "hyperparameters": {"compensation": "exact"}},
     ],
     "max_domain_drop": 100.0,
+    "require_improvement": False,  # the toy never refuses: nothing could improve
     "max_new_tokens": 4,
 }
 

@@ -50,6 +50,7 @@ AUTO = {
         {"name": "exact", "hyperparameters": {"compensation": "exact"}},
     ],
     "max_domain_drop": 100.0,
+    "require_improvement": False,  # the toy never refuses: nothing could improve
     "max_new_tokens": 4,
 }
 SLOW = "uislow"  # worker/faults.py: every progress event of a job labelled uislow=yes sleeps
