@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.key_cache import KeyCache
 from api.limits import UploadSizeLimit
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, files, health, jobs, secrets, webhooks
@@ -53,6 +54,7 @@ def create_app(
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.storage = make_storage(settings)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
     producers = _broker(settings, app.state.session_factory, enqueue, notify)
     app.state.enqueue, app.state.broker_check, app.state.notify, celery_validate = producers
     app.state.validate = validate or celery_validate or _inline_validation(app, settings)

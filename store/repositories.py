@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from store import webhooks
 from store.models import (
@@ -134,7 +134,11 @@ def jobs_using_file(session: Session, file_id: str, statuses: Iterable[str]) -> 
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    """The tenant's job with its labels in one query (a job's page and its events are the
+    routes clients poll: the labels' own SELECT was a second round trip on each)."""
+    query = select(Job).options(joinedload(Job.labels))
+    query = query.where(Job.id == job_id, Job.tenant_id == tenant_id)
+    return session.execute(query).unique().scalar_one_or_none()
 
 
 def get_job_by_id(session: Session, job_id: str, lock: bool = False) -> Job | None:

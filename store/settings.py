@@ -156,6 +156,14 @@ class Settings(Limits):
     db_max_overflow: int = Field(
         10, ge=0, le=1000, description="Connections beyond db_pool_size, closed when returned"
     )
+    auth_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="How long an API process remembers a verified API key (api/key_cache.py): "
+        "a key revoked meanwhile keeps working that long at most; 0 checks the database on "
+        "every request",
+    )
     auto_migrate: bool = Field(True, description="Upgrade the schema when the API starts")
     progress_interval_seconds: float = Field(0.5, ge=0, description="Row update throttle")
     worker_metrics_port: int | None = Field(

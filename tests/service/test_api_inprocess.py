@@ -166,17 +166,64 @@ def test_requests_need_a_valid_key(inproc: InProcess):
     assert forged.get("/v1/repair-jobs").status_code == 401
 
 
-def test_revoked_key_stops_working(models, tmp_path: Path):
+def _revoke(env: InProcess, tenant: str) -> None:
     from store import repositories
     from store.db import session_scope
 
-    env = make_inprocess(tmp_path, models)
-    assert env.clients["alice"].get("/v1/repair-jobs").status_code == 200
     with session_scope(env.app.state.session_factory) as session:
         for key in repositories.list_api_keys(session):
-            if key.tenant.name == "alice":
+            if key.tenant.name == tenant:
                 assert repositories.revoke_api_key(session, key.id)
+
+
+def test_revoked_key_stops_working(models, tmp_path: Path):
+    env = make_inprocess(tmp_path, models, auth_cache_seconds=0)  # no key cache: at once
+    assert env.clients["alice"].get("/v1/repair-jobs").status_code == 200
+    _revoke(env, "alice")
     assert env.clients["alice"].get("/v1/repair-jobs").status_code == 401
+
+
+def test_revoked_key_stops_working_within_the_key_cache_window(models, tmp_path: Path):
+    """A verified key is remembered for auth_cache_seconds (api/key_cache.py): revoked,
+    it keeps working that long at most, then never again; a wrong secret under the same
+    lookup is never answered from the cache."""
+    env = make_inprocess(tmp_path, models)  # the default window
+    window = env.settings.auth_cache_seconds
+    assert 0 < window <= 5
+    now = [1000.0]
+    cache = env.app.state.key_cache
+    cache.clock = lambda: now[0]
+    alice = env.clients["alice"]
+    assert alice.get("/v1/repair-jobs").status_code == 200  # verified: remembered at 1000
+    token = alice.headers["Authorization"].removeprefix("Bearer ")
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    wrong = alice.get("/v1/repair-jobs", headers={"Authorization": f"Bearer {forged}"})
+    assert wrong.status_code == 401
+    _revoke(env, "alice")
+    now[0] += window - 0.01
+    assert alice.get("/v1/repair-jobs").status_code == 200  # inside the window: cached
+    now[0] += 0.01
+    assert alice.get("/v1/repair-jobs").status_code == 401  # the window is over
+    now[0] += 3600
+    assert alice.get("/v1/repair-jobs").status_code == 401  # a failure is not remembered
+    assert len(cache) == 0
+    assert env.clients["bob"].get("/v1/repair-jobs").status_code == 200
+
+
+def test_key_cache_keeps_digests_only_and_stays_bounded():
+    from api.key_cache import KeyCache
+
+    tenant = object()
+    cache = KeyCache(5.0, max_entries=3)
+    tokens = [f"hcnr_lookup{i}_secret{i}" for i in range(5)]
+    for token in tokens:
+        cache.put(token, tenant)
+    assert len(cache) == 3
+    assert [cache.get(t) for t in tokens] == [None, None, tenant, tenant, tenant]
+    assert not any(t.encode() in key or t in repr(key) for t in tokens for key in cache._entries)
+    off = KeyCache(0)
+    off.put(tokens[0], tenant)
+    assert off.get(tokens[0]) is None and len(off) == 0
 
 
 def tenant_routes(job_id: str, file_id: str) -> list[tuple[str, str]]:
