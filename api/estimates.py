@@ -43,7 +43,7 @@ def _device_memory(device: str) -> int | None:
 
 def worker_capacity(settings: Settings) -> est.Capacity:
     """The service's worker: whole model only (layer by layer is a run option the
-    worker never sets, hcnr_core.config.RUN_OPTIONS)."""
+    worker never sets, `Settings.run_options`)."""
     host, device = settings.worker_memory_gib, settings.worker_device_memory_gib
     configured = host is not None or device is not None
     return est.Capacity(
@@ -126,7 +126,8 @@ def estimate_job(
     for name, file_id in (("honesty", body.honesty_file), ("task", body.task_file)):
         file = services.get_file(session, tenant, file_id)
         sets[name] = est.tokens_from_bytes(file.samples, file.bytes, config.max_seq_len)
-    estimate = est.estimate_repair(shapes, config, sets, body.method, [worker_capacity(settings)])
+    workers = [worker_capacity(settings)]
+    estimate = est.estimate_repair(shapes, config, sets, body.method, workers, settings.run_options)
     answer = public(estimate)
     if estimate.refusal is not None:
         raise APIError(

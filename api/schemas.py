@@ -19,7 +19,6 @@ from pydantic import (
 )
 
 from hcnr_core.config import (
-    RUN_OPTIONS,
     AutoConfig,
     DpoConfig,
     FileConfig,
@@ -146,12 +145,11 @@ class SecretDeleted(BaseModel):
 
 
 def _client_hyperparameters(config: type[FileConfig], doc: str) -> type[BaseModel]:
-    """The library config's fields a client may set (one spec for library, CLI and API),
-    with the free-text fields bounded and storable."""
+    """The library spec's fields, which a client may set (one spec for library, CLI and
+    API; the run options are the worker's, `hcnr_core.config.RunOptions`), with the
+    free-text fields bounded and storable."""
     fields: dict[str, Any] = {
-        name: (info.annotation, info)
-        for name, info in config.model_fields.items()
-        if name not in RUN_OPTIONS
+        name: (info.annotation, info) for name, info in config.model_fields.items()
     }
     bounded = {
         "lora_targets": (

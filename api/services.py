@@ -21,9 +21,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
-from api.schemas import RUN_OPTIONS, FilePurpose, RepairJobCreate
+from api.schemas import FilePurpose, RepairJobCreate
 from hcnr_core.data import MAX_REPORTED_PROBLEMS, parse_line
-from hcnr_core.errors import CheckpointError, DataValidationError, TooManySamplesError
+from hcnr_core.errors import (
+    CheckpointError,
+    DataValidationError,
+    InvalidConfigError,
+    TooManySamplesError,
+)
 from hcnr_core.registry import get_method
 from store import job_state, repositories, secrets, webhooks
 from store.models import Artifact, File, Job, JobLabel, Tenant, TenantSecret, new_id, utcnow
@@ -223,14 +228,17 @@ def delete_secret(session: Session, tenant: Tenant, name: str) -> None:
 
 
 def repair_config(body: RepairJobCreate, settings: Settings) -> Any:
-    """The method's library config: the client's hyper-parameters, the worker's device.
-    RAIT/DPO pass only what the client set (`epochs` alone must not meet the default
-    `steps`); HCNR keeps the API's documented defaults."""
+    """The method's spec from the client's hyper-parameters, refused when the worker cannot
+    run it (RAIT/DPO on a worker with several devices). RAIT/DPO pass only what the client
+    set (`epochs` alone must not meet the default `steps`); HCNR keeps the API's documented
+    defaults."""
     values = body.hyperparameters.model_dump(exclude_none=True, exclude_unset=body.method != "hcnr")
     try:
-        return get_method(body.method).make_config(values, device=settings.worker_device)
-    except ValidationError as exc:
+        config = get_method(body.method).make_config(values)
+        settings.run_options.check_for(type(config))
+    except (ValidationError, InvalidConfigError) as exc:
         raise APIError("invalid_hyperparameters", str(exc)) from exc
+    return config
 
 
 def check_webhook_url(url: str | None, settings: Settings) -> None:
@@ -304,7 +312,7 @@ def check_job(session: Session, settings: Settings, tenant: Tenant, body: Repair
         from hcnr_core.auto import candidate_config
 
         for candidate in config.tried():
-            candidate_config(candidate, config)
+            candidate_config(candidate, config, settings.run_options)
     check_webhook_url(str(body.webhook_url) if body.webhook_url else None, settings)
     check_integrations(body, settings)
     check_push_to_hub(session, tenant, body)
@@ -402,7 +410,7 @@ def _new_job(
 
 def _stored_config(body: RepairJobCreate, config: Any) -> dict[str, Any]:
     """The hyper-parameters, and the integrations under `Job.INTEGRATIONS_KEY`."""
-    stored = config.model_dump(exclude=set(RUN_OPTIONS))
+    stored = config.model_dump()
     if body.integrations:
         stored[Job.INTEGRATIONS_KEY] = [
             i.model_dump(exclude_none=True, exclude_defaults=True) | {"type": i.type}

@@ -31,10 +31,11 @@ GIB = 1024**3
 def child(root: Path, layerwise: bool) -> None:
     """One repair in this (fresh) process; prints its wall time and peak RSS."""
     from hcnr_core import RepairConfig
+    from hcnr_core.config import RunOptions
     from hcnr_core.pipeline import RepairPipeline
 
     started = time.perf_counter()
-    pipeline = RepairPipeline(RepairConfig(layerwise=layerwise))
+    pipeline = RepairPipeline(RepairConfig(), RunOptions(layerwise=layerwise))
     prepared = pipeline.prepare(
         root / "base",
         root / "finetuned-adapter",
@@ -54,16 +55,18 @@ def predicted(root: Path, layerwise: bool) -> dict:
     from hcnr_core import RepairConfig
     from hcnr_core import estimate as est
     from hcnr_core.checkpoint import inspect_checkpoint, load_tokenizer
+    from hcnr_core.config import RunOptions
     from hcnr_core.data import load_jsonl
 
-    config = RepairConfig(layerwise=layerwise)
+    config, options = RepairConfig(), RunOptions(layerwise=layerwise)
     shapes = est.read_shapes(root / "base", root / "finetuned-adapter")
     tokenizer = load_tokenizer(inspect_checkpoint(root / "base"))
     sets = {
         n: est.tokens_from_tokenizer(tokenizer, load_jsonl(root / f"data/{n}.jsonl"), 512)
         for n in ("honesty", "task")
     }
-    e = est.estimate_repair(shapes, config, sets, "hcnr", [est.this_machine("cpu", True)])
+    machine = est.this_machine("cpu", True)
+    e = est.estimate_repair(shapes, config, sets, "hcnr", [machine], options)
     memory = e.layerwise if layerwise else e.whole
     return {
         "parameters": e.parameters,

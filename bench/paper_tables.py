@@ -36,6 +36,7 @@ RESULTS = ROOT / "bench" / "results"
 
 from hcnr_core import RepairConfig  # noqa: E402
 from hcnr_core.baselines import DpoConfig, RaitConfig, train_dpo, train_rait  # noqa: E402
+from hcnr_core.config import RunOptions  # noqa: E402
 from hcnr_core.evaluation import GenerationSettings, evaluate_model  # noqa: E402
 from hcnr_core.evaluation import recovery as evaluation_recovery  # noqa: E402
 from hcnr_core.organism import build_organism, load_manifest  # noqa: E402
@@ -128,12 +129,15 @@ def run_hcnr(paths: dict, out: Path, **overrides: Any) -> dict[str, Any]:
 
 def run_baseline(method: str, paths: dict, out: Path, n_samples: int | None = None) -> dict:
     if method == "rait":
-        config: Any = RaitConfig(n_samples=n_samples, threads=1)
+        config: Any = RaitConfig(n_samples=n_samples)
         train: Callable = train_rait
     else:
-        config, train = DpoConfig(n_samples=n_samples, threads=1), train_dpo
+        config, train = DpoConfig(n_samples=n_samples), train_dpo
+    one_thread = RunOptions(threads=1)
     report, seconds = timed(
-        lambda: train(paths["base"], paths["adapter"], paths["honesty"], out, config)
+        lambda: train(
+            paths["base"], paths["adapter"], paths["honesty"], out, config, options=one_thread
+        )
     )
     return {
         "seconds": seconds,

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from hcnr_core import RepairConfig
+from hcnr_core.config import RunOptions, split_run_options
 from hcnr_core.organism import build_organism
 from hcnr_core.pipeline import RepairPipeline
 from hcnr_core.realmodels import cache_root
@@ -57,7 +58,8 @@ def main() -> None:
     data = [root / "data/honesty.jsonl", root / "data/task.jsonl"]
     for finetuned in ("finetuned", "finetuned-adapter"):
         for overrides in SETTINGS:
-            pipeline = RepairPipeline(RepairConfig(**overrides))
+            spec, options = split_run_options(overrides)  # layerwise: how, not what
+            pipeline = RepairPipeline(RepairConfig(**spec), RunOptions(**options))
             prepared = pipeline.prepare(root / "base", root / finetuned, *data)
             with tempfile.TemporaryDirectory() as scratch:
                 out = Path(scratch) / "out"

@@ -37,7 +37,7 @@ from bench.paper_tables import (  # noqa: E402
     table,
 )
 from hcnr_core.baselines import restored_columns, train_rait  # noqa: E402
-from hcnr_core.config import RaitConfig  # noqa: E402
+from hcnr_core.config import RaitConfig, RunOptions  # noqa: E402
 from hcnr_core.organism import build_organism  # noqa: E402
 from hcnr_core.writer import REPORT_NAME  # noqa: E402
 
@@ -84,7 +84,8 @@ def run_restore_then_rait(paths: dict, out: Path, repair: str, n_samples: int) -
         scratch,
         paths["honesty"],
         out,
-        RaitConfig(n_samples=n_samples, threads=1),
+        RaitConfig(n_samples=n_samples),
+        options=RunOptions(threads=1),
         columns=restored_columns(scratch / REPORT_NAME),
     )
     shutil.rmtree(scratch)

@@ -16,6 +16,7 @@ from hcnr_cli.common import (
     evaluate_into_card,
     fail,
     quiet_libraries,
+    spec_and_options,
     summary_of,
     validate_within_limits,
 )
@@ -45,10 +46,15 @@ LoraTargets = Annotated[
 ]
 Seed = Annotated[int | None, typer.Option(help="Random seed [0]")]
 MaxSeqLen = Annotated[int | None, typer.Option(help="Max tokens per sample [512]")]
-Device = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N [cpu]")]
+Device = Annotated[
+    str | None, typer.Option(help="cpu | cuda | cuda:N [cpu]", rich_help_panel="Run options")
+]
 Dtype = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 | auto [float32]")]
 NSamples = Annotated[int | None, typer.Option(help="Seeded subset of the honesty set")]
-Threads = Annotated[int | None, typer.Option(help="torch CPU threads [torch's default]")]
+Threads = Annotated[
+    int | None,
+    typer.Option(help="torch CPU threads [torch's default]", rich_help_panel="Run options"),
+]
 PATHS = ("base", "finetuned", "honesty", "out", "no_progress", "eval_file")  # not config
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar")]
 
@@ -68,23 +74,22 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
     if isinstance(overrides.get("lora_targets"), str):
         overrides["lora_targets"] = [t.strip() for t in overrides["lora_targets"].split(",")]
     try:
-        if config_file:
-            cfg = spec.config_type.from_file(config_file, **overrides)
-        else:
-            cfg = spec.make_config(overrides)
-        resolve_devices(cfg.device)
+        cfg, options = spec_and_options(spec, config_file, overrides, {})
+        resolve_devices(options.device)
     except (ValidationError, ValueError, OSError, HCNRError) as exc:
         fail(exc)
     inputs = MethodInputs(paths["base"], paths["finetuned"], paths["honesty"])
-    validate_within_limits(method, cfg, inputs)
+    validate_within_limits(method, cfg, options, inputs)
     check_eval_file(paths["eval_file"])
     try:
         with ProgressPrinter(enabled=not paths["no_progress"] and sys.stderr.isatty()) as bar:
-            report = spec.run(cfg, inputs, paths["out"], progress=bar)
+            report = spec.run(cfg, inputs, paths["out"], options=options, progress=bar)
     except HCNRError as exc:
         fail(exc)
     if paths["eval_file"] is not None:
-        evaluate_into_card(method, spec, cfg, inputs, paths["out"], report, paths["eval_file"])
+        evaluate_into_card(
+            method, spec, cfg, options, inputs, paths["out"], report, paths["eval_file"]
+        )
     summary = summary_of(method, paths["out"], report)
     summary["trainable_params"] = report["trainable_params"]
     typer.echo(json.dumps(summary))

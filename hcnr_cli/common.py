@@ -93,7 +93,7 @@ class ProgressPrinter:
         self.progress.update(self.task, completed=event.fraction, description=event.stage)
 
 
-def validate_within_limits(method: str, cfg: Any, inputs: Any) -> None:
+def validate_within_limits(method: str, cfg: Any, options: Any, inputs: Any) -> None:
     """The method's checks in a child process under the limits (`HCNR_*`, see README
     "Limits"): a hostile config, chat template or tokenizer fails with a code instead of
     hanging the command; the run that follows repeats the same, now bounded, work."""
@@ -104,7 +104,7 @@ def validate_within_limits(method: str, cfg: Any, inputs: Any) -> None:
     from hcnr_core.limits import Limits
 
     try:
-        validate_bounded(method, cfg, inputs, Limits(), fork=True)
+        validate_bounded(method, cfg, inputs, Limits(), fork=True, options=options)
     except HCNRError as exc:
         fail(exc)
     except TemplateError as exc:  # the chat template refuses a sample
@@ -112,8 +112,29 @@ def validate_within_limits(method: str, cfg: Any, inputs: Any) -> None:
         fail(exc)
 
 
-# Options every method shares; the rest of `repair`'s flags are HCNR's own.
-SHARED_FLAGS = ("seed", "device", "dtype", "max_seq_len")
+# Spec fields every method shares; the rest of `repair`'s spec flags are HCNR's own. (The
+# run options are a model of their own, `RunOptions`, and apply as each method allows.)
+SHARED_FLAGS = ("seed", "dtype", "max_seq_len")
+
+
+def spec_and_options(
+    method: Any, config_file: Path | None, flags: dict[str, Any], settings: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The method's spec and its `RunOptions` from a `--config` file, flags and `--set`
+    pairs (which win, in that order). A file or `--set` may hold run options under their
+    own names (`device: cuda`) beside the spec's fields: one file still describes a run.
+    Raises ValidationError, ValueError, OSError or HCNRError."""
+    from hcnr_core.config import RunOptions, read_config_file, split_run_options
+
+    spec_values: dict[str, Any] = {}
+    option_values: dict[str, Any] = {}
+    layers = [read_config_file(config_file)] if config_file else []
+    for values in (*layers, flags, settings):
+        spec_part, options_part = split_run_options(values)
+        spec_values.update(spec_part)
+        option_values.update(options_part)
+    cfg = method.make_config(spec_values)
+    return cfg, RunOptions(**option_values).check_for(type(cfg))
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
@@ -208,6 +229,7 @@ def evaluate_into_card(
     method: str,
     spec: Any,
     cfg: Any,
+    options: Any,
     inputs: Any,
     out: Path,
     report: dict[str, Any],
@@ -226,7 +248,7 @@ def evaluate_into_card(
             out,
             eval_file,
             max_seq_len=cfg.max_seq_len,
-            device=cfg.device,
+            device=options.device,
         )
     except HCNRError as exc:
         fail(exc)

@@ -6,7 +6,8 @@ description; the library takes it as is, the API's hyper-parameters are generate
 flag without touching the CLI; a default changed there shows in `--help`.
 
     @app.command()
-    @config_flags(RepairConfig, panels={"Run options": RUN_OPTIONS})
+    @config_flags(RunOptions, main="Run options")     # how it runs
+    @config_flags(RepairConfig, main="HCNR options")  # what it computes
     def repair(base: ..., **flags): ...   # flags: the fields given on the command line
 
 Every generated flag defaults to None ("not given"), so a `--config` file and `--set`

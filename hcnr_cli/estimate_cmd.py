@@ -63,7 +63,7 @@ def _table(estimate: Any) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def estimate_and_exit(method: str, cfg: Any, inputs: Any, as_json: bool) -> None:
+def estimate_and_exit(method: str, cfg: Any, options: Any, inputs: Any, as_json: bool) -> None:
     """Print the estimate (a table, or JSON with byte figures) and exit: 0 when it fits
     this machine, 1 (`no_worker_fits`) when it does not."""
     from hcnr_core import HCNRError
@@ -84,8 +84,8 @@ def estimate_and_exit(method: str, cfg: Any, inputs: Any, as_json: bool) -> None
             if path is not None:
                 samples = load_jsonl(path)
                 sets[name] = est.tokens_from_tokenizer(tokenizer, samples, cfg.max_seq_len)
-        machine = est.this_machine(cfg.device, layerwise=method == "hcnr")
-        estimate = est.estimate_repair(shapes, cfg, sets, method, [machine])
+        machine = est.this_machine(options.device, layerwise=method == "hcnr")
+        estimate = est.estimate_repair(shapes, cfg, sets, method, [machine], options)
     except HCNRError as exc:
         fail(exc)
     typer.echo(json.dumps(estimate.to_dict()) if as_json else _table(estimate))

@@ -33,11 +33,12 @@ from hcnr_cli.common import (
     fail,
     parse_settings,
     quiet_libraries,
+    spec_and_options,
     summary_of,
     validate_within_limits,
 )
 from hcnr_cli.config_flags import config_flags
-from hcnr_core.config import RUN_OPTIONS, RepairConfig
+from hcnr_core.config import RepairConfig, RunOptions
 
 app = typer.Typer(
     name="hcnr",
@@ -48,7 +49,8 @@ app = typer.Typer(
 
 
 @app.command()
-@config_flags(RepairConfig, panels={"HCNR run options": RUN_OPTIONS}, main="HCNR options")
+@config_flags(RunOptions, main="Run options")
+@config_flags(RepairConfig, main="HCNR options")
 def repair(
     base: Annotated[Path, typer.Option(help="Base (pre-trained/aligned) model directory")],
     finetuned: Annotated[
@@ -74,11 +76,18 @@ def repair(
         typer.Option(help="auto: validation JSONL [carved from --honesty and --task]"),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="YAML/JSON config of the method; flags override it")
+        Path | None,
+        typer.Option(
+            help="YAML/JSON config of the method (run options may sit beside its fields "
+            "under their names); flags override it"
+        ),
     ] = None,
     settings: Annotated[
         list[str],
-        typer.Option("--set", help="KEY=VALUE of the method's config (e.g. lr=1e-3), repeatable"),
+        typer.Option(
+            "--set",
+            help="KEY=VALUE of the method's config or a run option (e.g. lr=1e-3), repeatable",
+        ),
     ] = [],  # noqa: B006
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
     estimate: Annotated[
@@ -103,7 +112,8 @@ def repair(
     """Repair a fine-tuned model's honesty with METHOD and write the checkpoint to OUT.
 
     HCNR restores honesty-critical columns (its options below, generated from
-    `RepairConfig`); `--method rait|dpo|auto` takes its options with --set or --config."""
+    `RepairConfig`); `--method rait|dpo|auto` takes its options with --set or --config. The
+    run options (from `RunOptions`) say how any method runs, as far as it runs with them."""
     from pydantic import ValidationError
 
     from hcnr_core import HCNRError
@@ -116,28 +126,26 @@ def repair(
     try:
         spec = get_method(method)
         if method != "hcnr":
-            foreign = sorted(k for k in overrides if k not in SHARED_FLAGS)
+            foreign = sorted(
+                k for k in overrides if k not in SHARED_FLAGS and k not in RunOptions.model_fields
+            )
             if foreign:
                 names = ", ".join("--" + k.replace("_", "-") for k in foreign)
                 raise ValueError(f"{names}: HCNR options; {method} takes --set KEY=VALUE")
-        overrides.update(parse_settings(settings))
-        if config:
-            cfg = spec.config_type.from_file(config, **overrides)
-        else:
-            cfg = spec.make_config(overrides)
+        cfg, options = spec_and_options(spec, config, overrides, parse_settings(settings))
     except (ValidationError, ValueError, OSError, HCNRError) as exc:
         fail(exc)
     try:
         if not estimate:  # an estimate may be for devices this machine lacks
-            resolve_devices(cfg.device)  # before reading any data
+            resolve_devices(options.device)  # before reading any data
     except HCNRError as exc:
         fail(exc)
     inputs = MethodInputs(base, finetuned, honesty, task, validation)
-    validate_within_limits(method, cfg, inputs)
+    validate_within_limits(method, cfg, options, inputs)
     if estimate:  # nothing is loaded or written: headers, tokenizer and the models
         from hcnr_cli.estimate_cmd import estimate_and_exit
 
-        estimate_and_exit(method, cfg, inputs, as_json)
+        estimate_and_exit(method, cfg, options, inputs, as_json)
     if out is None:
         fail(ValueError("--out is required (except with --estimate)"))
     integrations = tracking_opts.integrations_of(
@@ -145,15 +153,15 @@ def repair(
     )
     check_eval_file(eval_file)
     hub_target = hub_opts.target_of(push_to_hub, hub_private)  # token and id: before work
-    tracking = tracking_opts.start(integrations, method, cfg, inputs, out)
+    tracking = tracking_opts.start(integrations, method, cfg, options, inputs, out)
     try:
         with ProgressPrinter(enabled=not no_progress and sys.stderr.isatty()) as bar:
-            report = spec.run(cfg, inputs, out, progress=tracking.progress(bar))
+            report = spec.run(cfg, inputs, out, options=options, progress=tracking.progress(bar))
     except HCNRError as exc:
         tracking.finish("failed")
         fail(exc)
     if eval_file is not None:
-        evaluate_into_card(method, spec, cfg, inputs, out, report, eval_file)
+        evaluate_into_card(method, spec, cfg, options, inputs, out, report, eval_file)
     tracked = tracking_opts.finish(tracking, report, out, spec.report_name)
     summary = summary_of(method, out, report)
     if tracked:

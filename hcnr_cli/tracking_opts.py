@@ -92,7 +92,9 @@ def _first_error(exc: Any) -> str:
     return f"{where}: {first['msg']}" if where else first["msg"]
 
 
-def start(integrations: list[Any], method: str, cfg: Any, inputs: Any, out: Path) -> Any:
+def start(
+    integrations: list[Any], method: str, cfg: Any, options: Any, inputs: Any, out: Path
+) -> Any:
     """The started `Tracking` (a no-op without integrations); failures only warn."""
     from hcnr_core import __version__
     from hcnr_core.tracking import Tracking
@@ -102,7 +104,7 @@ def start(integrations: list[Any], method: str, cfg: Any, inputs: Any, out: Path
 
     params = {
         "method": method,
-        "config": cfg.model_dump(),
+        "config": options.recorded(cfg),
         "inputs": {
             "base": text(inputs.base),
             "finetuned": text(inputs.finetuned),

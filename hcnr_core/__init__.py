@@ -5,7 +5,7 @@ Tensors and files in, tensors and files out. Never imports the service (api/work
 
 __version__ = "0.1.0"
 
-from hcnr_core.config import RepairConfig
+from hcnr_core.config import RepairConfig, RunOptions
 from hcnr_core.errors import HCNRError
 
-__all__ = ["HCNRError", "RepairConfig", "__version__"]
+__all__ = ["HCNRError", "RepairConfig", "RunOptions", "__version__"]

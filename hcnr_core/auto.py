@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from hcnr_core import __version__
 from hcnr_core.card import CardInputs, hyperparameters, write_card
-from hcnr_core.config import AutoCandidate, AutoConfig
+from hcnr_core.config import AutoCandidate, AutoConfig, RunOptions
 from hcnr_core.data import Sample, load_jsonl
 from hcnr_core.errors import (
     DataValidationError,
@@ -49,7 +49,14 @@ from hcnr_core.errors import (
     NoAcceptableCandidateError,
     RepairCancelled,
 )
-from hcnr_core.methods import METHODS, MethodInputs, Progress, ShouldCancel, require_inputs
+from hcnr_core.methods import (
+    METHODS,
+    MethodInputs,
+    Progress,
+    ShouldCancel,
+    options_for,
+    require_inputs,
+)
 from hcnr_core.progress import ProgressEvent
 from hcnr_core.writer import StagedOutput, check_output_dir
 
@@ -146,12 +153,19 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
 # --- candidates ----------------------------------------------------------------------------
 
 
-def candidate_config(candidate: AutoCandidate, config: AutoConfig) -> Any:
+def candidate_config(
+    candidate: AutoCandidate, config: AutoConfig, options: RunOptions | None = None
+) -> Any:
+    """The candidate's spec; with `options`, also refused when its method cannot run with
+    them (RAIT/DPO on several devices)."""
     values = {k: getattr(config, k) for k in INHERITED}
     values.update(candidate.hyperparameters)
     try:
-        return METHODS[candidate.method].make_config(values, device=config.device)
-    except (ValidationError, ValueError) as exc:
+        spec = METHODS[candidate.method].make_config(values)
+        if options is not None:
+            options.check_for(type(spec))
+        return spec
+    except (ValidationError, ValueError, InvalidConfigError) as exc:
         raise InvalidConfigError(f"candidate {candidate.name!r}: {exc}") from exc
 
 
@@ -217,17 +231,20 @@ class AutoMethod:
     name, title, report_name = "auto", "auto (measured choice)", REPORT_NAME
     config_type = AutoConfig
 
-    def make_config(self, values: dict[str, Any], **run_options: Any) -> AutoConfig:
-        return AutoConfig(**{**values, **run_options})
+    def make_config(self, values: dict[str, Any]) -> AutoConfig:
+        return AutoConfig(**values)
 
-    def check(self, config: AutoConfig, inputs: MethodInputs) -> list[str]:
+    def check(
+        self, config: AutoConfig, inputs: MethodInputs, options: RunOptions | None = None
+    ) -> list[str]:
+        options = options_for(config, options)
         parts = split(config, inputs)
         warnings: list[str] = list(parts["warnings"])
         checked: set[str] = set()
         for candidate in config.tried():
-            method_config = candidate_config(candidate, config)
+            method_config = candidate_config(candidate, config, options)
             if candidate.method not in checked:  # the data and checkpoints, once per method
-                warnings += METHODS[candidate.method].check(method_config, parts["inputs"])
+                warnings += METHODS[candidate.method].check(method_config, parts["inputs"], options)
                 checked.add(candidate.method)
         return warnings
 
@@ -237,30 +254,33 @@ class AutoMethod:
         inputs: MethodInputs,
         out: str | Path,
         *,
+        options: RunOptions | None = None,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
         cache: dict | None = None,
     ) -> dict[str, Any]:
+        options = options_for(config, options)  # every candidate runs with these
         out = Path(out)
         check_output_dir(out)
         started = time.monotonic()
         parts = split(config, inputs)
         candidates = config.tried()
-        configs = [candidate_config(c, config) for c in candidates]  # all valid before work
+        # all valid before work
+        configs = [candidate_config(c, config, options) for c in candidates]
         work = out.parent / f".{out.name}.auto-{uuid.uuid4().hex[:12]}"
         work.mkdir(parents=True)
         run = _AutoRun(progress, should_cancel, len(candidates))
         try:
             run.stage("validate_reference", 0)
             reference = {
-                name: _evaluate(model, base, parts["validation"], config)
+                name: _evaluate(model, base, parts["validation"], config, options)
                 for name, model, base in (
                     ("finetuned", inputs.finetuned, inputs.base),
                     ("base", inputs.base, None),
                 )
             }
             rows = self._candidates(
-                candidates, configs, parts, reference, config, work, run, started, cache
+                candidates, configs, parts, reference, config, options, work, run, started, cache
             )
             floor = reference["finetuned"]["refusal_f1"] if config.require_improvement else None
             chosen, reason = choose(rows, config.max_domain_drop, floor)
@@ -281,7 +301,7 @@ class AutoMethod:
                 "method": "auto",
                 "hcnr_version": __version__,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "config": config.model_dump(),
+                "config": options.recorded(config),
                 "validation": parts["summary"],
                 "reference": reference,
                 "candidates": rows,
@@ -305,6 +325,7 @@ class AutoMethod:
         parts: dict[str, Any],
         reference: dict[str, dict[str, Any]],
         config: AutoConfig,
+        options: RunOptions,
         work: Path,
         run: _AutoRun,
         started: float,
@@ -333,12 +354,15 @@ class AutoMethod:
                     method_config,
                     parts["inputs"],
                     work / candidate.name,
+                    options=options,
                     progress=run.inner(order),
                     should_cancel=run.should_cancel,
                     cache=cache,
                 )
                 run.stage(f"validate_{order + 1}", order + 1.9)
-                metrics = _evaluate(work / candidate.name, None, parts["validation"], config)
+                metrics = _evaluate(
+                    work / candidate.name, None, parts["validation"], config, options
+                )
             except RepairCancelled:
                 raise
             except HCNRError as exc:  # one candidate failing does not sink the others
@@ -370,14 +394,18 @@ def _recovery(metrics: dict[str, Any], reference: dict[str, dict[str, Any]]) -> 
 
 
 def _evaluate(
-    model_dir: Any, base_dir: Any, validation: dict[str, list[Sample]], config: AutoConfig
+    model_dir: Any,
+    base_dir: Any,
+    validation: dict[str, list[Sample]],
+    config: AutoConfig,
+    options: RunOptions,
 ) -> dict[str, Any]:
     """Refusal F1 and domain accuracy on the validation split (greedy)."""
     import torch
 
     from hcnr_core.evaluation import GenerationSettings, evaluate_samples, load_for_eval
 
-    device = config.device.split(",")[0]
+    device = options.device.split(",")[0]
     model, tokenizer = load_for_eval(model_dir, base_dir, device)
     try:
         settings = GenerationSettings(config.batch_size, config.max_new_tokens, config.max_seq_len)

@@ -5,7 +5,8 @@ merged into its base first), merge it and write a full checkpoint through the st
 writer, so the output loads with `from_pretrained` like a repaired one:
 
     report = train_rait("base/", "finetuned-adapter/", "honesty.jsonl", "rait/", RaitConfig())
-    report = train_dpo("base/", "finetuned-adapter/", "honesty.jsonl", "dpo/", DpoConfig())
+    report = train_dpo("base/", "finetuned-adapter/", "honesty.jsonl", "dpo/", DpoConfig(),
+                       options=RunOptions(device="cuda:0", threads=1))
 
 - RAIT (refusal-aware instruction tuning, R-Tuning style): supervised fine-tuning on the
   honesty set itself — refusals for unanswerable prompts, gold answers for answerable
@@ -104,7 +105,7 @@ from hcnr_core.checkpoint import (
     load_tokenizer,
     resolve_adapter_base,
 )
-from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig
+from hcnr_core.config import BaselineConfig, DpoConfig, RaitConfig, RunOptions
 from hcnr_core.data import Sample, encode_sample, encode_samples, load_jsonl
 from hcnr_core.errors import CheckpointError, DataValidationError, HCNRError, RepairCancelled
 from hcnr_core.evaluation import GenerationSettings, RefusalDetector, generate
@@ -246,11 +247,11 @@ def _compute_dtype(config: BaselineConfig, info: CheckpointInfo) -> torch.dtype:
     return compute_dtype(config.dtype, info)
 
 
-def _load_finetuned(prep: _Loaded, config: BaselineConfig) -> tuple[Any, Any]:
+def _load_finetuned(prep: _Loaded, config: BaselineConfig, device: str) -> tuple[Any, Any]:
     """The fine-tuned model (adapter merged) in the compute dtype, and its stored tensors."""
     if prep.finetuned.kind == "full":
         dtype = _compute_dtype(config, prep.finetuned)
-        return load_model(prep.finetuned, dtype, config.device), prep.finetuned.source()
+        return load_model(prep.finetuned, dtype, device), prep.finetuned.source()
     assert prep.base is not None
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
         warnings.simplefilter("ignore", FutureWarning)
@@ -258,7 +259,7 @@ def _load_finetuned(prep: _Loaded, config: BaselineConfig) -> tuple[Any, Any]:
     state = merged.state_dict()
     # Stored-dtype CPU tensors, taken before `.to()` gives the model new ones.
     source = DictSource({k: state[k] for k in prep.base.source().keys()})
-    return merged.to(dtype=_compute_dtype(config, prep.base), device=config.device), source
+    return merged.to(dtype=_compute_dtype(config, prep.base), device=device), source
 
 
 def _attach_lora(model: Any, config: BaselineConfig) -> Any:
@@ -375,7 +376,9 @@ def lr_factor(step: int, steps: int, warmup: float) -> float:
     return 1.0 - 0.9 * (step - warm) / max(1, steps - warm)
 
 
-def _training_args(cls: Any, config: BaselineConfig, steps: int, scratch: str, **extra: Any):
+def _training_args(
+    cls: Any, config: BaselineConfig, device: str, steps: int, scratch: str, **extra: Any
+):
     """`cls` (SFTConfig, DPOConfig) for `steps` optimizer steps of the baseline's config."""
     return cls(
         output_dir=scratch,
@@ -386,7 +389,7 @@ def _training_args(cls: Any, config: BaselineConfig, steps: int, scratch: str, *
         max_grad_norm=1.0,
         seed=config.seed,
         data_seed=config.seed,
-        use_cpu=config.device == "cpu",
+        use_cpu=device == "cpu",
         logging_steps=1,
         logging_nan_inf_filter=False,  # a diverged loss must reach the callback
         save_strategy="no",
@@ -433,7 +436,7 @@ def _callback(run: _Run, keys: dict[str, str]) -> tuple[Any, dict[str, list[floa
 
 
 @contextmanager
-def _trainer_context(config: BaselineConfig) -> Iterator[str]:
+def _trainer_context(device: str) -> Iterator[str]:
     """A scratch output_dir; no progress bars or log lines from datasets, TRL or the
     Trainer (ours are the progress); `cuda:N` as the current CUDA device, since the
     Trainer places the model on `cuda`."""
@@ -449,8 +452,8 @@ def _trainer_context(config: BaselineConfig) -> Iterator[str]:
         if "TQDM_DISABLE" not in os.environ:  # TRL's reference pass reads only this
             os.environ["TQDM_DISABLE"] = "1"
             stack.callback(os.environ.pop, "TQDM_DISABLE", None)
-        if config.device.startswith("cuda:"):
-            stack.enter_context(torch.cuda.device(int(config.device[5:])))
+        if device.startswith("cuda:"):
+            stack.enter_context(torch.cuda.device(int(device[5:])))
         yield scratch
 
 
@@ -528,14 +531,16 @@ def _merge_and_write(
     return report
 
 
-def _report_head(method: str, prep: _Loaded, config: BaselineConfig, trainable: int) -> dict:
+def _report_head(
+    method: str, prep: _Loaded, config: BaselineConfig, options: RunOptions, trainable: int
+) -> dict:
     return {
         "format_version": 1,
         "method": method,
         "hcnr_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": prep.inputs,
-        "config": config.model_dump(),
+        "config": options.recorded(config),
         "samples_used": len(prep.samples),
         "n_answerable": sum(bool(s.answerable) for s in prep.samples),
         "n_unanswerable": sum(s.answerable is False for s in prep.samples),
@@ -569,6 +574,7 @@ def train_rait(
     out: str | Path,
     config: RaitConfig | None = None,
     *,
+    options: RunOptions | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     columns: Mapping[str, Sequence[int]] | None = None,
@@ -581,9 +587,10 @@ def train_rait(
     gradient, so ΔW = B·(A⊙M) is zero in every other column. AdamW moves a parameter whose
     gradient and moments are zero by exactly zero (and weight decay keeps zero at zero)."""
     config = config or RaitConfig()
+    options = (options or RunOptions()).check_for(RaitConfig)
     run = _Run("rait", progress, should_cancel)
-    with _torch_threads(config.threads):
-        return _rait(base, finetuned, honesty, Path(out), config, run, columns)
+    with _torch_threads(options.threads):
+        return _rait(base, finetuned, honesty, Path(out), config, options, run, columns)
 
 
 def restored_columns(report: str | Path | Mapping[str, Any]) -> dict[str, list[int]]:
@@ -614,6 +621,7 @@ def _rait(
     honesty: str | Path | Sequence[Sample],
     out: Path,
     config: RaitConfig,
+    options: RunOptions,
     run: _Run,
     columns: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Any]:
@@ -630,7 +638,7 @@ def _rait(
     torch.manual_seed(config.seed)
 
     run.enter("load")
-    model, ft_source = _load_finetuned(prep, config)
+    model, ft_source = _load_finetuned(prep, config, options.device)
     encoded = encode_samples(prep.tokenizer, prep.samples, config.max_seq_len)
     model = _attach_lora(model, config)
     if columns is not None:
@@ -647,9 +655,15 @@ def _rait(
             "completion_mask": [[0] * s.prompt_len + [1] * s.response_len for s in encoded],
         }
     )
-    with _trainer_context(config) as scratch:
+    with _trainer_context(options.device) as scratch:
         args = _training_args(
-            SFTConfig, config, steps, scratch, max_length=None, completion_only_loss=True
+            SFTConfig,
+            config,
+            options.device,
+            steps,
+            scratch,
+            max_length=None,
+            completion_only_loss=True,
         )
         trainer = SFTTrainer(
             model=model,
@@ -662,7 +676,7 @@ def _rait(
         _train(trainer)
     run.leave()
 
-    report = _report_head("rait", prep, config, trainable)
+    report = _report_head("rait", prep, config, options, trainable)
     report.update({"steps": steps, **logged})
     if columns is not None:
         report["confined_to_columns"] = {
@@ -719,16 +733,18 @@ def train_dpo(
     out: str | Path,
     config: DpoConfig | None = None,
     *,
+    options: RunOptions | None = None,
     detector: RefusalDetector | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """DPO of a LoRA on IDK preference pairs, merged and published at `out`."""
     config = config or DpoConfig()
+    options = (options or RunOptions()).check_for(DpoConfig)
     detector = detector or RefusalDetector()
-    with _torch_threads(config.threads):
+    with _torch_threads(options.threads):
         run = _Run("dpo", progress, should_cancel)
-        return _dpo(base, finetuned, honesty, Path(out), config, detector, run)
+        return _dpo(base, finetuned, honesty, Path(out), config, options, detector, run)
 
 
 def _dpo(
@@ -737,6 +753,7 @@ def _dpo(
     honesty: str | Path | Sequence[Sample],
     out: Path,
     config: DpoConfig,
+    options: RunOptions,
     detector: RefusalDetector,
     run: _Run,
 ) -> dict[str, Any]:
@@ -747,7 +764,7 @@ def _dpo(
     torch.manual_seed(config.seed)
 
     run.enter("load")
-    model, ft_source = _load_finetuned(prep, config)
+    model, ft_source = _load_finetuned(prep, config, options.device)
     run.leave()
 
     run.enter("generate_rejected")
@@ -792,10 +809,11 @@ def _dpo(
         },
     )
     rpo = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.rpo_alpha]}
-    with _trainer_context(config) as scratch:
+    with _trainer_context(options.device) as scratch:
         args = _training_args(
             DPOConfig,
             config,
+            options.device,
             steps,
             scratch,
             beta=config.beta,
@@ -819,7 +837,7 @@ def _dpo(
         _train(trainer)
     run.leave()
 
-    report = _report_head("dpo", prep, config, trainable)
+    report = _report_head("dpo", prep, config, options, trainable)
     report.update(
         {
             "steps": steps,

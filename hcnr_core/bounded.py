@@ -125,10 +125,11 @@ def stop_children() -> None:
 # --- what the child runs -------------------------------------------------------------------
 
 
-def validate_inputs(method: str, config: Any, inputs: Any) -> list[str]:
-    """Every check of `method` that needs no weights, plus the data limits (bytes,
-    samples, tokens) for methods whose `check` does not apply them itself (HCNR's
-    `prepare` does). Returns the warnings."""
+def validate_inputs(method: str, config: Any, inputs: Any, options: Any = None) -> list[str]:
+    """Every check of `method` that needs no weights (with its `RunOptions`: layer by
+    layer needs a Llama-like layout), plus the data limits (bytes, samples, tokens) for
+    methods whose `check` does not apply them itself (HCNR's `prepare` does). Returns the
+    warnings."""
     from hcnr_core.registry import get_method
 
     limits = current_limits()
@@ -140,7 +141,7 @@ def validate_inputs(method: str, config: Any, inputs: Any) -> list[str]:
     from hcnr_core.limits import check_data_bytes
 
     check_data_bytes(paths, limits)
-    warnings = list(get_method(method).check(config, inputs))
+    warnings = list(get_method(method).check(config, inputs, options))
     if method != "hcnr":
         _check_other_data(inputs, limits)
     return warnings
@@ -327,7 +328,13 @@ def _died(exitcode: int | None, limits: Limits) -> HCNRError:
 
 
 def validate_bounded(
-    method: str, config: Any, inputs: Any, limits: Limits | None = None, *, fork: bool = False
+    method: str,
+    config: Any,
+    inputs: Any,
+    limits: Limits | None = None,
+    *,
+    fork: bool = False,
+    options: Any = None,
 ) -> Any:
     """`validate_inputs` under the limits: the warnings, or the check's error."""
-    return run_bounded(validate_inputs, (method, config, inputs), limits, fork=fork)
+    return run_bounded(validate_inputs, (method, config, inputs, options), limits, fork=fork)

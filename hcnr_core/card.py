@@ -75,10 +75,12 @@ def shown(reference: str | None) -> str | None:
 
 
 def hyperparameters(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The report's config without its run options (`hcnr_core.config.RUN_OPTIONS`)."""
-    from hcnr_core.config import RUN_OPTIONS
+    """The spec's hyper-parameters in the report's config, without the run options it also
+    records (`hcnr_core.config.RunOptions.recorded`)."""
+    from hcnr_core.config import RunOptions
 
-    return {k: v for k, v in (report.get("config") or {}).items() if k not in RUN_OPTIONS}
+    options = RunOptions.model_fields
+    return {k: v for k, v in (report.get("config") or {}).items() if k not in options}
 
 
 def hub_model_id(reference: str | None) -> str | None:

@@ -1,4 +1,5 @@
-"""Validated, frozen configuration of every repair method: HCNR (DESIGN.md §2), RAIT, DPO.
+"""Validated, frozen configuration of every repair method: HCNR (DESIGN.md §2), RAIT, DPO,
+auto — and, apart from them, the options of how a repair runs (`RunOptions`).
 
 Torch-free, so that schemas and clients can import it without the compute stack.
 """
@@ -9,13 +10,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import Self
 
 from hcnr_core.devices import parse_devices
+from hcnr_core.errors import InvalidConfigError
 
 Compensation = Literal["paper", "exact", "task_aware", "none"]
 Selection = Literal["hcnr", "random", "honesty_only"]
@@ -27,32 +29,126 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 # embeddings or lm_head, which live outside `layers.N`.
 DEFAULT_TARGET_MODULES = r"(^|\.)layers\.\d+\..+"
 
-# How to run, not what to compute (mergekit's options vs configuration): the fields of
-# every method's config that never change what is computed, only where and within what
-# memory. A service's worker decides them (the API never takes them from a client); the
-# CLI shows them apart from the method's spec.
-RUN_OPTIONS = frozenset({"device", "threads", "hessian_budget_mb", "layerwise"})
+
+class RunOptions(BaseModel):
+    """How a repair runs, not what it computes (mergekit's `MergeOptions` beside its
+    `MergeConfiguration`): every method takes these beside its spec (`RepairConfig`,
+    `RaitConfig`, `DpoConfig`, `AutoConfig`). A service's worker decides them (the API
+    never takes them from a client); the CLI shows them in their own panel.
+
+    What stays in the specs although it looks like "how": `dtype` (bfloat16 and float32
+    give different weights), `max_seq_len` (cuts prompts, so changes what the Fisher,
+    the Hessians and the LoRA see) and `batch_size` (the baselines' optimizer step; HCNR's
+    padding and summation order) change the numbers a repair publishes, so they are
+    hyper-parameters a client chooses and a report must be reproducible from. The options
+    here change only where the work runs and within what memory: the same spec gives the
+    same checkpoint with any of them, up to float summation order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: str = Field(
+        "cpu",
+        description="cpu, cuda, cuda:N or mps; HCNR also runs replicas on several GPUs: "
+        "cuda:0,cuda:1",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads during the run [torch's default] (RAIT and DPO); tiny "
+        "models train fastest on one thread on a busy machine",
+    )
+    hessian_budget_mb: int = Field(
+        4096,
+        ge=1,
+        description="Max memory of Hessians held at once; more means fewer passes (HCNR)",
+    )
+    layerwise: bool = Field(
+        False, description="One decoder block on the device at a time (models > GPU memory; HCNR)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, value: str) -> str:
+        return ",".join(parse_devices(value))
+
+    def check_for(self, spec: type[FileConfig]) -> Self:
+        """These options, refused (InvalidConfigError) where the spec's method cannot run
+        them: an option it does not honour set away from its default (silently ignoring
+        `--layerwise` on RAIT would mislead), or several devices for a one-device method."""
+        unused = [
+            name
+            for name, info in RunOptions.model_fields.items()
+            if name not in spec.run_options and getattr(self, name) != info.default
+        ]
+        if unused:
+            raise InvalidConfigError(
+                f"run option {', '.join(unused)} does not apply to {spec.__name__} (its "
+                f"method runs with {', '.join(spec.run_options)} only)"
+            )
+        if spec.one_device and "," in self.device:
+            raise InvalidConfigError(
+                "RAIT and DPO train on one device; name one (cpu, cuda:N, mps)"
+            )
+        return self
+
+    def recorded(self, spec: FileConfig) -> dict[str, Any]:
+        """What a report and a tracker record of a run: the spec's fields and the run
+        options its method honours (the keys the configs held before the options moved
+        out of them, so reports read the same)."""
+        return {**spec.model_dump(), **self.model_dump(include=set(spec.run_options))}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON config file (spec fields, and for the CLI run options
+    under their own names: `split_run_options`)."""
+    text = Path(path).read_text(encoding="utf-8")
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def split_run_options(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(spec values, run option values) of one mapping (a `--config` file, `--set` pairs)."""
+    options = {k: v for k, v in values.items() if k in RunOptions.model_fields}
+    return {k: v for k, v in values.items() if k not in options}, options
 
 
 class FileConfig(BaseModel):
-    """A frozen config that also loads from a YAML or JSON file."""
+    """A frozen spec of what a method computes that also loads from a YAML or JSON file."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The `RunOptions` fields the method runs with; the rest must keep their defaults.
+    run_options: ClassVar[tuple[str, ...]] = ("device",)
+    one_device: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_run_options(cls, data: Any) -> Any:
+        # The specs held device, threads, hessian_budget_mb and layerwise before
+        # RunOptions; a caller still passing one learns where it went, not "extra inputs".
+        if isinstance(data, dict):
+            moved = [name for name in RunOptions.model_fields if name in data]
+            if moved:
+                raise ValueError(
+                    f"{', '.join(moved)}: a run option, no longer part of {cls.__name__}; "
+                    f"pass hcnr_core.config.RunOptions({moved[0]}=...) beside the config"
+                )
+        return data
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> Self:
         """Load from YAML or JSON; `overrides` (e.g. CLI flags) win over the file."""
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-        return cls(**{**data, **overrides})
+        return cls(**{**read_config_file(path), **overrides})
 
 
 class RepairConfig(FileConfig):
     """Hyper-parameters of a repair. Immutable; unknown keys are rejected."""
+
+    run_options: ClassVar[tuple[str, ...]] = ("device", "hessian_budget_mb", "layerwise")
 
     r_iw: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of input columns per matrix")
     r_cw: float = Field(0.4, ge=0.0, le=1.0, description="Fraction of target matrices restored")
@@ -89,10 +185,6 @@ class RepairConfig(FileConfig):
     dtype: DType = Field(
         "auto", description="Compute dtype of forward/backward passes; auto = the base's stored"
     )
-    device: str = Field(
-        "cpu",
-        description="cpu, cuda, cuda:N, mps, or GPUs to run replicas on: cuda:0,cuda:1",
-    )
     max_seq_len: int = Field(
         512,
         ge=8,
@@ -101,23 +193,12 @@ class RepairConfig(FileConfig):
         "response is refused",
     )
     batch_size: int = Field(8, ge=1, le=1024, description="Batch size of forward-only passes")
-    hessian_budget_mb: int = Field(
-        4096, ge=1, description="Max memory of Hessians held at once; more means fewer passes"
-    )
-    layerwise: bool = Field(
-        False, description="One decoder block on the device at a time (models > GPU memory)"
-    )
     target_modules: str = Field(
         DEFAULT_TARGET_MODULES, description="Regex searched in nn.Linear module names"
     )
     check_adapter_base_name: bool = Field(
         True, description="Require the adapter's base_model_name_or_path to name the base"
     )
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        return ",".join(parse_devices(value))
 
     @field_validator("target_modules")
     @classmethod
@@ -147,6 +228,9 @@ LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 class BaselineConfig(FileConfig):
     """Shared by both baselines. Immutable; unknown keys are rejected."""
 
+    run_options: ClassVar[tuple[str, ...]] = ("device", "threads")
+    one_device: ClassVar[bool] = True  # RAIT/DPO train one model
+
     lr: float = Field(1e-3, gt=0.0, description="Peak AdamW learning rate of the LoRA")
     steps: int | None = Field(
         60, ge=1, le=1_000_000, description="Optimizer steps (or give epochs)"
@@ -166,29 +250,13 @@ class BaselineConfig(FileConfig):
     )
     seed: int = Field(0, ge=0)
     max_seq_len: int = Field(512, ge=8, le=131072)
-    device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Compute dtype while training; auto = the stored dtype"
     )
     n_samples: int | None = Field(
         None, ge=1, description="Use a seeded, answerable-stratified subset (data-size sweeps)"
     )
-    threads: int | None = Field(
-        None,
-        ge=1,
-        description="torch CPU threads during the run [torch's default]; tiny "
-        "models train fastest on one thread on a busy machine",
-    )
     check_adapter_base_name: bool = True
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        # The repair's rules (`parse_devices`), then one device: RAIT/DPO train one model.
-        devices = parse_devices(value)
-        if len(devices) > 1:
-            raise ValueError("RAIT and DPO train on one device; name one (cpu, cuda:N, mps)")
-        return devices[0]
 
     @field_validator("lora_targets")
     @classmethod
@@ -327,6 +395,10 @@ class AutoConfig(FileConfig):
     honest one (refusal F1) that loses at most `max_domain_drop` points of domain accuracy
     against the fine-tuned model on the same split."""
 
+    # The device is every candidate's; the other options keep their defaults, as before
+    # they moved out of the specs (a candidate's hyper-parameters are a spec's).
+    run_options: ClassVar[tuple[str, ...]] = ("device",)
+
     candidates: list[AutoCandidate] | None = Field(
         None, max_length=32, description="Candidates in order [DEFAULT_CANDIDATES]"
     )
@@ -351,15 +423,9 @@ class AutoConfig(FileConfig):
     )
     max_new_tokens: int = Field(32, ge=1, le=512, description="Greedy tokens per answer")
     seed: int = Field(0, ge=0)
-    device: str = "cpu"
     dtype: DType = "auto"
     max_seq_len: int = Field(512, ge=8, le=131072)
     batch_size: int = Field(8, ge=1, le=1024, description="Batch size of generation")
-
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, value: str) -> str:
-        return ",".join(parse_devices(value))
 
     @model_validator(mode="after")
     def _unique_names(self) -> AutoConfig:

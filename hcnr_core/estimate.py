@@ -7,7 +7,7 @@ API can answer in a request.
 
     shapes = read_shapes(base_dir, finetuned_dir)            # headers only
     data = {"honesty": tokens_from_bytes(128, 40_000, 512), ...}
-    estimate = estimate_repair(shapes, config, data, "hcnr", workers)
+    estimate = estimate_repair(shapes, config, data, "hcnr", workers, RunOptions(device="cuda"))
 
 Notation: P the base's parameters (an adapter is merged into the base, so the model in
 memory has P parameters), b the compute dtype's bytes, T a data set's tokens (prompt +
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hcnr_core.config import RunOptions
 from hcnr_core.errors import CheckpointError, HCNRError, UnsafeCheckpointError
 from hcnr_core.formats import (
     ADAPTER_CONFIG,
@@ -572,10 +573,15 @@ def verdict(
 
 
 def _memory(
-    shapes: Shapes, config: Any, method: str, sets: Mapping[str, DataSize], devices: list[str]
+    shapes: Shapes,
+    config: Any,
+    options: RunOptions,
+    method: str,
+    sets: Mapping[str, DataSize],
 ) -> tuple[ModeMemory, ModeMemory | None]:
     """Whole-model and layer-by-layer peaks of one method's config."""
     b = dtype_bytes(getattr(config, "dtype", "float32"), shapes)
+    devices = options.device.split(",")
     p = shapes.parameters
     gpu = any(d.startswith(("cuda", "mps")) for d in devices)
     cpu_replicas = 1 if gpu else len(devices)
@@ -588,7 +594,7 @@ def _memory(
         device = p * b + act if gpu else None
         return ModeMemory(int(host), None if device is None else int(device)), None
     groups = hessian_groups(shapes, config.target_modules)
-    budget = config.hessian_budget_mb * 1024**2
+    budget = options.hessian_budget_mb * 1024**2
     factor = 0 if config.compensation == "none" else 2 if config.compensation == "task_aware" else 1
     h_whole = factor * hessian_peak_bytes(groups, budget, layerwise=False)
     h_layer = factor * hessian_peak_bytes(groups, budget, layerwise=True)
@@ -636,15 +642,18 @@ def estimate_repair(
     sets: Mapping[str, DataSize],
     method: str,
     workers: Sequence[Capacity],
+    options: RunOptions | None = None,
 ) -> Estimate:
     """Parameters, tokens, peak memory (both modes), wall time and whether any worker can
-    run it. `config` is the method's library config (device and dtype included); `sets`
-    holds at least "honesty" (and "task" for HCNR)."""
-    devices = config.device.split(",")
+    run it. `config` is the method's spec (dtype included), `options` how it would run
+    (devices, memory budget, layer by layer; default one CPU); `sets` holds at least
+    "honesty" (and "task" for HCNR)."""
+    options = options or RunOptions()
+    devices = options.device.split(",")
     gpu = any(d.startswith(("cuda", "mps")) for d in devices)
     notes: list[str] = []
     parts = _auto_parts(config) if method == "auto" else [(method, config)]
-    memories = [_memory(shapes, c, m, sets, devices) for m, c in parts]
+    memories = [_memory(shapes, c, options, m, sets) for m, c in parts]
     whole = ModeMemory(
         max(w.host_bytes for w, _ in memories),
         None if not gpu else max(w.device_bytes or 0 for w, _ in memories),
@@ -682,14 +691,14 @@ def estimate_repair(
             + (f", divided by {n_gpus} devices (replicas, not measured)" if n_gpus > 1 else "")
         )
         notes.append("device memory is derived from the design (scale.md), not measured")
-    if getattr(config, "layerwise", False) and method == "hcnr":
+    if options.layerwise and method == "hcnr":
         notes.append("layer-by-layer time: measured 0.87-1.29x the whole-model time (20M, 64M)")
     notes.append("host memory: CPU float32 fits over 20M-290M parameters, extrapolated")
     notes.append(
         "wall time: a lower bound for small models and short samples (per-batch costs are "
         "not modelled; toy repairs took 2-7x these CPU seconds, bench/results/estimate.md)"
     )
-    requested = bool(getattr(config, "layerwise", False))
+    requested = options.layerwise
     runnable, needed, refusal = verdict(whole, layerwise, requested, workers)
     return Estimate(
         method=method,

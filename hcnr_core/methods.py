@@ -1,17 +1,19 @@
 """Every repair method behind one seam: what the CLI, a service job and the library run.
 
     method = get_method("rait")                       # "hcnr" | "rait" | "dpo" | "auto"
-    config = method.make_config({"epochs": 1.0}, device="cpu")
-    warnings = method.check(config, inputs)           # no weights loaded
-    report = method.run(config, inputs, out, progress=on_event, should_cancel=stop)
+    config = method.make_config({"epochs": 1.0})      # what to compute
+    options = RunOptions(device="cuda:0")             # how to run it
+    warnings = method.check(config, inputs, options)  # no weights loaded
+    report = method.run(config, inputs, out, options=options, progress=on_event)
 
 Each method takes the same `MethodInputs` (the base, the fine-tune — full or a LoRA
 adapter —, the honesty set and the task set, which only HCNR reads), reports progress as
 `ProgressEvent`s with an overall fraction, stops with `RepairCancelled` when
 `should_cancel()` turns true, and publishes a checkpoint that loads with
 `from_pretrained` plus its JSON report (`report_name`), whose `files` lists every file's
-sha256 and size. The algorithms stay in their modules (`pipeline`, `baselines`); this
-module only adapts them, so a caller never switches on the method's type.
+sha256 and size, and whose `config` records the spec and the run options the method
+honours (`RunOptions.recorded`). The algorithms stay in their modules (`pipeline`,
+`baselines`); this module only adapts them, so a caller never switches on the method's type.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from hcnr_core.config import BaselineConfig, DpoConfig, FileConfig, RaitConfig, RepairConfig
+from hcnr_core.config import (
+    BaselineConfig,
+    DpoConfig,
+    FileConfig,
+    RaitConfig,
+    RepairConfig,
+    RunOptions,
+)
 from hcnr_core.data import Sample
 from hcnr_core.errors import HCNRError
 from hcnr_core.progress import ProgressEvent
@@ -53,11 +62,13 @@ class Method(Protocol):
     report_name: str
     config_type: type[FileConfig]
 
-    def make_config(self, values: dict[str, Any], **run_options: Any) -> Any:
-        """The method's validated, frozen config from user values plus run options
-        (`device`, ...), which win."""
+    def make_config(self, values: dict[str, Any]) -> Any:
+        """The method's validated, frozen spec from user values (no run options: those
+        are `RunOptions`, given to `check` and `run`)."""
 
-    def check(self, config: Any, inputs: MethodInputs) -> list[str]:
+    def check(
+        self, config: Any, inputs: MethodInputs, options: RunOptions | None = None
+    ) -> list[str]:
         """Every check that needs no weights; raises HCNRError, returns warnings."""
 
     def run(
@@ -66,12 +77,19 @@ class Method(Protocol):
         inputs: MethodInputs,
         out: str | Path,
         *,
+        options: RunOptions | None = None,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
         cache: dict | None = None,
     ) -> dict[str, Any]:
-        """Repair and publish `out` atomically; returns the report written there. `cache`
-        is shared by runs on the same inputs (HCNR keeps its Fisher scores there)."""
+        """Repair and publish `out` atomically; returns the report written there. `options`
+        (default `RunOptions()`: one CPU) say how it runs. `cache` is shared by runs on the
+        same inputs (HCNR keeps its Fisher scores there)."""
+
+
+def options_for(config: FileConfig, options: RunOptions | None) -> RunOptions:
+    """`options` (default: one CPU), refused where `config`'s method cannot run them."""
+    return (options or RunOptions()).check_for(type(config))
 
 
 def require_inputs(inputs: MethodInputs, method: str, *names: str) -> None:
@@ -86,14 +104,16 @@ class HCNRMethod:
     name, title, report_name = "hcnr", "HCNR", "hcnr_report.json"
     config_type = RepairConfig
 
-    def make_config(self, values: dict[str, Any], **run_options: Any) -> RepairConfig:
-        return RepairConfig(**{**values, **run_options})
+    def make_config(self, values: dict[str, Any]) -> RepairConfig:
+        return RepairConfig(**values)
 
-    def check(self, config: RepairConfig, inputs: MethodInputs) -> list[str]:
+    def check(
+        self, config: RepairConfig, inputs: MethodInputs, options: RunOptions | None = None
+    ) -> list[str]:
         from hcnr_core.pipeline import RepairPipeline
 
         require_inputs(inputs, self.name, "base", "task")
-        prepared = RepairPipeline(config).prepare(
+        prepared = RepairPipeline(config, options_for(config, options)).prepare(
             inputs.base,  # type: ignore[arg-type]  # checked above
             inputs.finetuned,
             inputs.honesty,
@@ -107,6 +127,7 @@ class HCNRMethod:
         inputs: MethodInputs,
         out: str | Path,
         *,
+        options: RunOptions | None = None,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
         cache: dict | None = None,
@@ -115,7 +136,11 @@ class HCNRMethod:
 
         require_inputs(inputs, self.name, "base", "task")
         pipeline = RepairPipeline(
-            config, progress=progress, should_cancel=should_cancel, fisher_cache=cache
+            config,
+            options_for(config, options),
+            progress=progress,
+            should_cancel=should_cancel,
+            fisher_cache=cache,
         )
         prepared = pipeline.prepare(inputs.base, inputs.finetuned, inputs.honesty, inputs.task)  # type: ignore[arg-type]
         return pipeline.run(prepared, out)
@@ -131,12 +156,15 @@ class BaselineMethod:
     config_type: type[BaselineConfig]
     report_name: str = "baseline_report.json"
 
-    def make_config(self, values: dict[str, Any], **run_options: Any) -> BaselineConfig:
-        return self.config_type(**{**values, **run_options})
+    def make_config(self, values: dict[str, Any]) -> BaselineConfig:
+        return self.config_type(**values)
 
-    def check(self, config: BaselineConfig, inputs: MethodInputs) -> list[str]:
+    def check(
+        self, config: BaselineConfig, inputs: MethodInputs, options: RunOptions | None = None
+    ) -> list[str]:
         from hcnr_core.baselines import check_baseline
 
+        options_for(config, options)  # no weights: the options are only checked
         return check_baseline(self.name, inputs.base, inputs.finetuned, inputs.honesty, config)
 
     def run(
@@ -145,6 +173,7 @@ class BaselineMethod:
         inputs: MethodInputs,
         out: str | Path,
         *,
+        options: RunOptions | None = None,
         progress: Progress | None = None,
         should_cancel: ShouldCancel | None = None,
         cache: dict | None = None,
@@ -158,6 +187,7 @@ class BaselineMethod:
             inputs.honesty,
             out,
             config,  # type: ignore[arg-type]  # the method's own config type
+            options=options_for(config, options),
             progress=progress,
             should_cancel=should_cancel,
         )

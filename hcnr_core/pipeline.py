@@ -42,7 +42,7 @@ from hcnr_core.compensation import (
     prepare_hessian,
     repair_prepared,
 )
-from hcnr_core.config import RepairConfig
+from hcnr_core.config import RepairConfig, RunOptions
 from hcnr_core.data import EncodedSample, Sample, encode_samples, load_jsonl
 from hcnr_core.devices import resolve_devices
 from hcnr_core.errors import (
@@ -165,20 +165,27 @@ class RepairPipeline:
     def __init__(
         self,
         config: RepairConfig,
+        options: RunOptions | None = None,
         progress: Callable[[ProgressEvent], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         fisher_cache: dict[str, dict] | None = None,
         runners: RunnerKind | None = None,
     ):
-        """`fisher_cache`: a dict shared by repairs of the same checkpoints and data with
+        """`options`: how it runs (device, memory budget, layer by layer; default one
+        CPU), apart from `config`, what it computes.
+
+        `fisher_cache`: a dict shared by repairs of the same checkpoints and data with
         different selection/compensation settings (sweeps, candidate grids). The column
         Fisher scores depend only on the model, the data and the compute dtype, so each
         pass runs once per cache; the reused stages report ~0 s.
 
         `runners`: how the forward passes run (`hcnr_core.runners`); by default whole
-        models, or block by block with `config.layerwise`."""
+        models, or block by block with `options.layerwise`."""
         self.config = config
-        self.runners = runners or runner_kind(config.layerwise, config.hessian_budget_mb)
+        self.options = (options or RunOptions()).check_for(RepairConfig)
+        self.runners = runners or runner_kind(
+            self.options.layerwise, self.options.hessian_budget_mb
+        )
         self._progress = progress
         self._should_cancel = should_cancel
         self._fisher_cache = fisher_cache
@@ -242,7 +249,7 @@ class RepairPipeline:
         hon = encode_samples(tokenizer, hon_samples, max_len, hon_meta.get("path") or "honesty")
         tsk = encode_samples(tokenizer, task_samples, max_len, task_meta.get("path") or "task")
         # Block by block (layer by layer, or the sequential calibrations): a Llama-like layout.
-        blockwise = self.config.layerwise or self.config.hessian_inputs != "base"
+        blockwise = self.options.layerwise or self.config.hessian_inputs != "base"
         targets = target_linears(base_info, self.config.target_modules, blockwise)
         inputs = {
             "base": str(base_info.path),
@@ -460,7 +467,7 @@ class RepairPipeline:
         if out is not None:
             check_output_dir(out)
         torch.manual_seed(cfg.seed)
-        self.devices = resolve_devices(cfg.device)
+        self.devices = resolve_devices(self.options.device)
         dtype = self._compute_dtype(prep)
 
         started = self._enter("load_finetuned")
@@ -560,7 +567,7 @@ class RepairPipeline:
             "hcnr_version": __version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs": prep.inputs,
-            "config": self.config.model_dump(),
+            "config": self.options.recorded(self.config),
             "compute_dtype": str(self._compute_dtype(prep)).removeprefix("torch."),
             "n_target_matrices": len(displacements),
             "n_selected_matrices": len(kept),

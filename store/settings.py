@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from hcnr_core.config import RunOptions
 from hcnr_core.limits import Limits
 
 DEFAULT_SECRET = "hcnr-insecure-development-secret"
@@ -216,6 +217,12 @@ class Settings(Limits):
     def limits(self) -> Limits:
         """The work limits of one repair, as the library reads them."""
         return Limits.model_construct(**{name: getattr(self, name) for name in Limits.model_fields})
+
+    @cached_property
+    def run_options(self) -> RunOptions:
+        """How the worker runs every job: its device, the other run options at their
+        defaults. Never a client's to choose: the API's hyper-parameters are the specs."""
+        return RunOptions(device=self.worker_device)
 
     @cached_property
     def db_url(self) -> str:

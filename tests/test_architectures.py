@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hcnr_core.runners as runners_module
 from hcnr_core import RepairConfig
+from hcnr_core.config import RunOptions
 from hcnr_core.data import encode_samples, load_jsonl
 from hcnr_core.errors import UnsupportedArchitectureError
 from hcnr_core.pipeline import RepairPipeline
@@ -201,8 +202,8 @@ def repairs(checkpoints: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
             init(self, *args, **kwargs)
             built.append(self)
 
-        cfg = RepairConfig(compensation=compensation, layerwise=layerwise, r_cw=R_CW[compensation])
-        pipeline = RepairPipeline(cfg)
+        cfg = RepairConfig(compensation=compensation, r_cw=R_CW[compensation])
+        pipeline = RepairPipeline(cfg, RunOptions(layerwise=layerwise))
         prepared = pipeline.prepare(paths["base"], paths[kind], paths["honesty"], paths["task"])
         out = tmp_path_factory.mktemp("-".join(map(str, key))) / "out"
         with mock.patch.object(InputHessians, "__init__", recording):
@@ -451,7 +452,7 @@ def unsupported_config(name: str, vocab_size: int) -> Any:
 )
 def test_unsupported_architecture_is_refused_in_prepare(name, layerwise, says, tmp_path):
     paths = save_tiny(tmp_path, unsupported_config(name, len(build_word_tokenizer(WORDS))))
-    pipeline = RepairPipeline(RepairConfig(layerwise=layerwise))
+    pipeline = RepairPipeline(RepairConfig(), RunOptions(layerwise=layerwise))
     # prepare reads no weights; these would show it did (it must fail before any compute)
     with (
         mock.patch.object(runners_module, "load_model", side_effect=AssertionError),

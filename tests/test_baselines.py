@@ -26,12 +26,15 @@ from hcnr_core.baselines import (
     train_rait,
 )
 from hcnr_core.checkpoint import inspect_checkpoint, load_tokenizer
+from hcnr_core.config import RunOptions
 from hcnr_core.data import Sample, encode_sample, load_jsonl
 from hcnr_core.errors import CheckpointError, DataValidationError, HCNRError, RepairCancelled
 from hcnr_core.evaluation import RefusalDetector, evaluate_model
 from hcnr_core.progress import ProgressEvent
 
-FAST = {"steps": 6, "batch_size": 4, "threads": 1}
+FAST = {"steps": 6, "batch_size": 4}
+# Tiny models train fastest on one thread on a busy machine: a run option, not the spec.
+ONE_THREAD = RunOptions(threads=1)
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -69,8 +72,10 @@ def response_nll(model_dir: Path, samples: list[Sample]) -> float:
 def test_rait_scores_the_response_and_eos_only(toy, tmp_path):
     # One batch holding every sample, LoRA B = 0: the first loss is the fine-tune's own
     # token-mean NLL of the responses + EOS, whatever order the sampler draws.
-    cfg = RaitConfig(steps=1, batch_size=16, threads=1)
-    report = train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg)
+    cfg = RaitConfig(steps=1, batch_size=16)
+    report = train_rait(
+        toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg, options=ONE_THREAD
+    )
     expected = response_nll(toy["full"], load_jsonl(toy["honesty"]))
     assert report["losses"][0] == pytest.approx(expected, rel=1e-5)
 
@@ -78,8 +83,10 @@ def test_rait_scores_the_response_and_eos_only(toy, tmp_path):
 def test_dpo_scores_the_chosen_response_and_eos_only(toy, tmp_path):
     # At step 0 the policy is the reference (DPO term log 2); the RPO term is the chosen
     # responses' token-mean NLL. Every toy pair's chosen response is the sample's own.
-    cfg = DpoConfig(steps=1, batch_size=16, rpo_alpha=1.0, threads=1)
-    report = train_dpo(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg)
+    cfg = DpoConfig(steps=1, batch_size=16, rpo_alpha=1.0)
+    report = train_dpo(
+        toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg, options=ONE_THREAD
+    )
     assert report["pairs"] == {"generated": 16}
     expected = math.log(2) + response_nll(toy["full"], load_jsonl(toy["honesty"]))
     assert report["losses"][0] == pytest.approx(expected, rel=1e-5)
@@ -144,8 +151,10 @@ def test_configs():
         RaitConfig(steps=5, epochs=1)
     with pytest.raises(ValueError):
         DpoConfig(betta=0.1)  # unknown keys are rejected
+    with pytest.raises(ValueError, match="RunOptions"):
+        DpoConfig(device="cpu")  # a run option now: the error says where it went
     with pytest.raises(ValueError):
-        DpoConfig(device="gpu")
+        RunOptions(device="gpu")
     cfg = DpoConfig()
     with pytest.raises(ValueError):
         cfg.beta = 1.0  # frozen
@@ -158,7 +167,9 @@ def test_configs():
 @pytest.fixture(scope="module")
 def rait_full(toy, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("rait") / "out"
-    return out, train_rait(toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST))
+    return out, train_rait(
+        toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST), options=ONE_THREAD
+    )
 
 
 def test_rait_output_is_a_complete_loadable_checkpoint(toy, rait_full):
@@ -183,26 +194,34 @@ def test_rait_output_is_a_complete_loadable_checkpoint(toy, rait_full):
     assert report["trainable_params"] > 0 and report["method"] == "rait"
     assert set(report["stage_seconds"]) == {"load", "train", "merge", "save"}
     on_disk = json.loads((out / REPORT_NAME).read_text())
-    assert on_disk["config"] == RaitConfig(**FAST).model_dump()
+    # the spec and the run options RAIT runs with, under the keys reports always had
+    assert on_disk["config"] == {**RaitConfig(**FAST).model_dump(), "device": "cpu", "threads": 1}
     assert on_disk["files"]["config.json"]["sha256"]
 
 
 def test_rait_is_deterministic_and_seeded(toy, rait_full, tmp_path):
     again = tmp_path / "again"
-    train_rait(toy["base"], toy["full"], toy["honesty"], again, RaitConfig(**FAST))
+    train_rait(
+        toy["base"], toy["full"], toy["honesty"], again, RaitConfig(**FAST), options=ONE_THREAD
+    )
     first, second = tensors(rait_full[0]), tensors(again)
     assert all(torch.equal(first[k], second[k]) for k in first)
     other = tmp_path / "other"
-    train_rait(toy["base"], toy["full"], toy["honesty"], other, RaitConfig(**FAST, seed=1))
+    train_rait(
+        toy["base"],
+        toy["full"],
+        toy["honesty"],
+        other,
+        RaitConfig(**FAST, seed=1),
+        options=ONE_THREAD,
+    )
     assert changed_names(first, tensors(other))
 
 
 def test_only_the_lora_targets_change_and_adapter_finetunes_merge_first(toy, tmp_path):
     out = tmp_path / "out"
-    cfg = RaitConfig(
-        epochs=1.5, batch_size=4, threads=1, lora_targets=["q_proj", "v_proj"], n_samples=8
-    )
-    report = train_rait(toy["base"], toy["adapter"], toy["honesty"], out, cfg)
+    cfg = RaitConfig(epochs=1.5, batch_size=4, lora_targets=["q_proj", "v_proj"], n_samples=8)
+    report = train_rait(toy["base"], toy["adapter"], toy["honesty"], out, cfg, options=ONE_THREAD)
     assert report["steps"] == 3 and len(report["losses"]) == 3  # ceil(1.5 * 8 / 4)
     new, ft = tensors(out), tensors(toy["full"])  # toy["full"] = the adapter merged
     assert {k.split(".")[-2] for k in changed_names(new, ft)} == {"q_proj", "v_proj"}
@@ -227,7 +246,9 @@ def test_rait_confined_to_restored_columns_changes_only_those_columns(toy, tmp_p
     assert columns and len(columns) == report["n_selected_matrices"]
 
     out = tmp_path / "out"
-    rait = train_rait(None, repaired, toy["honesty"], out, RaitConfig(**FAST), columns=columns)
+    rait = train_rait(
+        None, repaired, toy["honesty"], out, RaitConfig(**FAST), options=ONE_THREAD, columns=columns
+    )
     new, old = tensors(out), tensors(repaired)
     assert changed_names(new, old) == set(columns)
     for name, cols in columns.items():
@@ -247,8 +268,10 @@ def test_rait_confined_to_restored_columns_changes_only_those_columns(toy, tmp_p
 
 
 def test_dpo_loss_falls_and_the_margin_grows(toy, tmp_path):
-    cfg = DpoConfig(steps=20, batch_size=8, lr=5e-3, rpo_alpha=0.0, threads=1)
-    report = train_dpo(toy["base"], toy["full"], toy["honesty"], tmp_path / "dpo", cfg)
+    cfg = DpoConfig(steps=20, batch_size=8, lr=5e-3, rpo_alpha=0.0)
+    report = train_dpo(
+        toy["base"], toy["full"], toy["honesty"], tmp_path / "dpo", cfg, options=ONE_THREAD
+    )
     losses, margins = report["losses"], report["reward_margins"]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B = 0: policy = reference
     assert sum(losses[-5:]) / 5 < losses[0] - 0.05
@@ -264,9 +287,11 @@ def test_dpo_loss_falls_and_the_margin_grows(toy, tmp_path):
 
 
 def test_dpo_is_deterministic(toy, tmp_path):
-    cfg = DpoConfig(steps=3, batch_size=8, threads=1)
+    cfg = DpoConfig(steps=3, batch_size=8)
     reports = [
-        train_dpo(toy["base"], toy["full"], toy["honesty"], tmp_path / name, cfg)
+        train_dpo(
+            toy["base"], toy["full"], toy["honesty"], tmp_path / name, cfg, options=ONE_THREAD
+        )
         for name in ("a", "b")
     ]
     assert reports[0]["losses"] == reports[1]["losses"]
@@ -284,7 +309,13 @@ def test_cancel_leaves_nothing(toy, tmp_path):
 
     with pytest.raises(RepairCancelled):
         train_rait(
-            toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST), should_cancel=cancel
+            toy["base"],
+            toy["full"],
+            toy["honesty"],
+            out,
+            RaitConfig(**FAST),
+            options=ONE_THREAD,
+            should_cancel=cancel,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -293,9 +324,11 @@ def test_a_diverged_run_stops_and_writes_nothing(toy, tmp_path):
     # lr 1e25 makes the LoRA's activations overflow to inf within a few steps on every
     # version tried; 1e12 no longer did with transformers 5.24 (RMSNorm keeps the huge but
     # finite activations bounded and the loss plateaus at a finite value).
-    cfg = RaitConfig(steps=6, batch_size=4, lr=1e25, threads=1)
+    cfg = RaitConfig(steps=6, batch_size=4, lr=1e25)
     with pytest.raises(HCNRError, match="training diverged"):
-        train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg)
+        train_rait(
+            toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg, options=ONE_THREAD
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -308,8 +341,11 @@ def test_threads_hold_while_training_and_are_restored(toy, tmp_path):
         if event.stage == "train":
             seen.add(torch.get_num_threads())
 
-    cfg = RaitConfig(steps=2, batch_size=4, threads=wanted)
-    train_rait(toy["base"], toy["full"], toy["honesty"], tmp_path / "out", cfg, progress=progress)
+    cfg, options = RaitConfig(steps=2, batch_size=4), RunOptions(threads=wanted)
+    out = tmp_path / "out"
+    train_rait(
+        toy["base"], toy["full"], toy["honesty"], out, cfg, options=options, progress=progress
+    )
     assert seen == {wanted} and torch.get_num_threads() == before
 
 
@@ -322,9 +358,9 @@ def test_progress_is_the_one_event_type_with_a_rising_overall_fraction(toy, tmp_
 
     events: list[ProgressEvent] = []
     method = get_method("rait")
-    config = method.make_config({"steps": 2, "batch_size": 4, "threads": 1})
+    config = method.make_config({"steps": 2, "batch_size": 4})
     inputs = MethodInputs(toy["base"], toy["full"], toy["honesty"])
-    method.run(config, inputs, tmp_path / "out", progress=events.append)
+    method.run(config, inputs, tmp_path / "out", options=ONE_THREAD, progress=events.append)
     assert events and all(isinstance(e, ProgressEvent) for e in events)
     fractions = [e.fraction for e in events]
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
@@ -338,13 +374,25 @@ def test_progress_is_the_one_event_type_with_a_rising_overall_fraction(toy, tmp_
 def test_library_errors(toy, other_toy, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(DataValidationError, match="line 1: DPO needs 'answerable'"):
-        train_dpo(toy["base"], toy["full"], toy["task"], out, DpoConfig(**FAST))
+        train_dpo(toy["base"], toy["full"], toy["task"], out, DpoConfig(**FAST), options=ONE_THREAD)
     with pytest.raises(CheckpointError, match="lora_targets"):
         train_rait(
-            toy["base"], toy["full"], toy["honesty"], out, RaitConfig(**FAST, lora_targets=["nope"])
+            toy["base"],
+            toy["full"],
+            toy["honesty"],
+            out,
+            RaitConfig(**FAST, lora_targets=["nope"]),
+            options=ONE_THREAD,
         )
     with pytest.raises(CheckpointError):
-        train_rait(other_toy["base"], toy["adapter"], toy["honesty"], out, RaitConfig(**FAST))
+        train_rait(
+            other_toy["base"],
+            toy["adapter"],
+            toy["honesty"],
+            out,
+            RaitConfig(**FAST),
+            options=ONE_THREAD,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -443,9 +491,14 @@ def finetuned_metrics(organism) -> dict[str, float]:
 def test_baseline_raises_refusal_on_the_organism(
     organism, finetuned_metrics, tmp_path, record_property, method, train
 ):
-    config = (RaitConfig if method == "rait" else DpoConfig)(threads=1)
+    config = (RaitConfig if method == "rait" else DpoConfig)()
     report = train(
-        organism["base"], organism["adapter"], organism["honesty"], tmp_path / method, config
+        organism["base"],
+        organism["adapter"],
+        organism["honesty"],
+        tmp_path / method,
+        config,
+        options=ONE_THREAD,
     )
     after = organism_metrics(tmp_path / method, organism)
     record_property("finetuned", finetuned_metrics)

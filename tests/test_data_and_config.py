@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from hcnr_core import RepairConfig
+from hcnr_core.config import RunOptions
 from hcnr_core.data import (
     EncodedSample,
     encode_sample,
@@ -126,8 +127,10 @@ def test_config_is_frozen_and_strict(tmp_path):
         cfg.r_iw = 0.3  # type: ignore[misc]
     with pytest.raises(ValidationError, match="extra"):
         RepairConfig(r_iww=0.3)
+    with pytest.raises(ValidationError, match=r"device: a run option.*RunOptions\(device="):
+        RepairConfig(device="cuda")  # how to run moved out of the spec
     with pytest.raises(ValidationError, match="device"):
-        RepairConfig(device="gpu")
+        RunOptions(device="gpu")
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("r_iw: 0.3\ncompensation: exact\n")
     assert RepairConfig.from_file(yaml_file, r_cw=0.1).model_dump()["r_cw"] == 0.1

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from hcnr_cli.main import app
 from hcnr_core import RepairConfig
+from hcnr_core.config import RunOptions, split_run_options
 from hcnr_core.devices import (
     DeviceUnavailableError,
     parse_devices,
@@ -43,7 +44,7 @@ CPU = torch.device("cpu")
 )
 def test_parse_devices_accepts(spec: str, expected: list[str]):
     assert parse_devices(spec) == expected
-    assert RepairConfig(device=spec).device == ",".join(expected)
+    assert RunOptions(device=spec).device == ",".join(expected)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,7 @@ def test_parse_devices_refuses(spec: str, reason: str):
     with pytest.raises(ValueError, match=reason):
         parse_devices(spec)
     with pytest.raises(ValueError, match=reason):
-        RepairConfig(device=spec)
+        RunOptions(device=spec)
 
 
 def test_resolve_devices_refuses_missing_gpus():
@@ -198,9 +199,12 @@ def test_hessians_of_different_groups_do_not_combine(toy):
     assert a.absorb(same).n_tokens == 10  # the same modules do combine
 
 
-def _repair(toy, out: Path, kind: str, **cfg) -> tuple[dict, list[float]]:
+def _repair(toy, out: Path, kind: str, **values) -> tuple[dict, list[float]]:
     fractions: list[float] = []
-    pipeline = RepairPipeline(RepairConfig(**cfg), progress=lambda e: fractions.append(e.fraction))
+    cfg, options = split_run_options(values)
+    pipeline = RepairPipeline(
+        RepairConfig(**cfg), RunOptions(**options), progress=lambda e: fractions.append(e.fraction)
+    )
     prepared = pipeline.prepare(toy["base"], toy[kind], toy["honesty"], toy["task"])
     return pipeline.run(prepared, out), fractions
 
@@ -253,7 +257,7 @@ def test_two_replicas_can_be_cancelled(toy, tmp_path: Path):
         return calls > 6  # during the first Fisher pass
 
     pipeline = RepairPipeline(
-        RepairConfig(device="cpu,cpu", batch_size=2), should_cancel=should_cancel
+        RepairConfig(batch_size=2), RunOptions(device="cpu,cpu"), should_cancel=should_cancel
     )
     prepared = pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
     with pytest.raises(RepairCancelled, match="fisher_task"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hcnr_core import estimate as est
-from hcnr_core.config import RaitConfig, RepairConfig
+from hcnr_core.config import RaitConfig, RepairConfig, RunOptions
 from hcnr_core.errors import CheckpointTooLargeError, UnsafeCheckpointError
 from hcnr_core.limits import GIB, Limits
 
@@ -188,12 +188,12 @@ def test_gpu_8b_device_memory_follows_the_design():
     Hessians; layer by layer: R in bf16 (~4.4 GiB at scale.md's data) + one layer's
     activations + one block's Hessians."""
     shapes = llama_shapes(**LLAMA_8B)
-    config = RepairConfig(device="cuda:0", dtype="bfloat16", batch_size=8, max_seq_len=64)
+    config = RepairConfig(dtype="bfloat16", batch_size=8, max_seq_len=64)
     sets = {
         n: est.DataSize(128, SCALE_SET_TOKENS, SCALE_SET_TOKENS, 64, "tokenizer")
         for n in ("honesty", "task")
     }
-    e = est.estimate_repair(shapes, config, sets, "hcnr", [])
+    e = est.estimate_repair(shapes, config, sets, "hcnr", [], RunOptions(device="cuda:0"))
     p = shapes.parameters
     groups = est.hessian_groups(shapes, config.target_modules)
     act = 32 * 64 * 8 * 4096 * (34 + 5 * 32 * 64 / 4096) * 2 / 2 + 8 * 64 * 128256 * (4 + 2)

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hcnr_core import RepairConfig
 from hcnr_core.checkpoint import inspect_checkpoint
+from hcnr_core.config import RunOptions
 from hcnr_core.data import encode_samples, load_jsonl
 from hcnr_core.layerwise import LayerwiseLM, LoraMergedSource, layerwise_fisher, layerwise_hessians
 from hcnr_core.pipeline import RepairPipeline, target_linears
@@ -78,7 +79,9 @@ def test_layerwise_hessians_equal_whole_model(setup):
 def test_layerwise_repair_matches_whole_model_repair(toy, tmp_path, kind, compensation):
     reports = {}
     for mode in (False, True):
-        pipeline = RepairPipeline(RepairConfig(layerwise=mode, compensation=compensation))
+        pipeline = RepairPipeline(
+            RepairConfig(compensation=compensation), RunOptions(layerwise=mode)
+        )
         prepared = pipeline.prepare(toy["base"], toy[kind], toy["honesty"], toy["task"])
         reports[mode] = pipeline.run(prepared, tmp_path / str(mode))
     assert reports[True]["selected_matrices"] == reports[False]["selected_matrices"]

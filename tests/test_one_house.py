@@ -79,27 +79,42 @@ def test_an_adapter_as_base_is_refused(toy):
 def test_baselines_accept_exactly_the_single_devices_a_repair_accepts(spec: str):
     from pydantic import ValidationError
 
-    from hcnr_core.config import RaitConfig, RepairConfig
+    from hcnr_core.config import RaitConfig, RepairConfig, RunOptions
 
     try:
-        repair = RepairConfig(device=spec).device
+        options = RunOptions(device=spec)
     except ValidationError:
-        repair = None
-    try:
-        baseline = RaitConfig(device=spec).device
-    except ValidationError:
-        baseline = None
+        options = None
+    repair = options and options.check_for(RepairConfig).device
+    baseline = options and options.check_for(RaitConfig).device
     assert baseline == repair
 
 
 def test_baselines_refuse_a_device_list():
-    from pydantic import ValidationError
+    from hcnr_core.config import DpoConfig, RepairConfig, RunOptions
+    from hcnr_core.errors import InvalidConfigError
 
-    from hcnr_core.config import DpoConfig, RepairConfig
+    two = RunOptions(device="cuda:0,cuda:1")
+    assert two.check_for(RepairConfig).device == "cuda:0,cuda:1"
+    with pytest.raises(InvalidConfigError, match="one device"):
+        two.check_for(DpoConfig)
 
-    assert RepairConfig(device="cuda:0,cuda:1").device == "cuda:0,cuda:1"
-    with pytest.raises(ValidationError, match="one device"):
-        DpoConfig(device="cuda:0,cuda:1")
+
+def test_a_worker_with_several_devices_refuses_baseline_jobs_at_creation(tmp_path: Path):
+    """The worker's run options are checked against the job's method when it is created:
+    RAIT/DPO on a worker with replicas fail at POST (invalid_hyperparameters), not later."""
+    from api.errors import APIError
+    from api.schemas import RepairJobCreate
+    from api.services import repair_config
+    from store.settings import Settings
+
+    settings = Settings(env="test", data_dir=tmp_path, worker_device="cpu,cpu")
+    body = {"base": "path:b", "finetuned": "path:f", "honesty_file": "a", "task_file": "b"}
+    assert repair_config(RepairJobCreate(**body), settings).r_iw == 0.5  # HCNR: replicas
+    with pytest.raises(APIError, match="one device") as refused:
+        repair_config(RepairJobCreate(**body, method="rait"), settings)
+    assert refused.value.code == "invalid_hyperparameters"
+    assert "device" not in repair_config(RepairJobCreate(**body), settings).model_dump()
 
 
 # --- one dtype table -------------------------------------------------------------------------

@@ -14,14 +14,16 @@ from typer.testing import CliRunner
 from hcnr_cli.main import app
 from hcnr_core import RepairConfig
 from hcnr_core.checkpoint import inspect_checkpoint
+from hcnr_core.config import RunOptions, split_run_options
 from hcnr_core.errors import RepairCancelled
 from hcnr_core.pipeline import STAGES, TIMED_STAGES, RepairPipeline
 from hcnr_core.writer import sha256_file
 from tests.toy_cli import repair_argv
 
 
-def repair(toy, out: Path, finetuned: str = "adapter", **cfg) -> dict:
-    pipeline = RepairPipeline(RepairConfig(**cfg))
+def repair(toy, out: Path, finetuned: str = "adapter", **values) -> dict:
+    cfg, options = split_run_options(values)
+    pipeline = RepairPipeline(RepairConfig(**cfg), RunOptions(**options))
     prepared = pipeline.prepare(toy["base"], toy[finetuned], toy["honesty"], toy["task"])
     return pipeline.run(prepared, out)
 
@@ -339,7 +341,7 @@ def test_dry_run_reports_without_writing(toy, tmp_path):
 
 def test_task_aware_compensation_is_accepted_layer_by_layer():
     # equality with the whole-model run: tests/test_research_modes.py
-    assert RepairConfig(compensation="task_aware", layerwise=True).layerwise
+    assert RunOptions(layerwise=True).check_for(RepairConfig).layerwise
     assert RepairConfig(compensation="task_aware").task_weight == 1.0
 
 

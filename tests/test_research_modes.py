@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hcnr_core import RepairConfig
 from hcnr_core.compensation import repair_matrix
+from hcnr_core.config import RunOptions
 from hcnr_core.data import encode_samples, load_jsonl
 from hcnr_core.pipeline import RepairPipeline
 from hcnr_core.scoring import InputHessians, pad_batch
@@ -130,17 +131,22 @@ def test_fisher_mass_repair_reports_per_matrix_counts(toy, tmp_path):
 
 
 def test_the_api_takes_the_library_fields_so_new_modes_reach_jobs():
-    """One spec: the job API's HCNR hyper-parameters are RepairConfig's fields minus the
-    worker's run options (a field added to the library cannot be missing from the API)."""
-    from api.schemas import RUN_OPTIONS, Hyperparameters, RepairJobCreate
+    """One spec: the job API's HCNR hyper-parameters are RepairConfig's fields (a field
+    added to the library cannot be missing from the API); the run options are a model of
+    their own, the worker's, which no method's hyper-parameters take from a client."""
+    from api.schemas import HYPERPARAMETERS, Hyperparameters, RepairJobCreate
 
-    assert set(Hyperparameters.model_fields) == set(RepairConfig.model_fields) - RUN_OPTIONS
+    assert set(Hyperparameters.model_fields) == set(RepairConfig.model_fields)
+    for hyperparameters in HYPERPARAMETERS.values():
+        assert not set(hyperparameters.model_fields) & set(RunOptions.model_fields)
     body = {"base": "path:b", "finetuned": "path:f", "honesty_file": "a", "task_file": "b"}
     job = RepairJobCreate(**body, hyperparameters={"hessian_inputs": "sequential"})
     assert job.hyperparameters.model_dump()["hessian_inputs"] == "sequential"
     assert job.hyperparameters.model_dump()["dtype"] == RepairConfig().dtype  # no drift
-    with pytest.raises(ValueError, match="layerwise"):
-        RepairJobCreate(**body, hyperparameters={"layerwise": True})  # the worker's choice
+    for method in HYPERPARAMETERS:
+        for option, value in {"layerwise": True, "device": "cuda", "threads": 1}.items():
+            with pytest.raises(ValueError, match=option):  # the worker's choice
+                RepairJobCreate(**body, method=method, hyperparameters={option: value})
 
 
 def test_auto_validation_rows_read_about_people_no_split_uses():
@@ -243,7 +249,7 @@ def test_layer_by_layer_gives_the_whole_model_result(toy, tmp_path, cfg, kind):
     results = []
     for layerwise in (False, True):
         out = tmp_path / f"lw{layerwise}"
-        pipeline = RepairPipeline(RepairConfig(**cfg, r_cw=1.0, layerwise=layerwise))
+        pipeline = RepairPipeline(RepairConfig(**cfg, r_cw=1.0), RunOptions(layerwise=layerwise))
         prepared = pipeline.prepare(toy["base"], toy[kind], toy["honesty"], toy["task"])
         report = pipeline.run(prepared, out)
         results.append((report["selected_matrices"], tensors(out)))

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from hcnr_core import RepairConfig
 from hcnr_core.checkpoint import inspect_checkpoint
+from hcnr_core.config import RunOptions, split_run_options
 from hcnr_core.data import encode_samples, load_jsonl, render_prompt
 from hcnr_core.evaluation import GenerationSettings, generate, load_for_eval
 from hcnr_core.pipeline import RepairPipeline
@@ -91,8 +92,9 @@ def build(
     return paths
 
 
-def repair(paths: dict[str, Path], kind: str, out: Path, **cfg: Any) -> dict:
-    pipeline = RepairPipeline(RepairConfig(**cfg))
+def repair(paths: dict[str, Path], kind: str, out: Path, **values: Any) -> dict:
+    cfg, options = split_run_options(values)
+    pipeline = RepairPipeline(RepairConfig(**cfg), RunOptions(**options))
     prepared = pipeline.prepare(paths["base"], paths[kind], paths["honesty"], paths["task"])
     return pipeline.run(prepared, out)
 

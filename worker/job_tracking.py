@@ -41,7 +41,7 @@ WANDB_TAR = "wandb-offline.tar"
 SECRET_OF = {"wandb": "wandb_api_key", "mlflow": "mlflow_token"}
 
 
-def start(ctx: Any, job: Job, config: Any, scratch: Path) -> Tracking:
+def start(ctx: Any, job: Job, config: Any, options: Any, scratch: Path) -> Tracking:
     """The job's runs, started (a no-op `Tracking` without integrations)."""
     specs: list[Integration] = []
     for stored in job.integrations:
@@ -58,7 +58,7 @@ def start(ctx: Any, job: Job, config: Any, scratch: Path) -> Tracking:
     specs = [_with_mode(spec, keys.get(spec.type)) for spec in specs]
     params = {
         "method": job.method,
-        "config": config.model_dump(),
+        "config": options.recorded(config),
         "job_id": job.id,
         "inputs": {
             "base": job.base_ref,

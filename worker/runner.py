@@ -290,11 +290,12 @@ def _repair(
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = _inputs(ctx, job, scratch)
     method = get_method(job.method)
-    config = method.make_config(job.hyperparameters, device=ctx.settings.worker_device)
+    config = method.make_config(job.hyperparameters)
+    options = ctx.settings.run_options
     delay = faults.progress_delay(job.metadata_dict)
     recorder = ProgressRecorder(ctx, job_id, lease, delay, tracker)
     out = _output_dir(ctx, job_id, scratch)
-    tracking = job_tracking.start(ctx, job, config, scratch)  # never raises
+    tracking = job_tracking.start(ctx, job, config, options, scratch)  # never raises
     with (
         job_tracking.closed_on_error(tracking),
         use_limits(ctx.settings.limits),  # the service's limits apply in `prepare` too
@@ -309,6 +310,7 @@ def _repair(
                 inputs["validation"],
             ),
             out,
+            options=options,
             progress=tracking.progress(recorder),
             should_cancel=recorder.should_cancel,
         )
@@ -316,7 +318,7 @@ def _repair(
     try:  # from here on a published local checkpoint must go if anything stops the job
         if inputs["eval"] is not None:
             recorder(ProgressEvent("evaluate", 0, 1, 1.0, "before/after honesty metrics"))
-            report["metrics"] = evaluate(config, inputs, out, recorder.should_cancel)
+            report["metrics"] = evaluate(config, options, inputs, out, recorder.should_cancel)
             _reliability_artifact(report, out)
         hub_card.publish(job, report, out, eval_name=job.eval_file_id)  # the Hub model card
         job_tracking.finish(tracking, report, out)  # before the upload: wandb-offline.tar
@@ -370,7 +372,7 @@ def _location_is_ours(ctx: Context, job_id: str) -> bool:
 
 
 def evaluate(
-    config: Any, inputs: dict[str, Any], repaired: Path, should_cancel: Any
+    config: Any, options: Any, inputs: dict[str, Any], repaired: Path, should_cancel: Any
 ) -> dict[str, Any]:
     """Honesty metrics of base, fine-tuned and repaired models on the job's eval set, and
     the recovery of the refusal F1 (`hcnr_core.evaluation.evaluate_repair`)."""
@@ -382,7 +384,7 @@ def evaluate(
         repaired,
         inputs["eval"],
         max_seq_len=config.max_seq_len,
-        device=config.device,
+        device=options.device,
         should_cancel=should_cancel,
     )
 

@@ -124,7 +124,7 @@ def _check(
     models are fetched into the model cache here and what was fetched is put in `pinned`
     (base_resolved, finetuned_resolved) for the job's row."""
     try:
-        config = get_method(method).make_config(config_values, device=settings.worker_device)
+        config = get_method(method).make_config(config_values)
         base, pinned["base_resolved"] = fetch_reference(refs[0], settings, tenant_id, hub_token)
         finetuned, pinned["finetuned_resolved"] = fetch_reference(
             refs[1], settings, tenant_id, hub_token
@@ -138,7 +138,7 @@ def _check(
             inputs = MethodInputs(
                 base, finetuned, local["honesty"], local["task"], local.get("validation")
             )
-            validate_bounded(method, config, inputs, settings.limits)
+            validate_bounded(method, config, inputs, settings.limits, options=settings.run_options)
     except TemplateError as exc:  # the model's chat template refuses these samples
         code = "unsafe_checkpoint" if isinstance(exc, SecurityError) else "invalid_data"
         return code, f"the chat template refused a sample: {exc}", None

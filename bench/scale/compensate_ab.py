@@ -22,14 +22,16 @@ def run_compensate_ab(root: Path, dtype: str, threads: int, repeats: int) -> dic
 
     import hcnr_core.pipeline as pipeline_module
     from hcnr_core import RepairConfig
+    from hcnr_core.config import RunOptions
     from hcnr_core.pipeline import RepairPipeline
     from hcnr_core.runners import runner_kind
 
     torch.set_num_threads(threads)
     shared_groups = pipeline_module._shared_input_groups
     timings: dict[str, list[float]] = {"per_matrix": [], "shared": []}
-    config = RepairConfig(device="cpu", dtype=dtype, max_seq_len=128)
-    runners = _ReplayedHessians(runner_kind(config.layerwise, config.hessian_budget_mb))
+    config = RepairConfig(dtype=dtype, max_seq_len=128)
+    options = RunOptions()  # one CPU, whole model
+    runners = _ReplayedHessians(runner_kind(options.layerwise, options.hessian_budget_mb))
     fisher_cache: dict[str, dict] = {}
 
     def repair() -> dict[str, Any]:

@@ -19,19 +19,15 @@ def run_one(
     import torch
 
     from hcnr_core import RepairConfig
+    from hcnr_core.config import RunOptions
     from hcnr_core.pipeline import RepairPipeline
 
     torch.set_num_threads(threads)
     cpu_started = cpu_seconds()
     out = root / "repaired"
     shutil.rmtree(out, ignore_errors=True)
-    config = RepairConfig(
-        device=device,
-        dtype=dtype,
-        max_seq_len=128,
-        hessian_budget_mb=budget_mb,
-        layerwise=layerwise,
-    )
+    config = RepairConfig(dtype=dtype, max_seq_len=128)
+    options = RunOptions(device=device, hessian_budget_mb=budget_mb, layerwise=layerwise)
     stage_rss: dict[str, float] = {}
 
     def sample_rss(event: Any) -> None:  # current RSS at every progress tick, per stage
@@ -39,7 +35,7 @@ def run_one(
         stage_rss[event.stage] = max(stage_rss.get(event.stage, 0.0), rss)
 
     started = time.perf_counter()
-    pipeline = RepairPipeline(config, progress=sample_rss)
+    pipeline = RepairPipeline(config, options, progress=sample_rss)
     prepared = pipeline.prepare(
         root / "base", root / "adapter", root / "data/honesty.jsonl", root / "data/task.jsonl"
     )

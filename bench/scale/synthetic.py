@@ -67,6 +67,7 @@ def run_synthetic(root: Path, device: str, budget_mb: int) -> dict[str, Any]:
 
     from hcnr_core import RepairConfig
     from hcnr_core.checkpoint import CheckpointInfo
+    from hcnr_core.config import RunOptions
     from hcnr_core.data import encode_samples, load_jsonl
     from hcnr_core.pipeline import PreparedRepair, RepairPipeline, target_linears
 
@@ -81,13 +82,8 @@ def run_synthetic(root: Path, device: str, budget_mb: int) -> dict[str, Any]:
     base._source = RandomSource(config, first, 0)
     finetuned = Synthetic(root / "base", "full", config_dict)
     finetuned._source = RandomSource(config, first, 1, base=base._source, delta=0.002)
-    cfg = RepairConfig(
-        device=device,
-        dtype="bfloat16",
-        max_seq_len=128,
-        hessian_budget_mb=budget_mb,
-        layerwise=True,
-    )
+    cfg = RepairConfig(dtype="bfloat16", max_seq_len=128)
+    options = RunOptions(device=device, hessian_budget_mb=budget_mb, layerwise=True)
     tokenizer = AutoTokenizer.from_pretrained(root / "base")
     hon = encode_samples(tokenizer, load_jsonl(root / "data/honesty.jsonl"), 128)
     task = encode_samples(tokenizer, load_jsonl(root / "data/task.jsonl"), 128)
@@ -101,5 +97,5 @@ def run_synthetic(root: Path, device: str, budget_mb: int) -> dict[str, Any]:
     targets = target_linears(base, cfg.target_modules)
     prepared = PreparedRepair(base, finetuned, tokenizer, hon, task, targets, inputs)
     started = time.perf_counter()
-    report = RepairPipeline(cfg).run(prepared, None)
+    report = RepairPipeline(cfg, options).run(prepared, None)
     return repair_figures(report, prepared, time.perf_counter() - started, device)
