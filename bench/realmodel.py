@@ -244,7 +244,10 @@ def validation_file(paths: dict, seed: int) -> Path:
 
 
 # Entries `--add` can run into a saved result (a new method measured without redoing all).
-EXTRA = ("auto", "auto_validated", *RESEARCH_RUNS)
+# The baselines at the smaller data sizes of the sweep: the frontier HCNR is judged against
+# (issue #13) without re-running a seed's whole sweep.
+BASELINE_SIZES = tuple(f"{m}_n{n}" for m in ("rait", "dpo") for n in SWEEP_SAMPLES[:-1])
+EXTRA = ("auto", "auto_validated", *BASELINE_SIZES, *RESEARCH_RUNS)
 
 
 def probe(paths: dict[str, Path]) -> dict[str, Any]:
@@ -346,6 +349,10 @@ def one_seed(
             elif name == "auto_validated":
                 sweep.append({"method": name, "name": name})
                 record(name, run_auto(paths, out, validation_file(paths, seed)))
+            elif name in BASELINE_SIZES:
+                method, n = name.split("_n")
+                sweep.append({"method": method, "name": name})
+                record(name, run_baseline(method, paths, out, int(n)))
             else:
                 sweep.append({"method": "hcnr_research", "name": name})
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
