@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.reliability                      # every section
     .venv/bin/python -m bench.reliability --only kill_storm,load
+    .venv/bin/python -m bench.reliability --only load,load_sdk   # the API under load only
 
 Each section starts its own production-shaped service on this machine (redis-server with
 AOF + noeviction, PostgreSQL, `hcnr serve --no-worker` on uvicorn, real `celery worker`
@@ -15,7 +16,10 @@ tests/reliability/reliability_scenarios.py at full size and records its figures:
 - restarts: redis-server SIGKILLed and restarted on its port and AOF directory, then the
   API SIGKILLed and restarted, with jobs queued and running.
 - cancel: cancel a running job; seconds to `cancelled`, pool-child RSS, storage.
-- load: async httpx users creating and polling jobs against the API.
+- load: 200 closed-loop users (aiohttp, think 0.5 s) creating and polling jobs against
+  the API: the saturation measure.
+- load_sdk: 200 users shaped like clients of the SDK (create a job, then `wait` on it at
+  the SDK's poll interval): issue 16's "200 concurrent users".
 - hostile_work: the hostile-work checkpoints and data of tests/security/hostile_work.py
   (issue 14) posted to `hcnr serve --no-worker` one by one (each refused with its code
   within its limit), then 20 at once while GET routes and /healthz are timed against
@@ -71,6 +75,8 @@ class Options:
         "users": 200,
         "seconds": 60.0,
         "think": 0.5,
+        "poll_interval": reliability_load.sdk_poll_interval(),
+        "polls": 10,
         "burst": 20,
         "sample_seconds": 15.0,
     }
@@ -290,10 +296,10 @@ def _cpu_seconds(root_pid: int) -> dict[str, float]:
     return totals
 
 
-def _previous_load() -> list[tuple[str, str]]:
+def _previous_load(name: str = "load") -> list[tuple[str, str]]:
     """The headline figures of the load section this run replaces (read from
     reliability.json, as measured then): before/after stays visible in the results."""
-    previous = load_results()["sections"].get("load") or {}
+    previous = load_results()["sections"].get(name) or {}
     details, run = previous.get("details") or {}, previous.get("run") or {}
     if not details.get("routes"):
         return []
@@ -310,23 +316,48 @@ def _previous_load() -> list[tuple[str, str]]:
     ]
 
 
-def load(options: Options, workdir: Path) -> dict[str, Any]:
+GOAL_P95_MS = 200.0  # issue 16: POST /v1/repair-jobs p95 under 200 ms at 200 users
+
+
+def _measure_load(
+    options: Options, workdir: Path, name: str, shape: str, think: float, tenants: int
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """One load run against a fresh cluster: the figures and the rows both sections share."""
     inputs = options.inputs()
-    previous = _previous_load()
+    previous = _previous_load(name)
     with cluster(workdir, inputs) as running:
         before, generator = _cpu_seconds(running.api.process.pid), time.process_time()
         load_average = os.getloadavg()[0]
-        result = reliability_load.load(running, options.users, options.seconds, think=options.think)
+        result = reliability_load.load(
+            running,
+            options.users,
+            options.seconds,
+            think=think,
+            tenants=tenants,
+            shape=shape,
+            polls=options.polls,
+        )
         after, generator = _cpu_seconds(running.api.process.pid), time.process_time() - generator
         result["load_average_1min"] = [round(load_average, 1), round(os.getloadavg()[0], 1)]
     wall = result["wall_seconds"]
     served = result["requests"]
     cpu = {key: after[key] - before[key] for key in after} | {"load generator": generator}
     result["cpu_seconds"] = {key: round(value, 1) for key, value in cpu.items()}
+    post_p95 = result["routes"]["POST /v1/repair-jobs"]["p95_ms"]
+    get_p95 = [
+        f["p95_ms"] for r, f in result["routes"].items() if r.startswith("GET") and f["p95_ms"]
+    ]
+    result["goal_met"] = post_p95 is not None and post_p95 < GOAL_P95_MS
     rows = [
         (
-            "users / duration (s) / think time (s)",
-            f"{result['users']} / {result['seconds']:g} / {result['think_seconds']:g}",
+            f"goal: POST /v1/repair-jobs p95 < {GOAL_P95_MS:.0f} ms — met?",
+            f"{_yes(result['goal_met'])} (POST p95 {post_p95} ms; GET p95 "
+            f"{'all' if all(v < GOAL_P95_MS for v in get_p95) else 'NOT all'} "
+            f"< {GOAL_P95_MS:.0f} ms: {min(get_p95, default=0)}–{max(get_p95, default=0)})",
+        ),
+        (
+            "users (API keys) / duration (s) / think time or poll interval (s)",
+            f"{result['users']} ({tenants}) / {result['seconds']:g} / {think:g}",
         ),
         ("requests (per s)", f"{result['requests']} ({result['requests_per_second']})"),
         ("errors (rate)", f"{result['errors']} ({result['error_rate']})"),
@@ -336,25 +367,26 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
             " / ".join(str(v) for v in result["load_average_1min"]),
         ),
     ]
-    for name, seconds in cpu.items():
+    for component, seconds in cpu.items():
         rows.append(
             (
-                f"CPU of the {name}: share of 2 cores, ms per request",
+                f"CPU of the {component}: share of 2 cores, ms per request",
                 f"{100 * seconds / wall / 2:.0f}%, {1000 * seconds / max(1, served):.2f}",
             )
         )
     rows.append(("jobs still `validating` when the load ended", str(result["validating_after"])))
     api_ms = 1000 * cpu["api"] / max(1, served)
+    result["api_capacity_per_second"] = round(1000 / api_ms) if api_ms else None
     rows.append(
         (
-            "offered at zero latency (users / think time) vs the API's capacity at its CPU "
-            "per request, one process (one core) / two cores (req/s)",
-            f"{options.users / options.think if options.think else float('inf'):.0f} vs "
+            "the API's capacity at its CPU per request, one process (one core) / two cores (req/s)",
             f"{1000 / api_ms:.0f} / {2000 / api_ms:.0f}",
         )
     )
     rows += previous
     for route, figures in result["routes"].items():
+        if not figures["requests"]:
+            continue
         rows.append(
             (
                 f"{route}: p50 / p95 / p99 (ms), requests",
@@ -362,26 +394,66 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
                 f"{figures['requests']}",
             )
         )
+    return result, rows
+
+
+SETUP_NOTES = (
+    "uvicorn (`hcnr serve --no-worker`, one process, and its validation worker) + "
+    "PostgreSQL + Redis on loopback; no GPU worker runs, so jobs are validated "
+    "(asynchronously, in the validation worker at nice 10: POST answers `validating` at "
+    "once) and then stay queued; the CPU goes to the API, the validations, the databases "
+    "and the load generator (one asyncio process on aiohttp, same machine). CPU rows: "
+    "seconds of CPU over the run's wall time and 2 cores, and per request served; other "
+    "processes on the machine (the load average) get their share too: Linux groups CPU by "
+    "session (autogroup), so another session's nice 15 does not make it yield. p95 by "
+    "nearest rank over every request of the route."
+)
+
+
+def load(options: Options, workdir: Path) -> dict[str, Any]:
+    result, rows = _measure_load(options, workdir, "load", "mix", options.think, tenants=10)
+    offered = options.users / options.think if options.think else float("inf")
+    rows.insert(
+        3,
+        (
+            "offered at zero latency (users / think time) vs the API's capacity, one process "
+            "(req/s)",
+            f"{offered:.0f} vs {result['api_capacity_per_second']}",
+        ),
+    )
     return {
-        "title": "Load: concurrent users against the API",
+        "title": "Load: concurrent users against the API, saturation (closed loop)",
         "rows": rows,
         "command": options.command("load", "users", "seconds", "think"),
-        "notes": "uvicorn (`hcnr serve --no-worker`, one process, and its validation "
-        "worker) + PostgreSQL + Redis on loopback; no GPU worker runs, so jobs are "
-        "validated (asynchronously, in the validation worker: POST answers `validating` "
-        "at once) and then stay queued; the CPU goes to the API, the validations, the "
-        "databases and the load generator (one asyncio process on aiohttp, same machine; "
-        "until commit 70a5c70 it used httpx, whose CPU per request exceeded the API's and "
-        "starved it). Since then the API's PostgreSQL pool holds as many connections as "
-        "it has request threads (it used to open and close one for most requests) and "
-        "the validation worker runs at nice 10 (HCNR_VALIDATION_NICE): under load, "
-        "validations wait (the backlog row) rather than the requests. CPU rows: seconds "
-        "of CPU over the run's wall time and 2 cores, and per request served; other "
-        "processes on the machine (the load average) get their share too: Linux groups "
-        "CPU by session (autogroup), so another session's nice 15 does not make it yield. "
-        "Each user "
-        "uploads its two files, then loops: create a job, poll it 3×, list jobs, read its "
-        "events, with the think time between requests.",
+        "notes": SETUP_NOTES + " Each user uploads its two files, then loops: create a job, "
+        "poll it 3×, list jobs, read its events, with the think time between requests "
+        "(10 API keys, 20 users each). A closed loop whose users offer more requests than one "
+        "API process serves here: it measures saturation, where latency ≈ users / "
+        "throughput − think time (Little's law), so a p95 under 200 ms at 200 such users "
+        "needs about users / (think + 0.2 s) ≈ 290 req/s served with room to spare, i.e. "
+        "CPU for it: see the capacity row. What 200 users of the SDK send is the next "
+        "section (`load_sdk`).",
+        "details": result,
+    }
+
+
+def load_sdk(options: Options, workdir: Path) -> dict[str, Any]:
+    interval = options.poll_interval
+    result, rows = _measure_load(
+        options, workdir, "load_sdk", "sdk", interval, tenants=options.users
+    )
+    return {
+        "title": "Load: 200 concurrent users of the SDK (create a job, then wait on it)",
+        "rows": rows,
+        "command": options.command("load_sdk", "users", "seconds", "poll_interval", "polls"),
+        "notes": SETUP_NOTES + " Each user (its own API key) uploads its two files, then "
+        "does what `client.repair_jobs.create(...)` then `client.repair_jobs.wait(job_id)` "
+        f"do with the SDK's default poll interval ({reliability_load.sdk_poll_interval():g} "
+        "s, read from clients/python): POST the job (a fresh Idempotency-Key), GET it at "
+        "once and then every poll interval. No job finishes without a GPU worker, so a "
+        f"user starts its next job after {options.polls} polls (a job of ~{options.polls} "
+        "s; real repairs take minutes, so real users POST less often than this). Users "
+        "start spread over one poll interval.",
         "details": result,
     }
 
@@ -706,6 +778,7 @@ OWN: dict[str, Callable[[Options, Path], dict[str, Any]]] = {
     "restarts": restarts,
     "cancel": cancel,
     "load": load,
+    "load_sdk": load_sdk,
     "hostile_work": hostile_work,
 }
 
@@ -795,13 +868,30 @@ def run_sections(chosen: dict[str, Section], workdir: Path, results: dict[str, A
             "seconds": round(time.monotonic() - started, 1),
         }
         results = load_results()  # another run may have written other sections meanwhile
-        results["sections"][name] = section
+        results["sections"] = _placed(results["sections"], name, section)
         for figure, value in section["rows"]:
             print(f"   {figure}: {value}", flush=True)
         if section.get("error"):
             print(section["error"], flush=True)
         write(results)
     return ok
+
+
+def _placed(sections: dict[str, Any], name: str, section: dict[str, Any]) -> dict[str, Any]:
+    """`sections` with `name` set: in its place if it was there, else right after the
+    section of this file that precedes it (so `load_sdk` follows `load`), else last."""
+    if name in sections or name not in OWN:
+        return {**sections, name: section}
+    own = list(OWN)
+    before = [n for n in own[: own.index(name)] if n in sections]
+    if not before:
+        return {**sections, name: section}
+    placed: dict[str, Any] = {}
+    for key, value in sections.items():
+        placed[key] = value
+        if key == before[-1]:
+            placed[name] = section
+    return placed
 
 
 def write(results: dict[str, Any]) -> None:

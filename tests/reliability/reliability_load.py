@@ -1,16 +1,29 @@
-"""Load: `users` concurrent async httpx users against the API for `seconds`.
+"""Load: `users` concurrent async (aiohttp) users against the API for `seconds`.
 
-Each user uploads its honesty and task files once, then loops: create a repair job (a
-fresh Idempotency-Key), poll it three times, list the tenant's jobs, read the job's
-events, with `think` seconds between requests. Every request is timed per route; any
-status >= 400 or transport error is an error. Afterwards the jobs the users were told
-were created (201) are compared with the rows in PostgreSQL.
+Each user uploads its honesty and task files once, then loops, in one of two shapes:
+
+- "mix" (the default): create a repair job (a fresh Idempotency-Key), poll it three
+  times, list the tenant's jobs, read the job's events, with `think` seconds between
+  requests. A closed loop: each user sends its next request `think` seconds after the last
+  answer, so 200 users with think 0.5 offer up to 400 requests/s, more than one API
+  process serves on this machine: a saturation measure (latency ≈ users / throughput −
+  think, Little's law), not what 200 clients of the SDK send.
+- "sdk": what a user of the Python SDK (clients/python) does: `repair_jobs.create(...)`
+  then `repair_jobs.wait(job_id)`, which GETs the job at once and then every
+  `poll_interval` seconds (the SDK's default, 1 s) until it is finished. No GPU worker
+  runs here, so no job finishes: each user moves on to its next job after `polls` polls
+  (a job that runs `polls` seconds).
+
+Every request is timed per route; any status >= 400 or transport error is an error.
+Afterwards the jobs the users were told were created (201) are compared with the rows in
+PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -70,16 +83,19 @@ class Tally:
             self.error_samples.append(sample)
 
 
-async def _user(
-    http: aiohttp.ClientSession,
-    url: str,
-    key: str,
-    inputs: Inputs,
-    deadline: float,
-    think: float,
-    tally: Tally,
-) -> None:
-    auth = {"Authorization": f"Bearer {key}"}
+def sdk_poll_interval() -> float:
+    """The SDK's default poll interval of `repair_jobs.wait` (read, not copied)."""
+    import inspect
+
+    from hcnr_client.resources.repair_jobs import RepairJobs
+
+    return float(inspect.signature(RepairJobs.wait).parameters["poll_interval"].default)
+
+
+async def _upload_inputs(
+    http: aiohttp.ClientSession, url: str, auth: dict[str, str], inputs: Inputs, tally: Tally
+) -> dict[str, Any] | None:
+    """The user's two files, then the body of its jobs (None when an upload failed)."""
     files = {}
     for purpose, path in (("honesty", inputs.honesty), ("task", inputs.task)):
         content = path.read_bytes()
@@ -92,15 +108,30 @@ async def _user(
 
         response = await tally.call("POST /v1/files", upload)
         if response is None:
-            return
+            return None
         files[purpose] = response.body["id"]
-    body = {
+    return {
         "base": inputs.base,
         "finetuned": inputs.finetuned,
         "honesty_file": files["honesty"],
         "task_file": files["task"],
         "metadata": {"load": "yes"},
     }
+
+
+async def _user(
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    inputs: Inputs,
+    deadline: float,
+    think: float,
+    tally: Tally,
+) -> None:
+    auth = {"Authorization": f"Bearer {key}"}
+    body = await _upload_inputs(http, url, auth, inputs, tally)
+    if body is None:
+        return
     while time.monotonic() < deadline:
         headers = {**auth, "Idempotency-Key": str(uuid.uuid4())}
         response = await tally.call(
@@ -122,8 +153,53 @@ async def _user(
         await asyncio.sleep(think)
 
 
+async def _sdk_user(
+    http: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    inputs: Inputs,
+    deadline: float,
+    poll_interval: float,
+    polls: int,
+    tally: Tally,
+) -> None:
+    """`create` then `wait` (GET at once, then every `poll_interval` s), `polls` GETs per
+    job; users start spread over one poll interval, as clients that did not all start in
+    the same millisecond."""
+    auth = {"Authorization": f"Bearer {key}"}
+    body = await _upload_inputs(http, url, auth, inputs, tally)
+    if body is None:
+        return
+    await asyncio.sleep(random.uniform(0, poll_interval))
+    while time.monotonic() < deadline:
+        headers = {**auth, "Idempotency-Key": f"hcnr-client-{uuid.uuid4()}"}
+        response = await tally.call(
+            "POST /v1/repair-jobs",
+            lambda h=headers: http.post(f"{url}/v1/repair-jobs", json=body, headers=h),
+        )
+        if response is None:
+            await asyncio.sleep(poll_interval)
+            continue
+        if response.status == 201:
+            tally.created.add(response.body["id"])
+        path = f"{url}/v1/repair-jobs/{response.body['id']}"
+        for poll in range(polls):
+            if poll:
+                await asyncio.sleep(poll_interval)
+            if time.monotonic() >= deadline:
+                return
+            await tally.call("GET /v1/repair-jobs/{id}", lambda p=path: http.get(p, headers=auth))
+        await asyncio.sleep(poll_interval)  # the SDK sleeps after a poll; then the next job
+
+
 async def _run(
-    url: str, keys: list[str], inputs: Inputs, seconds: float, think: float
+    url: str,
+    keys: list[str],
+    inputs: Inputs,
+    seconds: float,
+    think: float,
+    shape: str = "mix",
+    polls: int = 10,
 ) -> tuple[Tally, float]:
     """One keep-alive connection per user at most. aiohttp, not httpx: on this 2-core
     machine the generator shares the CPU with the server it measures, and httpx's
@@ -134,7 +210,11 @@ async def _run(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         started = time.monotonic()
         deadline = started + seconds
-        await asyncio.gather(*(_user(http, url, k, inputs, deadline, think, tally) for k in keys))
+        if shape == "sdk":
+            users = [_sdk_user(http, url, k, inputs, deadline, think, polls, tally) for k in keys]
+        else:
+            users = [_user(http, url, k, inputs, deadline, think, tally) for k in keys]
+        await asyncio.gather(*users)
         return tally, time.monotonic() - started
 
 
@@ -170,9 +250,12 @@ def load(
     think: float = 0.5,
     tenants: int = 10,
     inputs: Inputs | None = None,
+    shape: str = "mix",
+    polls: int = 10,
 ) -> dict[str, Any]:
     """Run the load with no worker consuming (jobs stay queued, then are cancelled and
-    their messages dropped); returns the figures."""
+    their messages dropped); returns the figures. `shape` "sdk": `think` is the SDK's
+    poll interval and each job is polled `polls` times (module docstring)."""
     from sqlalchemy import func, select
 
     from store.models import Job, Tenant
@@ -180,7 +263,9 @@ def load(
     names = [f"load-{uuid.uuid4().hex[:6]}-{i}" for i in range(tenants)]
     tenant_keys = [cluster.create_key(name) for name in names]
     keys = [tenant_keys[i % tenants] for i in range(users)]
-    tally, wall = asyncio.run(_run(cluster.api.url, keys, inputs or cluster.inputs, seconds, think))
+    tally, wall = asyncio.run(
+        _run(cluster.api.url, keys, inputs or cluster.inputs, seconds, think, shape, polls)
+    )
     with cluster.session_factory() as session:
         mine = select(func.count()).select_from(Job).join(Tenant).where(Tenant.name.in_(names))
         rows = session.scalar(mine)
@@ -200,6 +285,8 @@ def load(
             },
         }
     return {
+        "shape": shape,
+        "polls_per_job": polls if shape == "sdk" else None,
         "users": users,
         "seconds": seconds,
         "think_seconds": think,

@@ -16,3 +16,15 @@ def test_concurrent_users_get_no_errors_and_every_job_is_a_row(fresh: Cluster):
     assert result["errors"] == 0, result["error_samples"]
     assert result["submitted"] > 0
     assert result["submitted"] == result["rows"], result
+
+
+def test_sdk_shaped_users_get_no_errors_and_every_job_is_a_row(fresh: Cluster):
+    """The `load_sdk` shape (create a job, then poll it at the SDK's interval), small."""
+    result = reliability_load.load(
+        fresh, users=20, seconds=6, think=0.5, tenants=20, shape="sdk", polls=3
+    )
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["submitted"] > 0
+    assert result["submitted"] == result["rows"], result
+    used = {route for route, figures in result["routes"].items() if figures["requests"]}
+    assert used == {"POST /v1/files", "POST /v1/repair-jobs", "GET /v1/repair-jobs/{id}"}
