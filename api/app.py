@@ -34,7 +34,6 @@ def create_app(
     a `validate` of theirs the validation then runs in this process, at once."""
     settings = settings or Settings()
     settings.ensure_dirs()
-    _preload_transformers()
     if settings.validation_isolation and enqueue is not None and validate is None:
         # Validation in this process (tests, embedding): its forkserver imports torch, so
         # start it now. Served by Celery, the validation worker warms its own.
@@ -85,8 +84,11 @@ def _preload_transformers() -> None:
 
 def _inline_validation(app: FastAPI, settings: Settings) -> Callable[[str], None]:
     """With a test's own `enqueue` and no `validate`: the validation in this process
-    (worker.validation.inline), at once, sending a validated job to that `enqueue`."""
+    (worker.validation.inline), at once, sending a validated job to that `enqueue`. Only
+    then does this process need transformers: a served API validates in the validator."""
     from worker.validation import inline
+
+    _preload_transformers()
 
     state = app.state  # read at call time: tests swap the producers after creation
 

@@ -16,6 +16,7 @@ from hcnr_cli.common import (
     evaluate_into_card,
     fail,
     quiet_libraries,
+    require,
     spec_and_options,
     summary_of,
     validate_within_limits,
@@ -63,6 +64,7 @@ def _run(method: str, config_file: Path | None, flags: dict[str, Any], **paths: 
     """The same method as `hcnr repair --method rait|dpo`, with typed flags."""
     from pydantic import ValidationError
 
+    require("compute", f"hcnr baseline {method}")
     quiet_libraries()
     from hcnr_core import HCNRError
     from hcnr_core.devices import resolve_devices

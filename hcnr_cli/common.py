@@ -20,6 +20,7 @@ err = Console(stderr=True, soft_wrap=True)  # never split an error message
 
 # What each optional part needs and how a user gets it (pyproject.toml's extras).
 EXTRAS = {
+    "compute": "install torch (the build you want), then pip install 'hcnr[compute]'",
     "service": "pip install 'hcnr[service]'",
     "client": "pip install hcnr-client (clients/python in the repository)",
 }
@@ -28,6 +29,7 @@ EXTRAS = {
 def require(extra: str, command: str) -> None:
     """Exit with a clear error when `command` needs an extra that is not installed."""
     modules = {
+        "compute": ("torch", "transformers", "peft", "trl"),
         "service": ("fastapi", "uvicorn", "celery", "sqlalchemy", "alembic", "redis"),
         "client": ("hcnr_client",),
     }[extra]

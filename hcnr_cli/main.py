@@ -33,6 +33,7 @@ from hcnr_cli.common import (
     fail,
     parse_settings,
     quiet_libraries,
+    require,
     spec_and_options,
     summary_of,
     validate_within_limits,
@@ -121,6 +122,7 @@ def repair(
     from hcnr_core.methods import MethodInputs
     from hcnr_core.registry import get_method
 
+    require("compute", "hcnr repair")
     quiet_libraries()
     overrides = {k: v for k, v in flags.items() if v is not None}
     try:

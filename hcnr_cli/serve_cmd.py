@@ -110,6 +110,7 @@ def serve(
     """Run the repair-job API, the validation worker and a worker (settings from HCNR_*
     environment variables)."""
     require("service", "hcnr serve")
+    require("compute", "hcnr serve")  # its workers repair
     import uvicorn
 
     from api.app import create_app

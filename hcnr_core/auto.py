@@ -58,7 +58,6 @@ from hcnr_core.methods import (
     require_inputs,
 )
 from hcnr_core.progress import ProgressEvent
-from hcnr_core.writer import StagedOutput, check_output_dir
 
 REPORT_NAME = "auto_report.json"
 FRONTIER_NAME = "auto_frontier.png"
@@ -259,6 +258,9 @@ class AutoMethod:
         should_cancel: ShouldCancel | None = None,
         cache: dict | None = None,
     ) -> dict[str, Any]:
+        # The writer imports torch; the API resolves auto's candidates without it.
+        from hcnr_core.writer import check_output_dir
+
         options = options_for(config, options)  # every candidate runs with these
         out = Path(out)
         check_output_dir(out)
@@ -476,6 +478,8 @@ def _publish(
     """The chosen checkpoint, its own report, auto_report.json, the frontier PNG and the
     card of the auto run (which candidate it chose and why; the chosen method's report
     records the new card's digest)."""
+    from hcnr_core.writer import StagedOutput
+
     with StagedOutput(out) as staged:
         for path in sorted(chosen.iterdir()):
             if path.is_file() and not path.is_symlink():

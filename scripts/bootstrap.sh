@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent environment set-up: a virtualenv in .venv with the project installed.
-# torch is pinned first so that the range in pyproject.toml (torch>=2.4) is already
-# satisfied and pip does not pull a different (multi-GB) build.
+# Idempotent environment set-up: a virtualenv in .venv with the project installed, every
+# part of it (the compute stack, the service, dev and test extras).
+# torch is pinned first so that the range in pyproject.toml (torch>=2.4, the compute extra)
+# is already satisfied and pip does not pull a different (multi-GB) build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -20,7 +21,7 @@ fi
 stamp=.venv/.hcnr-installed
 if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
   echo "bootstrap: installing the project into .venv (log: .venv/pip.log)"
-  if ! .venv/bin/pip install -e ".[service,dev,test]" -c scripts/constraints.txt >.venv/pip.log 2>&1; then
+  if ! .venv/bin/pip install -e ".[compute,service,dev,test]" -c scripts/constraints.txt >.venv/pip.log 2>&1; then
     tail -40 .venv/pip.log >&2
     exit 1
   fi

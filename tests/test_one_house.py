@@ -139,18 +139,100 @@ def test_the_config_the_loader_and_the_estimate_read_one_dtype_table():
 # --- the API process stays torch-free --------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["api.app", "store.remote_models", "hcnr_core.estimate"])
+@pytest.mark.parametrize(
+    "module", ["api.app", "store.remote_models", "hcnr_core.estimate", "hcnr_core.auto"]
+)
 def test_the_api_process_imports_no_torch(module: str):
+    """What the API imports (auto: to resolve a job's candidates) leaves out the compute
+    stack, and celery, which only the workers' processes import."""
     code = (
         f"import sys, {module}\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'celery') "
-        "if m in sys.modules)\n"
+        f"heavy = sorted(m for m in {(*COMPUTE_STACK, 'celery')!r} if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# What the API image leaves out (pyproject.toml's `compute` extra and what it pulls in): the
+# API process must serve without any of it.
+COMPUTE_STACK = (
+    "torch transformers peft trl datasets accelerate gguf matplotlib safetensors tokenizers "
+    "huggingface_hub numpy"
+).split()
+
+SERVE_WITHOUT_COMPUTE = """
+import json, sys
+from pathlib import Path
+
+BLOCKED = {blocked!r}
+
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Blocker())
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from store import repositories
+from store.db import session_scope
+from store.settings import Settings
+
+data_dir, models_root, honesty, task, adapter = map(Path, sys.argv[1:])
+settings = Settings(env="test", data_dir=data_dir, models_root=models_root)
+# The served API: validation is the validator's (Celery), never this process's.
+app = create_app(settings, enqueue=lambda _id: None, validate=lambda _id: None)
+with session_scope(app.state.session_factory) as session:
+    _, key = repositories.create_api_key(session, "alice")
+client = TestClient(app, headers={{"Authorization": f"Bearer {{key}}"}})
+assert client.get("/healthz").status_code == 200
+ids = {{}}
+for purpose, path in (("honesty", honesty), ("task", task)):
+    sent = {{"file": (path.name, path.read_bytes(), "application/jsonl")}}
+    answer = client.post("/v1/files", files=sent, data={{"purpose": purpose}})
+    assert answer.status_code == 201, answer.text
+    ids[purpose] = answer.json()["id"]
+body = {{"base": "path:base", "finetuned": f"path:{{adapter.name}}",
+        "honesty_file": ids["honesty"], "task_file": ids["task"]}}
+for method, values in (("hcnr", {{"compensation": "exact"}}), ("rait", {{"epochs": 1.0}}),
+                       ("dpo", {{}}), ("auto", {{"max_domain_drop": 5.0}})):
+    job = {{**body, "method": method, "hyperparameters": values}}
+    estimate = client.post("/v1/repair-jobs/estimate", json=job)
+    assert estimate.status_code == 200, (method, estimate.text)
+    created = client.post("/v1/repair-jobs", json=job)
+    assert created.status_code == 201, (method, created.text)
+    assert client.get(f"/v1/repair-jobs/{{created.json()['id']}}").status_code == 200
+assert client.get("/v1/repair-jobs").json()["data"]
+assert client.get("/ui/", follow_redirects=True).status_code == 200
+leaked = sorted({{m.split(".")[0] for m in sys.modules}} & set(BLOCKED))
+assert not leaked, leaked
+print("served")
+"""
+
+
+def test_the_api_serves_jobs_and_estimates_without_the_compute_stack(toy, tmp_path: Path):
+    """The API image installs `.[service,s3]` without the compute extra (docker/
+    Dockerfile.api): with every compute package blocked, the API still starts, takes
+    uploads, estimates and creates jobs of every method (auto's candidates included) and
+    renders the dashboard, and none of those packages was imported."""
+    script = SERVE_WITHOUT_COMPUTE.format(blocked=COMPUTE_STACK)
+    argv = [tmp_path / "data", toy["base"].parent, toy["honesty"], toy["task"], toy["adapter"]]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "served" in result.stdout
 
 
 # --- no import cycle -------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The library and CLI install and work without the service extra (issue 12, packaging):
 pyproject.toml keeps the service's packages in `[service]`, and nothing in hcnr_core or
-the CLI's library commands imports them."""
+the CLI's library commands imports them; the compute stack is the `[compute]` extra, which
+the API process does without (tests/test_one_house.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,20 @@ SERVICE_ONLY = {
     "fsspec",
     "prometheus-client",
     "cryptography",
+}
+# The repair's compute stack: the `compute` extra, never a core dependency, so that the API
+# image installs `.[service,s3]` without torch.
+COMPUTE_ONLY = {
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "tokenizers",
+    "accelerate",
+    "trl",
+    "datasets",
+    "gguf",
+    "matplotlib",
 }
 # The import names of the service's packages, and the service's own packages.
 BLOCKED = (
@@ -73,6 +88,21 @@ def test_core_dependencies_leave_the_service_to_its_extra():
     core = {_name(r) for r in project["dependencies"]}
     assert not core & SERVICE_ONLY, core & SERVICE_ONLY
     assert {_name(r) for r in project["optional-dependencies"]["service"]} == SERVICE_ONLY
+
+
+def test_the_compute_stack_is_an_extra_with_torch_first_class():
+    """`pip install '.[service,s3]'` (the API image) brings no torch; `.[compute]` brings
+    the whole stack, with the torch range the README and bootstrap pin inside it."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_name(r) for r in extras["dependencies"]}
+    optional = extras["optional-dependencies"]
+    assert not core & COMPUTE_ONLY, core & COMPUTE_ONLY
+    assert {_name(r) for r in optional["compute"]} == COMPUTE_ONLY
+    assert "torch>=2.4" in optional["compute"]
+    api_image = core | {_name(r) for e in ("service", "s3") for r in optional[e]}
+    assert not api_image & COMPUTE_ONLY, api_image & COMPUTE_ONLY
+    bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert 'pip install -e ".[compute,service,dev,test]"' in bootstrap  # make test, make demo
 
 
 def test_library_and_cli_work_without_the_service_packages():

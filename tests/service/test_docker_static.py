@@ -63,20 +63,48 @@ def test_a_cpu_validator_consumes_the_validation_queue(compose: dict):
     assert "-Q hcnr.validation" in command and "worker.celery_app" in command
     assert "deploy" not in validator  # no GPU reserved
     assert validator["build"]["dockerfile"] == "docker/Dockerfile.api"
+    assert validator["build"]["target"] == "validator"  # the API's base + the compute stack
     assert validator["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     gpu = (ROOT / compose["services"]["worker"]["build"]["dockerfile"]).read_text()
     assert "hcnr.validation" not in gpu
 
 
-def test_images_pin_torch_first_and_install_the_service_extra():
+def stages(name: str) -> dict[str, str]:
+    """A Dockerfile's stages in order: `FROM ... AS name` -> its text ("" for an unnamed one)."""
+    text = (ROOT / "docker" / name).read_text()
+    found = {}
+    for part in re.split(r"^FROM ", text, flags=re.M)[1:]:
+        named = re.search(r"\sAS\s+(\w+)", part.splitlines()[0], re.I)
+        found[named.group(1) if named else ""] = part
+    return found
+
+
+@pytest.mark.parametrize(
+    ("name", "stage"), [("Dockerfile.worker", ""), ("Dockerfile.api", "validator")]
+)
+def test_compute_images_pin_torch_first_and_install_the_compute_extra(name: str, stage: str):
     bootstrap = (ROOT / "scripts" / "bootstrap.sh").read_text()
     pinned = re.search(r"TORCH_SPEC:-(torch==[0-9.]+)", bootstrap).group(1)
-    for name in ("Dockerfile.api", "Dockerfile.worker"):
-        text = (ROOT / "docker" / name).read_text()
-        assert f'ARG TORCH_SPEC="{pinned}"' in text, name  # the version the tests ran on
-        torch_at = text.index('"$TORCH_SPEC"')
-        project_at = text.index('pip install ".[service,s3]"')
-        assert torch_at < project_at, name  # torch first: pip keeps it
+    text = stages(name)[stage]
+    assert f'ARG TORCH_SPEC="{pinned}"' in text  # the version the tests ran on
+    torch_at = text.index('"$TORCH_SPEC"')
+    project_at = text.index('pip install ".[compute,service,s3]"')
+    assert torch_at < project_at  # torch first: pip keeps it
+
+
+def test_the_api_image_installs_no_compute_stack(compose: dict):
+    """The API process loads no weights: its image (Dockerfile.api's default, last, target)
+    installs `.[service,s3]`, neither torch nor the compute extra; the shared base stage
+    installs nothing; compose builds the API and the migrations from that target."""
+    found = stages("Dockerfile.api")
+    assert list(found)[-1] == "api"  # `docker build -f docker/Dockerfile.api .` builds it
+    api, base = found["api"], found["base"]
+    assert re.findall(r'pip install "?[^"\s]*', api) == ['pip install ".[service,s3]']
+    assert "torch" not in api.lower() and "compute" not in api
+    assert "pip install" not in base and "torch" not in base.split("\n", 1)[1].lower()
+    assert '"--factory", "api.app:create_app"' in api
+    for service in ("api", "migrate"):
+        assert compose["services"][service]["build"]["target"] == "api", service
 
 
 def test_dependencies_wait_for_health(compose: dict):
