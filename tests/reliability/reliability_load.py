@@ -12,7 +12,8 @@ Each user uploads its honesty and task files once, then loops, in one of two sha
   then `repair_jobs.wait(job_id)`, which GETs the job at once and then every
   `poll_interval` seconds (the SDK's default, 1 s) until it is finished. No GPU worker
   runs here, so no job finishes: each user moves on to its next job after `polls` polls
-  (a job that runs `polls` seconds).
+  (a job that runs `polls` seconds). Users start at random moments over one such job
+  (a ramp-up, not timed), then every request of the next `seconds` is timed.
 
 Every request is timed per route; any status >= 400 or transport error is an error.
 Afterwards the jobs the users were told were created (201) are compared with the rows in
@@ -57,6 +58,8 @@ class Tally:
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     error_samples: list[str] = field(default_factory=list)
     created: set[str] = field(default_factory=set)
+    since: float = 0.0  # perf_counter: requests sent before are not timed (a ramp-up)
+    untimed: int = 0
 
     async def call(self, route: str, send: Callable[[], Any]) -> Answer | None:
         """Time one request, from sending it until its whole body is read."""
@@ -67,7 +70,10 @@ class Tally:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self._error(route, f"{route}: {type(exc).__name__}: {exc}")
             return None
-        self.latencies[route].append(time.perf_counter() - started)
+        if started >= self.since:
+            self.latencies[route].append(time.perf_counter() - started)
+        else:
+            self.untimed += 1
         if response.status >= 400:
             self._error(route, f"{route}: {response.status} {text[:200]}")
             return None
@@ -164,13 +170,14 @@ async def _sdk_user(
     tally: Tally,
 ) -> None:
     """`create` then `wait` (GET at once, then every `poll_interval` s), `polls` GETs per
-    job; users start spread over one poll interval, as clients that did not all start in
-    the same millisecond."""
+    job. Users start at random moments over one job's length (`_run`'s ramp), as clients
+    that did not all start in the same second: started together, they would stay in step
+    and post their jobs in bursts of `users` every `polls` seconds."""
+    await asyncio.sleep(random.uniform(0, polls * poll_interval))
     auth = {"Authorization": f"Bearer {key}"}
     body = await _upload_inputs(http, url, auth, inputs, tally)
     if body is None:
         return
-    await asyncio.sleep(random.uniform(0, poll_interval))
     while time.monotonic() < deadline:
         headers = {**auth, "Idempotency-Key": f"hcnr-client-{uuid.uuid4()}"}
         response = await tally.call(
@@ -200,22 +207,27 @@ async def _run(
     think: float,
     shape: str = "mix",
     polls: int = 10,
-) -> tuple[Tally, float]:
-    """One keep-alive connection per user at most. aiohttp, not httpx: on this 2-core
+) -> tuple[Tally, float, float]:
+    """The tally, the timed window and the whole run (s; with the ramp-up). One keep-alive
+    connection per user at most. aiohttp, not httpx: on this 2-core
     machine the generator shares the CPU with the server it measures, and httpx's
     AsyncClient took 6.5 ms of CPU per request (more than the API itself)."""
     tally = Tally()
     connector = aiohttp.TCPConnector(limit=len(keys) + 10, keepalive_timeout=30)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        started = time.monotonic()
+        began = started = time.monotonic()
         deadline = started + seconds
-        if shape == "sdk":
+        if shape == "sdk":  # timed after the ramp-up, for `seconds`
+            ramp = polls * think
+            tally.since = time.perf_counter() + ramp
+            started, deadline = started + ramp, deadline + ramp
             users = [_sdk_user(http, url, k, inputs, deadline, think, polls, tally) for k in keys]
         else:
             users = [_user(http, url, k, inputs, deadline, think, tally) for k in keys]
         await asyncio.gather(*users)
-        return tally, time.monotonic() - started
+        ended = time.monotonic()
+        return tally, ended - started, ended - began
 
 
 def _retire(cluster: Cluster, tenants: list[str]) -> None:
@@ -263,7 +275,7 @@ def load(
     names = [f"load-{uuid.uuid4().hex[:6]}-{i}" for i in range(tenants)]
     tenant_keys = [cluster.create_key(name) for name in names]
     keys = [tenant_keys[i % tenants] for i in range(users)]
-    tally, wall = asyncio.run(
+    tally, wall, total = asyncio.run(
         _run(cluster.api.url, keys, inputs or cluster.inputs, seconds, think, shape, polls)
     )
     with cluster.session_factory() as session:
@@ -291,6 +303,9 @@ def load(
         "seconds": seconds,
         "think_seconds": think,
         "wall_seconds": round(wall, 1),
+        # with the ramp-up (shape "sdk"): what CPU per request and CPU shares divide by
+        "total_seconds": round(total, 1),
+        "requests_total": requests + tally.untimed,
         "requests": requests,
         "requests_per_second": round(requests / wall, 1),
         "errors": sum(tally.errors.values()),
