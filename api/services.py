@@ -284,8 +284,11 @@ def check_push_to_hub(session: Session, tenant: Tenant, body: RepairJobCreate) -
         )
 
 
-def _input_file(session: Session, tenant: Tenant, file_id: str, purpose: str) -> File:
-    file = get_file(session, tenant, file_id)
+def _input_file(files: dict[str, File], file_id: str, purpose: str) -> File:
+    """`file_id` of `files` (the tenant's live files the job names), of `purpose`."""
+    file = files.get(file_id)
+    if file is None:
+        raise not_found("file", file_id)
     if file.purpose != purpose:
         raise APIError(
             "invalid_file_purpose",
@@ -299,14 +302,17 @@ def check_job(session: Session, settings: Settings, tenant: Tenant, body: Repair
     hyper-parameters, the webhook address and the model references (syntax, confinement
     to the models root, existence). What reads the inputs runs afterwards, in the
     validation task (worker/validation.py)."""
-    _input_file(session, tenant, body.honesty_file, "honesty")
-    _input_file(session, tenant, body.task_file, "task")
+    named = (body.honesty_file, body.task_file, body.eval_file, body.validation_file)
+    # one query for all of them (each of its own was a round trip of every POST)
+    files = repositories.get_files(session, tenant.id, [f for f in named if f and _well_formed(f)])
+    _input_file(files, body.honesty_file, "honesty")
+    _input_file(files, body.task_file, "task")
     if body.eval_file:
-        _input_file(session, tenant, body.eval_file, "eval")
+        _input_file(files, body.eval_file, "eval")
     if body.validation_file:
         if body.method != "auto":
             raise APIError("invalid_request", "validation_file is read by method auto only")
-        _input_file(session, tenant, body.validation_file, "eval")
+        _input_file(files, body.validation_file, "eval")
     config = repair_config(body, settings)
     if body.method == "auto":  # every candidate's hyper-parameters, before anything runs
         from hcnr_core.auto import candidate_config

@@ -98,6 +98,17 @@ def get_file(session: Session, tenant_id: str, file_id: str) -> File | None:
     return session.scalar(query)
 
 
+def get_files(session: Session, tenant_id: str, file_ids: Iterable[str]) -> dict[str, File]:
+    """The tenant's live files among `file_ids`, by id (others' and deleted ones absent)."""
+    wanted = set(file_ids)
+    if not wanted:
+        return {}
+    query = select(File).where(
+        File.id.in_(wanted), File.tenant_id == tenant_id, File.deleted_at.is_(None)
+    )
+    return {file.id: file for file in session.scalars(query)}
+
+
 def list_files(
     session: Session,
     tenant_id: str,
