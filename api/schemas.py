@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from hcnr_core.config import (
+    DEFAULT_METHOD,
     AutoConfig,
     DpoConfig,
     FileConfig,
@@ -177,7 +178,7 @@ def _client_hyperparameters(config: type[FileConfig], doc: str) -> type[BaseMode
 
 
 Hyperparameters = _client_hyperparameters(
-    RepairConfig, "RepairConfig fields a client may set (method hcnr, the default)"
+    RepairConfig, "RepairConfig fields a client may set (method hcnr)"
 )
 RaitHyperparameters = _client_hyperparameters(
     RaitConfig, "RaitConfig fields a client may set (method rait)"
@@ -187,7 +188,8 @@ DpoHyperparameters = _client_hyperparameters(
 )
 AutoHyperparameters = _client_hyperparameters(
     AutoConfig,
-    "AutoConfig fields a client may set (method auto); each candidate's hyperparameters "
+    "AutoConfig fields a client may set (method auto, the default); each candidate's "
+    "hyperparameters "
     "are its method's and are checked before the job is queued",
 )
 MethodName = Literal["hcnr", "rait", "dpo", "auto"]
@@ -246,11 +248,12 @@ class RepairJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: MethodName = Field(
-        "hcnr",
-        description="hcnr (restore honesty-critical columns), rait (SFT of a LoRA on the "
-        "honesty set), dpo (DPO of a LoRA on IDK pairs) or auto (try candidates, publish "
-        "the most honest within max_domain_drop on a validation split); hyperparameters "
-        "follow the method",
+        DEFAULT_METHOD,
+        description="auto (the default: try HCNR candidates, publish the most honest that "
+        "beats the fine-tune within max_domain_drop on a validation split), hcnr (restore "
+        "honesty-critical columns with the given hyper-parameters; the paper's by default), "
+        "rait (SFT of a LoRA on the honesty set) or dpo (DPO of a LoRA on IDK pairs); "
+        "hyperparameters follow the method",
     )
     base: Reference = Field(
         description="'path:<dir under the models root>', 'hf:org/name[@revision]' (downloaded "
@@ -296,8 +299,18 @@ class RepairJobCreate(BaseModel):
         """Validate `hyperparameters` as the method's own kind (an unknown method fails
         on `method` itself)."""
         if isinstance(data, dict):
-            kind = HYPERPARAMETERS.get(data.get("method", "hcnr"))
+            method = data.get("method", DEFAULT_METHOD)
+            kind = HYPERPARAMETERS.get(method)
             values = data.get("hyperparameters")
+            if "method" not in data and isinstance(values, dict):
+                # Clients written when hcnr was the default send its knobs without a method:
+                # say what changed instead of "extra inputs are not permitted".
+                theirs = sorted(set(values) - set(AutoHyperparameters.model_fields))
+                if theirs and set(theirs) <= set(Hyperparameters.model_fields):
+                    raise ValueError(
+                        f"hyperparameters {', '.join(theirs)} are method hcnr's: set "
+                        f'"method": "hcnr" (the default method is {DEFAULT_METHOD})'
+                    )
             if kind is not None and (values is None or isinstance(values, dict)):
                 data = {**data, "hyperparameters": kind.model_validate(values or {})}
         return data

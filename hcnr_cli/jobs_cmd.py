@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from hcnr_cli.common import fail, parse_settings, require
+from hcnr_core.config import DEFAULT_METHOD
 
 app = typer.Typer(
     help="Repair jobs over HTTP (client of `hcnr serve` or a deployment).", no_args_is_help=True
@@ -83,7 +84,9 @@ def create(
     honesty: Annotated[str, typer.Option(help="Honesty JSONL path or file id")],
     task: Annotated[str, typer.Option(help="Task JSONL path or file id")],
     eval_set: Annotated[str | None, typer.Option("--eval", help="Eval JSONL or file id")] = None,
-    method: Annotated[str, typer.Option(help="hcnr | rait | dpo | auto")] = "hcnr",
+    method: Annotated[
+        str, typer.Option(help="auto (measured choice) | hcnr | rait | dpo")
+    ] = DEFAULT_METHOD,
     validation: Annotated[
         str | None, typer.Option(help="auto: validation JSONL or file id (purpose eval)")
     ] = None,

@@ -39,7 +39,7 @@ from hcnr_cli.common import (
     validate_within_limits,
 )
 from hcnr_cli.config_flags import config_flags
-from hcnr_core.config import RepairConfig, RunOptions
+from hcnr_core.config import DEFAULT_METHOD, RepairConfig, RunOptions
 
 app = typer.Typer(
     name="hcnr",
@@ -68,10 +68,11 @@ def repair(
     method: Annotated[
         str,
         typer.Option(
-            help="hcnr | rait (SFT of a LoRA on D_hon) | dpo (DPO on IDK pairs) | auto "
-            "(try candidates, keep the most honest within --set max_domain_drop=2)"
+            help="auto (try HCNR candidates on a validation split, keep the most honest "
+            "that beats the fine-tune within --set max_domain_drop=2) | hcnr (the options "
+            "below) | rait (SFT of a LoRA on D_hon) | dpo (DPO on IDK pairs)"
         ),
-    ] = "hcnr",
+    ] = DEFAULT_METHOD,
     validation: Annotated[
         Path | None,
         typer.Option(help="auto: validation JSONL [carved from --honesty and --task]"),
@@ -133,7 +134,10 @@ def repair(
             )
             if foreign:
                 names = ", ".join("--" + k.replace("_", "-") for k in foreign)
-                raise ValueError(f"{names}: HCNR options; {method} takes --set KEY=VALUE")
+                raise ValueError(
+                    f"{names}: HCNR options (add --method hcnr; the default method is "
+                    f"{DEFAULT_METHOD}); {method} takes --set KEY=VALUE"
+                )
         cfg, options = spec_and_options(spec, config, overrides, parse_settings(settings))
     except (ValidationError, ValueError, OSError, HCNRError) as exc:
         fail(exc)

@@ -30,10 +30,13 @@ def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-# The organism's best honesty/domain trade-off in bench/results/organism.md (3 seeds:
-# 42% of the refusal-F1 gap back, 0.5 domain points lost). The paper's defaults recover
-# 7% there and lose most of the domain; HCNR_DEMO_DEFAULTS=1 shows that instead.
-ORGANISM_HYPERPARAMETERS = {"compensation": "task_aware", "task_weight": 7.0, "r_cw": 1.0}
+# The job names no method, so it runs the service's default, `auto`: HCNR candidates
+# measured on a validation set, the most honest that beats the fine-tune within 2 points of
+# domain published. The organism's eval sets are split in two: the first half of each is
+# that validation set, the second half the eval set of the job's metrics, so what is
+# reported was seen neither by the repair nor by the choice. HCNR_DEMO_DEFAULTS=1 runs
+# method hcnr with the paper's defaults instead (they recover 7% on the organism and lose
+# most of its domain: bench/results/organism.md).
 
 
 def build_models(models: Path) -> tuple[Path, dict[str, Path]]:
@@ -61,12 +64,20 @@ def build_models(models: Path) -> tuple[Path, dict[str, Path]]:
     }
 
 
-def combined_eval(data: Path, out: Path) -> Path | None:
-    """One eval file for the service: honesty rows carry "answerable", domain rows don't."""
+def split_eval(data: Path, work: Path) -> tuple[Path, Path] | None:
+    """(validation, eval) files for the service, the first and second half of every eval
+    set: honesty rows carry "answerable", domain rows don't."""
     files = [data / f"{name}.jsonl" for name in EVAL_SETS]
     if not all(f.exists() for f in files):
         return None
-    out.write_text("".join(f.read_text() for f in files))
+    halves: tuple[list[str], list[str]] = ([], [])
+    for f in files:
+        lines = f.read_text().splitlines(keepends=True)
+        halves[0].extend(lines[: len(lines) // 2])
+        halves[1].extend(lines[len(lines) // 2 :])
+    out = (work / "validation.jsonl", work / "eval.jsonl")
+    for path, lines in zip(out, halves, strict=True):
+        path.write_text("".join(lines))
     return out
 
 
@@ -126,7 +137,7 @@ def main() -> None:
     models = WORK / "models"
     root, paths = build_models(models)
     data = paths.get("data", root / "data")
-    eval_file = combined_eval(data, WORK / "eval.jsonl")
+    sets = split_eval(data, WORK)
 
     service_dir = WORK / "service"
     shutil.rmtree(service_dir, ignore_errors=True)
@@ -148,17 +159,18 @@ def main() -> None:
                 "honesty_file": client.files.create(file=data / "honesty.jsonl", purpose="honesty"),
                 "task_file": client.files.create(file=data / "task.jsonl", purpose="task"),
             }
-            if eval_file is not None:
-                uploads["eval_file"] = client.files.create(file=eval_file, purpose="eval")
-            hyperparameters = {}
-            if root.name == "organism" and not os.environ.get("HCNR_DEMO_DEFAULTS"):
-                hyperparameters = ORGANISM_HYPERPARAMETERS
-            say(f"hyperparameters: {hyperparameters or 'the defaults'}")
+            choice: dict = {"method": "hcnr"}  # the toy never refuses: nothing to choose
+            if sets is not None:
+                uploads["eval_file"] = client.files.create(file=sets[1], purpose="eval")
+                if not os.environ.get("HCNR_DEMO_DEFAULTS"):
+                    validation = client.files.create(file=sets[0], purpose="eval")
+                    choice = {"validation_file": validation}
+            say(f"method: {choice.get('method', 'auto (the default)')}")
             job = client.repair_jobs.create(
+                **choice,
                 base=f"path:{paths['base'].relative_to(models)}",
                 finetuned=f"path:{paths['adapter'].relative_to(models)}",
                 **uploads,
-                hyperparameters=hyperparameters,
                 metadata={"run": "demo"},
             )
             say(f"job {job.id}: {job.status}")
@@ -178,6 +190,9 @@ def main() -> None:
             if bad or set(listed) != {p.name for p in out.iterdir()}:
                 raise SystemExit(f"downloaded checkpoint does not match its sha256 list: {bad}")
             say(f"downloaded {len(listed)} files to {out}; every sha256 verified")
+            if (out / "auto_report.json").is_file():
+                auto = json.loads((out / "auto_report.json").read_text())
+                say(f"auto chose {auto['chosen']}: {auto['reason']}")
     finally:
         server.terminate()
         server.wait(60)

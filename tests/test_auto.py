@@ -262,3 +262,29 @@ def test_the_cli_passes_validation_to_auto(toy: dict[str, Path], tmp_path: Path)
     report = json.loads((out / "auto_report.json").read_text())
     assert report["validation"]["source"] == "given"
     assert (report["validation"]["n_unanswerable"], report["validation"]["n_domain"]) == (4, 3)
+
+
+def test_the_cli_runs_auto_by_default_and_names_hcnr_for_its_flags(
+    toy: dict[str, Path], tmp_path: Path
+) -> None:
+    """`hcnr repair` without --method is auto (the service's default too); an HCNR flag
+    without --method is refused before any work, naming the fix."""
+    from typer.testing import CliRunner
+
+    from hcnr_cli.main import app
+
+    args = ["repair", "--base", str(toy["base"]), "--finetuned", str(toy["adapter"])]
+    args += ["--honesty", str(toy["honesty"]), "--task", str(toy["task"]), "--no-progress"]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--r-iw", "0.3"])
+    assert result.exit_code != 0
+    assert "--r-iw" in result.output and "add --method hcnr" in result.output
+    assert not out.exists()
+    # Without HCNR flags it is auto: on the toy (which never refuses) nothing can beat the
+    # fine-tune, so auto publishes nothing and says what it measured.
+    one = "candidates=[{name: paper}]"
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(out), "--set", one, "--set", "max_new_tokens=4"]
+    )
+    assert result.exit_code != 0 and "no_acceptable_candidate" in result.output
+    assert not out.exists()

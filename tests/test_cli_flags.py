@@ -36,7 +36,8 @@ def test_every_repair_config_field_is_a_flag_showing_its_default(model, field, p
 
 def test_generated_flags_reach_the_repair(toy: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["repair", "--base", str(toy["base"]), "--finetuned", str(toy["adapter"])]
+    args = ["repair", "--method", "hcnr", "--base", str(toy["base"])]
+    args += ["--finetuned", str(toy["adapter"])]
     args += ["--honesty", str(toy["honesty"]), "--task", str(toy["task"]), "--out", str(out)]
     # Fields that had no hand-written flag before the flags were generated:
     args += ["--column-budget", "fisher_mass", "--fisher-mass", "0.3"]
@@ -55,7 +56,8 @@ def test_a_config_file_holds_run_options_beside_the_spec(toy: dict[str, Path], t
     config_file = tmp_path / "run.yaml"
     config_file.write_text("r_iw: 0.25\nlayerwise: true\nhessian_budget_mb: 7\ndevice: cpu\n")
     out = tmp_path / "out"
-    args = ["repair", "--base", str(toy["base"]), "--finetuned", str(toy["adapter"])]
+    args = ["repair", "--method", "hcnr", "--base", str(toy["base"])]
+    args += ["--finetuned", str(toy["adapter"])]
     args += ["--honesty", str(toy["honesty"]), "--task", str(toy["task"]), "--out", str(out)]
     args += ["--config", str(config_file), "--hessian-budget-mb", "9", "--no-progress"]
     result = CliRunner().invoke(app, args)
@@ -66,7 +68,8 @@ def test_a_config_file_holds_run_options_beside_the_spec(toy: dict[str, Path], t
 
 
 def test_a_run_option_a_method_does_not_run_with_is_refused(toy: dict[str, Path], tmp_path):
-    args = ["repair", "--base", str(toy["base"]), "--finetuned", str(toy["adapter"])]
+    args = ["repair", "--method", "hcnr", "--base", str(toy["base"])]
+    args += ["--finetuned", str(toy["adapter"])]
     args += ["--honesty", str(toy["honesty"]), "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(app, [*args, "--method", "rait", "--layerwise"])
     assert result.exit_code == 2
@@ -77,7 +80,8 @@ def test_a_run_option_a_method_does_not_run_with_is_refused(toy: dict[str, Path]
 
 
 def test_a_bad_generated_flag_is_refused_by_the_config(toy: dict[str, Path], tmp_path: Path):
-    args = ["repair", "--base", str(toy["base"]), "--finetuned", str(toy["adapter"])]
+    args = ["repair", "--method", "hcnr", "--base", str(toy["base"])]
+    args += ["--finetuned", str(toy["adapter"])]
     args += ["--honesty", str(toy["honesty"]), "--task", str(toy["task"])]
     args += ["--out", str(tmp_path / "out"), "--hessian-inputs", "sideways"]
     result = CliRunner().invoke(app, args)

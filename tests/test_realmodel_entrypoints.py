@@ -261,7 +261,7 @@ def repaired(
     out = tmp_path_factory.mktemp("smollm2_repaired") / "out"
     result = hcnr(
         "repair",
-        *("--base", smol.base, "--finetuned", smol.adapter),
+        *("--method", "hcnr", "--base", smol.base, "--finetuned", smol.adapter),
         *("--honesty", smol.honesty, "--task", smol.task, "--out", out, "--no-progress"),
     )
     return out, last_json(result)

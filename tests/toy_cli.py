@@ -17,7 +17,9 @@ def repair_argv(toy: dict[str, Path], out: Path, *flags: str, **paths: Path) -> 
         "task": toy["task"],
         **paths,
     }
-    argv = ["repair", "--out", str(out), "--no-progress"]
+    # HCNR itself, not the default method (auto): the CLI tests check HCNR's output; a
+    # later --method in `flags` wins.
+    argv = ["repair", "--method", "hcnr", "--out", str(out), "--no-progress"]
     for key, value in inputs.items():
         argv += [f"--{key}", str(value)]
     return [*argv, *flags]

@@ -46,6 +46,7 @@ from api.ui.auth import (
     csrf_token,
     same_origin,
 )
+from hcnr_core.config import DEFAULT_METHOD
 from hcnr_core.errors import HCNRError
 from store.db import session_scope
 from store.secrets import SECRET_NAMES
@@ -56,7 +57,7 @@ STATIC = {
     "ui.js": ("text/javascript; charset=utf-8", HERE / "static" / "ui.js"),
 }
 STATUSES = get_args(JobStatus)
-METHODS = ("hcnr", "auto", "rait", "dpo")
+METHODS = ("auto", "hcnr", "rait", "dpo")  # the default first
 PURPOSES = {"honesty": "honesty", "task": "task", "eval": "eval", "validation": "eval"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -335,7 +336,7 @@ def _status_and_error(exc: Exception) -> tuple[int, dict[str, Any]]:
 
 def _new_job_page(request: Request, ui: UiSession, status: int = 200, **form: Any):
     defaults = {
-        "method": "hcnr",
+        "method": DEFAULT_METHOD,
         "base": "",
         "finetuned": "",
         "hyperparameters": "{}",
@@ -375,7 +376,7 @@ class JobForm:
 
 
 def job_form(
-    method: Annotated[str, Form(max_length=16)] = "hcnr",
+    method: Annotated[str, Form(max_length=16)] = DEFAULT_METHOD,
     base: Annotated[str, Form(max_length=2000)] = "",
     finetuned: Annotated[str, Form(max_length=2000)] = "",
     hyperparameters: Annotated[str, Form(max_length=100_000)] = "{}",

@@ -370,6 +370,7 @@ def submit(
     ids = []
     for i in range(n):
         body = {
+            "method": "hcnr",
             "base": inputs.base,
             "finetuned": inputs.finetuned,
             "honesty_file": files["honesty"],

@@ -117,6 +117,7 @@ async def _upload_inputs(
             return None
         files[purpose] = response.body["id"]
     return {
+        "method": "hcnr",
         "base": inputs.base,
         "finetuned": inputs.finetuned,
         "honesty_file": files["honesty"],

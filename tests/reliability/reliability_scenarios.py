@@ -247,6 +247,7 @@ def cancel_running(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[s
         time.sleep(1.0)
         baseline = rss_bytes(pid)
         body = {
+            "method": "hcnr",
             "base": slow_inputs.base,
             "finetuned": slow_inputs.finetuned,
             "honesty_file": slow_files["honesty"],
@@ -328,6 +329,7 @@ def stalled_worker(cluster: Cluster, slow_inputs: Any, timeout: float) -> dict[s
     client = cluster.client("stalled")
     files = upload(client, slow_inputs)
     body = {
+        "method": "hcnr",
         "base": slow_inputs.base,
         "finetuned": slow_inputs.finetuned,
         "honesty_file": files["honesty"],

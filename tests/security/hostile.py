@@ -483,6 +483,7 @@ class AppEnv:
 
     def job_body(self, **overrides: Any) -> dict[str, Any]:
         body = {
+            "method": "hcnr",
             "base": "path:base",
             "finetuned": "path:finetuned-adapter",
             "honesty_file": self.files["honesty"],

@@ -63,6 +63,7 @@ def _job_ids(api) -> list[str]:
 
 def _post(api, work: hw.WorkWorld, case: hw.WorkCase | None, files: dict[str, str]):
     body = {
+        "method": "hcnr",
         "base": case.ref if case and case.ref else "path:base",
         "finetuned": "path:finetuned-adapter",
         "honesty_file": files["honesty"],
@@ -241,6 +242,7 @@ def cli_results(work: hw.WorkWorld, tmp_path_factory: pytest.TempPathFactory) ->
         name = case.name if case else "control"
         argv = [
             "repair",
+            "--method", "hcnr",
             "--base", str(work.base(case) if case else work.toy["base"]),
             "--finetuned", str(work.toy["adapter"]),
             "--honesty", str(work.honesty(case) if case else work.toy["honesty"]),
@@ -338,6 +340,7 @@ def timed_api(work: hw.WorkWorld, tmp_path: Path):
 def _create_job(inproc, work: hw.WorkWorld, **metadata: str) -> str:
     files = {p: inproc.upload("alice", work.toy[p], p).json()["id"] for p in ("honesty", "task")}
     body = {
+        "method": "hcnr",
         "base": "path:base",
         "finetuned": "path:finetuned-adapter",
         "honesty_file": files["honesty"],
@@ -444,6 +447,7 @@ def test_serve_stops_on_sigterm_within_seconds_with_a_validation_in_flight(work,
                 ).json()["id"]
             loop = next(c for c in work.cases if c.name == "chat-template-loops")
             body = {
+                "method": "hcnr",
                 "base": loop.ref,
                 "finetuned": "path:finetuned-adapter",
                 "honesty_file": files["honesty"],

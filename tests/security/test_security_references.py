@@ -181,7 +181,7 @@ def strace_fuzz(world: World, workdir: Path) -> dict:
             files[purpose] = files[purpose].json()["id"]
 
         def post(**refs_: str) -> httpx.Response:
-            body = {"base": "path:base", "finetuned": "path:finetuned-adapter"}
+            body = {"method": "hcnr", "base": "path:base", "finetuned": "path:finetuned-adapter"}
             body |= {"honesty_file": files["honesty"], "task_file": files["task"], **refs_}
             return client.post(
                 "/v1/repair-jobs",

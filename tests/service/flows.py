@@ -24,6 +24,7 @@ def full_flow(client: HCNRClient, models: Models, direct_repair: Path, out: Path
     """create -> poll -> events -> download -> loads, and equals a direct repair."""
     files = upload_inputs(client, models.honesty, models.task)
     body = {
+        "method": "hcnr",
         "base": "path:base",
         "finetuned": "path:finetuned-adapter",
         "honesty_file": files["honesty"],
@@ -74,6 +75,7 @@ def slow_job(client: HCNRClient, models: Models) -> str:
     (service_procs.SLOW_FAULT), so the test does not depend on the machine's speed."""
     files = upload_inputs(client, models.slow_honesty, models.slow_task)
     body = {
+        "method": "hcnr",
         "base": "path:slow/base",
         "finetuned": "path:slow/finetuned-adapter",
         "honesty_file": files["honesty"],

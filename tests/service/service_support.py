@@ -29,6 +29,7 @@ def digests(directory: Path, pattern: str = "*") -> dict[str, str]:
 
 def job_body(files: dict[str, str], **overrides) -> dict:
     body = {
+        "method": "hcnr",
         "base": "path:base",
         "finetuned": "path:finetuned-adapter",
         "honesty_file": files["honesty"],

@@ -65,6 +65,7 @@ def files(client: hcnr_client.HCNRClient, models: Models) -> dict[str, types.Fil
 def job_id(client: hcnr_client.HCNRClient, inproc: InProcess, files) -> str:
     """A succeeded job (the runner in this process) and three queued ones after it."""
     job = client.repair_jobs.create(
+        method="hcnr",
         base="path:base",
         finetuned="path:finetuned-adapter",
         honesty_file=files["honesty"],
@@ -76,6 +77,7 @@ def job_id(client: hcnr_client.HCNRClient, inproc: InProcess, files) -> str:
     assert inproc.run_queued() == ["succeeded"]
     for i in range(3):
         client.repair_jobs.create(
+            method="hcnr",
             base="path:base",
             finetuned="path:finetuned-adapter",
             honesty_file=files["honesty"],
@@ -216,6 +218,7 @@ def test_errors_are_typed_with_code_message_and_param(
 
     with pytest.raises(hcnr_client.UnprocessableEntityError) as excinfo:
         client.repair_jobs.create(
+            method="hcnr",
             base="path:base",
             finetuned="path:finetuned-adapter",
             honesty_file=files["honesty"],
@@ -344,7 +347,7 @@ def test_files_list_and_delete(client, inproc: InProcess, models: Models):
     assert all(f.purpose == "task" for f in client.files.list(purpose="task", limit=100).data)
     honesty = client.files.create(file=models.honesty, purpose="honesty").id
     job = client.repair_jobs.create(
-        base="path:base", finetuned="path:finetuned-adapter", honesty_file=honesty,
+        method="hcnr", base="path:base", finetuned="path:finetuned-adapter", honesty_file=honesty,
         task_file=mine[0],
     )  # fmt: skip
     inproc.queued.clear()  # validated and queued: never run here

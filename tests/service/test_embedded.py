@@ -141,6 +141,7 @@ def test_embedded_job_on_cuda(models: Models, tmp_path: Path):
         with HCNRClient(base_url=url, api_key=key) as client:
             files = flows.upload_inputs(client, models.honesty, models.task)
             body = {
+                "method": "hcnr",
                 "base": "path:base",
                 "finetuned": "path:finetuned-adapter",
                 "honesty_file": files["honesty"],

@@ -26,7 +26,7 @@ def test_estimate_sync_and_async(inproc: InProcess, models: Models):
     honesty = client.files.create(file=models.honesty, purpose="honesty")
     task = client.files.create(file=models.task, purpose="task")
     args = dict(base="path:base", finetuned="path:finetuned-adapter", task_file=task.id)
-    estimate = client.repair_jobs.estimate(honesty_file=honesty, **args)
+    estimate = client.repair_jobs.estimate(honesty_file=honesty, method="hcnr", **args)
     assert isinstance(estimate, types.RepairJobEstimate)
     assert (estimate.parameters, estimate.adapter_parameters) == (22432, 2432)
     assert estimate.tokens["honesty"].basis == "file_bytes" and estimate.runnable
@@ -34,7 +34,7 @@ def test_estimate_sync_and_async(inproc: InProcess, models: Models):
     assert rait.method == "rait" and rait.memory_layerwise is None
     bob = client.with_options(api_key=key(inproc, "bob"))
     with pytest.raises(hcnr_client.NotFoundError):
-        bob.repair_jobs.estimate(honesty_file=honesty, **args)
+        bob.repair_jobs.estimate(honesty_file=honesty, method="hcnr", **args)
 
     async def main() -> types.RepairJobEstimate:
         transport = httpx.ASGITransport(app=inproc.app)
@@ -42,7 +42,9 @@ def test_estimate_sync_and_async(inproc: InProcess, models: Models):
             aclient = hcnr_client.AsyncHCNRClient(
                 api_key=key(inproc, "alice"), base_url=BASE_URL, http_client=http
             )
-            return await aclient.repair_jobs.estimate(honesty_file=honesty.id, **args)
+            return await aclient.repair_jobs.estimate(
+                honesty_file=honesty.id, method="hcnr", **args
+            )
 
     assert asyncio.run(main()) == estimate
 
@@ -56,6 +58,7 @@ def test_estimate_refusal_is_typed_with_the_estimate(models: Models, tmp_path):
     task = client.files.create(file=models.task, purpose="task")
     with pytest.raises(hcnr_client.UnprocessableEntityError) as caught:
         client.repair_jobs.estimate(
+            method="hcnr",
             base="path:base",
             finetuned="path:finetuned-adapter",
             honesty_file=honesty,

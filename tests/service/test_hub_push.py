@@ -246,7 +246,7 @@ def test_sdk_sync_and_async(env: InProcess, hub: HubStandIn, files):
     alice = hcnr_client.HCNRClient(
         api_key=key("alice"), base_url=url, http_client=TestClient(env.app)
     )
-    args = {"base": "path:base", "finetuned": "path:finetuned-adapter"}
+    args = {"method": "hcnr", "base": "path:base", "finetuned": "path:finetuned-adapter"}
     args |= {"honesty_file": files["alice"]["honesty"], "task_file": files["alice"]["task"]}
     job = alice.repair_jobs.create(**args, push_to_hub="alice-org/sdk-sync")
     assert isinstance(job.push_to_hub, hcnr_client.HubPush)

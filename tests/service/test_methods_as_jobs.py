@@ -97,6 +97,28 @@ def test_hyperparameters_belong_to_the_method(
     assert client.get("/v1/repair-jobs").json()["data"] == before
 
 
+def test_a_job_without_a_method_runs_auto(inproc: InProcess, files: dict[str, str]) -> None:
+    """The default method is auto (hcnr_core.config.DEFAULT_METHOD; README, "Why auto is the
+    default"), with auto's defaults; a client still sending HCNR knobs without a method is
+    told to name it, and nothing is queued."""
+    client = inproc.clients["alice"]
+    body = {k: v for k, v in job_body(files).items() if k != "method"}
+    response = client.post("/v1/repair-jobs", json=body)
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["method"] == "auto"
+    assert job["hyperparameters"]["max_domain_drop"] == 2.0
+    assert job["hyperparameters"]["require_improvement"] is True
+    client.post(f"/v1/repair-jobs/{job['id']}/cancel")
+    inproc.queued.clear()
+
+    response = client.post("/v1/repair-jobs", json={**body, "hyperparameters": {"r_iw": 0.3}})
+    assert response.status_code == 422, response.text
+    (detail,) = response.json()["error"]["details"]
+    assert '"method": "hcnr"' in detail["message"] and "r_iw" in detail["message"]
+    assert inproc.queued == []
+
+
 def test_steps_and_epochs_together_are_refused(inproc: InProcess, files: dict[str, str]) -> None:
     body = job_body(files, method="rait", hyperparameters={"steps": 5, "epochs": 1.0})
     response = inproc.clients["alice"].post("/v1/repair-jobs", json=body)

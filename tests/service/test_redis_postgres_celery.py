@@ -97,6 +97,7 @@ def test_attempt_cap_fails_the_job(stack: Stack, models: Models):
 
     files = flows.upload_inputs(stack.alice, models.honesty, models.task)
     job_id = stack.alice.repair_jobs.create(
+        method="hcnr",
         base="path:base",
         finetuned="path:finetuned",
         honesty_file=files["honesty"],

@@ -106,6 +106,7 @@ def files(env: InProcess, models: Models) -> dict[str, dict[str, str]]:
 
 def post_job(env: InProcess, tenant: str, files, base: str, finetuned: str) -> dict:
     body = {
+        "method": "hcnr",
         "base": base,
         "finetuned": finetuned,
         "honesty_file": files[tenant]["honesty"],
@@ -214,6 +215,7 @@ def test_estimate_reads_the_cache_never_the_hub_and_only_what_the_tenant_may(
 
     def estimate(tenant: str, finetuned: str):
         body = {
+            "method": "hcnr",
             "base": "hf:acme/toy-base",
             "finetuned": finetuned,
             "honesty_file": files[tenant]["honesty"],
@@ -317,6 +319,7 @@ def test_s3_job_is_fetched_and_refetched_when_the_prefix_changes(env: InProcess,
 
 def test_s3_outside_the_allowed_prefixes_is_refused_at_once(env: InProcess, s3, files):
     body = {
+        "method": "hcnr",
         "base": f"s3://{MODELS_BUCKET}/private/x",
         "finetuned": "path:finetuned-adapter",
         "honesty_file": files["alice"]["honesty"],

@@ -284,7 +284,7 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
             for p, path in (("honesty", models.honesty), ("task", models.task))
         }
         slow = api.post("/v1/repair-jobs", json={
-            "base": "path:base", "finetuned": "path:finetuned-adapter",
+            "method": "hcnr", "base": "path:base", "finetuned": "path:finetuned-adapter",
             "honesty_file": files["honesty"], "task_file": files["task"],
             "metadata": {SLOW: "yes"},
         }).json()["id"]  # fmt: skip
@@ -320,6 +320,7 @@ def test_dashboard_in_a_browser(server: Server, browser: webdriver.Chrome, model
     driver.switch_to.active_element.send_keys(Keys.ENTER)
     wait(driver, lambda d: d.find_elements(By.ID, "estimate"), what="the estimate")
     with server.api("alice") as api:
+        # no method on either side: the form's default is the API's (auto)
         body = {"base": "path:base", "finetuned": "path:finetuned-adapter",
                 "honesty_file": files["honesty"], "task_file": files["task"]}  # fmt: skip
         estimate = api.post("/v1/repair-jobs/estimate", json=body).json()

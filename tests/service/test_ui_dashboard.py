@@ -117,7 +117,7 @@ def test_a_revoked_key_ends_the_session(inproc: InProcess):
 def _posts(job_id: str, models: Models) -> list[tuple[str, dict, dict]]:
     """Every state-changing /ui form post, with a body that would succeed."""
     jsonl = {"file": ("h.jsonl", models.honesty.read_bytes(), "application/jsonl")}
-    job = {"base": "path:base", "finetuned": "path:finetuned-adapter"}
+    job = {"method": "hcnr", "base": "path:base", "finetuned": "path:finetuned-adapter"}
     return [
         (f"/ui/jobs/{job_id}/cancel", {}, {}),
         ("/ui/files", {"purpose": "honesty"}, jsonl),
@@ -227,6 +227,7 @@ def test_every_ui_route_is_tenant_isolated(inproc: InProcess, keys, finished, qu
     alices = inproc.clients["alice"].get(f"/v1/repair-jobs/{job_id}").json()
     form = {
         "csrf_token": token,
+        "method": "hcnr",
         "base": "path:base",
         "finetuned": "path:finetuned-adapter",
         "honesty_file": alices["honesty_file"],
@@ -381,6 +382,7 @@ def test_a_form_submitted_twice_creates_one_job(inproc: InProcess, keys, models:
     form = {
         "csrf_token": ui.CSRF.search(page).group(1),
         "idempotency_key": key,
+        "method": "hcnr",
         "base": "path:base",
         "finetuned": "path:finetuned-adapter",
         "honesty_file": ids["honesty"],
@@ -557,7 +559,10 @@ def test_estimate_button_shows_the_apis_estimate_and_creates_nothing(
     }
     body = job_body(ids)
     before = inproc.clients["alice"].get("/v1/repair-jobs", params={"limit": 100}).json()
-    form = {"csrf_token": ui.csrf_of(client), **{k: body[k] for k in ("base", "finetuned")}}
+    form = {
+        "csrf_token": ui.csrf_of(client),
+        **{k: body[k] for k in ("method", "base", "finetuned")},
+    }
     form |= {"honesty_file": ids["honesty"], "task_file": ids["task"]}
     response = client.post("/ui/jobs/estimate", data=form)
     assert response.status_code == 200, response.text
@@ -627,6 +632,7 @@ def test_job_page_shows_the_push_the_tracking_runs_and_the_pinned_base(
         for p, path in (("honesty", models.honesty), ("task", models.task))
     }
     form = {
+        "method": "hcnr",
         "base": "hf:acme/toy-base",
         "finetuned": "path:finetuned",
         "push_to_hub": "alice-org/ui-push",

@@ -106,6 +106,7 @@ def labelled(samples: dict, name: str, label: str) -> dict[str, float]:
 def create_job(client: HCNRClient, models: Models) -> str:
     files = flows.upload_inputs(client, models.honesty, models.task)
     return client.repair_jobs.create(
+        method="hcnr",
         base="path:base",
         finetuned="path:finetuned-adapter",
         honesty_file=files["honesty"],
