@@ -274,6 +274,7 @@ class AutoMethod:
         run = _AutoRun(progress, should_cancel, len(candidates))
         try:
             run.stage("validate_reference", 0)
+            begun = time.monotonic()
             reference = {
                 name: _evaluate(model, base, parts["validation"], config, options)
                 for name, model, base in (
@@ -281,6 +282,7 @@ class AutoMethod:
                     ("base", inputs.base, None),
                 )
             }
+            reference_seconds = round(time.monotonic() - begun, 3)
             rows = self._candidates(
                 candidates, configs, parts, reference, config, options, work, run, started, cache
             )
@@ -293,7 +295,8 @@ class AutoMethod:
                     if r["status"] == "ok"
                 )
                 point = parts["summary"].get("domain_point_per_sample") or 0.0
-                what_next = f". {advice(rows, floor, point)}" if summary else ""
+                hint = advice(rows, floor, point)
+                what_next = f". {hint[0].upper()}{hint[1:]}" if summary else ""
                 raise NoAcceptableCandidateError(
                     f"{reason} ({summary or 'none measured'}){what_next}"
                 )
@@ -312,6 +315,12 @@ class AutoMethod:
                 "reason": reason,
                 "chosen_report": METHODS[chosen["method"]].report_name,
                 "warnings": parts["warnings"],
+                # The job's stage timings: the reference evaluation, then each candidate's
+                # repair and validation under the `c<N>` its progress events carry.
+                "stage_seconds": {
+                    "validate_reference": reference_seconds,
+                    **{f"c{r['order'] + 1}": r["seconds"] for r in rows if "seconds" in r},
+                },
             }
             base = None if inputs.base is None else str(inputs.base)
             card = CardInputs("auto", base, str(inputs.finetuned), hyperparameters(report))

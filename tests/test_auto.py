@@ -173,6 +173,9 @@ def test_auto_on_the_organism_publishes_the_candidate_that_keeps_the_domain(
     assert rows["task-aware-mu7"]["qualified"]
     assert report["chosen"] == "task-aware-mu7"
     assert rows["task-aware-mu7"]["refusal_f1"] > report["reference"]["finetuned"]["refusal_f1"]
+    # The job's stage timings (a job showed none for auto): the reference, then c1, c2.
+    assert list(report["stage_seconds"]) == ["validate_reference", "c1", "c2"]
+    assert all(seconds > 0 for seconds in report["stage_seconds"].values())
     # What is published is what was measured: evaluate it again on the same split.
     parts = split(organism_auto["config"], organism_auto["inputs"])
     assert report["validation"]["n_domain"] == len(parts["validation"]["domain"]) == 32
