@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.blocked_imports import blocking_preamble
 from tests.test_cli_imports import find_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,10 +110,11 @@ def test_a_worker_with_several_devices_refuses_baseline_jobs_at_creation(tmp_pat
     from store.settings import Settings
 
     settings = Settings(env="test", data_dir=tmp_path, worker_device="cpu,cpu")
-    body = {"base": "path:b", "finetuned": "path:f", "honesty_file": "a", "task_file": "b"}
+    body = {"method": "hcnr", "base": "path:b", "finetuned": "path:f"}
+    body |= {"honesty_file": "a", "task_file": "b"}
     assert repair_config(RepairJobCreate(**body), settings).r_iw == 0.5  # HCNR: replicas
     with pytest.raises(APIError, match="one device") as refused:
-        repair_config(RepairJobCreate(**body, method="rait"), settings)
+        repair_config(RepairJobCreate(**{**body, "method": "rait"}), settings)
     assert refused.value.code == "invalid_hyperparameters"
     assert "device" not in repair_config(RepairJobCreate(**body), settings).model_dump()
 
@@ -164,20 +166,9 @@ COMPUTE_STACK = (
 ).split()
 
 SERVE_WITHOUT_COMPUTE = """
-import json, sys
+import json
 from pathlib import Path
 
-BLOCKED = {blocked!r}
-
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Blocker())
 from fastapi.testclient import TestClient
 
 from api.app import create_app
@@ -222,7 +213,7 @@ def test_the_api_serves_jobs_and_estimates_without_the_compute_stack(toy, tmp_pa
     Dockerfile.api): with every compute package blocked, the API still starts, takes
     uploads, estimates and creates jobs of every method (auto's candidates included) and
     renders the dashboard, and none of those packages was imported."""
-    script = SERVE_WITHOUT_COMPUTE.format(blocked=COMPUTE_STACK)
+    script = blocking_preamble(COMPUTE_STACK) + SERVE_WITHOUT_COMPUTE.format()
     argv = [tmp_path / "data", toy["base"].parent, toy["honesty"], toy["task"], toy["adapter"]]
     result = subprocess.run(
         [sys.executable, "-c", script, *map(str, argv)],

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import tomllib
 
+from tests.blocked_imports import blocking_preamble
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE_ONLY = {
     "fastapi",
@@ -47,20 +49,9 @@ BLOCKED = (
     "psycopg fsspec prometheus_client cryptography api worker store hcnr_client"
 ).split()
 
-WITHOUT_SERVICE = f"""
-import sys
-
-BLOCKED = {BLOCKED!r}
-
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, Blocker())
+WITHOUT_SERVICE = (
+    blocking_preamble(BLOCKED)
+    + """
 from typer.testing import CliRunner
 
 import hcnr_core.pipeline, hcnr_core.baselines, hcnr_core.evaluation, hcnr_core.auto
@@ -77,6 +68,7 @@ leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not leaked, leaked
 print("ok")
 """
+)
 
 
 def _name(requirement: str) -> str:

@@ -140,7 +140,7 @@ def test_the_api_takes_the_library_fields_so_new_modes_reach_jobs():
     for hyperparameters in HYPERPARAMETERS.values():
         assert not set(hyperparameters.model_fields) & set(RunOptions.model_fields)
     body = {"base": "path:b", "finetuned": "path:f", "honesty_file": "a", "task_file": "b"}
-    job = RepairJobCreate(**body, hyperparameters={"hessian_inputs": "sequential"})
+    job = RepairJobCreate(**body, method="hcnr", hyperparameters={"hessian_inputs": "sequential"})
     assert job.hyperparameters.model_dump()["hessian_inputs"] == "sequential"
     assert job.hyperparameters.model_dump()["dtype"] == RepairConfig().dtype  # no drift
     for method in HYPERPARAMETERS:
