@@ -82,6 +82,8 @@ def test_jobs_cli_over_http(embedded: Deployment, models: Models, direct_repair,
 
     created = hcnr(
         "create",
+        "--method",
+        "hcnr",
         "--base",
         "path:base",
         "--finetuned",

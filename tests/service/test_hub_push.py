@@ -294,7 +294,7 @@ def test_the_push_runs_as_a_celery_task_of_hcnr_serve(
         assert client.put("/v1/secrets/hf_token", json={"value": ALICE_TOKEN}).status_code == 200
         # the job is created by `hcnr jobs create --push-to-hub` (the CLI over HTTP)
         cli_env = {**env, "HCNR_API_URL": url, "HCNR_API_KEY": key}
-        argv = [procs.HCNR, "jobs", "create", "--base", "path:base"]
+        argv = [procs.HCNR, "jobs", "create", "--method", "hcnr", "--base", "path:base"]
         argv += ["--finetuned", "path:finetuned-adapter", "--honesty", str(models.honesty)]
         argv += ["--task", str(models.task), "--push-to-hub", "alice-org/served", "--hub-public"]
         created = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=120)
