@@ -392,7 +392,8 @@ def _measure_load(
         ("errors (rate)", f"{result['errors']} ({result['error_rate']})"),
         ("jobs submitted (201) / rows in PostgreSQL", f"{result['submitted']} / {result['rows']}"),
         (
-            "load average (1 min) at start / end (other jobs share the 2 cores)",
+            "load average (1 min) at start / end (every process on the machine, this run's "
+            "and the previous section's included: it lags by about a minute)",
             " / ".join(str(v) for v in result["load_average_1min"]),
         ),
     ]
@@ -445,7 +446,9 @@ SETUP_NOTES = (
     "seconds of CPU over the run's wall time and 2 cores, and per request served; other "
     "processes on the machine (the load average) get their share too: Linux groups CPU by "
     "session (autogroup), so another session's nice 15 does not make it yield. p95 by "
-    "nearest rank over every request of the route."
+    "nearest rank over every request of the route. The users' jobs name no `method`: "
+    "they get the default (auto since commit 322144e, hcnr before; POST then also checks "
+    "auto's candidates)."
 )
 
 
@@ -469,8 +472,15 @@ def load(options: Options, workdir: Path) -> dict[str, Any]:
         "API process serves here: it measures saturation, where latency ≈ users / "
         "throughput − think time (Little's law), so a p95 under 200 ms at 200 such users "
         "needs about users / (think + 0.2 s) ≈ 290 req/s served with room to spare, i.e. "
-        "CPU for it: see the capacity row. What 200 users of the SDK send is the next "
-        "section (`load_sdk`).",
+        "CPU for it: see the capacity row. The bound on this machine is CPU: requests/s at "
+        "most 2 cores / (CPU per request of the whole service, the row above), less what "
+        "other sessions' processes take (the load average); POST costs about 3× a GET "
+        "(more round trips: idempotency look-up, the job's files, three INSERTs, COMMIT, the "
+        "validation message and its task event). A deployment serves more with more API "
+        "processes per host (`hcnr serve --workers N`, HCNR_API_WORKERS, about one per "
+        "core the API may have; each with its own database pool) and more API replicas "
+        "behind its load balancer. What 200 users of the SDK send is the next section "
+        "(`load_sdk`).",
         "details": result,
     }
 
