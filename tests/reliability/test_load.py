@@ -27,4 +27,6 @@ def test_sdk_shaped_users_get_no_errors_and_every_job_is_a_row(fresh: Cluster):
     assert result["submitted"] > 0
     assert result["submitted"] == result["rows"], result
     used = {route for route, figures in result["routes"].items() if figures["requests"]}
-    assert used == {"POST /v1/files", "POST /v1/repair-jobs", "GET /v1/repair-jobs/{id}"}
+    # uploads happen in the untimed ramp-up, mostly; no listing, no events
+    assert {"POST /v1/repair-jobs", "GET /v1/repair-jobs/{id}"} <= used
+    assert used <= {"POST /v1/files", "POST /v1/repair-jobs", "GET /v1/repair-jobs/{id}"}
