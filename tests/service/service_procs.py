@@ -282,6 +282,11 @@ def service_env(**settings: str) -> dict[str, str]:
     if settings.get("env") == "test":
         env.setdefault("HCNR_FAULT_INJECTION", SLOW_FAULT)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # The HCNR_ variables of this process are dropped above, tests/conftest.py's
+    # HCNR_HUB_OFFLINE=1 with them: a served validation of an hf: reference then asked the
+    # hub (a DNS lookup of huggingface.co, caught by the strace fuzz when it fell inside its
+    # window). Tests never reach a hub unless one asks, with hub_offline=...
+    env.setdefault("HCNR_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return env
 
