@@ -126,6 +126,28 @@ async def _upload_inputs(
     }
 
 
+async def _create_job(
+    http: aiohttp.ClientSession,
+    url: str,
+    auth: dict[str, str],
+    body: dict,
+    tally: Tally,
+    key_prefix: str = "",
+) -> str | None:
+    """POST one job with a fresh Idempotency-Key (the SDK's start with `hcnr-client-`);
+    its id, counted as created when it is new, or None when the request failed."""
+    headers = {**auth, "Idempotency-Key": f"{key_prefix}{uuid.uuid4()}"}
+    response = await tally.call(
+        "POST /v1/repair-jobs",
+        lambda: http.post(f"{url}/v1/repair-jobs", json=body, headers=headers),
+    )
+    if response is None:
+        return None
+    if response.status == 201:
+        tally.created.add(response.body["id"])
+    return response.body["id"]
+
+
 async def _user(
     http: aiohttp.ClientSession,
     url: str,
@@ -140,17 +162,10 @@ async def _user(
     if body is None:
         return
     while time.monotonic() < deadline:
-        headers = {**auth, "Idempotency-Key": str(uuid.uuid4())}
-        response = await tally.call(
-            "POST /v1/repair-jobs",
-            lambda h=headers: http.post(f"{url}/v1/repair-jobs", json=body, headers=h),
-        )
-        if response is None:
+        job_id = await _create_job(http, url, auth, body, tally)
+        if job_id is None:
             await asyncio.sleep(think)
             continue
-        if response.status == 201:
-            tally.created.add(response.body["id"])
-        job_id = response.body["id"]
         requests = [("GET /v1/repair-jobs/{id}", f"/v1/repair-jobs/{job_id}")] * 3
         requests += [("GET /v1/repair-jobs", "/v1/repair-jobs?limit=10")]
         requests += [("GET /v1/repair-jobs/{id}/events", f"/v1/repair-jobs/{job_id}/events")]
@@ -180,17 +195,11 @@ async def _sdk_user(
     if body is None:
         return
     while time.monotonic() < deadline:
-        headers = {**auth, "Idempotency-Key": f"hcnr-client-{uuid.uuid4()}"}
-        response = await tally.call(
-            "POST /v1/repair-jobs",
-            lambda h=headers: http.post(f"{url}/v1/repair-jobs", json=body, headers=h),
-        )
-        if response is None:
+        job_id = await _create_job(http, url, auth, body, tally, key_prefix="hcnr-client-")
+        if job_id is None:
             await asyncio.sleep(poll_interval)
             continue
-        if response.status == 201:
-            tally.created.add(response.body["id"])
-        path = f"{url}/v1/repair-jobs/{response.body['id']}"
+        path = f"{url}/v1/repair-jobs/{job_id}"
         for poll in range(polls):
             if poll:
                 await asyncio.sleep(poll_interval)
