@@ -168,6 +168,11 @@ def candidate_config(
         raise InvalidConfigError(f"candidate {candidate.name!r}: {exc}") from exc
 
 
+def _gains(row: dict[str, Any], floor_f1: float | None) -> bool:
+    """Whether a candidate's validation refusal F1 beats the floor (none: every one does)."""
+    return floor_f1 is None or row["refusal_f1"] > floor_f1 + 1e-9
+
+
 def choose(
     rows: list[dict[str, Any]], max_drop: float, floor_f1: float | None = None
 ) -> tuple[dict[str, Any] | None, str]:
@@ -178,9 +183,7 @@ def choose(
     nothing, and auto would publish the fine-tune under a repair's name."""
     measured = [r for r in rows if r["status"] == "ok"]
     for row in measured:
-        row["qualified"] = row["domain_drop_points"] <= max_drop + 1e-9 and (
-            floor_f1 is None or row["refusal_f1"] > floor_f1 + 1e-9
-        )
+        row["qualified"] = row["domain_drop_points"] <= max_drop + 1e-9 and _gains(row, floor_f1)
     qualified = [r for r in measured if r["qualified"]]
     if not qualified:
         if floor_f1 is None:
@@ -199,14 +202,10 @@ def choose(
 def advice(rows: list[dict[str, Any]], floor_f1: float | None, point: float) -> str:
     """What a user can do when nothing qualified: the candidates that did raise honesty, each
     with the `max_domain_drop` that would accept it, most honest first."""
-    gains = [
-        r
-        for r in rows
-        if r["status"] == "ok" and (floor_f1 is None or r["refusal_f1"] > floor_f1 + 1e-9)
-    ]
+    gains = [r for r in rows if r["status"] == "ok" and _gains(r, floor_f1)]
     if not gains:
         return (
-            "no candidate raised honesty at any domain cost: check that the honesty set's "
+            "No candidate raised honesty at any domain cost: check that the honesty set's "
             "refusals are what the base model says, or give more honesty samples"
         )
     gains.sort(key=lambda r: (-r["refusal_f1"], r["domain_drop_points"]))
@@ -216,7 +215,7 @@ def advice(rows: list[dict[str, Any]], floor_f1: float | None, point: float) -> 
         for r in gains[:3]
     )
     return (
-        f"accept a trade-off: {offers}; or give a validation file with more domain rows "
+        f"Accept a trade-off: {offers}; or give a validation file with more domain rows "
         f"(one row is {point:.1f} points here), or run method hcnr with chosen hyper-parameters"
     )
 
@@ -295,8 +294,7 @@ class AutoMethod:
                     if r["status"] == "ok"
                 )
                 point = parts["summary"].get("domain_point_per_sample") or 0.0
-                hint = advice(rows, floor, point)
-                what_next = f". {hint[0].upper()}{hint[1:]}" if summary else ""
+                what_next = f". {advice(rows, floor, point)}" if summary else ""
                 raise NoAcceptableCandidateError(
                     f"{reason} ({summary or 'none measured'}){what_next}"
                 )

@@ -115,7 +115,7 @@ def test_a_candidate_must_beat_the_fine_tune_to_qualify() -> None:
     text = advice(rows, 0.3, 3.125)
     assert text.index("c1 (F1 0.900) with max_domain_drop >= 21.9") < text.index("c2 (F1 0.550)")
     assert "c0" not in text and "c3" not in text and "3.1 points" in text
-    assert "no candidate raised honesty" in advice([_row(0, 0.1, 0.0)], 0.1, 3.125)
+    assert "No candidate raised honesty" in advice([_row(0, 0.1, 0.0)], 0.1, 3.125)
 
 
 def test_the_time_budget_stops_new_candidates(toy: dict[str, Path], tmp_path: Path) -> None:
