@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, Request
+from fastapi import BackgroundTasks, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from api import services
 from api.errors import APIError
 from store import repositories
 from store.models import Tenant
@@ -46,9 +47,18 @@ async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-async def get_validate(request: Request) -> Callable[[str], None]:
-    """The producer of validation tasks: a new job goes there first (worker/validation.py)."""
-    return request.app.state.validate
+async def get_validate(request: Request, background: BackgroundTasks) -> Callable[[str], None]:
+    """The producer of validation tasks (worker/validation.py), deferred: a new job's
+    message is sent after the response has gone (a Starlette background task), so creating
+    a job does not wait on the broker. The job row recorded `validation_sent_at` and was
+    committed first; a message lost in between (the process dies) is re-sent by the
+    reconciler like any other lost validation."""
+    validate = request.app.state.validate
+
+    def after_response(job_id: str) -> None:
+        background.add_task(services.send_validation, validate, job_id)
+
+    return after_response
 
 
 def get_tenant(session: Session, credentials: HTTPAuthorizationCredentials | None) -> Tenant:

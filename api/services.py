@@ -364,9 +364,9 @@ def create_job(
     body: RepairJobCreate,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
-    """Check, record and send a job to validation; returns (job, created), the job
-    `validating`. Replays return the job an earlier request with the same
-    Idempotency-Key created."""
+    """Check, record and send a job to validation (`validate`: the route's sends the
+    message after the response); returns (job, created), the job `validating`. Replays
+    return the job an earlier request with the same Idempotency-Key created."""
     request_hash = _request_hash(body)
     existing = _idempotent_replay(session, tenant, idempotency_key, request_hash)
     if existing is not None:
@@ -384,7 +384,7 @@ def create_job(
         return winner, False
     repositories.add_event(session, job, "created", "job created; validating its inputs")
     session.commit()
-    _send(validate, job.id)
+    validate(job.id)  # api/deps.get_validate: sent after the response
     return job, True
 
 
@@ -434,7 +434,7 @@ def send_webhook(notify: Callable[[str], None], job_id: str) -> None:
         log.exception("could not send the webhook task of job %s", job_id)
 
 
-def _send(validate: Callable[[str], None], job_id: str) -> None:
+def send_validation(validate: Callable[[str], None], job_id: str) -> None:
     try:
         validate(job_id)
     except Exception:  # the row is recorded; the reconciler re-sends a lost validation

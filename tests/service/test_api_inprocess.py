@@ -365,6 +365,34 @@ def test_report_endpoint(inproc: InProcess, finished_job):
     assert report["n_selected_matrices"] > 0 and "files" in report
 
 
+def test_validation_message_is_sent_after_the_response(inproc: InProcess, alice_files):
+    """POST /v1/repair-jobs answers before it talks to the broker: the validation message
+    goes out once the response has been sent (the job row, committed first, is what the
+    reconciler re-sends from if that message is lost)."""
+    from fastapi.testclient import TestClient
+
+    order: list[str] = []
+
+    async def recording(scope, receive, send):
+        async def send_and_record(message):
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                order.append("response sent")
+
+        await inproc.app(scope, receive, send_and_record)
+
+    state, validate = inproc.app.state, inproc.app.state.validate
+    state.validate = lambda job_id: (order.append(f"validate {job_id}"), validate(job_id))
+    try:
+        client = TestClient(recording, headers=dict(inproc.clients["alice"].headers))
+        response = client.post("/v1/repair-jobs", json=job_body(alice_files))
+    finally:
+        state.validate = validate
+    assert response.status_code == 201, response.text
+    assert order == ["response sent", f"validate {response.json()['id']}"]
+    assert outcome(inproc.clients["alice"], response) == ("queued", None)
+
+
 def test_idempotency_key(inproc: InProcess, alice_files):
     client = inproc.clients["alice"]
     headers = {"Idempotency-Key": "same-request"}
