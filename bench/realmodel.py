@@ -114,6 +114,15 @@ RESEARCH_RUNS: dict[str, dict[str, Any]] = {
     "hcnr_sequential_cw0.2": {"hessian_inputs": "sequential", "r_cw": 0.2},
     "hcnr_fisher_mass0.5_cw0.2": {"column_budget": "fisher_mass", "fisher_mass": 0.5, "r_cw": 0.2},
 }
+# The ablations at HCNR's best fixed setting on SmolLM2 (asymmetric task_aware μ 30, what
+# auto chose): the paper's ablations hold the paper's defaults, so they say whether the
+# selection matters there, not at the setting a user would run.
+BEST_SETTING = "hcnr_asym_ta30"
+for _selection in ("random", "honesty_only"):
+    RESEARCH_RUNS[f"{BEST_SETTING}_{_selection}"] = {
+        **RESEARCH_RUNS[BEST_SETTING],
+        "selection": _selection,
+    }
 SWEEP_R_IW = (0.1, 0.5, 0.9)
 SWEEP_R_CW = (0.4, 1.0)
 SWEEP_TASK_WEIGHT = (1.0, 7.0)
@@ -497,6 +506,26 @@ def auto_goal(results: list[dict], points: dict) -> list[str]:
     return lines
 
 
+def best_setting_ablation_goal(results: list[dict]) -> list[str]:
+    """Whether HCNR's selection beats random and honesty-only columns at its best fixed
+    setting (`BEST_SETTING`, the same compensation, Hessian inputs and μ), seed means."""
+    names = [f"{BEST_SETTING}_{s}" for s in ("random", "honesty_only")]
+    if not all(has(r, n) for r in results for n in (BEST_SETTING, *names)):
+        return [f"- {BEST_SETTING} against its own ablations: not measured on every seed."]
+    rec = {n: statistics.fmean(per_seed(results, n, "recovery")) for n in (BEST_SETTING, *names)}
+    drop = {n: statistics.fmean(per_seed(results, n, "domain_drop")) for n in rec}
+    ok = all(rec[BEST_SETTING] > rec[n] for n in names)
+    shown = ", ".join(
+        f"{n.removeprefix(BEST_SETTING + '_')} {100 * rec[n]:.1f}% (−{100 * drop[n]:.1f})"
+        for n in names
+    )
+    return [
+        f"- HCNR's best fixed setting ({BEST_SETTING}: recovery {100 * rec[BEST_SETTING]:.1f}%, "
+        f"−{100 * drop[BEST_SETTING]:.1f} domain points) beats the same setting with random / "
+        f"honesty-only selection ({shown}) on recovery: {'**met**' if ok else '**not met**'}."
+    ]
+
+
 def calibration_rows(results: list[dict]) -> list[str]:
     """P(answer) of the answers given (refusals abstain) against their correctness, on the
     graded eval items (answerable SelfAware + reading domain)."""
@@ -580,7 +609,8 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
         return tuple(n for n in names if any(has(r, n) for r in results))
 
     try:
-        verdicts = goals(results, points) + auto_goal(results, points)
+        verdicts = goals(results, points) + best_setting_ablation_goal(results)
+        verdicts += auto_goal(results, points)
     except KeyError as missing:
         verdicts = [f"- Not judged: the run did not reach {missing} (see the tables)."]
     incomplete = [r["seed"] for r in results if not r.get("complete", True)]
