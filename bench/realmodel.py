@@ -707,6 +707,12 @@ def main(argv: list[str] | None = None) -> None:
         help="take saved per-seed results (an interrupted run's partial results too)",
     )
     parser.add_argument(
+        "--render",
+        action="store_true",
+        help="run nothing: render the saved per-seed results of these models and seeds "
+        "that exist (a model benchmarked on fewer seeds than another), naming the missing",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the rows an interrupted run of the same build saved; run the rest",
@@ -718,10 +724,16 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    results = []
+    results, missing = [], []
     for model in args.models:
         for seed in args.seeds:
             saved = args.work / f"result-{model}-{seed}{'-quick' if args.quick else ''}.json"
+            if args.render:
+                if saved.is_file():
+                    results.append(json.loads(saved.read_text()))
+                else:
+                    missing.append(f"{model} seed {seed}")
+                continue
             if args.reuse and saved.is_file() and not args.add:
                 results.append(json.loads(saved.read_text()))
                 continue
@@ -731,8 +743,12 @@ def main(argv: list[str] | None = None) -> None:
             saved.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
     command = "python -m bench.realmodel " + " ".join(
-        a for a in argv if a not in ("--reuse", "--resume", "--add", *EXTRA)
+        a for a in argv if a not in ("--reuse", "--resume", "--render", "--add", *EXTRA)
     )
+    if missing:
+        log(f"not measured (no saved result): {', '.join(missing)}")
+    if not results:
+        raise SystemExit("nothing to render")
     (args.out / "realmodel.json").write_text(json.dumps(results, indent=1) + "\n")
     write_markdown(results, args.out / "realmodel.md", command.strip())
     print((args.out / "realmodel.md").read_text())

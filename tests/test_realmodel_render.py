@@ -1,0 +1,40 @@
+"""`bench.realmodel --render` renders the saved per-seed results it finds and runs nothing:
+how one model measured on fewer seeds than another is published."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "realmodel.json"
+
+
+def test_render_takes_saved_results_only_and_names_the_missing(tmp_path: Path, capsys):
+    from bench import realmodel
+
+    saved = json.loads(RESULTS.read_text())
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    seeds = sorted({r["seed"] for r in saved})
+    for r in saved:  # one seed of the committed results goes missing
+        if r["seed"] != seeds[-1]:
+            (work / f"result-{r['model']}-{r['seed']}-quick.json").write_text(json.dumps(r))
+    argv = ["--quick", "--render", "--seeds", *map(str, seeds), "--work", str(work)]
+    realmodel.main([*argv, "--out", str(out)])
+
+    rendered = json.loads((out / "realmodel.json").read_text())
+    assert [r["seed"] for r in rendered] == seeds[:-1]
+    markdown = (out / "realmodel.md").read_text()
+    assert "--render" not in markdown.splitlines()[2]  # the command a reader would rerun
+    assert f"seeds {', '.join(map(str, seeds[:-1]))})" in markdown
+    assert f"seed {seeds[-1]}" in capsys.readouterr().err  # named as not measured
+    assert not any(p.is_dir() for p in work.iterdir())  # nothing was built
+
+
+def test_render_with_nothing_saved_fails(tmp_path: Path):
+    from bench import realmodel
+
+    with pytest.raises(SystemExit, match="nothing to render"):
+        realmodel.main(["--render", "--work", str(tmp_path), "--out", str(tmp_path / "o")])
