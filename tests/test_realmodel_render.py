@@ -25,10 +25,13 @@ def test_render_takes_saved_results_only_and_names_the_missing(tmp_path: Path, c
     realmodel.main([*argv, "--out", str(out)])
 
     rendered = json.loads((out / "realmodel.json").read_text())
-    assert [r["seed"] for r in rendered] == seeds[:-1]
+    kept = [(r["model"], r["seed"]) for r in saved if r["seed"] != seeds[-1]]
+    assert [(r["model"], r["seed"]) for r in rendered] == kept
     markdown = (out / "realmodel.md").read_text()
     assert "--render" not in markdown.splitlines()[2]  # the command a reader would rerun
-    assert f"seeds {', '.join(map(str, seeds[:-1]))})" in markdown
+    for model in {m for m, _ in kept}:
+        measured = ", ".join(str(s) for m, s in kept if m == model)
+        assert f"## {model} (seeds {measured})" in markdown
     assert f"seed {seeds[-1]}" in capsys.readouterr().err  # named as not measured
     assert not any(p.is_dir() for p in work.iterdir())  # nothing was built
 
