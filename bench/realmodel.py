@@ -256,7 +256,7 @@ def validation_file(paths: dict, seed: int) -> Path:
 # The baselines at the smaller data sizes of the sweep: the frontier HCNR is judged against
 # (issue #13) without re-running a seed's whole sweep.
 BASELINE_SIZES = tuple(f"{m}_n{n}" for m in ("rait", "dpo") for n in SWEEP_SAMPLES[:-1])
-EXTRA = ("auto", "auto_validated", *BASELINE_SIZES, *RESEARCH_RUNS)
+EXTRA = ("auto", "auto_validated", *BASELINE_SIZES, *HCNR_RUNS, *RESEARCH_RUNS)
 
 
 def probe(paths: dict[str, Path]) -> dict[str, Any]:
@@ -362,6 +362,8 @@ def one_seed(
                 method, n = name.split("_n")
                 sweep.append({"method": method, "name": name})
                 record(name, run_baseline(method, paths, out, int(n)))
+            elif name in HCNR_RUNS:  # a Table 1 or ablation row: not a sweep point
+                record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
             else:
                 sweep.append({"method": "hcnr_research", "name": name})
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
