@@ -123,6 +123,15 @@ for _selection in ("random", "honesty_only"):
         **RESEARCH_RUNS[BEST_SETTING],
         "selection": _selection,
     }
+
+
+def research_method(name: str) -> str:
+    """The sweep's method of a research row: an ablation (a selection other than HCNR's)
+    is no HCNR setting, so no goal counts it as one."""
+    selection = RESEARCH_RUNS[name].get("selection", "hcnr")
+    return "hcnr_research" if selection == "hcnr" else "ablation"
+
+
 SWEEP_R_IW = (0.1, 0.5, 0.9)
 SWEEP_R_CW = (0.4, 1.0)
 SWEEP_TASK_WEIGHT = (1.0, 7.0)
@@ -365,7 +374,7 @@ def one_seed(
             elif name in HCNR_RUNS:  # a Table 1 or ablation row: not a sweep point
                 record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
             else:
-                sweep.append({"method": "hcnr_research", "name": name})
+                sweep.append({"method": research_method(name), "name": name})
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
         return partial
 
@@ -577,8 +586,13 @@ def has(result: dict, name: str) -> bool:
 
 def on_every_seed(results: list[dict]) -> list[dict]:
     """`results` with each seed's sweep cut to the settings every seed measured: goals and
-    the frontier compare means over the same seeds only."""
-    common = [e for e in results[0]["sweep"] if all(has(r, e["name"]) for r in results)]
+    the frontier compare means over the same seeds only. Research rows take their method
+    from `research_method` (results saved before it called every one `hcnr_research`)."""
+    common = [
+        {**e, "method": research_method(e["name"])} if e["name"] in RESEARCH_RUNS else e
+        for e in results[0]["sweep"]
+        if all(has(r, e["name"]) for r in results)
+    ]
     return [{**r, "sweep": common} for r in results]
 
 
