@@ -21,7 +21,9 @@ def test_render_takes_saved_results_only_and_names_the_missing(tmp_path: Path, c
     for r in saved:  # one seed of the committed results goes missing
         if r["seed"] != seeds[-1]:
             (work / f"result-{r['model']}-{r['seed']}-quick.json").write_text(json.dumps(r))
-    argv = ["--quick", "--render", "--seeds", *map(str, seeds), "--work", str(work)]
+    models = list(dict.fromkeys(r["model"] for r in saved))
+    argv = ["--quick", "--render", "--models", *models, "--seeds", *map(str, seeds)]
+    argv += ["--work", str(work)]
     realmodel.main([*argv, "--out", str(out)])
 
     rendered = json.loads((out / "realmodel.json").read_text())
