@@ -220,8 +220,8 @@ def run_baseline(method: str, paths: dict, out: Path, n_samples: int) -> dict[st
 
 def run_auto(paths: dict, out: Path, validation: Path | None = None) -> dict[str, Any]:
     """`auto` with its defaults, as a user's job runs it: a validation split carved from the
-    repair sets (or the given `validation` file), five HCNR candidates, the most honest
-    within 2 domain points published (or none: `no_acceptable_candidate`, recorded)."""
+    repair sets (or the given `validation` file), its default grid of HCNR candidates, the
+    most honest within 2 domain points published (or none: `no_acceptable_candidate`)."""
     from hcnr_core.errors import NoAcceptableCandidateError
     from hcnr_core.methods import MethodInputs
     from hcnr_core.registry import get_method
