@@ -114,15 +114,17 @@ RESEARCH_RUNS: dict[str, dict[str, Any]] = {
     "hcnr_sequential_cw0.2": {"hessian_inputs": "sequential", "r_cw": 0.2},
     "hcnr_fisher_mass0.5_cw0.2": {"column_budget": "fisher_mass", "fisher_mass": 0.5, "r_cw": 0.2},
 }
-# The ablations at HCNR's best fixed setting on SmolLM2 (asymmetric task_aware μ 30, what
-# auto chose): the paper's ablations hold the paper's defaults, so they say whether the
-# selection matters there, not at the setting a user would run.
-BEST_SETTING = "hcnr_asym_ta30"
-for _selection in ("random", "honesty_only"):
-    RESEARCH_RUNS[f"{BEST_SETTING}_{_selection}"] = {
-        **RESEARCH_RUNS[BEST_SETTING],
-        "selection": _selection,
-    }
+# The ablations at HCNR's best fixed setting on each model (asymmetric task_aware at the μ
+# auto chose there: 30 on SmolLM2's two seeds, 15 on Gemma): the paper's ablations hold the
+# paper's defaults, so they say whether the selection matters there, not at the setting a
+# user would run.
+BEST_SETTING = {"smollm2-135m": "hcnr_asym_ta30", "gemma3-270m": "hcnr_asym_ta15"}
+for _best in sorted(set(BEST_SETTING.values())):
+    for _selection in ("random", "honesty_only"):
+        RESEARCH_RUNS[f"{_best}_{_selection}"] = {
+            **RESEARCH_RUNS[_best],
+            "selection": _selection,
+        }
 
 
 def research_method(name: str) -> str:
@@ -265,7 +267,7 @@ def validation_file(paths: dict, seed: int) -> Path:
 # The baselines at the smaller data sizes of the sweep: the frontier HCNR is judged against
 # (issue #13) without re-running a seed's whole sweep.
 BASELINE_SIZES = tuple(f"{m}_n{n}" for m in ("rait", "dpo") for n in SWEEP_SAMPLES[:-1])
-EXTRA = ("auto", "auto_validated", *BASELINE_SIZES, *HCNR_RUNS, *RESEARCH_RUNS)
+EXTRA = ("probe", "auto", "auto_validated", *BASELINE_SIZES, *HCNR_RUNS, *RESEARCH_RUNS)
 
 
 def probe(paths: dict[str, Path]) -> dict[str, Any]:
@@ -361,7 +363,12 @@ def one_seed(
         # The runs share one pair of Fisher passes, kept on disk for the next `--add`.
         cache = FisherCache(work / f"fisher-{model}-{seed}.pt")
         for name in add:
-            if name == "auto":
+            if name == "probe":  # the diagnostic of a run that stopped before it
+                probe_result, probe_seconds = timed(lambda: probe(paths))
+                partial["probe"] = {**probe_result, "seconds": probe_seconds}
+                saved.write_text(json.dumps(partial, indent=1) + "\n")
+                log(f"{model} seed {seed} probe: {probe_result['best']}")
+            elif name == "auto":
                 sweep.append({"method": name, "name": name})
                 record(name, run_auto(paths, out))
             elif name == "auto_validated":
@@ -519,20 +526,21 @@ def auto_goal(results: list[dict], points: dict) -> list[str]:
 
 def best_setting_ablation_goal(results: list[dict]) -> list[str]:
     """Whether HCNR's selection beats random and honesty-only columns at its best fixed
-    setting (`BEST_SETTING`, the same compensation, Hessian inputs and μ), seed means."""
-    names = [f"{BEST_SETTING}_{s}" for s in ("random", "honesty_only")]
-    if not all(has(r, n) for r in results for n in (BEST_SETTING, *names)):
-        return [f"- {BEST_SETTING} against its own ablations: not measured on every seed."]
-    rec = {n: statistics.fmean(per_seed(results, n, "recovery")) for n in (BEST_SETTING, *names)}
+    setting on this model (`BEST_SETTING`: the same compensation, Hessian inputs and μ),
+    seed means."""
+    best = BEST_SETTING[results[0]["model"]]
+    names = [f"{best}_{s}" for s in ("random", "honesty_only")]
+    if not all(has(r, n) for r in results for n in (best, *names)):
+        return [f"- {best} against its own ablations: not measured on every seed."]
+    rec = {n: statistics.fmean(per_seed(results, n, "recovery")) for n in (best, *names)}
     drop = {n: statistics.fmean(per_seed(results, n, "domain_drop")) for n in rec}
-    ok = all(rec[BEST_SETTING] > rec[n] for n in names)
+    ok = all(rec[best] > rec[n] for n in names)
     shown = ", ".join(
-        f"{n.removeprefix(BEST_SETTING + '_')} {100 * rec[n]:.1f}% (−{100 * drop[n]:.1f})"
-        for n in names
+        f"{n.removeprefix(best + '_')} {100 * rec[n]:.1f}% (−{100 * drop[n]:.1f})" for n in names
     )
     return [
-        f"- HCNR's best fixed setting ({BEST_SETTING}: recovery {100 * rec[BEST_SETTING]:.1f}%, "
-        f"−{100 * drop[BEST_SETTING]:.1f} domain points) beats the same setting with random / "
+        f"- HCNR's best fixed setting ({best}: recovery {100 * rec[best]:.1f}%, "
+        f"−{100 * drop[best]:.1f} domain points) beats the same setting with random / "
         f"honesty-only selection ({shown}) on recovery: {'**met**' if ok else '**not met**'}."
     ]
 
