@@ -239,7 +239,15 @@ def run_auto(paths: dict, out: Path, validation: Path | None = None) -> dict[str
         return {"seconds": time.perf_counter() - started, "samples": 256, "error": str(exc)}
     seconds = time.perf_counter() - started
     chosen = json.loads((out / report["chosen_report"]).read_text())
-    keep = ("name", "status", "refusal_f1", "domain_accuracy", "domain_drop_points", "seconds")
+    keep = (
+        "name",
+        "status",
+        "refusal_f1",
+        "domain_accuracy",
+        "domain_drop_points",
+        "seconds",
+        "stage_seconds",
+    )
     return {
         "seconds": seconds,
         "samples": 256,

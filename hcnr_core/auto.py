@@ -10,7 +10,9 @@
    answer still contains its gold answer, or its response when it has no `answers`).
 3. Each candidate (DEFAULT_CANDIDATES unless given) repairs the model from the remaining
    samples into a scratch directory and is evaluated the same way; HCNR candidates share
-   one pair of Fisher passes. No candidate starts once `time_budget_s` would be exceeded.
+   one pair of Fisher passes, and the task-aware ones the task Hessians (within
+   `hessian_budget_mb`). No candidate starts once `time_budget_s` would be exceeded. Each
+   row records its stage timings (the repair's stages, then `validate`).
 4. Chosen: the highest validation refusal F1 among candidates whose domain accuracy is at
    most `max_domain_drop` points below the fine-tuned model's and whose refusal F1 beats
    the fine-tuned model's (`require_improvement`; ties: the smaller drop, then the earlier
@@ -359,7 +361,7 @@ class AutoMethod:
             begun = time.monotonic()
             method = METHODS[candidate.method]
             try:
-                method.run(
+                report = method.run(
                     method_config,
                     parts["inputs"],
                     work / candidate.name,
@@ -369,9 +371,16 @@ class AutoMethod:
                     cache=cache,
                 )
                 run.stage(f"validate_{order + 1}", order + 1.9)
+                validating = time.monotonic()
                 metrics = _evaluate(
                     work / candidate.name, None, parts["validation"], config, options
                 )
+                # Where a candidate's time goes (the repair's stages, then its validation):
+                # what a user shortening the grid or the budget needs to see.
+                row["stage_seconds"] = {
+                    **report.get("stage_seconds", {}),
+                    "validate": round(time.monotonic() - validating, 3),
+                }
             except RepairCancelled:
                 raise
             except HCNRError as exc:  # one candidate failing does not sink the others

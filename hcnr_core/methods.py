@@ -84,7 +84,7 @@ class Method(Protocol):
     ) -> dict[str, Any]:
         """Repair and publish `out` atomically; returns the report written there. `options`
         (default `RunOptions()`: one CPU) say how it runs. `cache` is shared by runs on the
-        same inputs (HCNR keeps its Fisher scores there)."""
+        same inputs (HCNR keeps its Fisher scores and task Hessians there)."""
 
 
 def options_for(config: FileConfig, options: RunOptions | None) -> RunOptions:
@@ -140,7 +140,8 @@ class HCNRMethod:
             options_for(config, options),
             progress=progress,
             should_cancel=should_cancel,
-            fisher_cache=cache,
+            fisher_cache=None if cache is None else cache.setdefault("fisher", {}),
+            task_hessian_cache=None if cache is None else cache.setdefault("task_hessians", {}),
         )
         prepared = pipeline.prepare(inputs.base, inputs.finetuned, inputs.honesty, inputs.task)  # type: ignore[arg-type]
         return pipeline.run(prepared, out)

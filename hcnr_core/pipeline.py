@@ -170,6 +170,7 @@ class RepairPipeline:
         should_cancel: Callable[[], bool] | None = None,
         fisher_cache: dict[str, dict] | None = None,
         runners: RunnerKind | None = None,
+        task_hessian_cache: dict[str, dict] | None = None,
     ):
         """`options`: how it runs (device, memory budget, layer by layer; default one
         CPU), apart from `config`, what it computes.
@@ -178,6 +179,11 @@ class RepairPipeline:
         different selection/compensation settings (sweeps, candidate grids). The column
         Fisher scores depend only on the model, the data and the compute dtype, so each
         pass runs once per cache; the reused stages report ~0 s.
+
+        `task_hessian_cache`: the same for H_task of task-aware compensation, which depends
+        only on the fine-tuned model, D_task and the dtype (not on μ, R_CW or the Hessian
+        inputs): the task-aware candidates of a grid run one task pass for the matrices
+        they share. Kept while it fits `options.hessian_budget_mb`.
 
         `runners`: how the forward passes run (`hcnr_core.runners`); by default whole
         models, or block by block with `options.layerwise`."""
@@ -189,6 +195,7 @@ class RepairPipeline:
         self._progress = progress
         self._should_cancel = should_cancel
         self._fisher_cache = fisher_cache
+        self._task_hessian_cache = task_hessian_cache
         self.stage_seconds: dict[str, float] = {}
         self._stage = ""
         self.devices: list[torch.device] = []
@@ -303,15 +310,29 @@ class RepairPipeline:
         if self._fisher_cache is None:
             return self._fisher(runner, prep, data)
         settings = (str(dtype), prep.targets, self.config.target_modules)
-        digest = hashlib.sha256(repr(settings).encode())
-        for info in (prep.base, scored):  # a LoRA adapter is scored merged onto the base
-            digest.update(os.path.realpath(info.path).encode())
-        for sample in data:
-            digest.update(repr((sample.input_ids, sample.prompt_len)).encode())
-        key = digest.hexdigest()
+        key = _digest(settings, prep, scored, data)
         if key not in self._fisher_cache:
             self._fisher_cache[key] = self._fisher(runner, prep, data)
         return self._fisher_cache[key]
+
+    def _cached_task_hessians(
+        self, prep: PreparedRepair, kept: list[str], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """`_task_hessians`, memoised in `task_hessian_cache` per matrix: a run that needs
+        matrices the cached passes lack runs the task pass for those only. Not kept beyond
+        `hessian_budget_mb` (the run itself holds its own H_task either way)."""
+        if self._task_hessian_cache is None:
+            return self._task_hessians(prep, kept, dtype)
+        key = _digest((str(dtype), "task_hessians"), prep, prep.finetuned, prep.task)
+        held = dict(self._task_hessian_cache.get(key, {}))
+        missing = [w for w in kept if w.removesuffix(".weight") not in held]
+        if missing:
+            held.update(self._task_hessians(prep, missing, dtype))
+            unique = {t.data_ptr(): t for t in held.values()}  # a shared-input group: one
+            size = sum(t.numel() * t.element_size() for t in unique.values())
+            if size <= self.options.hessian_budget_mb * 2**20:
+                self._task_hessian_cache[key] = held
+        return {m: held[m] for m in (w.removesuffix(".weight") for w in kept)}
 
     def _select(
         self,
@@ -500,7 +521,7 @@ class RepairPipeline:
             started = self._enter("task_hessians")
             base = None  # one model resident at a time
             _release_memory()
-            task_hessians = self._task_hessians(prep, kept, dtype)
+            task_hessians = self._cached_task_hessians(prep, kept, dtype)
             self._leave(started)
 
         started = self._enter("compensate")
@@ -631,6 +652,19 @@ class RepairPipeline:
 
 
 _SAVE_STEPS = {1: "tensors written", 2: "metadata written"}  # write_checkpoint's ticks
+
+
+def _digest(
+    settings: tuple, prep: PreparedRepair, scored: CheckpointInfo, data: list[EncodedSample]
+) -> str:
+    """A cache key: `settings`, the checkpoints (a LoRA adapter is scored merged onto the
+    base, so the base counts too) and every token of `data`."""
+    digest = hashlib.sha256(repr(settings).encode())
+    for info in (prep.base, scored):
+        digest.update(os.path.realpath(info.path).encode())
+    for sample in data:
+        digest.update(repr((sample.input_ids, sample.prompt_len)).encode())
+    return digest.hexdigest()
 
 
 def _shared_input_groups(chunk: list[str], hessians: InputHessians | None) -> list[str]:

@@ -176,6 +176,12 @@ def test_auto_on_the_organism_publishes_the_candidate_that_keeps_the_domain(
     # The job's stage timings (a job showed none for auto): the reference, then c1, c2.
     assert list(report["stage_seconds"]) == ["validate_reference", "c1", "c2"]
     assert all(seconds > 0 for seconds in report["stage_seconds"].values())
+    # Each candidate's own timings: its repair's stages, then its validation; the second
+    # reuses the first's Fisher passes.
+    for row in rows.values():
+        assert row["stage_seconds"]["validate"] > 0 and row["stage_seconds"]["compensate"] > 0
+    paper, task_aware = rows["paper"]["stage_seconds"], rows["task-aware-mu7"]["stage_seconds"]
+    assert task_aware["fisher_task"] < paper["fisher_task"] and task_aware["task_hessians"] > 0
     # What is published is what was measured: evaluate it again on the same split.
     parts = split(organism_auto["config"], organism_auto["inputs"])
     assert report["validation"]["n_domain"] == len(parts["validation"]["domain"]) == 32

@@ -370,3 +370,37 @@ def test_shared_fisher_cache_reuses_scores_and_changes_nothing(toy, tmp_path, mo
     swapped = pipeline.prepare(toy["base"], toy["adapter"], toy["task"], toy["honesty"])
     pipeline.run(swapped, None)
     assert len(calls) == 6 and len(cache) == 4  # other data: new keys, scored afresh
+
+
+def test_task_hessian_cache_runs_the_task_pass_once_per_matrix(toy, tmp_path, monkeypatch):
+    """Task-aware candidates of a grid (other μ, R_CW) share H_task: a later run passes
+    D_task only for matrices no earlier run needed, and writes exactly what an uncached
+    run writes."""
+    passes: list[list[str]] = []
+    original = RepairPipeline._task_hessians
+
+    def counting(self, prep, kept, dtype):
+        passes.append(sorted(kept))
+        return original(self, prep, kept, dtype)
+
+    monkeypatch.setattr(RepairPipeline, "_task_hessians", counting)
+    fisher: dict = {}
+    cache: dict = {}
+    settings = [{"task_weight": 1.0}, {"task_weight": 7.0}, {"task_weight": 7.0, "r_cw": 1.0}]
+    for n, overrides in enumerate(settings):
+        config = RepairConfig(compensation="task_aware", **overrides)
+        pipeline = RepairPipeline(config, fisher_cache=fisher, task_hessian_cache=cache)
+        prepared = pipeline.prepare(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
+        report = pipeline.run(prepared, tmp_path / f"cached-{n}")
+        kept = sorted(m["name"] for m in report["selected_matrices"])
+        if n == 0:
+            assert passes == [kept]
+        if n == 1:  # the same matrices: no pass
+            assert len(passes) == 1 and report["stage_seconds"]["task_hessians"] < 1.0
+        if n == 2:  # all matrices: a pass for the ones the first run did not need
+            assert passes[1] == sorted(set(kept) - set(passes[0])) and passes[1]
+    assert len(cache) == 1  # one fine-tuned model and D_task: one entry
+    repair(toy, tmp_path / "fresh", compensation="task_aware", task_weight=7.0, r_cw=1.0)
+    assert len(passes) == 3  # no cache: a full pass
+    cached, fresh = tensors(tmp_path / "cached-2"), tensors(tmp_path / "fresh")
+    assert all(torch.equal(cached[k], fresh[k]) for k in fresh)
