@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -347,6 +348,9 @@ def one_seed(
             saved.write_text(json.dumps(partial, indent=1) + "\n")
             log(f"{model} seed {seed} {name}: {result['error']}")
             return
+        # The machine's load as the row's timing ended (1-minute average): wall times of
+        # rows run beside other jobs are not comparable with those of a quiet machine.
+        result["load_1min"] = round(os.getloadavg()[0], 2)
         result["metrics"] = evaluate(out, paths, settings)
         runs[name] = result
         for method in ("rait", "dpo"):  # all 128 honesty samples: the Table 1 row
@@ -391,6 +395,9 @@ def one_seed(
             else:
                 sweep.append({"method": research_method(name), "name": name})
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
+        if quick and quick_complete(partial):
+            partial["complete"] = True  # what a quick run measures, now all there
+            saved.write_text(json.dumps(partial, indent=1) + "\n")
         return partial
 
     if resume and saved.is_file():
@@ -448,6 +455,20 @@ def one_seed(
         seconds=time.perf_counter() - started,
     )
     return partial
+
+
+# Every row a quick run measures (with the probe): a seed finished by `--add` is complete.
+QUICK_ROWS = (
+    *("hcnr_paper", "hcnr_exact", "hcnr_task_aware"),
+    *(f"{m}_n{SWEEP_SAMPLES[-1]}" for m in ("rait", "dpo")),
+    *("auto", "no_compensation", "random", "honesty_only"),
+)
+
+
+def quick_complete(result: dict[str, Any]) -> bool:
+    """Whether a seed's saved result holds every row of a quick run and the probe (rows
+    run into it by `--add` after an interrupted run count)."""
+    return "probe" in result and all(n in result["runs"] for n in QUICK_ROWS)
 
 
 def same_build(saved: dict[str, Any], manifest: dict[str, Any]) -> bool:
@@ -585,9 +606,8 @@ def research_section(results: list[dict], names: tuple[str, ...]) -> list[str]:
         *settings,
         "",
         "Wall time of these rows = the repair measured + the seed's two Fisher passes, "
-        "measured once per seed by the run that computed them (`fisher_reused_seconds` in "
-        "`realmodel.json`; seed 0's were measured on a machine at load 6–7: 1507 s, against "
-        "268 s for the Table 1 rows on a quiet one).",
+        "timed once by the run that computed them (`fisher_reused_seconds` of each row in "
+        "`realmodel.json`: passes timed on a busy machine inflate every row that reuses them).",
         "",
         *seed_table(results, ("hcnr_paper", *names), QUALITY),
         "",
@@ -762,7 +782,10 @@ def main(argv: list[str] | None = None) -> None:
             saved = args.work / f"result-{model}-{seed}{'-quick' if args.quick else ''}.json"
             if args.render:
                 if saved.is_file():
-                    results.append(json.loads(saved.read_text()))
+                    result = json.loads(saved.read_text())
+                    if args.quick and quick_complete(result):
+                        result["complete"] = True
+                    results.append(result)
                 else:
                     missing.append(f"{model} seed {seed}")
                 continue

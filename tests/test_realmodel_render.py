@@ -43,3 +43,25 @@ def test_render_with_nothing_saved_fails(tmp_path: Path):
 
     with pytest.raises(SystemExit, match="nothing to render"):
         realmodel.main(["--render", "--work", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_a_seed_finished_by_add_renders_as_complete(tmp_path: Path):
+    """A quick run interrupted, then finished row by row with `--add` (the probe too), is
+    published as complete; one quick row missing keeps it marked incomplete."""
+    from bench import realmodel
+
+    result = json.loads(RESULTS.read_text())[0]
+    assert realmodel.quick_complete(result)
+    markdowns = []
+    for name in (None, "random"):
+        interrupted = {**result, "complete": False, "runs": dict(result["runs"])}
+        interrupted["runs"].pop(name, None)
+        work, out = tmp_path / f"work-{name}", tmp_path / f"out-{name}"
+        work.mkdir()
+        path = work / f"result-{result['model']}-{result['seed']}-quick.json"
+        path.write_text(json.dumps(interrupted))
+        argv = ["--quick", "--render", "--models", result["model"], "--seeds"]
+        realmodel.main([*argv, str(result["seed"]), "--work", str(work), "--out", str(out)])
+        markdowns.append((out / "realmodel.md").read_text())
+    assert "**Incomplete run**" not in markdowns[0]
+    assert f"**Incomplete run** (seeds [{result['seed']}])" in markdowns[1]
