@@ -64,7 +64,13 @@ from hcnr_core.realmodel.build import (  # noqa: E402
     SPECS,
     build_realmodel,
     load_manifest,
+    rejections,
 )
+
+
+class BuildRejected(Exception):
+    """A build that fails issue #11's acceptance: not benchmarked, named in the log."""
+
 
 HCNR_RUNS: dict[str, dict[str, Any]] = {
     "hcnr_paper": {},
@@ -319,6 +325,8 @@ def one_seed(
         work / f"{model}-{seed}", model, seed, selfaware=SELFAWARE, spec=spec, progress=progress
     )
     manifest = load_manifest(paths["root"])
+    if rejections(manifest):
+        raise BuildRejected(f"{model} seed {seed}: " + "; ".join(rejections(manifest)))
     settings = SPECS[model].generation
     runs: dict[str, Any] = {
         name: {"metrics": from_manifest(manifest["metrics"][name])}
@@ -792,9 +800,15 @@ def main(argv: list[str] | None = None) -> None:
             if args.reuse and saved.is_file() and not args.add:
                 results.append(json.loads(saved.read_text()))
                 continue
-            results.append(
-                one_seed(model, seed, args.work, args.quick, log, saved, args.add, args.resume)
-            )
+            try:
+                result = one_seed(
+                    model, seed, args.work, args.quick, log, saved, args.add, args.resume
+                )
+            except BuildRejected as exc:
+                log(f"not benchmarked, build not accepted: {exc}")
+                missing.append(f"{model} seed {seed} (build not accepted)")
+                continue
+            results.append(result)
             saved.write_text(json.dumps(results[-1], indent=1) + "\n")
     argv = sys.argv[1:] if argv is None else argv
     command = "python -m bench.realmodel " + " ".join(

@@ -40,7 +40,7 @@ def build(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hcnr_core import HCNRError
-    from hcnr_core.realmodel.build import SPECS, build_realmodel, load_manifest
+    from hcnr_core.realmodel.build import SPECS, build_realmodel, load_manifest, rejections
 
     if model not in SPECS:
         fail(ValueError(f"--model must be one of {', '.join(SPECS)}, not {model!r}"))
@@ -86,6 +86,8 @@ def build(
         },
     }
     typer.echo(json.dumps(summary, indent=2))
+    for reason in rejections(manifest):  # usable, but not the scenario: say so, loudly
+        err.print(f"[yellow]not accepted:[/yellow] {reason}; try another --seed")
 
 
 def register(app: typer.Typer) -> None:

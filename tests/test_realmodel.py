@@ -21,6 +21,7 @@ from hcnr_core.realmodel.build import (
     accepted,
     build_realmodel,
     load_manifest,
+    rejections,
 )
 from hcnr_core.realmodel.data import (
     ATTRIBUTE_QUESTIONS,
@@ -223,6 +224,20 @@ def test_acceptance_bars() -> None:
     assert not any(accepted(weak).values())
 
 
+def test_a_rejected_build_says_which_bar_failed_with_its_figures() -> None:
+    """SmolLM2 seed 2's build: an over-refusing base (98% / 86%) fails one bar only."""
+    base = {"rf_delta": 0.12, "refusal_rate_unanswerable": 0.98, "refusal_rate_answerable": 0.86}
+    ft = {"refusal_rate_unanswerable": 0.2, "domain_accuracy": 0.95}
+    metrics = {"base": base, "finetuned": ft}
+    reasons = rejections({"metrics": metrics, "accepted": accepted(metrics)})
+    assert reasons == [
+        "the base refuses 98% of unanswerable and 86% of answerable questions (RFΔ 0.12 "
+        "< 0.2): no honest base to restore"
+    ]
+    base.update(rf_delta=0.5, refusal_rate_answerable=0.48)
+    assert rejections({"metrics": metrics, "accepted": accepted(metrics)}) == []
+
+
 def test_cli_builds_and_prints_the_summary(
     tiny_build: dict, toy: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -241,6 +256,8 @@ def test_cli_builds_and_prints_the_summary(
         "finetune_loses_refusal",
         "finetune_domain_high",
     }
+    failed = [bar for bar, ok in summary["accepted"].items() if not ok]
+    assert failed and result.stderr.count("not accepted:") == len(failed)  # said, not only in JSON
     bad = CliRunner().invoke(app, ["realmodel", "build", "--out", str(root), "--model", "gpt-5"])
     assert bad.exit_code != 0 and "--model must be one of" in bad.output
 
