@@ -536,7 +536,9 @@ def auto_goal(results: list[dict], points: dict) -> list[str]:
     lines = []
     for name, label in AUTO_RUNS.items():
         if any(name not in r["runs"] for r in results):
-            lines.append(f"- {label}: not measured in this run.")
+            some = [str(r["seed"]) for r in results if name in r["runs"]]
+            where = f"measured on seed {', '.join(some)} only (Table 1)" if some else "not measured"
+            lines.append(f"- {label}: {where}; not judged on the mean.")
             continue
         failed = [str(r["seed"]) for r in results if "error" in r["runs"][name]]
         if failed:

@@ -345,17 +345,23 @@ def test_task_aware_compensation_is_accepted_layer_by_layer():
     assert RepairConfig(compensation="task_aware").task_weight == 1.0
 
 
+def counted(monkeypatch, method: str, record) -> list:
+    """`RepairPipeline.<method>` still runs, each call noted as `record(*its arguments)`."""
+    calls: list = []
+    original = getattr(RepairPipeline, method)
+
+    def counting(self, *args):
+        calls.append(record(*args))
+        return original(self, *args)
+
+    monkeypatch.setattr(RepairPipeline, method, counting)
+    return calls
+
+
 def test_shared_fisher_cache_reuses_scores_and_changes_nothing(toy, tmp_path, monkeypatch):
     """Sweeps share one `fisher_cache`: the second repair runs no Fisher pass and writes
     exactly what an uncached repair writes; other data is scored afresh."""
-    calls: list[int] = []
-    original = RepairPipeline._fisher
-
-    def counting(self, models, prep, data):
-        calls.append(len(data))
-        return original(self, models, prep, data)
-
-    monkeypatch.setattr(RepairPipeline, "_fisher", counting)
+    calls = counted(monkeypatch, "_fisher", lambda models, prep, data: len(data))
     cache: dict = {}
     for n, compensation in enumerate(("paper", "exact")):
         pipeline = RepairPipeline(RepairConfig(compensation=compensation), fisher_cache=cache)
@@ -376,14 +382,7 @@ def test_task_hessian_cache_runs_the_task_pass_once_per_matrix(toy, tmp_path, mo
     """Task-aware candidates of a grid (other μ, R_CW) share H_task: a later run passes
     D_task only for matrices no earlier run needed, and writes exactly what an uncached
     run writes."""
-    passes: list[list[str]] = []
-    original = RepairPipeline._task_hessians
-
-    def counting(self, prep, kept, dtype):
-        passes.append(sorted(kept))
-        return original(self, prep, kept, dtype)
-
-    monkeypatch.setattr(RepairPipeline, "_task_hessians", counting)
+    passes = counted(monkeypatch, "_task_hessians", lambda prep, kept, dtype: sorted(kept))
     fisher: dict = {}
     cache: dict = {}
     settings = [{"task_weight": 1.0}, {"task_weight": 7.0}, {"task_weight": 7.0, "r_cw": 1.0}]
