@@ -82,11 +82,11 @@ RECIPE_PINS = {
     ),
     "realmodel": (
         "RECIPE_VERSION",
-        "7744fca85b7391f6e31766aae60c19a35ad9210eaf1528272b145b32ba0147fd",
+        "d0eff5e02e8e14bbdc722b38fe52f685479c1de4978666c27f8410a20c502767",
     ),
     "realmodel eval": (
         "EVAL_VERSION",
-        "6ec4f01abde6c4cede7cb733152ea7c2a0c5a08adb22822c2a8f952b905d5fca",
+        "d07bc2b458ec845aa717d128ffdfef9a3a5c14393056c5724dfc1fe7e8f8f9a9",
     ),
 }
 
