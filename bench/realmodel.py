@@ -325,8 +325,9 @@ def one_seed(
         work / f"{model}-{seed}", model, seed, selfaware=SELFAWARE, spec=spec, progress=progress
     )
     manifest = load_manifest(paths["root"])
-    if rejections(manifest):
-        raise BuildRejected(f"{model} seed {seed}: " + "; ".join(rejections(manifest)))
+    reasons = rejections(manifest)
+    if reasons:
+        raise BuildRejected(f"{model} seed {seed}: " + "; ".join(reasons))
     settings = SPECS[model].generation
     runs: dict[str, Any] = {
         name: {"metrics": from_manifest(manifest["metrics"][name])}
@@ -403,9 +404,6 @@ def one_seed(
             else:
                 sweep.append({"method": research_method(name), "name": name})
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
-        if quick and quick_complete(partial):
-            partial["complete"] = True  # what a quick run measures, now all there
-            saved.write_text(json.dumps(partial, indent=1) + "\n")
         return partial
 
     if resume and saved.is_file():
@@ -465,7 +463,7 @@ def one_seed(
     return partial
 
 
-# Every row a quick run measures (with the probe): a seed finished by `--add` is complete.
+# Every row a quick run measures (with the probe): `load_saved` reads such a seed as complete.
 QUICK_ROWS = (
     *("hcnr_paper", "hcnr_exact", "hcnr_task_aware"),
     *(f"{m}_n{SWEEP_SAMPLES[-1]}" for m in ("rait", "dpo")),
@@ -477,6 +475,15 @@ def quick_complete(result: dict[str, Any]) -> bool:
     """Whether a seed's saved result holds every row of a quick run and the probe (rows
     run into it by `--add` after an interrupted run count)."""
     return "probe" in result and all(n in result["runs"] for n in QUICK_ROWS)
+
+
+def load_saved(path: Path, quick: bool) -> dict[str, Any]:
+    """A seed's saved result; a quick one counts as complete once it holds every quick row
+    and the probe, however they got there (a run, or `--add` after an interruption)."""
+    result = json.loads(path.read_text())
+    if quick and quick_complete(result):
+        result["complete"] = True
+    return result
 
 
 def same_build(saved: dict[str, Any], manifest: dict[str, Any]) -> bool:
@@ -792,15 +799,12 @@ def main(argv: list[str] | None = None) -> None:
             saved = args.work / f"result-{model}-{seed}{'-quick' if args.quick else ''}.json"
             if args.render:
                 if saved.is_file():
-                    result = json.loads(saved.read_text())
-                    if args.quick and quick_complete(result):
-                        result["complete"] = True
-                    results.append(result)
+                    results.append(load_saved(saved, args.quick))
                 else:
                     missing.append(f"{model} seed {seed}")
                 continue
             if args.reuse and saved.is_file() and not args.add:
-                results.append(json.loads(saved.read_text()))
+                results.append(load_saved(saved, args.quick))
                 continue
             try:
                 result = one_seed(
