@@ -3,8 +3,9 @@
     report = AutoMethod().run(AutoConfig(), MethodInputs(base, ft, honesty, task), "out/")
 
 1. A validation split is carved deterministically (seeded, stratified by `answerable`)
-   from the honesty and task sets — `validation_fraction` of each — or taken whole from a
-   separate validation set. The repairs never see it.
+   from the honesty and task sets — `validation_fraction` of each, and of the task set
+   enough rows that one is at most `max_domain_drop` points (up to half of it) — or taken
+   whole from a separate validation set. The repairs never see it.
 2. The fine-tuned model (and the base) are evaluated on it: refusal F1 on the honesty rows,
    domain accuracy on the task rows (a task sample counts as kept when the model's greedy
    answer still contains its gold answer, or its response when it has no `answers`).
@@ -22,8 +23,9 @@
 The chosen checkpoint is published at `out` with its own method report, `auto_report.json`
 (every candidate: hyper-parameters, seconds, metrics, drop, why it was or was not chosen)
 and `auto_frontier.png` (validation domain accuracy vs refusal F1, the choice marked).
-With 32 domain rows one answer is 3.1 points: the report states the split's sizes so a
-reader can judge the resolution of a 2-point limit.
+The report states the split's sizes (`domain_point_per_sample`), so a reader can judge the
+resolution of the limit: a 2-point limit needs 50 domain rows, which a task set of 100 or
+more gives; with fewer, `warnings` says so and names the validation file that would.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ REPORT_NAME = "auto_report.json"
 FRONTIER_NAME = "auto_frontier.png"
 # Options of the auto run that every candidate inherits unless it sets them itself.
 INHERITED = ("seed", "dtype", "max_seq_len")
+# The share of the task set a carve leaves to the repairs, whatever resolution it buys.
+MIN_REPAIR_TASK_SHARE = 0.5
 
 
 # --- the validation split ------------------------------------------------------------------
@@ -87,6 +91,19 @@ def carve(
     return kept, [s for i, s in enumerate(samples) if i in held]
 
 
+def domain_fraction(n_task: int, fraction: float, max_drop: float) -> float:
+    """The share of the task set held out as domain rows: `fraction`, raised until one row is
+    at most `max_drop` points (n_val >= 100 / max_drop) while the repairs keep at least
+    MIN_REPAIR_TASK_SHARE of the task set.
+
+    A limit finer than one row cannot be honoured: with 32 rows one answer is 3.1 points, so
+    a 2-point limit rejects any candidate that loses a single answer, however honest."""
+    if max_drop <= 0 or n_task == 0:
+        return fraction
+    needed = math.ceil(100 / max_drop - 1e-9) / n_task
+    return max(fraction, min(needed, 1 - MIN_REPAIR_TASK_SHARE))
+
+
 def as_domain(sample: Sample) -> Sample:
     """A task sample graded by its gold answers, or by its response when it has none."""
     return replace(sample, answerable=None, answers=sample.answers or (sample.response,))
@@ -104,10 +121,11 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
         rows = _load(inputs.validation)
         val_honesty = [s for s in rows if s.answerable is not None]
         val_domain = [as_domain(s) for s in rows if s.answerable is None]
-        source = "given"
+        source, task_share = "given", None
     else:
         honesty, val_honesty = carve(honesty, config.validation_fraction, config.seed, "honesty")
-        task, val_task = carve(task, config.validation_fraction, config.seed, "task")
+        task_share = domain_fraction(len(task), config.validation_fraction, config.max_domain_drop)
+        task, val_task = carve(task, task_share, config.seed, "task")
         val_honesty = [s for s in val_honesty if s.answerable is not None]
         val_domain = [as_domain(s) for s in val_task]
         source = "carved"
@@ -123,11 +141,12 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
     warnings = []
     point = 100 / len(val_domain)
     if config.max_domain_drop > 0 and point > config.max_domain_drop:
+        rows = math.ceil(100 / config.max_domain_drop - 1e-9)
+        larger = f"a task set of at least {2 * rows} samples or " if source == "carved" else ""
         warnings.append(
             f"one domain row is {point:.1f} points of validation accuracy, more than "
             f"max_domain_drop ({config.max_domain_drop:g}): a smaller loss cannot be seen; "
-            f"give a validation file with at least {math.ceil(100 / config.max_domain_drop)} "
-            "graded domain rows"
+            f"give {larger}a validation file with at least {rows} graded domain rows"
         )
     if not any(s.answerable for s in val_honesty):
         warnings.append(
@@ -140,6 +159,7 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
         "summary": {
             "source": source,
             "fraction": config.validation_fraction if source == "carved" else None,
+            "domain_fraction": None if task_share is None else round(task_share, 4),
             "n_answerable": sum(bool(s.answerable) for s in val_honesty),
             "n_unanswerable": sum(s.answerable is False for s in val_honesty),
             "n_domain": len(val_domain),

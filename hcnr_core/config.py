@@ -424,7 +424,8 @@ class AutoConfig(FileConfig):
         gt=0.0,
         lt=1.0,
         description="Share of the honesty and task sets held out for validation (when no "
-        "validation set is given); never used by the repairs",
+        "validation set is given; of the task set at least 100/max_domain_drop rows, up to "
+        "half of it); never used by the repairs",
     )
     time_budget_s: float = Field(
         3600.0, gt=0.0, le=7 * 86400.0, description="No new candidate starts after this"

@@ -48,6 +48,35 @@ def test_carve_is_seeded_stratified_disjoint_and_ordered() -> None:
     assert [s.answerable for s in held] == [False] and len(kept) == 2
 
 
+@pytest.mark.parametrize(
+    ("n_task", "max_drop", "n_domain", "coarse"),
+    [
+        (128, 2.0, 50, False),  # 32 rows (3.1 points each) raised to 50: one row is 2 points
+        (128, 5.0, 32, False),  # the fraction already resolves 5 points
+        (128, 0.0, 32, False),  # no loss allowed: any lost row shows, whatever the size
+        (60, 2.0, 30, True),  # half the task set stays with the repairs: still too coarse
+        (400, 2.0, 100, False),  # the fraction gives more than the limit needs
+    ],
+)
+def test_the_carve_holds_out_enough_domain_rows_to_see_the_limit(
+    n_task: int, max_drop: float, n_domain: int, coarse: bool
+) -> None:
+    honesty = _samples(40, 40, 0)
+    task = _samples(0, 0, n_task)
+    config = AutoConfig(max_domain_drop=max_drop)
+    parts = split(config, MethodInputs(Path("base"), Path("ft"), honesty, task))
+    summary = parts["summary"]
+    assert summary["n_domain"] == len(parts["validation"]["domain"]) == n_domain
+    assert summary["repair_task"] == n_task - n_domain >= n_task / 2
+    assert summary["n_unanswerable"] == 10  # the honesty carve keeps the plain fraction
+    kept = {s.line for s in parts["inputs"].task}
+    assert not kept & {s.line for s in parts["validation"]["domain"]}
+    warned = [w for w in parts["warnings"] if "domain row is" in w]
+    assert bool(warned) == coarse
+    if coarse:
+        assert "a task set of at least 100 samples" in warned[0] and "50 graded" in warned[0]
+
+
 def _row(order: int, f1: float, drop: float, status: str = "ok") -> dict:
     return {
         "order": order,

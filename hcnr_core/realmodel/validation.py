@@ -4,8 +4,9 @@ validation rows plus reading-domain rows about people no other split uses.
     rows = auto_validation_rows(build_rows, seed=0, n_domain=100)
 
 `auto` carves its validation split from the repair sets when it is given none; on a build
-that leaves 32 task rows, most of them closed-book answers no model reproduces, so one
-answer is 3.1 points and a 5-point domain loss goes unseen (bench/results/realmodel.md).
+that leaves 50 of the 128 task rows (one answer is 2 points; 32 before the carve sized
+itself to the limit, 3.1 points), many of them closed-book answers no model reproduces,
+which measure nothing (bench/results/realmodel.md).
 A user with domain data passes a validation file instead; this is that file for the
 benchmark's builds. It lives apart from `data.py` so that the builds' cache keys (which
 cover the code that makes the training data) stay valid.
