@@ -110,6 +110,14 @@ RESEARCH_RUNS: dict[str, dict[str, Any]] = {
         "compensation": "task_aware",
         "task_weight": 15.0,
     },
+    # auto's candidate of that name, on all the repair rows: what a refit of auto's choice
+    # would publish (auto's own repair used the rows its validation carve left)
+    "hcnr_asym_ta15_cw1": {
+        "hessian_inputs": "asymmetric",
+        "compensation": "task_aware",
+        "task_weight": 15.0,
+        "r_cw": 1.0,
+    },
     "hcnr_asym_exact": {"hessian_inputs": "asymmetric", "compensation": "exact"},
     "hcnr_asym_ta1": {"hessian_inputs": "asymmetric", "compensation": "task_aware"},
     "hcnr_paper_cw0.2": {"r_cw": 0.2},
