@@ -287,6 +287,7 @@ class AutoMethod:
         check_output_dir(out)
         started = time.monotonic()
         parts = split(config, inputs)
+        cache = {} if cache is None else cache  # the candidates (and a refit) share passes
         candidates = config.tried()
         # all valid before work
         configs = [candidate_config(c, config, options) for c in candidates]
@@ -320,7 +321,11 @@ class AutoMethod:
                 raise NoAcceptableCandidateError(
                     f"{reason} ({summary or 'none measured'}){what_next}"
                 )
-            run.stage("publish", len(candidates) + 1)
+            published, refit = work / chosen["name"], None
+            if config.refit and parts["summary"]["source"] == "carved":
+                run.stage("refit", len(candidates) + 1)
+                published, refit = _refit(chosen, configs, inputs, options, work, run, cache)
+            run.stage("publish", len(candidates) + 1.5)
             report = {
                 "format_version": 1,
                 "method": "auto",
@@ -335,16 +340,20 @@ class AutoMethod:
                 "reason": reason,
                 "chosen_report": METHODS[chosen["method"]].report_name,
                 "warnings": parts["warnings"],
+                # Set when the published model is the chosen setting repaired again from
+                # every sample (`refit`): its validation figures are the candidate's.
+                "refit": refit,
                 # The job's stage timings: the reference evaluation, then each candidate's
                 # repair and validation under the `c<N>` its progress events carry.
                 "stage_seconds": {
                     "validate_reference": reference_seconds,
                     **{f"c{r['order'] + 1}": r["seconds"] for r in rows if "seconds" in r},
+                    **({"refit": refit["seconds"]} if refit else {}),
                 },
             }
             base = None if inputs.base is None else str(inputs.base)
             card = CardInputs("auto", base, str(inputs.finetuned), hyperparameters(report))
-            _publish(work / chosen["name"], out, report, config, run, card)
+            _publish(published, out, report, config, run, card)
             return report
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -419,6 +428,38 @@ class AutoMethod:
             rows.append(row)
             run.record(row)
         return rows
+
+
+def _refit(
+    chosen: dict[str, Any],
+    configs: list[Any],
+    inputs: MethodInputs,
+    options: RunOptions,
+    work: Path,
+    run: _AutoRun,
+    cache: dict | None,
+) -> tuple[Path, dict[str, Any]]:
+    """The chosen setting repaired again from all the honesty and task samples, the carved
+    validation rows included (select on a split, then fit on everything).
+
+    The choice and its validation figures stay the candidate's: the refit model has seen
+    the validation rows, so it cannot be measured on them."""
+    full = MethodInputs(inputs.base, inputs.finetuned, inputs.honesty, inputs.task)
+    begun = time.monotonic()
+    METHODS[chosen["method"]].run(
+        configs[chosen["order"]],
+        full,
+        work / ".refit",
+        options=options,
+        should_cancel=run.should_cancel,
+        cache=cache,
+    )
+    samples = {"honesty": len(_load(inputs.honesty)), "task": len(_load(inputs.task))}  # type: ignore[arg-type]
+    return work / ".refit", {
+        "candidate": chosen["name"],
+        **samples,
+        "seconds": round(time.monotonic() - begun, 3),
+    }
 
 
 def _recovery(metrics: dict[str, Any], reference: dict[str, dict[str, Any]]) -> float | None:

@@ -427,6 +427,12 @@ class AutoConfig(FileConfig):
         "validation set is given; of the task set at least 100/max_domain_drop rows, up to "
         "half of it); never used by the repairs",
     )
+    refit: bool = Field(
+        False,
+        description="Publish the chosen setting repaired again from every sample, the "
+        "carved validation rows included (its validation figures stay the candidate's); "
+        "no effect with a validation set",
+    )
     time_budget_s: float = Field(
         3600.0, gt=0.0, le=7 * 86400.0, description="No new candidate starts after this"
     )

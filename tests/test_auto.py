@@ -167,6 +167,43 @@ def test_the_time_budget_stops_new_candidates(toy: dict[str, Path], tmp_path: Pa
     assert report["validation"]["n_answerable"] == 0 and report["warnings"]  # the toy's
 
 
+@pytest.mark.parametrize("refit", [False, True])
+def test_refit_publishes_the_choice_repaired_from_every_sample(
+    toy: dict[str, Path], tmp_path: Path, refit: bool
+) -> None:
+    """With `refit` the chosen setting is repaired again from all the samples, the carved
+    validation rows included; without it the published model is the measured candidate."""
+    method = get_method("auto")
+    config = method.make_config(
+        {
+            "candidates": [PAPER],
+            "max_domain_drop": 100.0,
+            "max_new_tokens": 4,
+            "require_improvement": False,  # the toy never refuses
+            "refit": refit,
+        }
+    )
+    inputs = MethodInputs(toy["base"], toy["adapter"], toy["honesty"], toy["task"])
+    report = method.run(config, inputs, tmp_path / "out")
+    published = json.loads((tmp_path / "out" / "hcnr_report.json").read_text())["inputs"]
+    n_honesty, n_task = len(load_jsonl(toy["honesty"])), len(load_jsonl(toy["task"]))
+    carved = report["validation"]
+    used = (published["honesty"]["samples"], published["task"]["samples"])
+    if refit:
+        assert used == (n_honesty, n_task)
+        assert report["refit"] == {
+            "candidate": "paper",
+            "honesty": n_honesty,
+            "task": n_task,
+            "seconds": report["stage_seconds"]["refit"],
+        }
+    else:
+        assert used == (carved["repair_honesty"], carved["repair_task"])
+        assert used[0] < n_honesty and used[1] < n_task
+        assert report["refit"] is None and "refit" not in report["stage_seconds"]
+    assert report["candidates"][0]["status"] == "ok"  # the choice is measured either way
+
+
 @pytest.fixture(scope="module")
 def organism_auto(organism: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """auto on the organism with the paper's defaults and task-aware compensation; the two
