@@ -405,15 +405,10 @@ def one_seed(
                 partial["probe"] = {**probe_result, "seconds": probe_seconds}
                 saved.write_text(json.dumps(partial, indent=1) + "\n")
                 log(f"{model} seed {seed} probe: {probe_result['best']}")
-            elif name == "auto":
+            elif name in AUTO_RUNS:
                 sweep.append({"method": name, "name": name})
-                record(name, run_auto(paths, out))
-            elif name == "auto_refit":
-                sweep.append({"method": name, "name": name})
-                record(name, run_auto(paths, out, refit=True))
-            elif name == "auto_validated":
-                sweep.append({"method": name, "name": name})
-                record(name, run_auto(paths, out, validation_file(paths, seed)))
+                validation = validation_file(paths, seed) if name == "auto_validated" else None
+                record(name, run_auto(paths, out, validation, refit=name == "auto_refit"))
             elif name in BASELINE_SIZES:
                 method, n = name.split("_n")
                 sweep.append({"method": method, "name": name})

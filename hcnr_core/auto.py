@@ -91,6 +91,11 @@ def carve(
     return kept, [s for i, s in enumerate(samples) if i in held]
 
 
+def rows_to_see(max_drop: float) -> int:
+    """Domain rows needed for one row to be at most `max_drop` points: ⌈100 / max_drop⌉."""
+    return math.ceil(100 / max_drop - 1e-9)
+
+
 def domain_fraction(n_task: int, fraction: float, max_drop: float) -> float:
     """The share of the task set held out as domain rows: `fraction`, raised until one row is
     at most `max_drop` points (n_val >= 100 / max_drop) while the repairs keep at least
@@ -100,7 +105,7 @@ def domain_fraction(n_task: int, fraction: float, max_drop: float) -> float:
     a 2-point limit rejects any candidate that loses a single answer, however honest."""
     if max_drop <= 0 or n_task == 0:
         return fraction
-    needed = math.ceil(100 / max_drop - 1e-9) / n_task
+    needed = rows_to_see(max_drop) / n_task
     return max(fraction, min(needed, 1 - MIN_REPAIR_TASK_SHARE))
 
 
@@ -117,6 +122,7 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
     """The repair inputs and the validation sets (checked: both kinds of rows present)."""
     require_inputs(inputs, "auto", "base", "task")
     honesty, task = _load(inputs.honesty), _load(inputs.task)  # type: ignore[arg-type]
+    totals = {"honesty": len(honesty), "task": len(task)}  # what a refit repairs from
     if inputs.validation is not None:
         rows = _load(inputs.validation)
         val_honesty = [s for s in rows if s.answerable is not None]
@@ -141,7 +147,7 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
     warnings = []
     point = 100 / len(val_domain)
     if config.max_domain_drop > 0 and point > config.max_domain_drop:
-        rows = math.ceil(100 / config.max_domain_drop - 1e-9)
+        rows = rows_to_see(config.max_domain_drop)
         larger = f"a task set of at least {2 * rows} samples or " if source == "carved" else ""
         warnings.append(
             f"one domain row is {point:.1f} points of validation accuracy, more than "
@@ -156,6 +162,7 @@ def split(config: AutoConfig, inputs: MethodInputs) -> dict[str, Any]:
     return {
         "inputs": MethodInputs(inputs.base, inputs.finetuned, honesty, task),
         "validation": {"honesty": val_honesty, "domain": val_domain},
+        "totals": totals,
         "summary": {
             "source": source,
             "fraction": config.validation_fraction if source == "carved" else None,
@@ -324,7 +331,7 @@ class AutoMethod:
             published, refit = work / chosen["name"], None
             if config.refit and parts["summary"]["source"] == "carved":
                 run.stage("refit", len(candidates) + 1)
-                published, refit = _refit(chosen, configs, inputs, options, work, run, cache)
+                published, refit = _refit(chosen, configs, inputs, parts, options, work, run, cache)
             run.stage("publish", len(candidates) + 1.5)
             report = {
                 "format_version": 1,
@@ -369,9 +376,8 @@ class AutoMethod:
         work: Path,
         run: _AutoRun,
         started: float,
-        cache: dict | None,
+        cache: dict,
     ) -> list[dict[str, Any]]:
-        cache = {} if cache is None else cache  # HCNR candidates share the Fisher passes
         rows: list[dict[str, Any]] = []
         spent: list[float] = []
         for order, (candidate, method_config) in enumerate(zip(candidates, configs, strict=True)):
@@ -434,10 +440,11 @@ def _refit(
     chosen: dict[str, Any],
     configs: list[Any],
     inputs: MethodInputs,
+    parts: dict[str, Any],
     options: RunOptions,
     work: Path,
     run: _AutoRun,
-    cache: dict | None,
+    cache: dict,
 ) -> tuple[Path, dict[str, Any]]:
     """The chosen setting repaired again from all the honesty and task samples, the carved
     validation rows included (select on a split, then fit on everything).
@@ -454,10 +461,9 @@ def _refit(
         should_cancel=run.should_cancel,
         cache=cache,
     )
-    samples = {"honesty": len(_load(inputs.honesty)), "task": len(_load(inputs.task))}  # type: ignore[arg-type]
     return work / ".refit", {
         "candidate": chosen["name"],
-        **samples,
+        **parts["totals"],
         "seconds": round(time.monotonic() - begun, 3),
     }
 
