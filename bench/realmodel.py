@@ -133,13 +133,19 @@ RESEARCH_RUNS: dict[str, dict[str, Any]] = {
 # auto chose there: 30 on SmolLM2's two seeds, 15 on Gemma): the paper's ablations hold the
 # paper's defaults, so they say whether the selection matters there, not at the setting a
 # user would run.
+# The same at a tenth of each matrix's columns (R_IW 0.1): with half of them restored and
+# re-solved (R_IW 0.5) compensation can make up for a poor choice of columns, so whether
+# the choice matters shows where the budget is small.
 BEST_SETTING = {"smollm2-135m": "hcnr_asym_ta30", "gemma3-270m": "hcnr_asym_ta15"}
+SPARSE_R_IW = 0.1
 for _best in sorted(set(BEST_SETTING.values())):
-    for _selection in ("random", "honesty_only"):
-        RESEARCH_RUNS[f"{_best}_{_selection}"] = {
-            **RESEARCH_RUNS[_best],
-            "selection": _selection,
-        }
+    RESEARCH_RUNS[f"{_best}_iw{SPARSE_R_IW}"] = {**RESEARCH_RUNS[_best], "r_iw": SPARSE_R_IW}
+    for _setting in (_best, f"{_best}_iw{SPARSE_R_IW}"):
+        for _selection in ("random", "honesty_only"):
+            RESEARCH_RUNS[f"{_setting}_{_selection}"] = {
+                **RESEARCH_RUNS[_setting],
+                "selection": _selection,
+            }
 
 
 def research_method(name: str) -> str:
@@ -588,22 +594,38 @@ def auto_goal(results: list[dict], points: dict) -> list[str]:
 def best_setting_ablation_goal(results: list[dict]) -> list[str]:
     """Whether HCNR's selection beats random and honesty-only columns at its best fixed
     setting on this model (`BEST_SETTING`: the same compensation, Hessian inputs and μ),
-    seed means."""
+    seed means; the same at `SPARSE_R_IW` where measured (not the goal: the best setting's
+    budget is R_IW 0.5)."""
     best = BEST_SETTING[results[0]["model"]]
-    names = [f"{best}_{s}" for s in ("random", "honesty_only")]
-    if not all(has(r, n) for r in results for n in (best, *names)):
-        return [f"- {best} against its own ablations: not measured on every seed."]
-    rec = {n: statistics.fmean(per_seed(results, n, "recovery")) for n in (best, *names)}
-    drop = {n: statistics.fmean(per_seed(results, n, "domain_drop")) for n in rec}
-    ok = all(rec[best] > rec[n] for n in names)
-    shown = ", ".join(
-        f"{n.removeprefix(best + '_')} {100 * rec[n]:.1f}% (−{100 * drop[n]:.1f})" for n in names
-    )
-    return [
-        f"- HCNR's best fixed setting ({best}: recovery {100 * rec[best]:.1f}%, "
-        f"−{100 * drop[best]:.1f} domain points) beats the same setting with random / "
-        f"honesty-only selection ({shown}) on recovery: {'**met**' if ok else '**not met**'}."
-    ]
+    lines = []
+    for setting in (best, f"{best}_iw{SPARSE_R_IW}"):
+        names = [f"{setting}_{s}" for s in ("random", "honesty_only")]
+        if not all(has(r, n) for r in results for n in (setting, *names)):
+            if setting == best:
+                lines.append(f"- {best} against its own ablations: not measured on every seed.")
+            continue
+        rec = {n: statistics.fmean(per_seed(results, n, "recovery")) for n in (setting, *names)}
+        drop = {n: statistics.fmean(per_seed(results, n, "domain_drop")) for n in rec}
+        ok = all(rec[setting] > rec[n] for n in names)
+        shown = ", ".join(
+            f"{n.removeprefix(setting + '_')} {100 * rec[n]:.1f}% (−{100 * drop[n]:.1f})"
+            for n in names
+        )
+        what = (
+            "HCNR's best fixed setting"
+            if setting == best
+            else f"The same setting at R_IW {SPARSE_R_IW} (not the goal: where the columns "
+            "chosen have to carry the repair)"
+        )
+        verdict = (
+            ("**met**" if ok else "**not met**") if setting == best else ("yes" if ok else "no")
+        )
+        lines.append(
+            f"- {what} ({setting}: recovery {100 * rec[setting]:.1f}%, "
+            f"−{100 * drop[setting]:.1f} domain points) beats the same setting with random / "
+            f"honesty-only selection ({shown}) on recovery: {verdict}."
+        )
+    return lines
 
 
 def calibration_rows(results: list[dict]) -> list[str]:

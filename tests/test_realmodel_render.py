@@ -65,3 +65,37 @@ def test_a_seed_finished_by_add_renders_as_complete(tmp_path: Path):
         markdowns.append((out / "realmodel.md").read_text())
     assert "**Incomplete run**" not in markdowns[0]
     assert f"**Incomplete run** (seeds [{result['seed']}])" in markdowns[1]
+
+
+@pytest.mark.parametrize(
+    ("best_f1", "sparse_f1", "verdicts"),
+    [((0.5, 0.6), (0.5, 0.2), ("**not met**", "yes")), ((0.7, 0.6), (0.2, 0.3), ("**met**", "no"))],
+)
+def test_the_selection_ablation_is_judged_at_the_best_setting_and_at_a_tenth_of_the_columns(
+    best_f1, sparse_f1, verdicts
+):
+    """The goal is judged at the best fixed setting; the sparse budget gets its own line,
+    never the goal's verdict, and only where all three of its rows were measured."""
+    from bench import realmodel
+
+    best = realmodel.BEST_SETTING["gemma3-270m"]
+    sparse = f"{best}_iw{realmodel.SPARSE_R_IW}"
+
+    def run(f1: float) -> dict:
+        return {"metrics": {"f1": f1, "domain_accuracy": 1.0}}
+
+    runs = {"base": run(1.0), "finetuned": run(0.0)}
+    for setting, (ours, ablated) in ((best, best_f1), (sparse, sparse_f1)):
+        runs[setting] = run(ours)
+        for selection in ("random", "honesty_only"):
+            runs[f"{setting}_{selection}"] = run(ablated)
+    result = {"model": "gemma3-270m", "seed": 0, "runs": runs}
+    lines = realmodel.best_setting_ablation_goal([result])
+    assert len(lines) == 2
+    assert lines[0].startswith("- HCNR's best fixed setting") and lines[0].endswith(
+        f"on recovery: {verdicts[0]}."
+    )
+    assert sparse in lines[1] and lines[1].endswith(f"on recovery: {verdicts[1]}.")
+
+    del runs[f"{sparse}_random"]  # the sparse budget not measured: no line for it
+    assert len(realmodel.best_setting_ablation_goal([result])) == 1
