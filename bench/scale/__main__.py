@@ -20,7 +20,7 @@ from bench.scale.measure import ROOT, child, machine, save
 from bench.scale.render import RESULTS, render
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     description = (package.__doc__ or "").split("\n\n")[0]
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=description)
     parser.add_argument(
@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=ROOT / ".hcnr" / "bench")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", choices=["rait", "dpo"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for schedule in args.baseline_schedule:
         kind, _, amount = schedule.partition(":")
         if kind not in ("steps", "epochs") or not amount.replace(".", "", 1).isdigit():
