@@ -183,6 +183,13 @@ def _template(card: CardInputs, report: Mapping[str, Any], metrics: Any) -> str:
     ]
     if report.get("chosen"):
         lines += [f"`auto` chose **{report['chosen']}**: {report.get('reason', '')}.", ""]
+    if refit := report.get("refit"):  # the published weights are not the measured ones
+        lines += [
+            f"Published: {refit['candidate']} repaired again from every sample "
+            f"({refit['honesty']} honesty + {refit['task']} task rows, the validation rows "
+            "included); the validation figures are the candidate's, measured before.",
+            "",
+        ]
     if "n_selected_matrices" in report:
         lines += [
             f"Matrices restored: {report['n_selected_matrices']} of "

@@ -186,6 +186,9 @@ def test_an_auto_checkpoint_carries_the_auto_card(toy, tmp_path) -> None:
     }
     assert card.data.hcnr["finetuned"] == str(toy["adapter"])
     assert f"`auto` chose **{report['chosen']}**" in text
+    refit = report["refit"]  # on by default: the card says the weights are the refit's
+    assert f"Published: {refit['candidate']} repaired again from every sample" in text
+    assert f"({refit['honesty']} honesty + {refit['task']} task rows" in text
     digest = sha256_file(out / "README.md")
     inner = json.loads((out / "hcnr_report.json").read_text())
     assert inner["files"]["README.md"]["sha256"] == digest
