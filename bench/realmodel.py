@@ -630,6 +630,48 @@ def best_setting_ablation_goal(results: list[dict]) -> list[str]:
     return lines
 
 
+def equal_honesty_cost(results: list[dict]) -> list[str]:
+    """HCNR's wall time beside the retraining that reaches the same honesty (issue #13):
+    for auto as published and HCNR's best fixed setting, the cheapest RAIT or DPO run (over
+    the data sizes measured on every seed) whose mean refusal F1 is at least as high.
+    Wall times are medians over the seeds (a seed timed beside other jobs skews a mean)."""
+    model = results[0]["model"]
+    retraining = [*BASELINE_SIZES, "rait", "dpo"]
+    retraining = [n for n in retraining if all(has(r, n) for r in results)]
+    ours = [n for n in ("auto_refit", BEST_SETTING[model]) if all(has(r, n) for r in results)]
+    if not retraining or not ours:
+        return []
+
+    def f1(name: str) -> float:
+        return 100 * statistics.fmean(per_seed(results, name, "f1"))
+
+    def wall(name: str) -> float:
+        return statistics.median(per_seed(results, name, "seconds"))
+
+    def shown(name: str) -> str:
+        method, _, n = name.partition("_n")
+        label = LABELS.get(name, name)
+        if method in ("rait", "dpo"):
+            label = f"{method.upper()}-{n or SWEEP_SAMPLES[-1]}"
+        return f"{label} (F1 {f1(name):.1f}, {wall(name):.0f} s)"
+
+    lines = []
+    for name in ours:
+        reaching = sorted((n for n in retraining if f1(n) >= f1(name)), key=wall)
+        most = max(retraining, key=f1)
+        other = (
+            f"the cheapest retraining as honest: {shown(reaching[0])}"
+            if reaching
+            else f"no RAIT or DPO run is as honest; the most honest: {shown(most)}"
+        )
+        lines.append(f"- Wall time at equal honesty: {shown(name)}; {other}.")
+    lines.append(
+        "  (Medians over the seeds of the recorded wall times; a row that reused its seed's "
+        "Fisher passes counts them as timed when first computed — see Research modes.)"
+    )
+    return lines
+
+
 def calibration_rows(results: list[dict]) -> list[str]:
     """P(answer) of the answers given (refusals abstain) against their correctness, on the
     graded eval items (answerable SelfAware + reading domain)."""
@@ -718,7 +760,7 @@ def model_section(model: str, results: list[dict], out_dir: Path) -> list[str]:
 
     try:
         verdicts = goals(results, points) + best_setting_ablation_goal(results)
-        verdicts += auto_goal(results, points)
+        verdicts += auto_goal(results, points) + equal_honesty_cost(results)
     except KeyError as missing:
         verdicts = [f"- Not judged: the run did not reach {missing} (see the tables)."]
     incomplete = [r["seed"] for r in results if not r.get("complete", True)]

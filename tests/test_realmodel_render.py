@@ -99,3 +99,31 @@ def test_the_selection_ablation_is_judged_at_the_best_setting_and_at_a_tenth_of_
 
     del runs[f"{sparse}_random"]  # the sparse budget not measured: no line for it
     assert len(realmodel.best_setting_ablation_goal([result])) == 1
+
+
+def test_wall_time_at_equal_honesty_names_the_cheapest_retraining_as_honest():
+    """HCNR's time is set beside the cheapest RAIT/DPO run at least as honest (medians of
+    the seeds' wall times), or says that none is."""
+    from bench import realmodel
+
+    best = realmodel.BEST_SETTING["smollm2-135m"]
+
+    def run(f1: float, seconds: float) -> dict:
+        return {"metrics": {"f1": f1, "domain_accuracy": 1.0}, "seconds": seconds}
+
+    def seed(n: int, slow: float) -> dict:
+        runs = {"base": run(1.0, 0), "finetuned": run(0.0, 0), best: run(0.6, 50)}
+        runs |= {"auto_refit": run(0.9, 400), "rait_n16": run(0.3, 10), "rait": run(0.7, 90)}
+        runs |= {"dpo": run(0.65, slow)}
+        return {"model": "smollm2-135m", "seed": n, "runs": runs}
+
+    # DPO is as honest as the best setting and timed 60 / 70 / 5000 s: its median is 70.
+    lines = realmodel.equal_honesty_cost([seed(0, 60), seed(1, 70), seed(2, 5000)])
+    assert lines[0].startswith("- Wall time at equal honesty: auto, defaults")
+    assert lines[0].endswith(
+        "no RAIT or DPO run is as honest; the most honest: RAIT-128 (F1 70.0, 90 s)."
+    )
+    assert lines[1] == (
+        f"- Wall time at equal honesty: {best} (F1 60.0, 50 s); the cheapest retraining as "
+        "honest: DPO-128 (F1 65.0, 70 s)."
+    )
