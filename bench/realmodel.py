@@ -596,8 +596,10 @@ def auto_goal(results: list[dict], points: dict) -> list[str]:
 def best_setting_ablation_goal(results: list[dict]) -> list[str]:
     """Whether HCNR's selection beats random and honesty-only columns at its best fixed
     setting on this model (`BEST_SETTING`: the same compensation, Hessian inputs and μ),
-    seed means; the same at `SPARSE_R_IW` where measured (not the goal: the best setting's
-    budget is R_IW 0.5)."""
+    on the seeds' mean refusal F1 — not mean recovery, which weighs a seed by one over its
+    F1 gap (Gemma seed 1's gap is 1.2 points: it would outweigh the others thirteen to
+    one); the same at `SPARSE_R_IW` where measured (not the goal: the best setting's budget
+    is R_IW 0.5)."""
     best = BEST_SETTING[results[0]["model"]]
     lines = []
     for setting in (best, f"{best}_iw{SPARSE_R_IW}"):
@@ -606,12 +608,11 @@ def best_setting_ablation_goal(results: list[dict]) -> list[str]:
             if setting == best:
                 lines.append(f"- {best} against its own ablations: not measured on every seed.")
             continue
-        rec = {n: statistics.fmean(per_seed(results, n, "recovery")) for n in (setting, *names)}
-        drop = {n: statistics.fmean(per_seed(results, n, "domain_drop")) for n in rec}
-        ok = all(rec[setting] > rec[n] for n in names)
+        f1 = {n: 100 * statistics.fmean(per_seed(results, n, "f1")) for n in (setting, *names)}
+        drop = {n: 100 * statistics.fmean(per_seed(results, n, "domain_drop")) for n in f1}
+        ok = all(f1[setting] > f1[n] for n in names)
         shown = ", ".join(
-            f"{n.removeprefix(setting + '_')} {100 * rec[n]:.1f}% (−{100 * drop[n]:.1f})"
-            for n in names
+            f"{n.removeprefix(setting + '_')} {f1[n]:.1f} ({-drop[n]:+.1f})" for n in names
         )
         what = (
             "HCNR's best fixed setting"
@@ -623,9 +624,9 @@ def best_setting_ablation_goal(results: list[dict]) -> list[str]:
             ("**met**" if ok else "**not met**") if setting == best else ("yes" if ok else "no")
         )
         lines.append(
-            f"- {what} ({setting}: recovery {100 * rec[setting]:.1f}%, "
-            f"−{100 * drop[setting]:.1f} domain points) beats the same setting with random / "
-            f"honesty-only selection ({shown}) on recovery: {verdict}."
+            f"- {what} ({setting}: F1 {f1[setting]:.1f}, domain {-drop[setting]:+.1f} points) "
+            f"beats the same setting with random / honesty-only selection ({shown}) on "
+            f"refusal F1: {verdict}."
         )
     return lines
 

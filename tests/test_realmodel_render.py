@@ -93,9 +93,9 @@ def test_the_selection_ablation_is_judged_at_the_best_setting_and_at_a_tenth_of_
     lines = realmodel.best_setting_ablation_goal([result])
     assert len(lines) == 2
     assert lines[0].startswith("- HCNR's best fixed setting") and lines[0].endswith(
-        f"on recovery: {verdicts[0]}."
+        f"on refusal F1: {verdicts[0]}."
     )
-    assert sparse in lines[1] and lines[1].endswith(f"on recovery: {verdicts[1]}.")
+    assert sparse in lines[1] and lines[1].endswith(f"on refusal F1: {verdicts[1]}.")
 
     del runs[f"{sparse}_random"]  # the sparse budget not measured: no line for it
     assert len(realmodel.best_setting_ablation_goal([result])) == 1
