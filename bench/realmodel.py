@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import sys
@@ -146,6 +147,49 @@ for _best in sorted(set(BEST_SETTING.values())):
                 **RESEARCH_RUNS[_setting],
                 "selection": _selection,
             }
+# Issue #13's "more or better honesty data": the best setting repaired from another honesty
+# set (its own Fisher passes), the task set unchanged. `honesty256`: the build's 128 rows
+# plus 128 of the alignment split the base was aligned on (never evaluated); `selfbuilt`:
+# the build's 128 questions relabelled by the base itself, as `hcnr build-honesty-data`
+# does (R-Tuning: the base's right answers kept, every other question IDK; imbalance
+# allowed, since these bases know few of SelfAware's answers).
+HONESTY_DATA = ("honesty256", "selfbuilt")
+RESEARCH_DATA: dict[str, str] = {}
+for _best in sorted(set(BEST_SETTING.values())):
+    for _data in HONESTY_DATA:
+        RESEARCH_RUNS[f"{_best}_{_data}"] = dict(RESEARCH_RUNS[_best])
+        RESEARCH_DATA[f"{_best}_{_data}"] = _data
+
+
+def honesty_variant(kind: str, paths: dict, seed: int, settings: Any) -> tuple[Path, dict]:
+    """(the honesty file of `kind`, what it holds), written beside the build's data once."""
+    from hcnr_core.evaluation import load_for_eval
+    from hcnr_core.honesty_data import build_honesty_set, load_questions
+
+    data = Path(paths["root"]) / "data"
+    path, about = data / f"honesty_{kind}.jsonl", data / f"honesty_{kind}.json"
+    if path.is_file() and about.is_file():
+        return path, json.loads(about.read_text())
+
+    def rows_of(name: str) -> list[dict]:
+        return [json.loads(line) for line in (data / name).read_text().splitlines() if line]
+
+    honesty = rows_of("honesty.jsonl")
+    if kind == "honesty256":
+        extra = random.Random(seed).sample(rows_of("align.jsonl"), len(honesty))
+        rows, stats = honesty + extra, {"rows": 2 * len(honesty), "from_alignment": len(extra)}
+    elif kind == "selfbuilt":
+        model, tokenizer = load_for_eval(paths["base"], None, "cpu")
+        questions = load_questions(data / "honesty.jsonl")
+        rows, stats = build_honesty_set(
+            model, tokenizer, questions, n_samples=len(questions), seed=seed,
+            settings=settings, allow_imbalance=True,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown honesty data {kind!r}")
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    about.write_text(json.dumps(stats, indent=1) + "\n")
+    return path, stats
 
 
 def research_method(name: str) -> str:
@@ -423,6 +467,14 @@ def one_seed(
                 record(name, run_baseline(method, paths, out, int(n)))
             elif name in HCNR_RUNS:  # a Table 1 or ablation row: not a sweep point
                 record(name, run_hcnr(paths, out, cache, **HCNR_RUNS[name]))
+            elif name in RESEARCH_DATA:  # another honesty set: Fisher passes of its own
+                sweep.append({"method": research_method(name), "name": name})
+                kind = RESEARCH_DATA[name]
+                honesty, stats = honesty_variant(kind, paths, seed, settings)
+                own = FisherCache(work / f"fisher-{model}-{seed}-{kind}.pt")
+                result = run_hcnr({**paths, "honesty": honesty}, out, own, **RESEARCH_RUNS[name])
+                samples = stats["rows"] + len(load_jsonl(paths["task"]))
+                record(name, {**result, "samples": samples, "honesty_data": stats})
             else:
                 sweep.append({"method": research_method(name), "name": name})
                 record(name, run_hcnr(paths, out, cache, **RESEARCH_RUNS[name]))
@@ -696,8 +748,13 @@ def research_section(results: list[dict], names: tuple[str, ...]) -> list[str]:
     """Issue #13's research modes measured on this model (`--add`), with their settings."""
     if not names:
         return []
+
+    def data(name: str) -> str:
+        return f", honesty data={RESEARCH_DATA[name]}" if name in RESEARCH_DATA else ""
+
     settings = [
-        f"- `{n}`: {', '.join(f'{k}={v}' for k, v in RESEARCH_RUNS[n].items())}" for n in names
+        f"- `{n}`: {', '.join(f'{k}={v}' for k, v in RESEARCH_RUNS[n].items())}{data(n)}"
+        for n in names
     ]
     return [
         "### Research modes (issue #13)",
