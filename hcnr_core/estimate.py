@@ -677,7 +677,15 @@ def estimate_repair(
             times[k] -= max(n_hcnr - 1, 0) * fisher_seconds(fisher_tokens, shapes.parameters, k)
             longest = max(_seconds(shapes, c, m, sets, k) for m, c in parts)
             times[k] = min(times[k], config.time_budget_s + longest)
+            # The refit repairs the choice again from every sample, its own Fisher passes
+            # included, after the budget's candidates; which one is not known yet.
+            times[k] += longest if config.refit else 0.0
         notes.append("auto: the validation split's generation is not in the time estimate")
+        if config.refit:
+            notes.append(
+                "auto: includes the refit of the choice (its longest candidate's time; none "
+                "when the job gives a validation file)"
+            )
     n_gpus = len(devices) if gpu else 1
     wall = {k: t / n_gpus for k, t in times.items()}
     basis = (

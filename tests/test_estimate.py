@@ -304,6 +304,22 @@ def test_estimate_of_the_toy_against_hand_figures(toy):
     assert rait.layerwise is None and rait.whole.device_bytes is None
 
 
+def test_an_auto_estimate_counts_the_refit_as_one_more_repair(toy):
+    """auto's refit (on by default) repairs the choice again after the candidates: the
+    estimate adds its longest candidate's time and says so; without refit it does not."""
+    from hcnr_core.registry import get_method
+
+    shapes = est.read_shapes(toy["base"], toy["adapter"])
+    sets = {n: est.tokens_from_bytes(16, 1000, 512) for n in ("honesty", "task")}
+    make = get_method("auto").make_config
+    on = est.estimate_repair(shapes, make({}), sets, "auto", [worker(1)])
+    off = est.estimate_repair(shapes, make({"refit": False}), sets, "auto", [worker(1)])
+    parts = est._auto_parts(make({}))
+    longest = max(est._seconds(shapes, c, m, sets, est.FISHER_K) for m, c in parts)
+    assert on.wall_seconds == pytest.approx(off.wall_seconds + longest, abs=0.1)  # rounded
+    assert any("refit" in n for n in on.notes) and not any("refit" in n for n in off.notes)
+
+
 # --- hcnr repair --estimate ----------------------------------------------------------------------
 
 
